@@ -1,0 +1,554 @@
+// CPU kernels of the fused contrastive op (SPEC sections 2-4).
+//
+// The score matrix is visited in tiles of kRowBlock x key_tile: each tile comes from one
+// ATen matrix product into a small scratch buffer, then one fused pass applies the
+// false-negative mask, the negative weighting and an online logsumexp. No [B, N] buffer
+// exists; extra memory is a few tiles per thread plus O(B + N) (and, in backward, one
+// [N, D] key-gradient partial per thread, summed in a fixed order so results are
+// deterministic for a given thread count).
+//
+// Bit-identical decisions: every score tile, including the one that yields the positive
+// scores (the positives' keys gathered into a zero-padded tile), is produced by a matrix
+// product of exactly the same shape, so an exact duplicate of a positive key scores exactly
+// like the positive. Backward recomputes the tiles with the same products and reads the
+// per-row thresholds saved by forward, so masks cannot flip between passes.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace fastneg {
+namespace {
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kMaxKeyTile = 256;
+constexpr int kWeightNone = 0;
+constexpr int kWeightSimANS = 1;
+constexpr int kWeightHardness = 2;
+
+// exp(x) for x <= ~0 (arguments here are always shifted by a running maximum), exact 0 below
+// 2^-126 and NaN-preserving. Written branch-free so the compiler vectorises the tile loops.
+inline float exp_shifted(float x) {
+  const float t = x * 1.44269504088896341f;
+  const float tc = t < -126.0f ? -126.0f : t;
+  const float n = (tc + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float f = tc - n;                              // |f| <= 0.5
+  float p = 1.5252733804059841e-5f;
+  p = p * f + 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float r = p * scale;
+  return t < -126.0f ? 0.0f : r;
+}
+inline double exp_shifted(double x) { return std::exp(x); }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+struct RuleArgs {
+  std::optional<double> margin, relative_margin, max_score;
+  double guide_margin = 0.0;
+  bool guide_relative = false;
+  int weighting = kWeightNone;
+  double weight_a = 0.0, weight_b = 0.0;
+};
+
+// Everything one tile-row pass needs to decide, for key j of row i, whether it is the
+// positive, a masked false negative or a weighted negative, and its biased logit.
+template <typename T>
+struct RowView {
+  int64_t positive;
+  T positive_score, threshold, guide_threshold, inv_temp;
+  int64_t query_label;
+};
+
+template <typename T>
+struct TileView {
+  const T* scores;        // [key_tile] this row's scores
+  const T* guide_scores;  // [key_tile] or nullptr
+  const int64_t* key_labels;  // [cols] or nullptr
+  int64_t first_key, cols;
+};
+
+// x_ij = l_ij + u_ij where u is the row-independent part of beta (SimANS log w, or the
+// hardness bias); SimANS adds its per-row normaliser later. Masked/positive -> -inf.
+template <typename T, int W, bool LABELS, bool GUIDE>
+inline void biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
+                          int64_t& n_neg, int64_t& n_masked) {
+  int64_t neg_count = 0, masked_count = 0;
+#pragma omp simd reduction(+ : neg_count, masked_count)
+  for (int64_t c = 0; c < tile.cols; ++c) {
+    const T s = tile.scores[c];
+    const bool is_pos = tile.first_key + c == row.positive;
+    bool m = s > row.threshold;
+    if (LABELS) m = m | (tile.key_labels[c] == row.query_label);
+    if (GUIDE) m = m | (tile.guide_scores[c] > row.guide_threshold);
+    const bool masked = m & !is_pos;
+    const bool neg = !m & !is_pos;
+    neg_count += neg;
+    masked_count += masked;
+    T u = T(0);
+    T lw = T(0);
+    if (W == kWeightSimANS) {
+      const T d = s - row.positive_score - b;
+      lw = -a * d * d;
+      u = lw;
+    } else if (W == kWeightHardness) {
+      u = a * s;
+    }
+    x[c] = neg ? s * row.inv_temp + u : neg_inf<T>();
+    if (W == kWeightSimANS) log_w[c] = neg ? lw : neg_inf<T>();
+  }
+  n_neg += neg_count;
+  n_masked += masked_count;
+}
+
+// Online logsumexp accumulator; NaN is sticky.
+template <typename T>
+struct OnlineLSE {
+  T max = neg_inf<T>();
+  T sum = T(0);
+  bool nan = false;
+
+  void add(const T* x, int64_t n) {
+    T m = neg_inf<T>();
+    int64_t nans = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nans)
+    for (int64_t c = 0; c < n; ++c) {
+      m = x[c] > m ? x[c] : m;
+      nans += x[c] != x[c];
+    }
+    if (nans) nan = true;
+    if (nan || m == neg_inf<T>()) return;
+    const T new_max = m > max ? m : max;
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < n; ++c) s += exp_shifted(x[c] - new_max);
+    sum = sum * exp_shifted(max - new_max) + s;
+    max = new_max;
+  }
+  T value() const {
+    if (nan) return std::numeric_limits<T>::quiet_NaN();
+    if (max == neg_inf<T>()) return neg_inf<T>();
+    return max + std::log(sum);
+  }
+};
+
+template <typename T>
+T logaddexp(T a, T b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
+  const T m = a > b ? a : b;
+  if (m == neg_inf<T>()) return m;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// Copies rows [first, first + count) of src (gathered through index when given) into the
+// zero-padded [rows, dim] scratch buffer dst.
+template <typename T>
+void fill_block(at::Tensor& dst, const at::Tensor& src, int64_t first, int64_t count, const int64_t* index) {
+  dst.zero_();
+  const int64_t dim = src.size(1);
+  const T* s = src.data_ptr<T>();
+  T* d = dst.data_ptr<T>();
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t row = index ? index[first + r] : first + r;
+    std::memcpy(d + r * dim, s + row * dim, sizeof(T) * dim);
+  }
+}
+
+struct Geometry {
+  int64_t B, N, D, key_tile, num_row_blocks, num_key_tiles;
+  Geometry(int64_t B_, int64_t N_, int64_t D_) : B(B_), N(N_), D(D_) {
+    const int64_t padded_n = (N + 15) / 16 * 16;
+    key_tile = std::max(kRowBlock, std::min(kMaxKeyTile, padded_n));
+    num_row_blocks = (B + kRowBlock - 1) / kRowBlock;
+    num_key_tiles = (N + key_tile - 1) / key_tile;
+  }
+  int64_t rows_in(int64_t rb) const { return std::min(kRowBlock, B - rb * kRowBlock); }
+  int64_t cols_in(int64_t kt) const { return std::min(key_tile, N - kt * key_tile); }
+};
+
+// The key tiles of one matrix: views into the input for full tiles, one padded copy for the
+// ragged last tile, so that every tile product has the same shape.
+template <typename T>
+struct KeyTiles {
+  const at::Tensor* keys;
+  at::Tensor last;
+  const Geometry* g;
+  KeyTiles(const at::Tensor& k, const Geometry& geo) : keys(&k), g(&geo) {
+    const int64_t kt = g->num_key_tiles - 1;
+    if (g->cols_in(kt) < g->key_tile) {
+      last = at::empty({g->key_tile, k.size(1)}, k.options());
+      fill_block<T>(last, k, kt * g->key_tile, g->cols_in(kt), nullptr);
+    }
+  }
+  at::Tensor tile(int64_t kt) const {
+    if (kt == g->num_key_tiles - 1 && last.defined()) return last;
+    return keys->narrow(0, kt * g->key_tile, g->key_tile);
+  }
+};
+
+struct Inputs {
+  at::Tensor query, keys, positives, query_labels, key_labels, guide_query, guide_keys;
+  bool labels() const { return key_labels.defined(); }
+  bool guide() const { return guide_query.defined(); }
+};
+
+Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+                   const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& key_labels,
+                   const std::optional<at::Tensor>& guide_query, const std::optional<at::Tensor>& guide_keys) {
+  TORCH_CHECK(query.device().is_cpu(), "fastneg cpu backend: query must be a CPU tensor");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
+              "fastneg cpu backend: query must be float32 or float64");
+  TORCH_CHECK(keys.scalar_type() == query.scalar_type(), "fastneg cpu backend: keys dtype must match query");
+  TORCH_CHECK(query.dim() == 2 && keys.dim() == 2 && query.size(1) == keys.size(1),
+              "fastneg cpu backend: query [B, D] and keys [N, D] expected");
+  Inputs in;
+  in.query = query.contiguous();
+  in.keys = keys.contiguous();
+  in.positives = positives.to(at::kLong).contiguous();
+  TORCH_CHECK(in.positives.numel() == query.size(0), "fastneg cpu backend: positives must have B entries");
+  if (key_labels.has_value() && key_labels->defined()) {
+    TORCH_CHECK(query_labels.has_value() && query_labels->defined(), "query_labels and key_labels go together");
+    in.key_labels = key_labels->to(at::kLong).contiguous();
+    in.query_labels = query_labels->to(at::kLong).contiguous();
+  }
+  if (guide_query.has_value() && guide_query->defined()) {
+    TORCH_CHECK(guide_keys.has_value() && guide_keys->defined(), "guide_query and guide_keys go together");
+    in.guide_query = guide_query->to(query.scalar_type()).contiguous();
+    in.guide_keys = guide_keys->to(query.scalar_type()).contiguous();
+  }
+  return in;
+}
+
+// Positive scores of one row block, from a tile product of the standard shape.
+template <typename T>
+void positive_scores(const at::Tensor& q_blk, const at::Tensor& src, const int64_t* positives, int64_t first,
+                     int64_t rows, at::Tensor& gather_buf, at::Tensor& tile_buf, T* out) {
+  fill_block<T>(gather_buf, src, first, rows, positives);
+  at::mm_out(tile_buf, q_blk, gather_buf.t());
+  const T* t = tile_buf.data_ptr<T>();
+  const int64_t ld = tile_buf.size(1);
+  for (int64_t r = 0; r < rows; ++r) out[r] = t[r * ld + r];
+}
+
+template <typename T>
+T row_threshold(T positive_score, const RuleArgs& rules) {
+  T thr = std::numeric_limits<T>::infinity();
+  auto take = [&](T cand) { thr = cand < thr ? cand : thr; };
+  if (rules.margin) take(positive_score - T(*rules.margin));
+  if (rules.relative_margin) take(positive_score - std::abs(positive_score) * T(*rules.relative_margin));
+  if (rules.max_score) take(T(*rules.max_score));
+  return thr;
+}
+
+template <typename T>
+T guide_row_threshold(T guide_positive, const RuleArgs& rules) {
+  if (rules.guide_relative) return guide_positive - std::abs(guide_positive) * T(rules.guide_margin);
+  return guide_positive - T(rules.guide_margin);
+}
+
+// Calls f.template operator()<W, LABELS, GUIDE>() with the runtime flags as template args.
+template <typename F>
+void dispatch_flags(int weighting, bool labels, bool guide, F&& f) {
+  auto with_w = [&](auto w) {
+    if (labels) {
+      if (guide) f.template operator()<decltype(w)::value, true, true>();
+      else f.template operator()<decltype(w)::value, true, false>();
+    } else {
+      if (guide) f.template operator()<decltype(w)::value, false, true>();
+      else f.template operator()<decltype(w)::value, false, false>();
+    }
+  };
+  if (weighting == kWeightSimANS) with_w(std::integral_constant<int, kWeightSimANS>{});
+  else if (weighting == kWeightHardness) with_w(std::integral_constant<int, kWeightHardness>{});
+  else with_w(std::integral_constant<int, kWeightNone>{});
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const RuleArgs& rules) {
+  const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
+  const auto opts = in.query.options();
+  at::Tensor loss = at::empty({g.B}, opts), lse = at::empty({g.B}, opts), pos_score = at::empty({g.B}, opts),
+             offset = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
+  at::Tensor n_masked = at::empty({g.B}, opts.dtype(at::kLong)), n_neg = at::empty({g.B}, opts.dtype(at::kLong));
+
+  const KeyTiles<T> key_tiles(in.keys, g);
+  std::optional<KeyTiles<T>> guide_tiles;
+  if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
+  const int64_t* positives = in.positives.data_ptr<int64_t>();
+  const int64_t* key_labels = in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr;
+  const int64_t* query_labels = in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr;
+  const T inv_temp = T(1) / T(temperature);
+  const T a = T(rules.weight_a), b = T(rules.weight_b);
+
+  dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
+    at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
+      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
+      at::Tensor gather_buf = at::empty({g.key_tile, g.D}, opts);
+      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      at::Tensor gq_blk, g_gather, t_tile;
+      if (GUIDE) {
+        const int64_t dg = in.guide_query.size(1);
+        gq_blk = at::empty({kRowBlock, dg}, opts);
+        g_gather = at::empty({g.key_tile, dg}, opts);
+        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      }
+      std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock);
+      std::vector<int64_t> cnt_neg(kRowBlock), cnt_masked(kRowBlock);
+      std::vector<RowView<T>> rows(kRowBlock);
+      std::vector<T> s_pos(kRowBlock), t_pos(kRowBlock);
+
+      for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+        const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
+        fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+        positive_scores<T>(q_blk, in.keys, positives + r0, 0, nr, gather_buf, s_tile, s_pos.data());
+        if (GUIDE) {
+          fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+          positive_scores<T>(gq_blk, in.guide_keys, positives + r0, 0, nr, g_gather, t_tile, t_pos.data());
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          rows[r] = RowView<T>{positives[r0 + r], s_pos[r], row_threshold<T>(s_pos[r], rules),
+                               GUIDE ? guide_row_threshold<T>(t_pos[r], rules) : T(0), inv_temp,
+                               LABELS ? query_labels[r0 + r] : 0};
+          acc[r] = OnlineLSE<T>();
+          acc_w[r] = OnlineLSE<T>();
+          cnt_neg[r] = cnt_masked[r] = 0;
+        }
+        for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
+          const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
+          at::mm_out(s_tile, q_blk, key_tiles.tile(kt).t());
+          if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
+          const T* s_data = s_tile.data_ptr<T>();
+          const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+          for (int64_t r = 0; r < nr; ++r) {
+            const TileView<T> tile{s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr,
+                                   LABELS ? key_labels + j0 : nullptr, j0, nc};
+            biased_logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(), log_w.data(), cnt_neg[r],
+                                               cnt_masked[r]);
+            acc[r].add(x.data(), nc);
+            if (W == kWeightSimANS) acc_w[r].add(log_w.data(), nc);
+          }
+        }
+        T* loss_p = loss.data_ptr<T>();
+        T* lse_p = lse.data_ptr<T>();
+        T* off_p = offset.data_ptr<T>();
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r;
+          const T l_pos = s_pos[r] * inv_temp;
+          T row_off = T(0);
+          if (W == kWeightSimANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
+          const T neg_lse = acc[r].value() + row_off;
+          const T total = logaddexp(l_pos, neg_lse);
+          loss_p[i] = total - l_pos;
+          lse_p[i] = total;
+          off_p[i] = row_off;
+          pos_score.data_ptr<T>()[i] = s_pos[r];
+          thr.data_ptr<T>()[i] = rows[r].threshold;
+          gthr.data_ptr<T>()[i] = rows[r].guide_threshold;
+          n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
+          n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
+        }
+      }
+    });
+  });
+  return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inputs& in, double temperature,
+                                      const at::Tensor& lse_in, const at::Tensor& pos_score_in,
+                                      const at::Tensor& offset_in, const at::Tensor& thr_in,
+                                      const at::Tensor& gthr_in, const RuleArgs& rules, bool query_grad,
+                                      bool keys_grad) {
+  const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
+  const auto opts = in.query.options();
+  const at::Tensor grad_loss = grad_loss_in.to(in.query.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.contiguous(), pos_score = pos_score_in.contiguous(),
+                   offset = offset_in.contiguous(), thr = thr_in.contiguous(), gthr = gthr_in.contiguous();
+  at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
+  at::Tensor tau_rowsum = at::zeros({g.B}, opts);
+
+  const KeyTiles<T> key_tiles(in.keys, g);
+  std::optional<KeyTiles<T>> guide_tiles;
+  if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
+  const int64_t* positives = in.positives.data_ptr<int64_t>();
+  const int64_t* key_labels = in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr;
+  const int64_t* query_labels = in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr;
+  const T inv_temp = T(1) / T(temperature);
+  const T a = T(rules.weight_a), b = T(rules.weight_b);
+
+  // Row blocks are split into a fixed number of contiguous groups, each with its own key
+  // gradient partial, summed in group order afterwards: deterministic for a thread count.
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.num_row_blocks));
+  const int64_t padded_n = g.num_key_tiles * g.key_tile;
+  std::vector<at::Tensor> dk_parts(keys_grad ? groups : 0);
+
+  dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
+    at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
+      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      at::Tensor dq_blk = at::empty({kRowBlock, g.D}, opts);
+      at::Tensor gq_blk, t_tile;
+      if (GUIDE) {
+        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
+        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      }
+      std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      for (int64_t grp = g_begin; grp < g_end; ++grp) {
+        at::Tensor dk_part;
+        if (keys_grad) dk_part = dk_parts[grp] = at::zeros({padded_n, g.D}, opts);
+        const int64_t rb_begin = g.num_row_blocks * grp / groups, rb_end = g.num_row_blocks * (grp + 1) / groups;
+        for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+          const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
+          fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+          if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+          dq_blk.zero_();
+          T* rowsum = tau_rowsum.data_ptr<T>() + r0;
+          for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
+            const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
+            const at::Tensor k_tile = key_tiles.tile(kt);
+            at::mm_out(s_tile, q_blk, k_tile.t());
+            if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
+            T* s_data = s_tile.data_ptr<T>();
+            const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+            for (int64_t r = 0; r < kRowBlock; ++r) {
+              T* srow = s_data + r * g.key_tile;
+              if (r >= nr) {
+                std::fill(srow, srow + g.key_tile, T(0));
+                continue;
+              }
+              const int64_t i = r0 + r;
+              const RowView<T> row{positives[i], pos_score.data_ptr<T>()[i], thr.data_ptr<T>()[i],
+                                   gthr.data_ptr<T>()[i], inv_temp, LABELS ? query_labels[i] : 0};
+              const TileView<T> tile{srow, GUIDE ? t_data + r * g.key_tile : nullptr,
+                                     LABELS ? key_labels + j0 : nullptr, j0, nc};
+              int64_t unused_neg = 0, unused_masked = 0;
+              biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data(), unused_neg,
+                                                 unused_masked);
+              // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
+              const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
+              const T scale = grad_loss.data_ptr<T>()[i] * inv_temp;
+              T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+              for (int64_t c = 0; c < nc; ++c) {
+                const T ds = scale * exp_shifted(x[c] + shift);
+                acc += ds * srow[c];
+                srow[c] = ds;
+              }
+              std::fill(srow + nc, srow + g.key_tile, T(0));
+              const int64_t pc = row.positive - j0;
+              if (pc >= 0 && pc < nc) {
+                const T ds = scale * (exp_shifted(row.positive_score * inv_temp - lse.data_ptr<T>()[i]) - T(1));
+                srow[pc] = ds;
+                acc += ds * row.positive_score;
+              }
+              rowsum[r] += acc;
+            }
+            if (query_grad) dq_blk.addmm_(s_tile, k_tile);
+            if (keys_grad) dk_part.narrow(0, j0, g.key_tile).addmm_(s_tile.t(), q_blk);
+          }
+          if (query_grad) dq.narrow(0, r0, nr).copy_(dq_blk.narrow(0, 0, nr));
+        }
+      }
+    });
+  });
+  at::Tensor dk = at::empty({0}, opts);
+  if (keys_grad) {
+    dk = dk_parts[0].narrow(0, 0, g.N).clone();
+    for (int64_t grp = 1; grp < groups; ++grp) dk.add_(dk_parts[grp].narrow(0, 0, g.N));
+  }
+  return {dq, dk, tau_rowsum};
+}
+
+RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative_margin,
+                    std::optional<double> max_score, double guide_margin, bool guide_relative, int64_t weighting,
+                    double weight_a, double weight_b) {
+  RuleArgs r;
+  r.margin = margin;
+  r.relative_margin = relative_margin;
+  r.max_score = max_score;
+  r.guide_margin = guide_margin;
+  r.guide_relative = guide_relative;
+  r.weighting = static_cast<int>(weighting);
+  r.weight_a = weight_a;
+  r.weight_b = weight_b;
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+                 const at::Tensor& temperature, const std::optional<at::Tensor>& query_labels,
+                 const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
+                 const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
+                 std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
+                 bool guide_relative, int64_t weighting, double weight_a, double weight_b) {
+  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
+  const RuleArgs rules =
+      make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting, weight_a, weight_b);
+  const double tau = temperature.item<double>();
+  std::vector<at::Tensor> out = in.query.scalar_type() == at::kDouble ? forward_impl<double>(in, tau, rules)
+                                                                       : forward_impl<float>(in, tau, rules);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+    const at::Tensor& temperature, const std::optional<at::Tensor>& query_labels,
+    const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
+    const std::optional<at::Tensor>& guide_keys, const at::Tensor& lse, const at::Tensor& positive_score,
+    const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
+    int64_t weighting, double weight_a, double weight_b, bool query_grad, bool keys_grad) {
+  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
+  const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
+  const double tau = temperature.item<double>();
+  std::vector<at::Tensor> out =
+      in.query.scalar_type() == at::kDouble
+          ? backward_impl<double>(grad_loss, in, tau, lse, positive_score, row_offset, threshold, guide_threshold,
+                                  rules, query_grad, keys_grad)
+          : backward_impl<float>(grad_loss, in, tau, lse, positive_score, row_offset, threshold, guide_threshold,
+                                 rules, query_grad, keys_grad);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastneg, m) {
+  m.def(
+      "info_nce_fwd_cpu(Tensor query, Tensor keys, Tensor positives, Tensor temperature, Tensor? query_labels, "
+      "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, "
+      "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "info_nce_bwd_cpu(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
+      "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor lse, "
+      "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, int weighting, "
+      "float weight_a, float weight_b, bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastneg, CPU, m) {
+  m.impl("info_nce_fwd_cpu", &info_nce_fwd_cpu);
+  m.impl("info_nce_bwd_cpu", &info_nce_bwd_cpu);
+}
+
+}  // namespace fastneg
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fastneg CPU kernels (registered as torch.ops.fastneg.*)"; }

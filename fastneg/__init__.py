@@ -1,0 +1,11 @@
+"""fastneg: fused contrastive losses with false-negative masking and SimANS-style weighting.
+
+In-batch similarity, masking and weighting are computed in one pass over score tiles
+(Triton on CUDA, C++ on CPU), never materialising the [B, N] similarity matrix.
+"""
+
+from .functional import InfoNCE, InfoNCEStats, info_nce
+from .options import Hardness, SimANS
+from .version import __version__
+
+__all__ = ["info_nce", "InfoNCE", "InfoNCEStats", "SimANS", "Hardness", "__version__"]

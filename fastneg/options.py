@@ -1,0 +1,251 @@
+"""Loss options: negative weightings, the false-negative rule bundle, and input validation.
+
+Everything a backend needs beyond the tensors is gathered here into one small frozen
+dataclass, :class:`Rules`, so that the kernels receive a handful of scalars and flags
+instead of a dozen loose keyword arguments. Validation happens here too, once, before
+any kernel runs (SPEC section 7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["SimANS", "Hardness", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS", "WEIGHTING_HARDNESS"]
+
+WEIGHTING_NONE = 0
+WEIGHTING_SIMANS = 1
+WEIGHTING_HARDNESS = 2
+
+_REDUCTIONS = ("mean", "sum", "none")
+_GUIDE_STRATEGIES = ("absolute", "relative")
+_BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+@dataclass(frozen=True)
+class SimANS:
+    """SimANS negative weighting (Zhou et al., 2022).
+
+    Each unmasked negative gets ``w_ij = exp(-a * (s_ij - s_i+ - b)^2)``, normalised over the
+    row's ``n_i`` unmasked negatives so that uniform weights give plain InfoNCE back:
+    ``beta_ij = log(n_i * w_ij / sum_k w_ik)``, added to the logit as a constant
+    (no gradient flows through it). Negatives scoring about ``b`` below the positive are
+    preferred; very easy and very hard (likely false) negatives are down-weighted.
+    """
+
+    a: float = 0.5
+    b: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_finite_float("SimANS.a", self.a)
+        _check_finite_float("SimANS.b", self.b)
+        if self.a < 0:
+            raise ValueError(f"SimANS.a must be >= 0, got {self.a}")
+
+
+@dataclass(frozen=True)
+class Hardness:
+    """Hardness weighting: ``beta_ij = strength * s_ij`` (detached), as sentence-transformers'
+    ``hardness_mode``. Positive strength up-weights hard negatives."""
+
+    strength: float
+
+    def __post_init__(self) -> None:
+        _check_finite_float("Hardness.strength", self.strength)
+
+
+Weighting = Union[None, str, SimANS, Hardness]
+
+
+def _check_finite_float(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _optional_float(name: str, value: object) -> Optional[float]:
+    if value is None:
+        return None
+    _check_finite_float(name, value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The scalar part of one loss call, as the kernels see it.
+
+    ``margin``, ``relative_margin`` and ``max_score`` are each ``None`` when disabled.
+    ``weighting`` is one of ``WEIGHTING_NONE / SIMANS / HARDNESS`` with its two scalars in
+    ``weight_a`` / ``weight_b`` (SimANS a, b; Hardness strength, unused).
+    """
+
+    margin: Optional[float] = None
+    relative_margin: Optional[float] = None
+    max_score: Optional[float] = None
+    guide_margin: float = 0.0
+    guide_relative: bool = False
+    weighting: int = WEIGHTING_NONE
+    weight_a: float = 0.0
+    weight_b: float = 0.0
+
+    @staticmethod
+    def build(
+        margin: object,
+        relative_margin: object,
+        max_score: object,
+        guide_margin: object,
+        guide_strategy: object,
+        weighting: Weighting,
+    ) -> "Rules":
+        if guide_strategy not in _GUIDE_STRATEGIES:
+            raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
+        _check_finite_float("guide_margin", guide_margin)
+        if isinstance(weighting, str):
+            if weighting != "simans":
+                raise ValueError(f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {weighting!r}")
+            weighting = SimANS()
+        if weighting is None:
+            kind, wa, wb = WEIGHTING_NONE, 0.0, 0.0
+        elif isinstance(weighting, SimANS):
+            kind, wa, wb = WEIGHTING_SIMANS, float(weighting.a), float(weighting.b)
+        elif isinstance(weighting, Hardness):
+            kind, wa, wb = WEIGHTING_HARDNESS, float(weighting.strength), 0.0
+        else:
+            raise TypeError(
+                f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {type(weighting).__name__}"
+            )
+        return Rules(
+            margin=_optional_float("margin", margin),
+            relative_margin=_optional_float("relative_margin", relative_margin),
+            max_score=_optional_float("max_score", max_score),
+            guide_margin=float(guide_margin),  # type: ignore[arg-type]
+            guide_relative=guide_strategy == "relative",
+            weighting=kind,
+            weight_a=wa,
+            weight_b=wb,
+        )
+
+
+def check_reduction(reduction: object) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def check_backend(backend: object) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_matrix(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def _check_index_vector(name: str, t: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer (int64) tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like query, got {t.device}")
+    return t
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def validate_inputs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    positives: Optional[torch.Tensor],
+    temperature: Union[float, torch.Tensor],
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor],
+    guide_keys: Optional[torch.Tensor],
+) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the offending argument (SPEC section 7)."""
+    _check_matrix("query", query)
+    _check_matrix("keys", keys)
+    B, D = query.shape
+    N = keys.shape[0]
+    if keys.shape[1] != D:
+        raise ValueError(f"keys must have the same embedding dim as query ({D}), got {keys.shape[1]}")
+    if keys.dtype != query.dtype:
+        raise TypeError(f"keys must have the same dtype as query ({query.dtype}), got {keys.dtype}")
+    if keys.device != query.device:
+        raise ValueError(f"keys must be on the same device as query ({query.device}), got {keys.device}")
+    if B == 0:
+        raise ValueError("query must have at least one row, got an empty query")
+    if N == 0:
+        raise ValueError("keys must have at least one row, got empty keys")
+    if D == 0:
+        raise ValueError("query and keys must have embedding dim >= 1, got 0")
+    if query.dtype == torch.float64 and query.device.type != "cpu":
+        raise TypeError("query: float64 is supported on CPU only; use float32, float16 or bfloat16 on GPU")
+
+    if positives is None:
+        if N < B:
+            raise ValueError(f"positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; got N={N} < B={B}")
+    else:
+        _check_index_vector("positives", positives, B, "B", query.device)
+        if not _is_compiling():
+            if bool(((positives < 0) | (positives >= N)).any()):
+                raise ValueError(f"positives must be in [0, N) = [0, {N}), got values outside that range")
+
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a scalar (one element), got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating-point tensor, got {temperature.dtype}")
+        if temperature.device != query.device and temperature.device.type != "cpu":
+            raise ValueError(f"temperature must be on {query.device} or the CPU, got {temperature.device}")
+        if not _is_compiling():
+            t = float(temperature.detach().reshape(()).item())
+            if not (math.isfinite(t) and t > 0):
+                raise ValueError(f"temperature must be finite and > 0, got {t}")
+    else:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float or a scalar tensor, got {type(temperature).__name__}")
+        if not (math.isfinite(float(temperature)) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+    if key_labels is not None:
+        _check_index_vector("key_labels", key_labels, N, "N", query.device)
+    if query_labels is not None:
+        if key_labels is None:
+            raise ValueError("query_labels requires key_labels (the labels of the keys to compare against)")
+        _check_index_vector("query_labels", query_labels, B, "B", query.device)
+
+    if (guide_query is None) != (guide_keys is None):
+        raise ValueError("guide_query and guide_keys must be given together")
+    if guide_query is not None:
+        assert guide_keys is not None
+        _check_matrix("guide_query", guide_query)
+        _check_matrix("guide_keys", guide_keys)
+        if guide_query.shape[0] != B:
+            raise ValueError(f"guide_query must have B = {B} rows, got {guide_query.shape[0]}")
+        if guide_keys.shape[0] != N:
+            raise ValueError(f"guide_keys must have N = {N} rows, got {guide_keys.shape[0]}")
+        if guide_keys.shape[1] != guide_query.shape[1]:
+            raise ValueError(
+                f"guide_keys must have the same dim as guide_query ({guide_query.shape[1]}), got {guide_keys.shape[1]}"
+            )
+        for name, g in (("guide_query", guide_query), ("guide_keys", guide_keys)):
+            if g.device != query.device:
+                raise ValueError(f"{name} must be on {query.device} like query, got {g.device}")
