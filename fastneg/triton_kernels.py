@@ -1,0 +1,302 @@
+"""Triton kernels of the fused contrastive op (SPEC sections 2-4).
+
+Three kernels share the ``tl_*`` helpers below, so the score tile, the false-negative mask
+and the biased logits are computed by one piece of code with one block configuration:
+
+- ``_info_nce_fwd_kernel``: one program per block of query rows; one pass over key tiles with
+  an online logsumexp (and, for SimANS, an online logsumexp of the log-weights for the
+  normaliser). Writes O(B) per-row results only.
+- ``_info_nce_bwd_dq_kernel``: one program per (row block, D block); recomputes the tiles and
+  accumulates ``dq = dS @ k`` and the per-row ``sum_j dS_ij s_ij`` for the temperature gradient.
+- ``_info_nce_bwd_dk_kernel``: one program per (key block, D block); recomputes the same tiles
+  (same orientation, same D chunking, so the same bits) and accumulates ``dk = dS^T @ q``.
+
+The backward is two deterministic passes (no atomics). Offsets are int64 throughout.
+``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp(x_ij + offset_i - lse_i)``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+WEIGHT_NONE: tl.constexpr = tl.constexpr(0)
+WEIGHT_SIMANS: tl.constexpr = tl.constexpr(1)
+WEIGHT_HARDNESS: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def tl_tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, stride_b,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """[BLOCK_A, BLOCK_B] fp32 tile of a[a_rows] @ b[b_rows]^T, summed over D in BLOCK_D chunks."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_valid = d < D
+        a = tl.load(a_ptr + a_rows[:, None] * stride_a + d[None, :], mask=a_valid[:, None] & d_valid[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + d[None, :], mask=b_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_a, stride_b,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
+    positives' rows of ``b`` are gathered into key tiles and the diagonal is read off, so an
+    exact duplicate of the positive key scores bit-identically to it."""
+    local = tl.arange(0, BLOCK_M)
+    out = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for sub in tl.static_range(0, BLOCK_M, BLOCK_N):
+        g_local = sub + tl.arange(0, BLOCK_N)
+        g_rows = row_start + g_local
+        g_valid = (g_local < BLOCK_M) & (g_rows < B)
+        g_cols = tl.load(pos_ptr + g_rows, mask=g_valid, other=0).to(tl.int64)
+        s = tl_tile_scores(a_ptr, b_ptr, rows, g_cols, row_valid, g_valid, D, stride_a, stride_b,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        out += tl.sum(tl.where(local[:, None] == g_local[None, :], s, 0.0), axis=1)
+    return out
+
+
+@triton.jit
+def tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold, query_label, klab_ptr,
+                HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr):
+    """(is_positive, masked, negative) boolean tiles: the false-negative mask of SPEC section 2
+    with the per-row score/guide thresholds precomputed from the positive's score."""
+    is_pos = (cols[None, :] == positive[:, None]) & col_valid[None, :]
+    m = s > threshold[:, None]
+    if HAS_LABELS:
+        key_label = tl.load(klab_ptr + cols, mask=col_valid, other=0)
+        m = m | (key_label[None, :] == query_label[:, None])
+    if HAS_GUIDE:
+        m = m | (t > guide_threshold[:, None])
+    live = col_valid[None, :] & ~is_pos
+    return is_pos, m & live, (~m) & live
+
+
+@triton.jit
+def tl_biased_logits(s, negative, positive_score, inv_temp, weight_a, weight_b, WEIGHTING: tl.constexpr):
+    """x_ij = l_ij + u_ij over negatives (-inf elsewhere) and SimANS log w_ij (-inf elsewhere)."""
+    if WEIGHTING == WEIGHT_SIMANS:
+        d = s - positive_score[:, None] - weight_b
+        log_w = -weight_a * d * d
+        x = s * inv_temp + log_w
+    elif WEIGHTING == WEIGHT_HARDNESS:
+        log_w = s
+        x = s * inv_temp + weight_a * s
+    else:
+        log_w = s
+        x = s * inv_temp
+    neg_inf = float("-inf")
+    return tl.where(negative, x, neg_inf), tl.where(negative, log_w, neg_inf)
+
+
+@triton.jit
+def tl_online_lse(running_max, running_sum, x):
+    """Merge a tile of values into a per-row online logsumexp (exp2 with log2(e) folded in)."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=1))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2((running_max - safe) * LOG2E) + tl.sum(
+        tl.exp2((x - safe[:, None]) * LOG2E), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
+def tl_logaddexp(a, b):
+    m = tl.maximum(a, b)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe))
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
+    loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b,
+    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
+    HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
+    WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+    s_pos = tl_positive_scores(q_ptr, k_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_q, stride_k,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    threshold = tl.full((BLOCK_M,), float("inf"), tl.float32)
+    if HAS_MARGIN:
+        threshold = tl.minimum(threshold, s_pos - margin)
+    if HAS_RELATIVE_MARGIN:
+        threshold = tl.minimum(threshold, s_pos - tl.abs(s_pos) * relative_margin)
+    if HAS_MAX_SCORE:
+        threshold = tl.minimum(threshold, tl.zeros_like(s_pos) + max_score)
+    guide_threshold = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_GUIDE:
+        t_pos = tl_positive_scores(gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, DG, stride_gq,
+                                   stride_gk, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        if GUIDE_RELATIVE:
+            guide_threshold = t_pos - tl.abs(t_pos) * guide_margin
+        else:
+            guide_threshold = t_pos - guide_margin
+    query_label = tl.zeros((BLOCK_M,), tl.int64)
+    if HAS_LABELS:
+        query_label = tl.load(qlab_ptr + rows, mask=row_valid, other=0)
+
+    x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    x_sum = tl.zeros((BLOCK_M,), tl.float32)
+    w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    w_sum = tl.zeros((BLOCK_M,), tl.float32)
+    n_neg = tl.zeros((BLOCK_M,), tl.int64)
+    n_masked = tl.zeros((BLOCK_M,), tl.int64)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_valid = cols < N
+        s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        t = s  # stands in for the guide tile when there is no guide
+        if HAS_GUIDE:
+            t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        _, masked, negative = tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold,
+                                          query_label, klab_ptr, HAS_LABELS, HAS_GUIDE)
+        n_neg += tl.sum(negative.to(tl.int64), axis=1)
+        n_masked += tl.sum(masked.to(tl.int64), axis=1)
+        x, log_w = tl_biased_logits(s, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+        x_max, x_sum = tl_online_lse(x_max, x_sum, x)
+        if WEIGHTING == WEIGHT_SIMANS:
+            w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
+
+    has_neg = n_neg > 0
+    neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+    offset = tl.zeros((BLOCK_M,), tl.float32)
+    if WEIGHTING == WEIGHT_SIMANS:
+        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+    l_pos = s_pos * inv_temp
+    lse = tl_logaddexp(l_pos, neg_lse + offset)
+    tl.store(loss_ptr + rows, lse - l_pos, mask=row_valid)
+    tl.store(lse_ptr + rows, lse, mask=row_valid)
+    tl.store(spos_ptr + rows, s_pos, mask=row_valid)
+    tl.store(offset_ptr + rows, offset, mask=row_valid)
+    tl.store(thr_ptr + rows, threshold, mask=row_valid)
+    tl.store(gthr_ptr + rows, guide_threshold, mask=row_valid)
+    tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
+    tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
+
+
+@triton.jit
+def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                  positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale,
+                  inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+                  HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """(dS, s) tiles: dS_ij = dL/ds_ij recomputed exactly as forward saw the tile."""
+    s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+                       BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    t = s
+    if HAS_GUIDE:
+        t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    is_pos, _, negative = tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold,
+                                      query_label, klab_ptr, HAS_LABELS, HAS_GUIDE)
+    x, _ = tl_biased_logits(s, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+    p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
+    p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0
+    p = tl.where(is_pos, p_pos[:, None], p)
+    ds = p * grad_scale[:, None]
+    ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
+    return ds, tl.where(is_pos, s_pos[:, None], s)
+
+
+@triton.jit
+def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr,
+                    grad_ptr, inv_temp, HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr):
+    positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+    s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
+    threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
+    guide_threshold = tl.zeros_like(s_pos)
+    if HAS_GUIDE:
+        guide_threshold = tl.load(gthr_ptr + rows, mask=row_valid, other=0.0)
+    query_label = tl.zeros_like(positive)
+    if HAS_LABELS:
+        query_label = tl.load(qlab_ptr + rows, mask=row_valid, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
+    offset = tl.load(offset_ptr + rows, mask=row_valid, other=0.0)
+    grad_scale = tl.load(grad_ptr + rows, mask=row_valid, other=0.0).to(tl.float32) * inv_temp
+    return positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale
+
+
+@triton.jit
+def _info_nce_bwd_dq_kernel(
+    grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dq_ptr, rowsum_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b,
+    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale = _load_row_state(
+        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr, grad_ptr,
+        inv_temp, HAS_LABELS, HAS_GUIDE)
+    dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_valid = cols < N
+        ds, s = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                              positive, s_pos, threshold, guide_threshold, query_label, lse, offset,
+                              grad_scale, inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, HAS_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_D)
+        rowsum += tl.sum(ds * s, axis=1)
+        if WRITE_DQ:
+            k = tl.load(k_ptr + cols[:, None] * stride_k + d_out[None, :],
+                        mask=col_valid[:, None] & (d_out[None, :] < D), other=0.0)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    if WRITE_DQ:
+        tl.store(dq_ptr + rows[:, None] * stride_dq + d_out[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (d_out[None, :] < D))
+    if tl.program_id(1) == 0:
+        tl.store(rowsum_ptr + rows, rowsum, mask=row_valid)
+
+
+@triton.jit
+def _info_nce_bwd_dk_kernel(
+    grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dk_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b,
+    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    col_valid = cols < N
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_valid = rows < B
+        positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale = _load_row_state(
+            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr, grad_ptr,
+            inv_temp, HAS_LABELS, HAS_GUIDE)
+        ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                              positive, s_pos, threshold, guide_threshold, query_label, lse, offset,
+                              grad_scale, inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, HAS_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_D)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + d_out[None, :],
+                    mask=row_valid[:, None] & (d_out[None, :] < D), other=0.0)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    tl.store(dk_ptr + cols[:, None] * stride_dk + d_out[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=col_valid[:, None] & (d_out[None, :] < D))

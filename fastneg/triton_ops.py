@@ -1,0 +1,126 @@
+"""Host side of the Triton backend: block configuration, launches, and the
+``fastneg::info_nce_{fwd,bwd}_triton`` operators (``torch.library.triton_op``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import ops
+from .triton_kernels import _info_nce_bwd_dk_kernel, _info_nce_bwd_dq_kernel, _info_nce_fwd_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile shape shared by forward and both backward kernels (it decides the bits of every
+    score, so it must not differ between passes); warps/stages are tuned per kernel."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    block_do: int
+    num_warps: int
+    num_stages: int
+
+
+def block_config(D: int, DG: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+    if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
+        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))), 1, 1)
+    wide = dtype in (torch.float16, torch.bfloat16)
+    block_d = 64 if wide else 32
+    block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return BlockConfig(128, 64, block_d, block_do, 8, 3)
+    return BlockConfig(64, 64, block_d, block_do, 4, 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _optional(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # the kernels never read a disabled input; a 1-element tensor stands in for the pointer
+    return t.contiguous() if t is not None else like.new_zeros(1)
+
+
+@triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
+def info_nce_fwd_triton(
+    query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
+    query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+    margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
+    guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k = query.contiguous(), keys.contiguous()
+    B, D = q.shape
+    N = k.shape[0]
+    gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
+    DG = guide_query.shape[1] if guide_query is not None else 1
+    cfg = block_config(D, DG, q.dtype, q.device)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
+    n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
+    n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
+    labels = _optional(key_labels, positives)
+    wrap_triton(_info_nce_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
+        q, k, positives, temperature, _optional(query_labels, positives), labels, gq, gk,
+        loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg,
+        B, N, D, DG, q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0,
+        0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
+        0.0 if max_score is None else max_score, guide_margin, weight_a, weight_b,
+        HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
+        HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
+        HAS_MAX_SCORE=max_score is not None, WEIGHTING=weighting, PRECISION=_precision(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg
+
+
+@triton_op("fastneg::info_nce_bwd_triton", mutates_args={})
+def info_nce_bwd_triton(
+    grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+    temperature: torch.Tensor, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], lse: torch.Tensor,
+    positive_score: torch.Tensor, row_offset: torch.Tensor, threshold: torch.Tensor,
+    guide_threshold: torch.Tensor, weighting: int, weight_a: float, weight_b: float,
+    query_grad: bool, keys_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k = query.contiguous(), keys.contiguous()
+    B, D = q.shape
+    N = k.shape[0]
+    gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
+    DG = guide_query.shape[1] if guide_query is not None else 1
+    cfg = block_config(D, DG, q.dtype, q.device)
+    grad = grad_loss.contiguous()
+    common_in = (grad, q, k, positives, temperature, _optional(query_labels, positives),
+                 _optional(key_labels, positives), gq, gk, lse, positive_score, row_offset, threshold,
+                 guide_threshold)
+    strides = (q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0)
+    flags = dict(HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
+                 PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                 BLOCK_DO=cfg.block_do, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dq = torch.empty_like(q) if query_grad else q.new_empty(0)
+    rowsum = torch.empty(B, dtype=torch.float32, device=q.device)
+    d_blocks = triton.cdiv(D, cfg.block_do) if query_grad else 1
+    wrap_triton(_info_nce_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
+        *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *strides,
+        dq.stride(0) if query_grad else 0, weight_a, weight_b, WRITE_DQ=query_grad, **flags)
+    dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
+    if keys_grad:
+        wrap_triton(_info_nce_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
+            *common_in, dk, B, N, D, DG, *strides, dk.stride(0), weight_a, weight_b, **flags)
+    return dq, dk, rowsum
+
+
+ops.register_fused_op("triton", info_nce_fwd_triton, info_nce_bwd_triton)
