@@ -221,8 +221,9 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
   TORCH_CHECK(query.dim() == 2 && keys.dim() == 2 && query.size(1) == keys.size(1),
               "fastneg cpu backend: query [B, D] and keys [N, D] expected");
   Inputs in;
-  in.query = query.contiguous();
-  in.keys = keys.contiguous();
+  // detached: the parallel workers do not inherit the caller's below-autograd dispatch state
+  in.query = query.detach().contiguous();
+  in.keys = keys.detach().contiguous();
   in.positives = positives.to(at::kLong).contiguous();
   TORCH_CHECK(in.positives.numel() == query.size(0), "fastneg cpu backend: positives must have B entries");
   if (key_labels.has_value() && key_labels->defined()) {
@@ -232,8 +233,8 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
   }
   if (guide_query.has_value() && guide_query->defined()) {
     TORCH_CHECK(guide_keys.has_value() && guide_keys->defined(), "guide_query and guide_keys go together");
-    in.guide_query = guide_query->to(query.scalar_type()).contiguous();
-    in.guide_keys = guide_keys->to(query.scalar_type()).contiguous();
+    in.guide_query = guide_query->detach().to(query.scalar_type()).contiguous();
+    in.guide_keys = guide_keys->detach().to(query.scalar_type()).contiguous();
   }
   return in;
 }
@@ -385,7 +386,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const at::Tensor lse = lse_in.contiguous(), pos_score = pos_score_in.contiguous(),
                    offset = offset_in.contiguous(), thr = thr_in.contiguous(), gthr = gthr_in.contiguous();
   at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
-  at::Tensor tau_rowsum = at::zeros({g.B}, opts);
+  at::Tensor tau_rowsum = at::zeros({g.B}, opts.dtype(at::kDouble));
 
   const KeyTiles<T> key_tiles(in.keys, g);
   std::optional<KeyTiles<T>> guide_tiles;
@@ -422,7 +423,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
           fill_block<T>(q_blk, in.query, r0, nr, nullptr);
           if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
           dq_blk.zero_();
-          T* rowsum = tau_rowsum.data_ptr<T>() + r0;
+          double* rowsum = tau_rowsum.data_ptr<double>() + r0;
           for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
             const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
             const at::Tensor k_tile = key_tiles.tile(kt);
@@ -447,20 +448,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
               const T scale = grad_loss.data_ptr<T>()[i] * inv_temp;
+              // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
+              // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
               T acc = T(0);
 #pragma omp simd reduction(+ : acc)
               for (int64_t c = 0; c < nc; ++c) {
                 const T ds = scale * exp_shifted(x[c] + shift);
-                acc += ds * srow[c];
+                acc += ds * (srow[c] - row.positive_score);
                 srow[c] = ds;
               }
               std::fill(srow + nc, srow + g.key_tile, T(0));
               const int64_t pc = row.positive - j0;
-              if (pc >= 0 && pc < nc) {
-                const T ds = scale * (exp_shifted(row.positive_score * inv_temp - lse.data_ptr<T>()[i]) - T(1));
-                srow[pc] = ds;
-                acc += ds * row.positive_score;
-              }
+              if (pc >= 0 && pc < nc)
+                srow[pc] = scale * (exp_shifted(row.positive_score * inv_temp - lse.data_ptr<T>()[i]) - T(1));
               rowsum[r] += acc;
             }
             if (query_grad) dq_blk.addmm_(s_tile, k_tile);
@@ -501,6 +501,7 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
                  const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
                  std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
                  bool guide_relative, int64_t weighting, double weight_a, double weight_b) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules =
       make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting, weight_a, weight_b);
@@ -517,6 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const std::optional<at::Tensor>& guide_keys, const at::Tensor& lse, const at::Tensor& positive_score,
     const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
     int64_t weighting, double weight_a, double weight_b, bool query_grad, bool keys_grad) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
   const double tau = temperature.item<double>();

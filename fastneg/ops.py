@@ -34,10 +34,9 @@ def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[
 
 def _fake_backward(grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
     query_grad, keys_grad = args[-2], args[-1]
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     dq = torch.empty_like(query) if query_grad else query.new_empty(0)
     dk = torch.empty_like(keys) if keys_grad else keys.new_empty(0)
-    return dq, dk, query.new_empty(query.shape[0], dtype=acc)
+    return dq, dk, query.new_empty(query.shape[0], dtype=torch.float64 if query.device.type == "cpu" else torch.float32)
 
 
 def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[torch.Tensor, ...]]) -> None:

@@ -196,7 +196,7 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid,
                   HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    """(dS, s) tiles: dS_ij = dL/ds_ij recomputed exactly as forward saw the tile."""
+    """(dS, s) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it."""
     s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     t = s
@@ -211,7 +211,7 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid,
     p = tl.where(is_pos, p_pos[:, None], p)
     ds = p * grad_scale[:, None]
     ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
-    return ds, tl.where(is_pos, s_pos[:, None], s)
+    return ds, s
 
 
 @triton.jit
@@ -259,7 +259,8 @@ def _info_nce_bwd_dq_kernel(
                               grad_scale, inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k,
                               stride_gq, stride_gk, HAS_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_D)
-        rowsum += tl.sum(ds * s, axis=1)
+        # sum_j dS_ij s_ij written as sum_j dS_ij (s_ij - s_i+) (equal: sum_j dS_ij = 0), no cancellation
+        rowsum += tl.sum(ds * (s - s_pos[:, None]), axis=1)
         if WRITE_DQ:
             k = tl.load(k_ptr + cols[:, None] * stride_k + d_out[None, :],
                         mask=col_valid[:, None] & (d_out[None, :] < D), other=0.0)

@@ -1,0 +1,107 @@
+"""Shared test machinery: problems with planted false negatives, and the error criterion
+(a backend's error against float64 may not exceed plain PyTorch's error in the same dtype,
+plus a small tolerance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+import fastneg
+
+
+@dataclass
+class Problem:
+    query: torch.Tensor
+    keys: torch.Tensor
+    positives: torch.Tensor
+    row_weights: torch.Tensor  # upstream gradient of the per-row loss
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_problem(B: int, N: int, D: int, seed: int = 0, *, peaked: bool = False, duplicates: int = 0,
+                 shuffled_positives: bool = True, labels: Optional[int] = None, guide_dim: Optional[int] = None) -> Problem:
+    """Normalised embeddings in float64. ``peaked``: queries close to their positives (scores near
+    1 with temperature 0.05 give logits ~20 apart). ``duplicates``: that many keys are exact copies
+    and as many near-copies (noise 1e-3) of some row's positive key."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, D, generator=g, dtype=torch.float64)
+    positives = torch.randperm(N, generator=g)[:B] if shuffled_positives else torch.arange(B)
+    query = torch.randn(B, D, generator=g, dtype=torch.float64)
+    if peaked:
+        query = keys[positives] + 0.3 * query / D**0.5
+    non_pos = torch.tensor(sorted(set(range(N)) - set(positives.tolist())), dtype=torch.long)
+    for c in range(min(duplicates, len(non_pos) // 2)):
+        src = positives[c % B]
+        keys[non_pos[2 * c]] = keys[src]
+        keys[non_pos[2 * c + 1]] = keys[src] + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64)
+    query = torch.nn.functional.normalize(query, dim=-1)
+    keys = torch.nn.functional.normalize(keys, dim=-1)
+    extra: dict[str, Any] = {}
+    if labels is not None:
+        extra["key_labels"] = torch.randint(0, labels, (N,), generator=g)
+    if guide_dim is not None:
+        extra["guide_query"] = torch.nn.functional.normalize(
+            query[:, : min(D, guide_dim)] + 0.1 * torch.randn(B, min(D, guide_dim), generator=g, dtype=torch.float64), dim=-1)
+        extra["guide_keys"] = torch.nn.functional.normalize(
+            keys[:, : min(D, guide_dim)] + 0.1 * torch.randn(N, min(D, guide_dim), generator=g, dtype=torch.float64), dim=-1)
+    weights = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    return Problem(query, keys, positives, weights, extra)
+
+
+@dataclass
+class Result:
+    loss: torch.Tensor
+    dq: Optional[torch.Tensor]
+    dk: Optional[torch.Tensor]
+    dt: Optional[torch.Tensor]
+    stats: fastneg.InfoNCEStats
+
+
+def run(problem: Problem, backend: str, dtype: torch.dtype, temperature: float = 0.05, device: str = "cpu",
+        grads: bool = True, **options: Any) -> Result:
+    q = problem.query.to(device=device, dtype=dtype).detach().clone().requires_grad_(grads)
+    k = problem.keys.to(device=device, dtype=dtype).detach().clone().requires_grad_(grads)
+    t = torch.tensor(temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                     device=device, requires_grad=grads)
+    kwargs = {name: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+              for name, v in problem.extra.items()}
+    kwargs.update(options)
+    loss, stats = fastneg.info_nce(q, k, problem.positives.to(device), temperature=t, reduction="none",
+                                   return_stats=True, backend=backend, **kwargs)
+    if grads:
+        (loss * problem.row_weights.to(device=device, dtype=loss.dtype)).sum().backward()
+    return Result(loss.detach(), q.grad, k.grad, t.grad, stats)
+
+
+def max_error(x: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> float:
+    assert x is not None and ref is not None
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    same_nan = torch.isnan(x) == torch.isnan(ref)
+    assert bool(same_nan.all()), "NaN pattern differs from the reference"
+    finite = ~torch.isnan(ref)
+    if not bool(finite.any()):
+        return 0.0
+    return float((x[finite] - ref[finite]).abs().max())
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_to_truth(result: Result, torch_same_dtype: Result, truth: Result, dtype: torch.dtype,
+                          grads: bool = True) -> None:
+    """Each quantity: |fused - truth| <= 2 * |torch(dtype) - truth| + tol * scale."""
+    pairs = [("loss", result.loss, torch_same_dtype.loss, truth.loss)]
+    if grads:
+        pairs += [("dq", result.dq, torch_same_dtype.dq, truth.dq), ("dk", result.dk, torch_same_dtype.dk, truth.dk),
+                  ("temperature grad", result.dt, torch_same_dtype.dt, truth.dt)]
+    for name, got, plain, ref in pairs:
+        scale = max(1.0, float(ref.detach().abs().max()))
+        err, plain_err = max_error(got, ref), max_error(plain, ref)
+        bound = 2 * plain_err + TOLERANCE[dtype] * scale
+        assert err <= bound, f"{name}: error {err:.3g} vs plain PyTorch {plain_err:.3g} (bound {bound:.3g})"
+    for name in ("num_masked", "num_negatives"):
+        assert torch.equal(getattr(result.stats, name).cpu(), getattr(truth.stats, name)), name
