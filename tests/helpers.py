@@ -60,8 +60,13 @@ class Result:
     stats: fastneg.InfoNCEStats
 
 
-def run(problem: Problem, backend: str, dtype: torch.dtype, temperature: float = 0.05, device: str = "cpu",
+# Triton runs on CUDA where there is a GPU, else on CPU tensors through the interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(problem: Problem, backend: str, dtype: torch.dtype, temperature: float = 0.05, device: Optional[str] = None,
         grads: bool = True, **options: Any) -> Result:
+    device = device or (TRITON_DEVICE if backend == "triton" else "cpu")
     q = problem.query.to(device=device, dtype=dtype).detach().clone().requires_grad_(grads)
     k = problem.keys.to(device=device, dtype=dtype).detach().clone().requires_grad_(grads)
     t = torch.tensor(temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
@@ -73,7 +78,11 @@ def run(problem: Problem, backend: str, dtype: torch.dtype, temperature: float =
                                    return_stats=True, backend=backend, **kwargs)
     if grads:
         (loss * problem.row_weights.to(device=device, dtype=loss.dtype)).sum().backward()
-    return Result(loss.detach(), q.grad, k.grad, t.grad, stats)
+    def cpu(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.detach().cpu()
+
+    return Result(cpu(loss), cpu(q.grad), cpu(k.grad), cpu(t.grad),
+                  fastneg.InfoNCEStats(*(cpu(v) for v in stats)))
 
 
 def max_error(x: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> float:

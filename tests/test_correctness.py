@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastneg
-from helpers import Problem, assert_close_to_truth, make_problem, max_error, run
+from helpers import TRITON_DEVICE, Problem, assert_close_to_truth, make_problem, max_error, run
 
 RULES = {
     "plain": {},
@@ -43,10 +43,6 @@ def rounded(problem: Problem, dtype: torch.dtype) -> Problem:
         return t.to(dtype).double() if t.is_floating_point() else t
     return dataclasses.replace(problem, query=r(problem.query), keys=r(problem.keys),
                                extra={k: r(v) for k, v in problem.extra.items()})
-
-
-# Triton runs on CUDA where there is a GPU, else on CPU tensors through the interpreter
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check(problem: Problem, backend: str, dtype: torch.dtype, **options) -> None:

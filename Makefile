@@ -1,0 +1,29 @@
+# Every target builds its own virtual environment first (.venv), from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastneg-installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastneg.demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastneg tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastneg/_C*.so

@@ -1,0 +1,101 @@
+"""SPEC section 7: bad input raises a TypeError/ValueError naming the argument, before any kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastneg
+
+q = torch.randn(4, 8)
+k = torch.randn(6, 8)
+
+
+def call(**overrides):
+    args = {"query": q, "keys": k}
+    args.update(overrides)
+    return fastneg.info_nce(args.pop("query"), args.pop("keys"), **args)
+
+
+CASES = [
+    # (overrides, exception, text the message must contain)
+    ({"query": torch.randn(4)}, ValueError, "query"),
+    ({"query": torch.randn(2, 4, 8)}, ValueError, "query"),
+    ({"keys": torch.randn(6)}, ValueError, "keys"),
+    ({"keys": torch.randn(6, 5)}, ValueError, "keys"),
+    ({"keys": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "keys"),
+    ({"query": torch.randint(0, 3, (4, 8))}, TypeError, "query"),
+    ({"keys": torch.randn(6, 8, device="meta")}, ValueError, "keys"),
+    ({"query": torch.randn(0, 8)}, ValueError, "query"),
+    ({"keys": torch.randn(0, 8)}, ValueError, "keys"),
+    ({"positives": torch.tensor([0, 1, 2, 6])}, ValueError, "positives"),
+    ({"positives": torch.tensor([0, 1, 2, -1])}, ValueError, "positives"),
+    ({"positives": torch.tensor([0, 1, 2])}, ValueError, "positives"),
+    ({"positives": torch.tensor([0.0, 1.0, 2.0, 3.0])}, TypeError, "positives"),
+    ({"positives": [0, 1, 2, 3]}, TypeError, "positives"),
+    ({"query": torch.randn(7, 8)}, ValueError, "positives"),  # default arange(B) needs N >= B
+    ({"key_labels": torch.zeros(5, dtype=torch.long)}, ValueError, "key_labels"),
+    ({"key_labels": torch.zeros(6)}, TypeError, "key_labels"),
+    ({"key_labels": torch.zeros(6, dtype=torch.long), "query_labels": torch.zeros(3, dtype=torch.long)},
+     ValueError, "query_labels"),
+    ({"query_labels": torch.zeros(4, dtype=torch.long)}, ValueError, "query_labels"),
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"temperature": -0.1}, ValueError, "temperature"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": float("inf")}, ValueError, "temperature"),
+    ({"temperature": torch.tensor(-1.0)}, ValueError, "temperature"),
+    ({"temperature": torch.tensor([0.1, 0.2])}, ValueError, "temperature"),
+    ({"temperature": "0.1"}, TypeError, "temperature"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"backend": "cuda"}, ValueError, "backend"),
+    ({"weighting": "hard"}, ValueError, "weighting"),
+    ({"weighting": 0.5}, TypeError, "weighting"),
+    ({"guide_strategy": "ratio"}, ValueError, "guide_strategy"),
+    ({"guide_query": torch.randn(4, 3)}, ValueError, "guide_query and guide_keys"),
+    ({"guide_query": torch.randn(3, 3), "guide_keys": torch.randn(6, 3)}, ValueError, "guide_query"),
+    ({"guide_query": torch.randn(4, 3), "guide_keys": torch.randn(5, 3)}, ValueError, "guide_keys"),
+    ({"guide_query": torch.randn(4, 3), "guide_keys": torch.randn(6, 2)}, ValueError, "guide_keys"),
+    ({"margin": float("nan")}, ValueError, "margin"),
+    ({"margin": "0.1"}, TypeError, "margin"),
+    ({"relative_margin": float("inf")}, ValueError, "relative_margin"),
+    ({"max_score": None, "guide_margin": float("nan")}, ValueError, "guide_margin"),
+    ({"negatives": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "negatives"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,needle", CASES, ids=[f"{i}-{c[2]}" for i, c in enumerate(CASES)])
+def test_bad_input_names_the_argument(overrides, exc, needle) -> None:
+    with pytest.raises(exc, match=needle):
+        call(**overrides)
+
+
+@pytest.mark.parametrize("bad", [lambda: fastneg.SimANS(a=-1.0), lambda: fastneg.SimANS(b=float("nan")),
+                                 lambda: fastneg.Hardness(float("inf"))])
+def test_bad_weighting_parameters(bad) -> None:
+    with pytest.raises(ValueError, match=r"SimANS\.|Hardness\."):
+        bad()
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        call(backend="triton")
+
+
+def test_cpu_backend_rejects_cuda_tensors_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        fastneg.info_nce(q.to("meta"), k.to("meta"), backend="cpu")
+
+
+def test_module_validates_options_at_construction() -> None:
+    with pytest.raises(ValueError, match="reduction"):
+        fastneg.InfoNCE(reduction="avg")
+    with pytest.raises(TypeError, match="margin"):
+        fastneg.InfoNCE(margin="large")
+
+
+def test_inputs_are_not_modified() -> None:
+    query, keys = q.clone(), k.clone()
+    labels = torch.arange(6)
+    fastneg.info_nce(query, keys, key_labels=labels, weighting="simans", margin=0.1)
+    assert torch.equal(query, q) and torch.equal(keys, k) and torch.equal(labels, torch.arange(6))

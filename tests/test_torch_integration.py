@@ -1,0 +1,152 @@
+"""The op as a torch citizen: opcheck, torch.compile, autograd corner cases, determinism."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastneg
+from helpers import TRITON_DEVICE, make_problem, max_error
+
+
+def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, D, generator=g, dtype=dtype).to(device).requires_grad_()
+    k = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
+    pos = torch.randperm(N, generator=g)[:B].to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    temp = torch.tensor(0.1, dtype=acc, device=device if device != "cpu" else "cpu").requires_grad_()
+    klab = torch.randint(0, 5, (N,), generator=g).to(device) if labels else None
+    qlab = klab[pos] if labels else None
+    gq = torch.randn(B, 4, generator=g, dtype=dtype).to(device) if guide else None
+    gk = torch.randn(N, 4, generator=g, dtype=dtype).to(device) if guide else None
+    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", [True, False])
+def test_opcheck_cpu_forward(dtype, extras) -> None:
+    args = fwd_args(dtype=dtype, guide=extras, labels=extras)
+    torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_cpu.default, args)
+
+
+def test_opcheck_cpu_backward() -> None:
+    args = fwd_args()
+    with torch.no_grad():
+        out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
+    q, k, pos, temp, qlab, klab, gq, gk = args[:8]
+    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk,
+                out[1], out[2], out[3], out[4], out[5], 1, 0.5, 0.1, True, True)
+    torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
+
+
+@pytest.mark.gpu
+def test_opcheck_triton() -> None:
+    import fastneg.triton_ops  # noqa: F401
+
+    torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_torch_compile_fullgraph(backend) -> None:
+    torch._dynamo.reset()
+    problem = make_problem(24, 48, 16, seed=1)
+    labels = torch.arange(48) % 7
+
+    def step(q, k, pos, t):
+        return fastneg.info_nce(q, k, pos, temperature=t, key_labels=labels, margin=0.1,
+                                weighting=fastneg.SimANS(), backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    outs = []
+    for fn in (step, compiled):
+        q = problem.query.float().requires_grad_()
+        k = problem.keys.float().requires_grad_()
+        t = torch.tensor(0.05, requires_grad=True)
+        loss = fn(q, k, problem.positives, t)
+        loss.backward()
+        outs.append((loss.detach(), q.grad, k.grad, t.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_every_requires_grad_combination(backend) -> None:
+    problem = make_problem(10, 25, 6, seed=2)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    full = None
+    for need_q, need_k, need_t in itertools.product([False, True], repeat=3):
+        q = problem.query.float().to(device).requires_grad_(need_q)
+        k = problem.keys.float().to(device).requires_grad_(need_k)
+        t = torch.tensor(0.05, device=device, requires_grad=need_t)
+        loss = fastneg.info_nce(q, k, problem.positives.to(device), temperature=t, margin=0.2,
+                                weighting="simans", backend=backend)
+        grads = (q.grad, k.grad, t.grad)
+        if need_q or need_k or need_t:
+            loss.backward()
+            grads = (q.grad, k.grad, t.grad)
+        else:
+            assert not loss.requires_grad
+        for flag, g in zip((need_q, need_k, need_t), grads):
+            assert (g is not None) == flag
+        if need_q and need_k and need_t:
+            full = grads
+    # the partial runs' gradients equal the full run's
+    for need_q, need_k in ((True, False), (False, True)):
+        q = problem.query.float().to(device).requires_grad_(need_q)
+        k = problem.keys.float().to(device).requires_grad_(need_k)
+        fastneg.info_nce(q, k, problem.positives.to(device), margin=0.2, weighting="simans",
+                         backend=backend).backward()
+        got = q.grad if need_q else k.grad
+        assert torch.equal(got, full[0] if need_q else full[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_deterministic(backend) -> None:
+    problem = make_problem(70, 300, 20, seed=3)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    runs = []
+    for _ in range(2):
+        q = problem.query.float().to(device).requires_grad_()
+        k = problem.keys.float().to(device).requires_grad_()
+        loss = fastneg.info_nce(q, k, problem.positives.to(device), weighting="simans", margin=0.1, backend=backend)
+        loss.backward()
+        runs.append((loss.detach(), q.grad, k.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_module_with_learnable_temperature() -> None:
+    problem = make_problem(16, 32, 8, seed=4)
+    loss_fn = fastneg.InfoNCE(temperature=torch.nn.Parameter(torch.tensor(0.1)), margin=0.1,
+                              weighting=fastneg.SimANS())
+    assert isinstance(loss_fn.temperature, torch.nn.Parameter)
+    assert any(p is loss_fn.temperature for p in loss_fn.parameters())
+    q = problem.query.float().requires_grad_()
+    loss = loss_fn(q, problem.keys.float(), problem.positives)
+    loss.backward()
+    expected = fastneg.info_nce(problem.query.float(), problem.keys.float(), problem.positives, temperature=0.1,
+                                margin=0.1, weighting=fastneg.SimANS())
+    assert torch.allclose(loss.detach(), expected)
+    assert loss_fn.temperature.grad is not None and torch.isfinite(loss_fn.temperature.grad)
+    assert "margin=0.1" in repr(loss_fn)
+
+
+def test_stats_are_consistent() -> None:
+    problem = make_problem(20, 50, 8, seed=5)
+    loss, stats = fastneg.info_nce(problem.query.float(), problem.keys.float(), problem.positives, margin=0.0,
+                                   reduction="none", return_stats=True)
+    assert torch.allclose(loss, stats.logsumexp - stats.positive_logit, atol=1e-6)
+    assert torch.equal(stats.num_masked + stats.num_negatives, torch.full((20,), 49))
+    assert stats.num_masked.dtype == torch.int64
+
+
+def test_cpu_backend_results_do_not_depend_on_row_block_split() -> None:
+    # the same rows, alone or inside a larger batch, get the same loss bits (rows are independent)
+    problem = make_problem(130, 200, 12, seed=6)
+    q, k, p = problem.query.float(), problem.keys.float(), problem.positives
+    full = fastneg.info_nce(q, k, p, reduction="none", margin=0.05, weighting="simans")
+    part = fastneg.info_nce(q[64:128], k, p[64:128], reduction="none", margin=0.05, weighting="simans")
+    assert max_error(part, full[64:128]) == 0.0
