@@ -20,9 +20,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace fastneg {
@@ -34,44 +36,13 @@ constexpr int kWeightNone = 0;
 constexpr int kWeightSimANS = 1;
 constexpr int kWeightHardness = 2;
 
-// exp(x) for x <= ~0 (arguments here are always shifted by a running maximum), exact 0 below
-// 2^-126 and NaN-preserving. Written branch-free so the compiler vectorises the tile loops.
-inline float exp_shifted(float x) {
-  const float t = x * 1.44269504088896341f;
-  const float tc = t < -126.0f ? -126.0f : t;
-  const float n = (tc + 12582912.0f) - 12582912.0f;  // round to nearest integer
-  const float f = tc - n;                              // |f| <= 0.5
-  float p = 1.5252733804059841e-5f;
-  p = p * f + 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float r = p * scale;
-  return t < -126.0f ? 0.0f : r;
-}
-inline double exp_shifted(double x) { return std::exp(x); }
-
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-struct RuleArgs {
-  std::optional<double> margin, relative_margin, max_score;
-  double guide_margin = 0.0;
-  bool guide_relative = false;
-  int weighting = kWeightNone;
-  double weight_a = 0.0, weight_b = 0.0;
-};
-
-// Everything one tile-row pass needs to decide, for key j of row i, whether it is the
-// positive, a masked false negative or a weighted negative, and its biased logit.
+// What one tile-row pass needs to classify key j of row i as the positive, a masked false
+// negative or a weighted negative.
 template <typename T>
 struct RowView {
   int64_t positive;
@@ -81,74 +52,50 @@ struct RowView {
 
 template <typename T>
 struct TileView {
-  const T* scores;        // [key_tile] this row's scores
-  const T* guide_scores;  // [key_tile] or nullptr
+  const T* scores;            // [cols] this row's scores
+  const T* guide_scores;      // [cols] or nullptr
   const int64_t* key_labels;  // [cols] or nullptr
   int64_t first_key, cols;
 };
 
-// x_ij = l_ij + u_ij where u is the row-independent part of beta (SimANS log w, or the
-// hardness bias); SimANS adds its per-row normaliser later. Masked/positive -> -inf.
-template <typename T, int W, bool LABELS, bool GUIDE>
-inline void biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
-                          int64_t& n_neg, int64_t& n_masked) {
-  int64_t neg_count = 0, masked_count = 0;
-#pragma omp simd reduction(+ : neg_count, masked_count)
-  for (int64_t c = 0; c < tile.cols; ++c) {
-    const T s = tile.scores[c];
-    const bool is_pos = tile.first_key + c == row.positive;
-    bool m = s > row.threshold;
-    if (LABELS) m = m | (tile.key_labels[c] == row.query_label);
-    if (GUIDE) m = m | (tile.guide_scores[c] > row.guide_threshold);
-    const bool masked = m & !is_pos;
-    const bool neg = !m & !is_pos;
-    neg_count += neg;
-    masked_count += masked;
-    T u = T(0);
-    T lw = T(0);
-    if (W == kWeightSimANS) {
-      const T d = s - row.positive_score - b;
-      lw = -a * d * d;
-      u = lw;
-    } else if (W == kWeightHardness) {
-      u = a * s;
-    }
-    x[c] = neg ? s * row.inv_temp + u : neg_inf<T>();
-    if (W == kWeightSimANS) log_w[c] = neg ? lw : neg_inf<T>();
-  }
-  n_neg += neg_count;
-  n_masked += masked_count;
-}
-
-// Online logsumexp accumulator; NaN is sticky.
+// Online logsumexp of one row's values across tiles (merged by online_lse_add).
 template <typename T>
 struct OnlineLSE {
   T max = neg_inf<T>();
   T sum = T(0);
   bool nan = false;
 
-  void add(const T* x, int64_t n) {
-    T m = neg_inf<T>();
-    int64_t nans = 0;
-#pragma omp simd reduction(max : m) reduction(+ : nans)
-    for (int64_t c = 0; c < n; ++c) {
-      m = x[c] > m ? x[c] : m;
-      nans += x[c] != x[c];
-    }
-    if (nans) nan = true;
-    if (nan || m == neg_inf<T>()) return;
-    const T new_max = m > max ? m : max;
-    T s = T(0);
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < n; ++c) s += exp_shifted(x[c] - new_max);
-    sum = sum * exp_shifted(max - new_max) + s;
-    max = new_max;
-  }
   T value() const {
     if (nan) return std::numeric_limits<T>::quiet_NaN();
     if (max == neg_inf<T>()) return neg_inf<T>();
     return max + std::log(sum);
   }
+};
+
+}  // namespace
+
+namespace generic {
+#include "row_kernels.h"
+}  // namespace generic
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTNEG_HAVE_AVX2_BUILD 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "row_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+struct RuleArgs {
+  std::optional<double> margin, relative_margin, max_score;
+  double guide_margin = 0.0;
+  bool guide_relative = false;
+  int weighting = kWeightNone;
+  double weight_a = 0.0, weight_b = 0.0;
 };
 
 template <typename T>
@@ -283,7 +230,7 @@ void dispatch_flags(int weighting, bool labels, bool guide, F&& f) {
   else with_w(std::integral_constant<int, kWeightNone>{});
 }
 
-template <typename T>
+template <typename T, typename K>
 std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const RuleArgs& rules) {
   const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
   const auto opts = in.query.options();
@@ -343,10 +290,13 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
           for (int64_t r = 0; r < nr; ++r) {
             const TileView<T> tile{s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr,
                                    LABELS ? key_labels + j0 : nullptr, j0, nc};
-            biased_logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(), log_w.data(), cnt_neg[r],
-                                               cnt_masked[r]);
-            acc[r].add(x.data(), nc);
-            if (W == kWeightSimANS) acc_w[r].add(log_w.data(), nc);
+            const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(),
+                                                                            log_w.data());
+            const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
+            cnt_masked[r] += masked;
+            cnt_neg[r] += nc - masked - (has_pos ? 1 : 0);
+            K::lse_add(acc[r], x.data(), nc);
+            if (W == kWeightSimANS) K::lse_add(acc_w[r], log_w.data(), nc);
           }
         }
         T* loss_p = loss.data_ptr<T>();
@@ -374,7 +324,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
   return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg};
 }
 
-template <typename T>
+template <typename T, typename K>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inputs& in, double temperature,
                                       const at::Tensor& lse_in, const at::Tensor& pos_score_in,
                                       const at::Tensor& offset_in, const at::Tensor& thr_in,
@@ -442,25 +392,17 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
                                    gthr.data_ptr<T>()[i], inv_temp, LABELS ? query_labels[i] : 0};
               const TileView<T> tile{srow, GUIDE ? t_data + r * g.key_tile : nullptr,
                                      LABELS ? key_labels + j0 : nullptr, j0, nc};
-              int64_t unused_neg = 0, unused_masked = 0;
-              biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data(), unused_neg,
-                                                 unused_masked);
+              K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data());
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
               const T scale = grad_loss.data_ptr<T>()[i] * inv_temp;
               // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
-              T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-              for (int64_t c = 0; c < nc; ++c) {
-                const T ds = scale * exp_shifted(x[c] + shift);
-                acc += ds * (srow[c] - row.positive_score);
-                srow[c] = ds;
-              }
+              const T acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
               std::fill(srow + nc, srow + g.key_tile, T(0));
               const int64_t pc = row.positive - j0;
               if (pc >= 0 && pc < nc)
-                srow[pc] = scale * (exp_shifted(row.positive_score * inv_temp - lse.data_ptr<T>()[i]) - T(1));
+                srow[pc] = scale * std::expm1(row.positive_score * inv_temp - lse.data_ptr<T>()[i]);
               rowsum[r] += acc;
             }
             if (query_grad) dq_blk.addmm_(s_tile, k_tile);
@@ -477,6 +419,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
     for (int64_t grp = 1; grp < groups; ++grp) dk.add_(dk_parts[grp].narrow(0, 0, g.N));
   }
   return {dq, dk, tau_rowsum};
+}
+
+// The element-wise kernels' build: AVX2+FMA where the processor has it, else the generic one.
+// FASTNEG_CPU_KERNELS=generic forces the generic build (tests compare the two).
+template <typename F>
+decltype(auto) with_row_kernels(F&& f) {
+#ifdef FASTNEG_HAVE_AVX2_BUILD
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced = std::getenv("FASTNEG_CPU_KERNELS");
+  if (has_avx2 && !(forced && std::string(forced) == "generic")) return f.template operator()<avx2::RowKernels>();
+#endif
+  return f.template operator()<generic::RowKernels>();
 }
 
 RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative_margin,
@@ -506,8 +460,10 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   const RuleArgs rules =
       make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting, weight_a, weight_b);
   const double tau = temperature.item<double>();
-  std::vector<at::Tensor> out = in.query.scalar_type() == at::kDouble ? forward_impl<double>(in, tau, rules)
-                                                                       : forward_impl<float>(in, tau, rules);
+  std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
+    return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules)
+                                                 : forward_impl<float, K>(in, tau, rules);
+  });
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
@@ -522,12 +478,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
   const double tau = temperature.item<double>();
-  std::vector<at::Tensor> out =
-      in.query.scalar_type() == at::kDouble
-          ? backward_impl<double>(grad_loss, in, tau, lse, positive_score, row_offset, threshold, guide_threshold,
-                                  rules, query_grad, keys_grad)
-          : backward_impl<float>(grad_loss, in, tau, lse, positive_score, row_offset, threshold, guide_threshold,
-                                 rules, query_grad, keys_grad);
+  std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
+    return in.query.scalar_type() == at::kDouble
+               ? backward_impl<double, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
+                                          guide_threshold, rules, query_grad, keys_grad)
+               : backward_impl<float, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
+                                         guide_threshold, rules, query_grad, keys_grad);
+  });
   return {out[0], out[1], out[2]};
 }
 
