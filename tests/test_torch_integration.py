@@ -150,3 +150,28 @@ def test_cpu_backend_results_do_not_depend_on_row_block_split() -> None:
     full = fastneg.info_nce(q, k, p, reduction="none", margin=0.05, weighting="simans")
     part = fastneg.info_nce(q[64:128], k, p[64:128], reduction="none", margin=0.05, weighting="simans")
     assert max_error(part, full[64:128]) == 0.0
+
+
+def test_generic_and_avx2_cpu_kernel_builds_agree() -> None:
+    # the element-wise kernels exist in two builds; force the generic one in a fresh process
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch, fastneg\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "q = torch.nn.functional.normalize(torch.randn(70, 40, generator=g), dim=-1).requires_grad_()\n"
+            "k = torch.nn.functional.normalize(torch.randn(300, 40, generator=g), dim=-1).requires_grad_()\n"
+            "l = fastneg.info_nce(q, k, margin=0.3, weighting='simans', key_labels=torch.arange(300) % 50,"
+            " reduction='none')\n"
+            "l.sum().backward()\n"
+            "print(json.dumps([l.tolist(), q.grad.flatten().tolist(), k.grad.flatten().tolist()]))\n")
+    outs = []
+    for kernels in ("generic", "auto"):
+        env = dict(os.environ, FASTNEG_CPU_KERNELS=kernels)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        outs.append([torch.tensor(v) for v in json.loads(out.stdout)])
+    for a, b in zip(*outs):
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max()))
