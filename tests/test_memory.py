@@ -9,7 +9,8 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch, fastneg
+    import json, sys, torch, fastneg
+    from fastneg.profiling import peak_memory
     B = N = 16384
     D = 64
     backend = sys.argv[1]
@@ -21,11 +22,10 @@ SCRIPT = textwrap.dedent(
     q.grad = k.grad = None
     q.grad = torch.zeros_like(q)
     k.grad = torch.zeros_like(k)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    loss = fastneg.info_nce(q, k, margin=0.1, weighting=fastneg.SimANS(), backend=backend)
-    loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_mib": (after - before) / 1024, "loss": float(loss),
+    with peak_memory("cpu") as peak:
+        loss = fastneg.info_nce(q, k, margin=0.1, weighting=fastneg.SimANS(), backend=backend)
+        loss.backward()
+    print(json.dumps({"peak_growth_mib": peak.mib, "loss": float(loss),
                       "grad_finite": bool(torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all())}))
     """
 )
