@@ -3,26 +3,48 @@
 // No includes and no ATen here (the types it uses, RowView, TileView and OnlineLSE, are
 // defined once in fused_info_nce.cpp): that file includes this one twice, once as plain
 // x86-64 (or whatever the target is) and once under `#pragma GCC target("avx2,fma")`, and picks
-// the build the processor supports at run time. Every loop is written branch-free so that the
-// compiler vectorises it.
+// the build the processor supports at run time. The loops work on fixed-width vectors.
 
-constexpr int32_t kLanes = 16;
-
+// Fixed-width vectors (GCC/Clang vector extensions): 8 floats or 4 doubles per operation,
+// lowered to AVX2 in the AVX2 build and to pairs of SSE registers in the generic one.
 template <typename T>
-T sum_lanes(const T* lanes) {
-  T total = T(0);
-  for (int32_t l = 0; l < kLanes; ++l) total += lanes[l];
+struct Vec {
+  static constexpr int32_t kWidth = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  typedef decltype(type{} > type{}) mask;
+  typedef int64_t labels __attribute__((vector_size(8 * kWidth)));
+};
+
+// Loads/stores kWidth elements (all of them when FULL, else `count`, zero-filling the rest).
+template <typename V, bool FULL, typename E>
+inline V load(const E* p, int32_t count) {
+  V v = {};
+  std::memcpy(&v, p, (FULL ? sizeof(V) : count * sizeof(E)));
+  return v;
+}
+template <bool FULL, typename V, typename E>
+inline void store(E* p, V v, int32_t count) {
+  std::memcpy(p, &v, (FULL ? sizeof(V) : count * sizeof(E)));
+}
+
+template <typename V>
+inline auto horizontal_sum(V v) {
+  auto total = v[0];
+  for (int32_t l = 1; l < static_cast<int32_t>(sizeof(V) / sizeof(v[0])); ++l) total += v[l];
   return total;
 }
 
 // exp(x) for the arguments used here (x <= ~0: always shifted by a running maximum or by the
 // row's logsumexp). About 1 ulp in float32; exactly 0 below 2^-126; NaN stays NaN.
-inline float exp_shifted(float x) {
-  const float t = x * 1.44269504088896341f;
-  const float tc = t < -126.0f ? -126.0f : (t > 126.0f ? 126.0f : t);
-  const float n = (tc + 12582912.0f) - 12582912.0f;  // round to the nearest integer
-  const float f = tc - n;                              // |f| <= 0.5
-  float p = 1.5252733804059841e-5f;
+inline Vec<float>::type exp_shifted(Vec<float>::type x) {
+  typedef Vec<float>::type V;
+  typedef int32_t I __attribute__((vector_size(32)));
+  const V t = x * 1.44269504088896341f;
+  const V lo = V{} - 126.0f, hi = V{} + 126.0f;
+  const V tc = t < lo ? lo : (t > hi ? hi : t);
+  const V n = (tc + 12582912.0f) - 12582912.0f;  // round to the nearest integer
+  const V f = tc - n;                              // |f| <= 0.5
+  V p = V{} + 1.5252733804059841e-5f;
   p = p * f + 1.5403530393381606e-4f;
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
@@ -30,65 +52,97 @@ inline float exp_shifted(float x) {
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float r = p * scale;
-  return t < -126.0f ? 0.0f : r;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  const V r = p * reinterpret_cast<const V&>(bits);
+  return t < lo ? V{} : r;
 }
-inline double exp_shifted(double x) { return std::exp(x); }
+inline Vec<double>::type exp_shifted(Vec<double>::type x) {
+  for (int32_t l = 0; l < Vec<double>::kWidth; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
 
 // x_ij = l_ij + u_ij over the row's negatives (-inf for masked keys and the positive), where u
 // is the per-key part of beta (SimANS log w_ij, or the hardness bias); the SimANS per-row
 // normaliser is added by the caller. log_w gets SimANS's log w_ij (-inf off the negatives).
 // Returns the number of masked keys in the tile (the positive never counts).
+template <typename T, int W, bool LABELS, bool GUIDE, bool FULL>
+inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
+                                          int32_t c, int32_t count, int32_t pc) {
+  typedef typename Vec<T>::type V;
+  typedef typename Vec<T>::mask M;
+  const V s = load<V, FULL>(tile.scores + c, count);
+  M m = s > row.threshold;
+  if constexpr (LABELS) {
+    typedef typename Vec<T>::labels L;
+    m |= __builtin_convertvector(load<L, FULL>(tile.key_labels + c, count) == row.query_label, M);
+  }
+  if constexpr (GUIDE) m |= load<V, FULL>(tile.guide_scores + c, count) > row.guide_threshold;
+  M column = {};
+  for (int32_t l = 0; l < Vec<T>::kWidth; ++l) column[l] = c + l;
+  const M valid = column < count + c;
+  const M positive = column == pc;
+  const M off = m | positive | ~valid;
+  const V ninf = V{} + neg_inf<T>();
+  V u = {};
+  if constexpr (W == kWeightSimANS) {
+    const V d = s - row.positive_score - b;
+    u = -a * d * d;
+    store<FULL>(log_w + c, off ? ninf : u, count);
+  } else if constexpr (W == kWeightHardness) {
+    u = a * s;
+  }
+  store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
+  return m & ~positive & valid;  // -1 where masked
+}
+
 template <typename T, int W, bool LABELS, bool GUIDE>
 int64_t biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w) {
+  constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t nc = static_cast<int32_t>(tile.cols);
   const int64_t rel = row.positive - tile.first_key;
   const int32_t pc = (rel >= 0 && rel < nc) ? static_cast<int32_t>(rel) : -1;
-  int32_t masked_count = 0;
-#pragma omp simd reduction(+ : masked_count)
-  for (int32_t c = 0; c < nc; ++c) {
-    const T s = tile.scores[c];
-    bool m = s > row.threshold;
-    if (LABELS) m = m | (tile.key_labels[c] == row.query_label);
-    if (GUIDE) m = m | (tile.guide_scores[c] > row.guide_threshold);
-    const bool off = m | (c == pc);
-    masked_count += (m & (c != pc)) ? 1 : 0;
-    T u = T(0);
-    if (W == kWeightSimANS) {
-      const T d = s - row.positive_score - b;
-      u = -a * d * d;
-      log_w[c] = off ? neg_inf<T>() : u;
-    } else if (W == kWeightHardness) {
-      u = a * s;
-    }
-    x[c] = off ? neg_inf<T>() : s * row.inv_temp + u;
-  }
-  return masked_count;
+  typename Vec<T>::mask masked = {};
+  int32_t c = 0;
+  for (; c + kW <= nc; c += kW) masked += logits_chunk<T, W, LABELS, GUIDE, true>(row, tile, a, b, x, log_w, c, kW, pc);
+  if (c < nc) masked += logits_chunk<T, W, LABELS, GUIDE, false>(row, tile, a, b, x, log_w, c, nc - c, pc);
+  return -static_cast<int64_t>(horizontal_sum(masked));
 }
 
 // Merges a tile row into a per-row online logsumexp (see OnlineLSE); NaN is sticky.
 template <typename T>
 void online_lse_add(OnlineLSE<T>& acc, const T* x, int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
-  T m = neg_inf<T>();
-  int32_t nans = 0;
-#pragma omp simd reduction(max : m) reduction(+ : nans)
-  for (int32_t c = 0; c < n; ++c) {
-    m = x[c] > m ? x[c] : m;
-    nans += x[c] != x[c] ? 1 : 0;
+  const V ninf = V{} + neg_inf<T>();
+  V vmax = ninf;
+  typename Vec<T>::mask nan = {};
+  int32_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V v = load<V, true>(x + c, kW);
+    vmax = v > vmax ? v : vmax;
+    nan |= v != v;
   }
-  if (nans) acc.nan = true;
+  T m = neg_inf<T>();
+  for (int32_t l = 0; l < kW; ++l) m = vmax[l] > m ? vmax[l] : m;
+  bool any_nan = false;
+  for (int32_t l = 0; l < kW; ++l) any_nan |= nan[l] != 0;
+  for (int32_t t = c; t < n; ++t) {
+    m = x[t] > m ? x[t] : m;
+    any_nan |= x[t] != x[t];
+  }
+  if (any_nan) acc.nan = true;
   if (acc.nan || m == neg_inf<T>()) return;
   const T new_max = m > acc.max ? m : acc.max;
-  T lanes[kLanes] = {};
-  int32_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int32_t l = 0; l < kLanes; ++l) lanes[l] += exp_shifted(x[c + l] - new_max);
-  for (; c < n; ++c) lanes[0] += exp_shifted(x[c] - new_max);
-  acc.sum = acc.sum * exp_shifted(acc.max - new_max) + sum_lanes(lanes);
+  V sum = {};
+  for (c = 0; c + kW <= n; c += kW) sum += exp_shifted(load<V, true>(x + c, kW) - new_max);
+  if (c < n) {
+    V tail = ninf;
+    std::memcpy(&tail, x + c, (n - c) * sizeof(T));
+    sum += exp_shifted(tail - new_max);
+  }
+  const V carried = exp_shifted(V{} + (acc.max - new_max));
+  acc.sum = acc.sum * carried[0] + horizontal_sum(sum);
   acc.max = new_max;
 }
 
@@ -97,24 +151,24 @@ void online_lse_add(OnlineLSE<T>& acc, const T* x, int64_t n_) {
 // the row's share of the temperature gradient.
 template <typename T>
 T negative_score_grad(const T* x, T shift, T scale, T positive_score, T* s_row, int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
-  // kLanes independent partial sums: a reduction order the compiler may vectorise without
-  // -ffast-math (and that does not depend on the build)
-  T lanes[kLanes] = {};
+  V acc = {};
   int32_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int32_t l = 0; l < kLanes; ++l) {
-      const T ds = scale * exp_shifted(x[c + l] + shift);
-      lanes[l] += ds * (s_row[c + l] - positive_score);
-      s_row[c + l] = ds;
-    }
+  for (; c + kW <= n; c += kW) {
+    const V ds = scale * exp_shifted(load<V, true>(x + c, kW) + shift);
+    acc += ds * (load<V, true>(s_row + c, kW) - positive_score);
+    store<true>(s_row + c, ds, kW);
   }
-  for (; c < n; ++c) {
-    const T ds = scale * exp_shifted(x[c] + shift);
-    lanes[0] += ds * (s_row[c] - positive_score);
-    s_row[c] = ds;
+  if (c < n) {
+    V xt = V{} + neg_inf<T>();
+    std::memcpy(&xt, x + c, (n - c) * sizeof(T));
+    const V ds = scale * exp_shifted(xt + shift);
+    acc += ds * (load<V, false>(s_row + c, n - c) - positive_score);
+    store<false>(s_row + c, ds, n - c);
   }
-  return sum_lanes(lanes);
+  return horizontal_sum(acc);
 }
 
 // One build of the element-wise kernels, as a type the tile loops are templated on.
