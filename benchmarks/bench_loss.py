@@ -31,8 +31,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -144,11 +145,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                 q, k = make_inputs(B, D, dtype, device)
                 for op, backward in (("forward", False), ("forward+backward", True)):
                     fns: dict[str, Callable[[], None]] = {
-                        "fastneg": lambda b=backward: loss_call("fastneg", q, k, b),
-                        "floor": lambda b=backward: floor_call(q, k, b, products),
+                        "fastneg": lambda q=q, k=k, b=backward: loss_call("fastneg", q, k, b),
+                        "floor": lambda q=q, k=k, b=backward: floor_call(q, k, b, products),
                     }
                     if B <= args.naive_max:
-                        fns["naive"] = lambda b=backward: loss_call("naive", q, k, b)
+                        fns["naive"] = lambda q=q, k=k, b=backward: loss_call("naive", q, k, b)
                     if cuda:
                         times, peaks = {}, {}
                         for name, fn in list(fns.items()):
@@ -167,7 +168,6 @@ def run(args: argparse.Namespace) -> list[Row]:
                         rows.append(Row(device, dtype_name, B, D, op, name, ms, peaks.get(name),
                                         flops / (ms * 1e-3) / 1e12 if ms else None))
                         print(json.dumps(rows[-1].__dict__), flush=True)
-                del q, k
     return rows
 
 
@@ -202,7 +202,7 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
              f"Measured {when} on {describe_machine(args.device)}; fastneg {fastneg.__version__}.", "",
              f"Command: `python benchmarks/bench_loss.py {' '.join(sys.argv[1:])}`", "",
              "Rules: margin 0.1 + SimANS(0.5, 0), temperature 0.05, B = N. Time in ms "
-             + ("(CPU: best of %d)" % args.repeats if args.device == "cpu" else "(do_bench median)")
+             + (f"(CPU: best of {args.repeats})" if args.device == "cpu" else "(do_bench median)")
              + "; peak = extra memory of the call in MiB; floor = bare matrix products "
              + ("(4 for forward+backward)." if args.device == "cpu" else "(3 for forward+backward)."), "",
              "| dtype | B = N | D | op | fastneg ms | naive ms | floor ms | fastneg / naive | fastneg / floor "

@@ -164,7 +164,7 @@ def train(method: str, cfg: TaskConfig, device_name: str) -> dict:
             "loss_seconds": loss_seconds, "peak_loss_mib": peak, "final_loss": float(loss.detach())}
 
 
-def _worker(method: str, cfg: TaskConfig, device: str, queue: "mp.Queue") -> None:
+def _worker(method: str, cfg: TaskConfig, device: str, queue: mp.Queue) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     queue.put(train(method, cfg, device))
 

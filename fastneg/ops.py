@@ -13,7 +13,8 @@ recomputes the score tiles from the saved per-row values, so nothing of size B x
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 

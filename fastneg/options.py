@@ -100,7 +100,7 @@ class Rules:
         guide_margin: object,
         guide_strategy: object,
         weighting: Weighting,
-    ) -> "Rules":
+    ) -> Rules:
         if guide_strategy not in _GUIDE_STRATEGIES:
             raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
         _check_finite_float("guide_margin", guide_margin)
@@ -201,7 +201,8 @@ def validate_inputs(
 
     if positives is None:
         if N < B:
-            raise ValueError(f"positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; got N={N} < B={B}")
+            raise ValueError(
+                f"positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; got N={N} < B={B}")
     else:
         _check_index_vector("positives", positives, B, "B", query.device)
         if not _is_compiling():

@@ -9,8 +9,8 @@ peak stays below an earlier one.
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
