@@ -17,29 +17,41 @@ from .triton_kernels import _info_nce_bwd_dk_kernel, _info_nce_bwd_dq_kernel, _i
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _tuned(kernel):  # noqa: ANN001, ANN202
+    """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
+    tuned here: it decides the bits of every score and must be identical in forward and both
+    backward kernels, so the host picks it (``block_config``). The kernels only write their
+    outputs, so the autotuner may run them repeatedly."""
+    if INTERPRET:
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return triton.autotune(configs=configs, key=["D", "DG"])(kernel)
+
+
+_fwd_kernel = _tuned(_info_nce_fwd_kernel)
+_bwd_dq_kernel = _tuned(_info_nce_bwd_dq_kernel)
+_bwd_dk_kernel = _tuned(_info_nce_bwd_dk_kernel)
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """Tile shape shared by forward and both backward kernels (it decides the bits of every
-    score, so it must not differ between passes); warps/stages are tuned per kernel."""
+    score, so it must not differ between passes). Warps and stages are autotuned per kernel."""
 
     block_m: int
     block_n: int
     block_d: int
     block_do: int
-    num_warps: int
-    num_stages: int
 
 
 def block_config(D: int, DG: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
     if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
-        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))), 1, 1)
+        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = 64 if wide else 32
     block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
     major, _ = torch.cuda.get_device_capability(device)
-    if major >= 9:
-        return BlockConfig(128, 64, block_d, block_do, 8, 3)
-    return BlockConfig(64, 64, block_d, block_do, 4, 3)
+    return BlockConfig(128 if major >= 9 else 64, 64, block_d, block_do)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -72,7 +84,7 @@ def info_nce_fwd_triton(
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     labels = _optional(key_labels, positives)
-    wrap_triton(_info_nce_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
+    wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
         q, k, positives, temperature, _optional(query_labels, positives), labels, gq, gk,
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg,
         B, N, D, DG, q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0,
@@ -82,7 +94,6 @@ def info_nce_fwd_triton(
         HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
         HAS_MAX_SCORE=max_score is not None, WEIGHTING=weighting, PRECISION=_precision(q.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg
 
@@ -109,16 +120,16 @@ def info_nce_bwd_triton(
     strides = (q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0)
     flags = dict(HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                 BLOCK_DO=cfg.block_do, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 BLOCK_DO=cfg.block_do)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     rowsum = torch.empty(B, dtype=torch.float32, device=q.device)
     d_blocks = triton.cdiv(D, cfg.block_do) if query_grad else 1
-    wrap_triton(_info_nce_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
         *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *strides,
         dq.stride(0) if query_grad else 0, weight_a, weight_b, WRITE_DQ=query_grad, **flags)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
     if keys_grad:
-        wrap_triton(_info_nce_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
+        wrap_triton(_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
             *common_in, dk, B, N, D, DG, *strides, dk.stride(0), weight_a, weight_b, **flags)
     return dq, dk, rowsum
 
