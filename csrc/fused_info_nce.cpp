@@ -173,6 +173,13 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
   in.keys = keys.detach().contiguous();
   in.positives = positives.to(at::kLong).contiguous();
   TORCH_CHECK(in.positives.numel() == query.size(0), "fastneg cpu backend: positives must have B entries");
+  {
+    // checked here as well as in Python, which skips the check while torch.compile traces
+    const int64_t* p = in.positives.data_ptr<int64_t>();
+    for (int64_t i = 0; i < in.positives.numel(); ++i)
+      TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < keys.size(0), "positives must be in [0, N) = [0, ", keys.size(0),
+                        "), got ", p[i], " at row ", i);
+  }
   if (key_labels.has_value() && key_labels->defined()) {
     TORCH_CHECK(query_labels.has_value() && query_labels->defined(), "query_labels and key_labels go together");
     in.key_labels = key_labels->to(at::kLong).contiguous();
@@ -185,6 +192,27 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
   }
   return in;
 }
+
+// What forward and backward share for one call: the key tiles and the scalars.
+template <typename T>
+struct Shared {
+  KeyTiles<T> key_tiles;
+  std::optional<KeyTiles<T>> guide_tiles;
+  const int64_t* positives;
+  const int64_t* key_labels;    // nullptr without labels
+  const int64_t* query_labels;  // nullptr without labels
+  T inv_temp, a, b;
+  Shared(const Inputs& in, const Geometry& g, double temperature, const RuleArgs& rules)
+      : key_tiles(in.keys, g),
+        positives(in.positives.data_ptr<int64_t>()),
+        key_labels(in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr),
+        query_labels(in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr),
+        inv_temp(T(1) / T(temperature)),
+        a(T(rules.weight_a)),
+        b(T(rules.weight_b)) {
+    if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
+  }
+};
 
 // Positive scores of one row block, from a tile product of the standard shape.
 template <typename T>
@@ -238,14 +266,11 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
              offset = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
   at::Tensor n_masked = at::empty({g.B}, opts.dtype(at::kLong)), n_neg = at::empty({g.B}, opts.dtype(at::kLong));
 
-  const KeyTiles<T> key_tiles(in.keys, g);
-  std::optional<KeyTiles<T>> guide_tiles;
-  if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
-  const int64_t* positives = in.positives.data_ptr<int64_t>();
-  const int64_t* key_labels = in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr;
-  const int64_t* query_labels = in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr;
-  const T inv_temp = T(1) / T(temperature);
-  const T a = T(rules.weight_a), b = T(rules.weight_b);
+  const Shared<T> sh(in, g, temperature, rules);
+  const KeyTiles<T>& key_tiles = sh.key_tiles;
+  const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
+  const int64_t *positives = sh.positives, *key_labels = sh.key_labels, *query_labels = sh.query_labels;
+  const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
 
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
     at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
@@ -338,14 +363,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
   at::Tensor tau_rowsum = at::zeros({g.B}, opts.dtype(at::kDouble));
 
-  const KeyTiles<T> key_tiles(in.keys, g);
-  std::optional<KeyTiles<T>> guide_tiles;
-  if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
-  const int64_t* positives = in.positives.data_ptr<int64_t>();
-  const int64_t* key_labels = in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr;
-  const int64_t* query_labels = in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr;
-  const T inv_temp = T(1) / T(temperature);
-  const T a = T(rules.weight_a), b = T(rules.weight_b);
+  const Shared<T> sh(in, g, temperature, rules);
+  const KeyTiles<T>& key_tiles = sh.key_tiles;
+  const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
+  const int64_t *positives = sh.positives, *key_labels = sh.key_labels, *query_labels = sh.query_labels;
+  const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
 
   // Row blocks are split into a fixed number of contiguous groups, each with its own key
   // gradient partial, summed in group order afterwards: deterministic for a thread count.

@@ -18,7 +18,13 @@ from typing import Any, Optional
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.fastneg.*_cpu)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fastneg.*_cpu)
+except ImportError as exc:  # pragma: no cover - an install problem, explained
+    raise ImportError(
+        "fastneg's C++ kernels (fastneg._C) are missing or were built against another torch: "
+        "reinstall with `pip install --no-build-isolation .` in the environment that runs fastneg"
+    ) from exc
 
 __all__ = ["FORWARD_OPS", "register_fused_op"]
 

@@ -44,7 +44,7 @@ class BlockConfig:
     block_do: int
 
 
-def block_config(D: int, DG: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+def block_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
     if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
         return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
     wide = dtype in (torch.float16, torch.bfloat16)
@@ -65,6 +65,34 @@ def _optional(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t is not None else like.new_zeros(1)
 
 
+@dataclass(frozen=True)
+class _Problem:
+    """Contiguous inputs, sizes, row strides and the tile shape of one call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    gq: torch.Tensor
+    gk: torch.Tensor
+    B: int
+    N: int
+    D: int
+    DG: int
+    cfg: BlockConfig
+
+    @staticmethod
+    def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
+           guide_keys: Optional[torch.Tensor]) -> "_Problem":
+        q, k = query.contiguous(), keys.contiguous()
+        gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
+        DG = guide_query.shape[1] if guide_query is not None else 1
+        return _Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, block_config(q.shape[1], q.dtype, q.device))
+
+    @property
+    def strides(self) -> tuple[int, int, int, int]:
+        return (self.q.stride(0), self.k.stride(0), self.gq.stride(0) if self.gq.dim() == 2 else 0,
+                self.gk.stride(0) if self.gk.dim() == 2 else 0)
+
+
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
 def info_nce_fwd_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
@@ -73,12 +101,8 @@ def info_nce_fwd_triton(
     margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
     guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k = query.contiguous(), keys.contiguous()
-    B, D = q.shape
-    N = k.shape[0]
-    gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
-    DG = guide_query.shape[1] if guide_query is not None else 1
-    cfg = block_config(D, DG, q.dtype, q.device)
+    p = _Problem.of(query, keys, guide_query, guide_keys)
+    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
@@ -87,7 +111,7 @@ def info_nce_fwd_triton(
     wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
         q, k, positives, temperature, _optional(query_labels, positives), labels, gq, gk,
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg,
-        B, N, D, DG, q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0,
+        B, N, D, DG, *p.strides,
         0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
         0.0 if max_score is None else max_score, guide_margin, weight_a, weight_b,
         HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
@@ -107,17 +131,12 @@ def info_nce_bwd_triton(
     guide_threshold: torch.Tensor, weighting: int, weight_a: float, weight_b: float,
     query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k = query.contiguous(), keys.contiguous()
-    B, D = q.shape
-    N = k.shape[0]
-    gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
-    DG = guide_query.shape[1] if guide_query is not None else 1
-    cfg = block_config(D, DG, q.dtype, q.device)
+    p = _Problem.of(query, keys, guide_query, guide_keys)
+    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
     common_in = (grad, q, k, positives, temperature, _optional(query_labels, positives),
                  _optional(key_labels, positives), gq, gk, lse, positive_score, row_offset, threshold,
                  guide_threshold)
-    strides = (q.stride(0), k.stride(0), gq.stride(0) if gq.dim() == 2 else 0, gk.stride(0) if gk.dim() == 2 else 0)
     flags = dict(HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  BLOCK_DO=cfg.block_do)
@@ -125,12 +144,12 @@ def info_nce_bwd_triton(
     rowsum = torch.empty(B, dtype=torch.float32, device=q.device)
     d_blocks = triton.cdiv(D, cfg.block_do) if query_grad else 1
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
-        *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *strides,
+        *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *p.strides,
         dq.stride(0) if query_grad else 0, weight_a, weight_b, WRITE_DQ=query_grad, **flags)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
     if keys_grad:
         wrap_triton(_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
-            *common_in, dk, B, N, D, DG, *strides, dk.stride(0), weight_a, weight_b, **flags)
+            *common_in, dk, B, N, D, DG, *p.strides, dk.stride(0), weight_a, weight_b, **flags)
     return dq, dk, rowsum
 
 

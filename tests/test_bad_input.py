@@ -109,3 +109,11 @@ def test_inputs_are_not_modified() -> None:
     labels = torch.arange(6)
     fastneg.info_nce(query, keys, key_labels=labels, weighting="simans", margin=0.1)
     assert torch.equal(query, q) and torch.equal(keys, k) and torch.equal(labels, torch.arange(6))
+
+
+def test_cpu_op_checks_positives_itself() -> None:
+    # torch.compile skips the Python range check (it would sync); the C++ op checks again
+    op = torch.ops.fastneg.info_nce_fwd_cpu.default
+    with pytest.raises(ValueError, match="positives"):
+        op(q, k, torch.tensor([0, 1, 2, 99]), torch.tensor(0.1), None, None, None, None,
+           None, None, None, 0.0, False, 0, 0.0, 0.0)

@@ -189,11 +189,12 @@ def test_reductions(backend: str, reduction: str) -> None:
     problem = make_problem(16, 32, 8, seed=8)
     out = {}
     for be in ("reference", backend):
-        q = problem.query.float().requires_grad_()
-        loss = fastneg.info_nce(q, problem.keys.float(), problem.positives, reduction=reduction, backend=be,
-                                weighting="simans", margin=0.1)
+        device = TRITON_DEVICE if be == "triton" else "cpu"
+        q = problem.query.float().to(device).requires_grad_()
+        loss = fastneg.info_nce(q, problem.keys.float().to(device), problem.positives.to(device), reduction=reduction,
+                                backend=be, weighting="simans", margin=0.1)
         (loss if reduction != "none" else loss.sum()).backward()
-        out[be] = (loss.detach(), q.grad)
+        out[be] = (loss.detach().cpu(), q.grad.cpu())
     assert out[backend][0].shape == out["reference"][0].shape
     assert torch.allclose(out[backend][0], out["reference"][0], atol=1e-5, rtol=1e-5)
     assert torch.allclose(out[backend][1], out["reference"][1], atol=1e-5, rtol=1e-5)
