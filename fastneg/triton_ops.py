@@ -81,7 +81,7 @@ class _Problem:
 
     @staticmethod
     def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
-           guide_keys: Optional[torch.Tensor]) -> "_Problem":
+           guide_keys: Optional[torch.Tensor]) -> _Problem:
         q, k = query.contiguous(), keys.contiguous()
         gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
         DG = guide_query.shape[1] if guide_query is not None else 1
