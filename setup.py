@@ -42,12 +42,14 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["fastneg = fastneg.cli:main"]},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
         "faiss": ["faiss-cpu"],
         "faiss-gpu": ["faiss-gpu"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "ruff"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "sentence-transformers": ["sentence-transformers"],
     },
 )

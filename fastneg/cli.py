@@ -1,0 +1,105 @@
+"""The ``fastneg`` command. ``fastneg bench --help`` for the benchmark sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+QUICK = dict(sizes=[512, 1024, 2048], dims=[64], dtypes=["float32"], rules=["plain", "masked"], rounds=1)
+FULL = dict(sizes=[2048, 8192, 32768], dims=[128], dtypes=["float32"], rules=["plain", "masked"], rounds=2)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="sweep batch size, key count, D and dtype; write CSV, markdown and plots",
+                       description="Benchmark fastneg against the naive, compiled, chunked and peer losses on the "
+                                   "current device. Writes <out>/bench.csv, <out>/bench.md and <out>/bench_*.png.")
+    p.add_argument("--quick", action="store_true", help="a small sweep (under 2 minutes on a 2-core CPU)")
+    p.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (N = B)")
+    p.add_argument("--dims", type=int, nargs="+", help="embedding dims D")
+    p.add_argument("--dtypes", nargs="+", help="float32 float16 bfloat16 (float64 on CPU)")
+    p.add_argument("--rules", nargs="+", choices=["plain", "masked"], help="rule sets")
+    p.add_argument("--impls", nargs="+", help="only these implementations (default: every one available)")
+    p.add_argument("--rounds", type=int, help="timed rounds per measurement (after one warm-up)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--memory-budget", type=float, default=8.0,
+                   help="GiB an implementation may use beyond the inputs; over it counts as oom (default 8)")
+    p.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the chunked PyTorch loss")
+    p.add_argument("--out", default="bench_results", help="output folder (default ./bench_results)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def _progress_bar(total: int):  # noqa: ANN202
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, unit="run", dynamic_ncols=True)
+
+        def step(label: str) -> None:
+            bar.set_description(label)
+            bar.update(1)
+        return step, bar.close
+    count = [0]
+
+    def step_plain(label: str) -> None:
+        count[0] += 1
+        print(f"[{count[0]}/{total}] {label}", file=sys.stderr, flush=True)
+    return step_plain, lambda: None
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import benchmark
+
+    preset = QUICK if args.quick else FULL
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = benchmark.SweepConfig(
+        sizes=args.sizes or preset["sizes"], dims=args.dims or preset["dims"], dtypes=args.dtypes or preset["dtypes"],
+        rules=args.rules or preset["rules"], device=device, rounds=args.rounds or preset["rounds"],
+        memory_budget_gib=args.memory_budget if args.memory_budget > 0 else None, chunk=args.chunk, impls=args.impls)
+    n_impls = len(benchmark.implementations(torch.device(device), cfg.chunk)) + 1
+    total = len(cfg.sizes) * len(cfg.dims) * len(cfg.dtypes) * len(cfg.rules) * n_impls
+    step, close = _progress_bar(total)
+    try:
+        rows = benchmark.sweep(cfg, progress=step)
+    finally:
+        close()
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "bench.csv")
+    md_path = os.path.join(args.out, "bench.md")
+    benchmark.write_csv(rows, csv_path)
+    text = benchmark.markdown(rows, cfg.memory_budget_gib)
+    text += f"\nReproduce: `fastneg bench {' '.join(args.argv)}`\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+    written = [csv_path, md_path]
+    if not args.no_plots:
+        written += benchmark.plot(rows, os.path.join(args.out, "bench"))
+    print(text)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # large buffers straight from mmap and back to the system on free, so that the peak-memory
+    # readings (resident-set peak) see every buffer a call allocates
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv[:1] == ["bench"]:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, "-m", "fastneg.cli", *argv], env)
+    parser = argparse.ArgumentParser(prog="fastneg", description="fastneg command-line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    args = parser.parse_args(argv)
+    args.argv = argv[1:]
+    if args.command == "bench":
+        return bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
