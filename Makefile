@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_cpu.py
+	$(VENV)/bin/fastneg bench --quick --out benchmarks/results/quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastneg tests benchmarks

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One-shot GPU check (about 8 minutes on one H100/H200): the GPU test tier, then the benchmark
 # table at B = N in {8192, 32768, 131072}, D in {256, 768}, bf16 and fp32, against the naive
-# PyTorch loss and the cuBLAS floor, with peak memory and TFLOPS. Writes
-# benchmarks/results/cuda_<date>.md (and $OUT/ when set, for a remote run).
+# PyTorch loss and the cuBLAS floor, with peak memory and TFLOPS; then `fastneg bench` against
+# every peer (Inf-CL included when it installs). Writes benchmarks/results/cuda_<date>.md and
+# benchmarks/results/cuda_sweep_<date>/ (copied to $OUT/ when set, for a remote run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 if ! $PY -c "import fastneg._C" 2>/dev/null; then
-  $PY -m pip install --quiet pytest numpy
+  $PY -m pip install --quiet pytest numpy matplotlib tqdm
   $PY -m pip install --quiet --no-build-isolation -e .
 fi
+# the peer Inf-CL, when it can be installed (CUDA only)
+$PY -m pip install --quiet --no-deps inf-cl 2>/dev/null || echo "inf-cl not installed: its column stays empty"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 
@@ -23,5 +26,11 @@ OUTFILE=benchmarks/results/cuda_${DATE}.md
 timeout 300 $PY benchmarks/bench_loss.py --device cuda --sizes 8192 32768 131072 --dims 256 768 \
   --dtypes bfloat16 float32 --out "$OUTFILE"
 { echo; echo "## GPU test tier"; echo; echo '```'; cat /tmp/fastneg_gpu_tests.txt; echo '```'; } >> "$OUTFILE"
+
+echo "== peers sweep (fastneg bench: naive, compiled, chunked, sentence-transformers, Inf-CL, floor)"
+timeout 200 $PY -m fastneg.cli bench --device cuda --sizes 8192 32768 131072 --dims 768 --dtypes bfloat16 \
+  --rules plain masked --rounds 1 --memory-budget 120 --out "benchmarks/results/cuda_sweep_${DATE}" \
+  || echo "peers sweep stopped early (time limit)"
+if [ -n "${OUT:-}" ] && [ -d "benchmarks/results/cuda_sweep_${DATE}" ]; then cp -r "benchmarks/results/cuda_sweep_${DATE}" "$OUT/"; fi
 if [ -n "${OUT:-}" ]; then cp "$OUTFILE" "$OUT/"; fi
 echo "wrote $OUTFILE"

@@ -35,8 +35,9 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 

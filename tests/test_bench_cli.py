@@ -1,0 +1,66 @@
+"""`fastneg bench` end to end on a tiny configuration: files, columns, finite positive values."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+from fastneg.benchmark import fit_exponent
+
+COLUMNS = {"date", "device", "device_name", "torch_version", "triton_version", "fastneg_version", "impl", "op",
+           "rules", "dtype", "B", "N", "D", "ms", "peak_mib", "tflops", "status"}
+
+
+def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "fastneg.cli", "bench", "--sizes", "64", "128", "--dims", "8", "--rules", "plain",
+           "masked", "--rounds", "1", "--device", "cpu", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert "bench.csv" in files and "bench.md" in files
+    pngs = [f for f in files if f.endswith(".png")]
+    assert len(pngs) == 2 and all((out / f).stat().st_size > 10_000 for f in pngs)
+
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert COLUMNS <= set(rows[0])
+    impls = {r["impl"] for r in rows}
+    assert {"fastneg-cpu", "naive", "naive-compile", "chunked", "floor"} <= impls
+    assert {r["op"] for r in rows} == {"forward", "backward", "forward+backward"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        for col in ("ms", "tflops"):
+            v = float(r[col])
+            assert math.isfinite(v) and v > 0, (col, r)
+        assert math.isfinite(float(r["peak_mib"])) and float(r["peak_mib"]) >= 0
+        assert r["device"] == "cpu" and r["fastneg_version"]
+
+    text = (out / "bench.md").read_text()
+    assert "## forward+backward, masked rules, float32, D = 8" in text
+    assert "## Scaling" in text and "Reproduce: `fastneg bench" in text
+
+
+def test_bench_reports_out_of_memory_under_a_budget(tmp_path) -> None:
+    # 256 MiB cannot hold the naive loss's 4096 x 4096 matrices (64 MiB each); fastneg's O(B + N) fits
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "fastneg.cli", "bench", "--sizes", "4096", "--dims", "8", "--rules", "plain",
+           "--impls", "fastneg-cpu", "naive", "--rounds", "1", "--device", "cpu", "--memory-budget", "0.25",
+           "--no-plots", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out / "bench.csv") as f:
+        status = {(r["impl"], r["op"]): r["status"] for r in csv.DictReader(f)}
+    assert status[("naive", "forward+backward")] == "oom"
+    assert status[("fastneg-cpu", "forward+backward")] == "ok"
+
+
+def test_fit_exponent() -> None:
+    assert abs(fit_exponent([1, 2, 4, 8], [3, 12, 48, 192]) - 2.0) < 1e-12
+    assert abs(fit_exponent([10, 100], [5, 50]) - 1.0) < 1e-12
+    assert fit_exponent([10], [5]) is None
