@@ -112,5 +112,9 @@ def assert_close_to_truth(result: Result, torch_same_dtype: Result, truth: Resul
         err, plain_err = max_error(got, ref), max_error(plain, ref)
         bound = 2 * plain_err + TOLERANCE[dtype] * scale
         assert err <= bound, f"{name}: error {err:.3g} vs plain PyTorch {plain_err:.3g} (bound {bound:.3g})"
+    # counts: exact, except on rows where plain PyTorch in the same dtype also misses the float64
+    # decision (a key within rounding distance of a threshold)
     for name in ("num_masked", "num_negatives"):
-        assert torch.equal(getattr(result.stats, name).cpu(), getattr(truth.stats, name)), name
+        got, plain, ref = (getattr(r.stats, name).cpu() for r in (result, torch_same_dtype, truth))
+        wrong = got != ref
+        assert bool((~wrong | (plain != ref)).all()), f"{name}: rows {wrong.nonzero().flatten().tolist()}"

@@ -222,3 +222,33 @@ def test_reference_simans_matches_weights_by_hand() -> None:
     for backend in ("reference", "cpu"):
         got = fastneg.info_nce(q, k, temperature=tau, weighting=fastneg.SimANS(a, b), backend=backend)
         assert abs(float(got) - float(expected)) < 1e-12
+
+
+def random_configuration(seed: int, backend: str, max_b: int, max_extra_n: int, max_d: int, dtypes: list) -> None:
+    """A random shape, positives, rule combination and dtype, checked like the fixed cases."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    B = int(torch.randint(1, max_b, (1,), generator=g))
+    N = B + int(torch.randint(0, max_extra_n, (1,), generator=g))
+    D = int(torch.randint(1, max_d, (1,), generator=g))
+    problem = make_problem(B, N, D, seed=seed, peaked=bool(seed % 2), duplicates=seed % 5,
+                           labels=pick([None, 3, N // 2 + 1]), guide_dim=pick([None, 4]))
+    options = {"margin": pick([None, 0.0, 0.1, -0.1]), "relative_margin": pick([None, 0.05]),
+               "max_score": pick([None, 0.5]), "weighting": pick([None, fastneg.SimANS(), fastneg.SimANS(2.0, 0.3),
+                                                                  fastneg.Hardness(3.0)])}
+    if "guide_query" in problem.extra:
+        options.update(guide_strategy=pick(["absolute", "relative"]), guide_margin=pick([0.0, 0.05]))
+    check(problem, backend, pick(dtypes), **{k: v for k, v in options.items() if v is not None})
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_cpu_backend_random_configurations(seed: int) -> None:
+    random_configuration(seed, "cpu", 150, 400, 140, [torch.float32, torch.float64])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_triton_backend_random_configurations(seed: int) -> None:
+    random_configuration(seed, "triton", 60, 120, 70, [torch.float32])
