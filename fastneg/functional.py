@@ -8,8 +8,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import ops
-from .options import Rules, Weighting, check_backend, check_reduction, validate_inputs
-from .reference import info_nce_reference
+from .options import Rules, Weighting, check_backend, check_negatives, check_reduction, validate_inputs
+from .reference import info_nce_gathered, info_nce_reference
 
 __all__ = ["info_nce", "InfoNCE", "InfoNCEStats"]
 
@@ -93,7 +93,10 @@ def info_nce(
             ``t_ij > t_i+ - |t_i+| g``). No gradient reaches the guide. Guide embeddings are
             cast to ``query``'s dtype.
         weighting: ``None``, ``"simans"``, :class:`SimANS` or :class:`Hardness` (constant logit biases).
-        negatives: not yet supported (sampling lands with ``sample_negatives``); must be None.
+        negatives: ``[B, K]`` int64 key indices (-1 = none): restricts row i's denominator to its
+            positive and the keys ``negatives[i]`` (masking rules still apply; a key listed twice
+            counts once; the positive listed there is ignored). Computed on the gathered keys
+            (memory O(B K D), autograd through PyTorch) on every backend but ``"reference"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row ``[B]``).
         return_stats: also return :class:`InfoNCEStats`.
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"``, ``"reference"``.
@@ -108,7 +111,7 @@ def info_nce(
     check_reduction(reduction)
     rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting)
     if negatives is not None:
-        raise ValueError("negatives: restricting the denominator to sampled negatives is not supported yet; pass None")
+        check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     device = query.device
     chosen = _resolve_backend(backend, device)
 
@@ -125,7 +128,12 @@ def info_nce(
 
     if chosen == "reference":
         loss, lse, pos_logit, n_masked, n_neg = info_nce_reference(
-            query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys)
+            query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
+            negatives=negatives.long() if negatives is not None else None)
+    elif negatives is not None:
+        loss, lse, pos_logit, n_masked, n_neg = info_nce_gathered(
+            query, keys, positives, negatives.long(), temperature, rules, query_labels, key_labels, guide_query,
+            guide_keys)
     else:
         loss, lse, pos_logit, n_masked, n_neg = _fused(
             chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys)

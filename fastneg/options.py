@@ -165,6 +165,19 @@ def _check_index_vector(name: str, t: object, length: int, length_name: str, dev
     return t
 
 
+def check_negatives(negatives: object, B: int, N: int, device: torch.device) -> None:
+    if not isinstance(negatives, torch.Tensor):
+        raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
+    if negatives.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"negatives must be an integer (int64) tensor, got {negatives.dtype}")
+    if negatives.dim() != 2 or negatives.shape[0] != B:
+        raise ValueError(f"negatives must have shape [B, K] with B = {B}, got {tuple(negatives.shape)}")
+    if negatives.device != device:
+        raise ValueError(f"negatives must be on {device} like query, got {negatives.device}")
+    if not _is_compiling() and negatives.numel() and bool(((negatives < -1) | (negatives >= N)).any()):
+        raise ValueError(f"negatives must be key indices in [0, N) = [0, {N}) or -1 for none")
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 

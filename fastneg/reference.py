@@ -23,11 +23,12 @@ def false_negative_mask(
     guide_scores: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """M_ij of SPEC section 2 (True = key j leaves query i's denominator), positive column
-    not yet excluded. ``scores`` [B, N] raw scores; ``positive_columns`` [B, 1]."""
+    not yet excluded. ``scores`` [B, M] raw scores; ``positive_columns`` [B, 1]; ``key_labels``
+    [1 or B, M] (the labels of each row's columns)."""
     positive_score = scores.gather(1, positive_columns)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if key_labels is not None and query_labels is not None:
-        mask |= query_labels[:, None] == key_labels[None, :]
+        mask |= query_labels[:, None] == key_labels  # key_labels [1 or B, M]
     if rules.margin is not None:
         mask |= scores > positive_score - rules.margin
     if rules.relative_margin is not None:
@@ -53,21 +54,47 @@ def info_nce_reference(
     key_labels: Optional[torch.Tensor] = None,
     guide_query: Optional[torch.Tensor] = None,
     guide_keys: Optional[torch.Tensor] = None,
+    negatives: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss and stats, densely. Returns ``(loss [B], logsumexp [B], positive_logit [B],
-    num_masked [B], num_negatives [B])``; only ``loss`` carries gradient."""
+    num_masked [B], num_negatives [B])``; only ``loss`` carries gradient. ``negatives`` [B, K]
+    (-1 = none) restricts each row's candidates to those keys (SPEC section 5)."""
     B, N = query.shape[0], keys.shape[0]
     cols = positives.view(B, 1)
     scores = query @ keys.T
-    detached = scores.detach()
-    positive_score = detached.gather(1, cols)
     guide_scores = None
     if guide_query is not None and guide_keys is not None:
         guide_scores = (guide_query.detach() @ guide_keys.detach().T).to(scores.dtype)
-    is_positive = torch.zeros(B, N, dtype=torch.bool, device=query.device)
-    is_positive.scatter_(1, cols, True)
-    masked = false_negative_mask(detached, cols, rules, query_labels, key_labels, guide_scores) & ~is_positive
-    negative = ~masked & ~is_positive
+    candidates = None
+    if negatives is not None:
+        candidates = torch.zeros(B, N + 1, dtype=torch.bool, device=query.device)
+        candidates.scatter_(1, torch.where(negatives >= 0, negatives, N), True)
+        candidates = candidates[:, :N]
+    return rows_from_scores(scores, cols, temperature, rules, query_labels,
+                            key_labels[None, :] if key_labels is not None else None, guide_scores, candidates)
+
+
+def rows_from_scores(
+    scores: torch.Tensor,
+    positive_columns: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    rules: Rules,
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    guide_scores: Optional[torch.Tensor],
+    candidates: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC sections 2-4 on a [B, M] score matrix whose column ``positive_columns[i]`` is row i's
+    positive. ``key_labels`` [1 or B, M]; ``candidates`` [B, M] bool limits the keys a row
+    contrasts against (None: all); keys outside it are neither masked nor negatives."""
+    B, M = scores.shape
+    detached = scores.detach()
+    positive_score = detached.gather(1, positive_columns)
+    is_positive = torch.zeros(B, M, dtype=torch.bool, device=scores.device)
+    is_positive.scatter_(1, positive_columns, True)
+    considered = ~is_positive if candidates is None else candidates & ~is_positive
+    masked = false_negative_mask(detached, positive_columns, rules, query_labels, key_labels, guide_scores) & considered
+    negative = considered & ~masked
 
     logits = scores / temperature
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
@@ -80,9 +107,39 @@ def info_nce_reference(
         bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
     elif rules.weighting == WEIGHTING_HARDNESS:
         bias = torch.where(negative, rules.weight_a * detached, torch.zeros_like(detached))
-    x = torch.where(masked, neg_inf, logits + bias)
+    x = torch.where(negative | is_positive, logits + bias, neg_inf)
     lse = torch.logsumexp(x, dim=1)
-    positive_logit = logits.gather(1, cols).squeeze(1)
+    positive_logit = logits.gather(1, positive_columns).squeeze(1)
     loss = lse - positive_logit
-    num_masked = masked.sum(1)
-    return loss, lse.detach(), positive_logit.detach(), num_masked, negative.sum(1)
+    return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+
+
+def info_nce_gathered(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    rules: Rules,
+    query_labels: Optional[torch.Tensor] = None,
+    key_labels: Optional[torch.Tensor] = None,
+    guide_query: Optional[torch.Tensor] = None,
+    guide_keys: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same loss with each row restricted to its positive and ``negatives[i]`` (-1 = none),
+    computed on the gathered keys: memory O(B K D), never [B, N]. A key listed twice counts once;
+    the positive listed among the negatives is ignored."""
+    B, K = negatives.shape
+    listed, _ = negatives.sort(dim=1)
+    repeated = torch.zeros_like(listed, dtype=torch.bool)
+    repeated[:, 1:] = listed[:, 1:] == listed[:, :-1]
+    candidates = (listed >= 0) & ~repeated & (listed != positives[:, None])
+    columns = torch.cat([positives[:, None], listed.clamp(min=0)], dim=1)  # [B, 1 + K], positive first
+    scores = torch.einsum("bd,bkd->bk", query, keys[columns])
+    guide_scores = None
+    if guide_query is not None and guide_keys is not None:
+        guide_scores = torch.einsum("bd,bkd->bk", guide_query.detach(), guide_keys.detach()[columns]).to(scores.dtype)
+    candidates = torch.cat([torch.zeros_like(candidates[:, :1]), candidates], dim=1)
+    return rows_from_scores(scores, torch.zeros(B, 1, dtype=torch.long, device=query.device), temperature, rules,
+                            query_labels, key_labels[columns] if key_labels is not None else None, guide_scores,
+                            candidates)

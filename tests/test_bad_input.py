@@ -63,7 +63,11 @@ CASES = [
     ({"margin": "0.1"}, TypeError, "margin"),
     ({"relative_margin": float("inf")}, ValueError, "relative_margin"),
     ({"max_score": None, "guide_margin": float("nan")}, ValueError, "guide_margin"),
-    ({"negatives": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "negatives"),
+    ({"negatives": torch.zeros(3, 2, dtype=torch.long)}, ValueError, "negatives"),
+    ({"negatives": torch.zeros(4, dtype=torch.long)}, ValueError, "negatives"),
+    ({"negatives": torch.zeros(4, 2)}, TypeError, "negatives"),
+    ({"negatives": torch.full((4, 2), 6)}, ValueError, "negatives"),
+    ({"negatives": torch.full((4, 2), -2)}, ValueError, "negatives"),
 ]
 
 

@@ -252,3 +252,32 @@ def test_cpu_backend_random_configurations(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_triton_backend_random_configurations(seed: int) -> None:
     random_configuration(seed, "triton", 60, 120, 70, [torch.float32])
+
+
+# --- info_nce(negatives=idx): each row restricted to its positive and listed keys (SPEC section 5) ---
+
+@pytest.mark.parametrize("rule", ["plain", "all_rules_simans", "hardness", "labels", "guide_relative"])
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_listed_negatives_match_the_dense_reference(rule: str, backend: str) -> None:
+    problem, options = build(rule, 30, 80, 12, seed=11, duplicates=3, peaked=True)
+    g = torch.Generator().manual_seed(12)
+    idx = torch.randint(-1, 80, (30, 9), generator=g)
+    idx[:, 0] = problem.positives  # the positive listed among the negatives is ignored
+    idx[:, 1] = idx[:, 2]  # a key listed twice counts once
+    idx[3] = -1  # a row with no negatives: loss 0
+    truth = run(problem, "reference", torch.float64, negatives=idx, **options)
+    got = run(problem, backend, torch.float64, negatives=idx, **options)
+    for a, b in ((got.loss, truth.loss), (got.dq, truth.dq), (got.dk, truth.dk), (got.dt, truth.dt)):
+        assert max_error(a, b) < 1e-10
+    assert torch.equal(got.stats.num_masked, truth.stats.num_masked)
+    assert torch.equal(got.stats.num_negatives, truth.stats.num_negatives)
+    assert float(got.loss[3]) == 0.0 and int(got.stats.num_negatives[3]) == 0
+    assert bool((got.stats.num_negatives + got.stats.num_masked <= 7).all())
+
+
+def test_listed_negatives_equal_the_full_loss_when_every_key_is_listed() -> None:
+    problem, options = build("all_rules_simans", 20, 50, 8, seed=13)
+    every = torch.arange(50).repeat(20, 1)
+    full = run(problem, "cpu", torch.float64, **options)
+    listed = run(problem, "cpu", torch.float64, negatives=every, **options)
+    assert max_error(listed.loss, full.loss) < 1e-10 and max_error(listed.dk, full.dk) < 1e-10
