@@ -153,27 +153,27 @@ def _check_matrix(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_index_vector(name: str, t: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+def _check_index_tensor(name: str, t: object, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer (int64) tensor, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like query, got {t.device}")
     return t
 
 
+def _check_index_vector(name: str, t: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+    t = _check_index_tensor(name, t, device)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length_name}] = [{length}], got {tuple(t.shape)}")
+    return t
+
+
 def check_negatives(negatives: object, B: int, N: int, device: torch.device) -> None:
-    if not isinstance(negatives, torch.Tensor):
-        raise TypeError(f"negatives must be a torch.Tensor, got {type(negatives).__name__}")
-    if negatives.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"negatives must be an integer (int64) tensor, got {negatives.dtype}")
+    negatives = _check_index_tensor("negatives", negatives, device)
     if negatives.dim() != 2 or negatives.shape[0] != B:
         raise ValueError(f"negatives must have shape [B, K] with B = {B}, got {tuple(negatives.shape)}")
-    if negatives.device != device:
-        raise ValueError(f"negatives must be on {device} like query, got {negatives.device}")
     if not _is_compiling() and negatives.numel() and bool(((negatives < -1) | (negatives >= N)).any()):
         raise ValueError(f"negatives must be key indices in [0, N) = [0, {N}) or -1 for none")
 
