@@ -102,8 +102,9 @@ def info_nce(
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"``, ``"reference"``.
 
     Returns:
-        The loss (float32 for float16/bfloat16 inputs, else the input dtype), and the stats when
-        ``return_stats``. A row whose negatives are all masked has loss 0 and zero gradient.
+        The loss (fused backends: float32 for float16/bfloat16 inputs, else the input dtype; the
+        reference and the ``negatives`` path: the input dtype), and the stats when ``return_stats``.
+        A row whose negatives are all masked has loss 0 and zero gradient.
 
     float16/bfloat16 on the ``cpu`` backend are computed in float32.
     """
