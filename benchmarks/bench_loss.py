@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Optional
 import torch
 
 import fastneg
+from fastneg.benchmark import device_name, triton_version
 from fastneg.profiling import peak_memory
 
 OPTIONS = dict(temperature=0.05, margin=0.1, weighting=fastneg.SimANS(0.5, 0.0))
@@ -172,24 +172,8 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def describe_machine(device: str) -> str:
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        try:
-            import triton
-
-            tv = triton.__version__
-        except ImportError:
-            tv = "n/a"
-        return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB; CUDA {torch.version.cuda}; "
-                f"torch {torch.__version__}; triton {tv}")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}"
+    cuda = f"; CUDA {torch.version.cuda}" if device == "cuda" else ""
+    return f"{device_name(torch.device(device))}{cuda}; torch {torch.__version__}; triton {triton_version()}"
 
 
 def fmt(v: Optional[float], spec: str) -> str:

@@ -299,7 +299,7 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def _triton_version() -> str:
+def triton_version() -> str:
     try:
         import triton
     except ImportError:
@@ -327,7 +327,7 @@ def sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None) ->
         impls = {k: v for k, v in impls.items() if k in cfg.impls}
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=device.type, device_name=device_name(device), torch_version=torch.__version__,
-                triton_version=_triton_version(), fastneg_version=fastneg.__version__)
+                triton_version=triton_version(), fastneg_version=fastneg.__version__)
     budget = int(cfg.memory_budget_gib * 2**30) if cfg.memory_budget_gib else None
     rows: list[Row] = []
     failed_at: dict[tuple[str, str, str, int], int] = {}  # no use trying larger B after an OOM

@@ -165,7 +165,6 @@ def train(method: str, cfg: TaskConfig, device_name: str) -> dict:
 
 
 def _worker(method: str, cfg: TaskConfig, device: str, queue: mp.Queue) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     queue.put(train(method, cfg, device))
 
 
