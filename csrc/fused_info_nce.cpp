@@ -35,6 +35,8 @@ constexpr int64_t kMaxKeyTile = 256;
 constexpr int kWeightNone = 0;
 constexpr int kWeightSimANS = 1;
 constexpr int kWeightHardness = 2;
+constexpr int kWeightGuideHardness = 3;  // internal: beta_ij = a * t_ij (guide score), guide not masking
+constexpr int64_t kMaxLabelLevels = 8;
 
 template <typename T>
 constexpr T neg_inf() {
@@ -47,15 +49,16 @@ template <typename T>
 struct RowView {
   int64_t positive;
   T positive_score, threshold, guide_threshold, inv_temp;
-  int64_t query_label;
+  int64_t query_label[kMaxLabelLevels];  // one label per level (levels are OR-ed)
 };
 
 template <typename T>
 struct TileView {
   const T* scores;            // [cols] this row's scores
   const T* guide_scores;      // [cols] or nullptr
-  const int64_t* key_labels;  // [cols] or nullptr
+  const int64_t* key_labels;  // [levels, N] at this tile's first column, or nullptr
   int64_t first_key, cols;
+  int64_t label_levels, label_stride;  // levels and the row stride (N) of key_labels
 };
 
 // Online logsumexp of one row's values across tiles (merged by online_lse_add).
@@ -155,6 +158,7 @@ struct KeyTiles {
 struct Inputs {
   at::Tensor query, keys, positives, query_labels, key_labels, guide_query, guide_keys;
   bool labels() const { return key_labels.defined(); }
+  int64_t label_levels() const { return labels() ? key_labels.size(0) : 0; }
   bool guide() const { return guide_query.defined(); }
 };
 
@@ -182,8 +186,19 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
   }
   if (key_labels.has_value() && key_labels->defined()) {
     TORCH_CHECK(query_labels.has_value() && query_labels->defined(), "query_labels and key_labels go together");
-    in.key_labels = key_labels->to(at::kLong).contiguous();
-    in.query_labels = query_labels->to(at::kLong).contiguous();
+    // [N] or [levels, N] (and [B] or [levels, B]): a key is masked when any level matches
+    in.key_labels = key_labels->to(at::kLong);
+    in.query_labels = query_labels->to(at::kLong);
+    if (in.key_labels.dim() == 1) in.key_labels = in.key_labels.unsqueeze(0);
+    if (in.query_labels.dim() == 1) in.query_labels = in.query_labels.unsqueeze(0);
+    in.key_labels = in.key_labels.contiguous();
+    in.query_labels = in.query_labels.contiguous();
+    TORCH_CHECK_VALUE(in.key_labels.dim() == 2 && in.key_labels.size(1) == keys.size(0) &&
+                          in.query_labels.dim() == 2 && in.query_labels.size(1) == query.size(0) &&
+                          in.query_labels.size(0) == in.key_labels.size(0),
+                      "fastneg cpu backend: labels must be [N]/[B] or [levels, N]/[levels, B]");
+    TORCH_CHECK_VALUE(in.key_labels.size(0) >= 1 && in.key_labels.size(0) <= kMaxLabelLevels,
+                      "fastneg cpu backend: at most ", kMaxLabelLevels, " label levels");
   }
   if (guide_query.has_value() && guide_query->defined()) {
     TORCH_CHECK(guide_keys.has_value() && guide_keys->defined(), "guide_query and guide_keys go together");
@@ -201,18 +216,34 @@ struct Shared {
   const int64_t* positives;
   const int64_t* key_labels;    // nullptr without labels
   const int64_t* query_labels;  // nullptr without labels
+  int64_t levels, B, N;
   T inv_temp, a, b;
   Shared(const Inputs& in, const Geometry& g, double temperature, const RuleArgs& rules)
       : key_tiles(in.keys, g),
         positives(in.positives.data_ptr<int64_t>()),
         key_labels(in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr),
         query_labels(in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr),
+        levels(in.label_levels()),
+        B(in.query.size(0)),
+        N(in.keys.size(0)),
         inv_temp(T(1) / T(temperature)),
         a(T(rules.weight_a)),
         b(T(rules.weight_b)) {
     if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
   }
 };
+
+template <typename T>
+RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
+  RowView<T> row{sh.positives[i], positive_score, threshold, guide_threshold, sh.inv_temp, {}};
+  for (int64_t l = 0; l < sh.levels; ++l) row.query_label[l] = sh.query_labels[l * sh.B + i];
+  return row;
+}
+
+template <typename T>
+TileView<T> make_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t j0, int64_t nc) {
+  return TileView<T>{scores, guide_scores, sh.key_labels ? sh.key_labels + j0 : nullptr, j0, nc, sh.levels, sh.N};
+}
 
 // Positive scores of one row block, from a tile product of the standard shape.
 template <typename T>
@@ -255,6 +286,7 @@ void dispatch_flags(int weighting, bool labels, bool guide, F&& f) {
   };
   if (weighting == kWeightSimANS) with_w(std::integral_constant<int, kWeightSimANS>{});
   else if (weighting == kWeightHardness) with_w(std::integral_constant<int, kWeightHardness>{});
+  else if (weighting == kWeightGuideHardness) with_w(std::integral_constant<int, kWeightGuideHardness>{});
   else with_w(std::integral_constant<int, kWeightNone>{});
 }
 
@@ -269,7 +301,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
   const Shared<T> sh(in, g, temperature, rules);
   const KeyTiles<T>& key_tiles = sh.key_tiles;
   const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
-  const int64_t *positives = sh.positives, *key_labels = sh.key_labels, *query_labels = sh.query_labels;
+  const int64_t* positives = sh.positives;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
 
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
@@ -299,9 +331,8 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
           positive_scores<T>(gq_blk, in.guide_keys, positives + r0, 0, nr, g_gather, t_tile, t_pos.data());
         }
         for (int64_t r = 0; r < nr; ++r) {
-          rows[r] = RowView<T>{positives[r0 + r], s_pos[r], row_threshold<T>(s_pos[r], rules),
-                               GUIDE ? guide_row_threshold<T>(t_pos[r], rules) : T(0), inv_temp,
-                               LABELS ? query_labels[r0 + r] : 0};
+          rows[r] = make_row<T>(sh, r0 + r, s_pos[r], row_threshold<T>(s_pos[r], rules),
+                                GUIDE ? guide_row_threshold<T>(t_pos[r], rules) : T(0));
           acc[r] = OnlineLSE<T>();
           acc_w[r] = OnlineLSE<T>();
           cnt_neg[r] = cnt_masked[r] = 0;
@@ -313,8 +344,8 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
           const T* s_data = s_tile.data_ptr<T>();
           const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
           for (int64_t r = 0; r < nr; ++r) {
-            const TileView<T> tile{s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr,
-                                   LABELS ? key_labels + j0 : nullptr, j0, nc};
+            const TileView<T> tile =
+                make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
             const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(),
                                                                             log_w.data());
             const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
@@ -366,7 +397,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const Shared<T> sh(in, g, temperature, rules);
   const KeyTiles<T>& key_tiles = sh.key_tiles;
   const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
-  const int64_t *positives = sh.positives, *key_labels = sh.key_labels, *query_labels = sh.query_labels;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
 
   // Row blocks are split into a fixed number of contiguous groups, each with its own key
@@ -410,10 +440,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
                 continue;
               }
               const int64_t i = r0 + r;
-              const RowView<T> row{positives[i], pos_score.data_ptr<T>()[i], thr.data_ptr<T>()[i],
-                                   gthr.data_ptr<T>()[i], inv_temp, LABELS ? query_labels[i] : 0};
-              const TileView<T> tile{srow, GUIDE ? t_data + r * g.key_tile : nullptr,
-                                     LABELS ? key_labels + j0 : nullptr, j0, nc};
+              const RowView<T> row =
+                  make_row<T>(sh, i, pos_score.data_ptr<T>()[i], thr.data_ptr<T>()[i], gthr.data_ptr<T>()[i]);
+              const TileView<T> tile = make_tile<T>(sh, srow, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
               K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data());
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
@@ -481,6 +510,8 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules =
       make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting, weight_a, weight_b);
+  TORCH_CHECK_VALUE(weighting >= kWeightNone && weighting <= kWeightGuideHardness, "unknown weighting ", weighting);
+  TORCH_CHECK_VALUE(weighting != kWeightGuideHardness || in.guide(), "guide-score hardness needs a guide");
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
     return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules)

@@ -74,7 +74,9 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   M m = s > row.threshold;
   if constexpr (LABELS) {
     typedef typename Vec<T>::labels L;
-    m |= __builtin_convertvector(load<L, FULL>(tile.key_labels + c, count) == row.query_label, M);
+    for (int64_t level = 0; level < tile.label_levels; ++level)
+      m |= __builtin_convertvector(
+          load<L, FULL>(tile.key_labels + level * tile.label_stride + c, count) == row.query_label[level], M);
   }
   if constexpr (GUIDE) m |= load<V, FULL>(tile.guide_scores + c, count) > row.guide_threshold;
   M column = {};
@@ -90,6 +92,8 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
     store<FULL>(log_w + c, off ? ninf : u, count);
   } else if constexpr (W == kWeightHardness) {
     u = a * s;
+  } else if constexpr (W == kWeightGuideHardness) {
+    u = a * load<V, FULL>(tile.guide_scores + c, count);
   }
   store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
   return m & ~positive & valid;  // -1 where masked

@@ -85,7 +85,9 @@ def info_nce(
         positives: ``[B]`` int64 column of each query's positive; default ``arange(B)``.
         temperature: float or scalar tensor (receives a gradient if it requires one).
         query_labels, key_labels: mask keys whose label equals the query's; ``query_labels``
-            defaults to ``key_labels[positives]``.
+            defaults to ``key_labels[positives]``. ``[B]``/``[N]``, or ``[B, L]``/``[N, L]`` for
+            ``L <= 8`` independent label sets (e.g. text hashes and cluster ids): a key is masked
+            when any of them matches.
         margin: mask ``s_ij > s_i+ - margin``. relative_margin: mask ``s_ij > s_i+ - |s_i+| r``.
         max_score: mask ``s_ij > max_score``. All comparisons on raw scores, strict.
         guide_query, guide_keys, guide_margin, guide_strategy: GISTEmbed-style mask from a guide
@@ -171,6 +173,9 @@ def _fused(
         temp = temperature.reshape(()).to(device=query.device if backend == "triton" else "cpu", dtype=acc)
     else:
         temp = torch.tensor(float(temperature), dtype=acc, device=query.device if backend == "triton" else "cpu")
+    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
+        # the ops take several label levels as [levels, rows]
+        query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
     loss, lse, pos_score, _offset, _thr, _gthr, n_masked, n_neg = _forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,

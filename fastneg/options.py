@@ -14,11 +14,17 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["SimANS", "Hardness", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS", "WEIGHTING_HARDNESS"]
+__all__ = ["SimANS", "Hardness", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS", "WEIGHTING_HARDNESS",
+           "WEIGHTING_GUIDE_HARDNESS", "MAX_LABEL_LEVELS"]
 
 WEIGHTING_NONE = 0
 WEIGHTING_SIMANS = 1
 WEIGHTING_HARDNESS = 2
+# Internal (integrations): beta_ij = weight_a * t_ij from the guide scores, with the guide not masking
+# (guide_margin = -inf). It lets a caller restrict a hardness bias to chosen key columns by zeroing
+# the other columns' guide keys.
+WEIGHTING_GUIDE_HARDNESS = 3
+MAX_LABEL_LEVELS = 8
 
 _REDUCTIONS = ("mean", "sum", "none")
 _GUIDE_STRATEGIES = ("absolute", "relative")
@@ -170,6 +176,18 @@ def _check_index_vector(name: str, t: object, length: int, length_name: str, dev
     return t
 
 
+def _check_labels(name: str, t: object, length: int, length_name: str, device: torch.device) -> torch.Tensor:
+    """Labels are [rows] or [rows, levels] (several label sets, OR-ed: a key is masked when any level matches)."""
+    t = _check_index_tensor(name, t, device)
+    if t.dim() == 1 and t.shape[0] == length:
+        return t
+    if t.dim() == 2 and t.shape[0] == length and 1 <= t.shape[1] <= MAX_LABEL_LEVELS:
+        return t
+    raise ValueError(
+        f"{name} must have shape [{length_name}] = [{length}] or [{length_name}, levels] with 1 <= levels <= "
+        f"{MAX_LABEL_LEVELS}, got {tuple(t.shape)}")
+
+
 def check_negatives(negatives: object, B: int, N: int, device: torch.device) -> None:
     negatives = _check_index_tensor("negatives", negatives, device)
     if negatives.dim() != 2 or negatives.shape[0] != B:
@@ -240,11 +258,15 @@ def validate_inputs(
             raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
     if key_labels is not None:
-        _check_index_vector("key_labels", key_labels, N, "N", query.device)
+        _check_labels("key_labels", key_labels, N, "N", query.device)
     if query_labels is not None:
         if key_labels is None:
             raise ValueError("query_labels requires key_labels (the labels of the keys to compare against)")
-        _check_index_vector("query_labels", query_labels, B, "B", query.device)
+        _check_labels("query_labels", query_labels, B, "B", query.device)
+        if query_labels.dim() != key_labels.dim() or (query_labels.dim() == 2 and query_labels.shape[1] != key_labels.shape[1]):
+            raise ValueError(
+                f"query_labels must have as many label levels as key_labels: got shapes {tuple(query_labels.shape)} "
+                f"and {tuple(key_labels.shape)}")
 
     if (guide_query is None) != (guide_keys is None):
         raise ValueError("guide_query and guide_keys must be given together")

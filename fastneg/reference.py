@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from .options import WEIGHTING_HARDNESS, WEIGHTING_SIMANS, Rules
+from .options import WEIGHTING_GUIDE_HARDNESS, WEIGHTING_HARDNESS, WEIGHTING_SIMANS, Rules
 
 
 def false_negative_mask(
@@ -24,11 +24,15 @@ def false_negative_mask(
 ) -> torch.Tensor:
     """M_ij of SPEC section 2 (True = key j leaves query i's denominator), positive column
     not yet excluded. ``scores`` [B, M] raw scores; ``positive_columns`` [B, 1]; ``key_labels``
-    [1 or B, M] (the labels of each row's columns)."""
+    [1 or B, M] (the labels of each row's columns), or [1 or B, M, levels] with ``query_labels``
+    [B, levels] (any matching level masks)."""
     positive_score = scores.gather(1, positive_columns)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if key_labels is not None and query_labels is not None:
-        mask |= query_labels[:, None] == key_labels  # key_labels [1 or B, M]
+        if key_labels.dim() == 3:  # several label levels, OR-ed
+            mask |= (query_labels[:, None, :] == key_labels).any(-1)
+        else:
+            mask |= query_labels[:, None] == key_labels  # key_labels [1 or B, M]
     if rules.margin is not None:
         mask |= scores > positive_score - rules.margin
     if rules.relative_margin is not None:
@@ -107,6 +111,9 @@ def rows_from_scores(
         bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
     elif rules.weighting == WEIGHTING_HARDNESS:
         bias = torch.where(negative, rules.weight_a * detached, torch.zeros_like(detached))
+    elif rules.weighting == WEIGHTING_GUIDE_HARDNESS:
+        assert guide_scores is not None, "guide-score hardness needs guide scores"
+        bias = torch.where(negative, rules.weight_a * guide_scores, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
     lse = torch.logsumexp(x, dim=1)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)

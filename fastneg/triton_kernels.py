@@ -24,6 +24,7 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 WEIGHT_NONE: tl.constexpr = tl.constexpr(0)
 WEIGHT_SIMANS: tl.constexpr = tl.constexpr(1)
 WEIGHT_HARDNESS: tl.constexpr = tl.constexpr(2)
+WEIGHT_GUIDE_HARDNESS: tl.constexpr = tl.constexpr(3)  # internal: bias from the guide score, guide not masking
 
 
 @triton.jit
@@ -62,14 +63,16 @@ def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, 
 
 
 @triton.jit
-def tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold, query_label, klab_ptr,
-                HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr):
+def tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold, guide_threshold, qlab_ptr, klab_ptr,
+                B, N, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr):
     """(is_positive, masked, negative) boolean tiles: the false-negative mask of SPEC section 2
-    with the per-row score/guide thresholds precomputed from the positive's score."""
+    with the per-row score/guide thresholds precomputed from the positive's score. Labels are
+    [NUM_LABELS, B] / [NUM_LABELS, N]; a key is masked when any level matches."""
     is_pos = (cols[None, :] == positive[:, None]) & col_valid[None, :]
     m = s > threshold[:, None]
-    if HAS_LABELS:
-        key_label = tl.load(klab_ptr + cols, mask=col_valid, other=0)
+    for level in tl.static_range(NUM_LABELS):
+        query_label = tl.load(qlab_ptr + level * B + rows, mask=row_valid, other=0)
+        key_label = tl.load(klab_ptr + level * N + cols, mask=col_valid, other=0)
         m = m | (key_label[None, :] == query_label[:, None])
     if HAS_GUIDE:
         m = m | (t > guide_threshold[:, None])
@@ -78,7 +81,7 @@ def tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold, que
 
 
 @triton.jit
-def tl_biased_logits(s, negative, positive_score, inv_temp, weight_a, weight_b, WEIGHTING: tl.constexpr):
+def tl_biased_logits(s, t, negative, positive_score, inv_temp, weight_a, weight_b, WEIGHTING: tl.constexpr):
     """x_ij = l_ij + u_ij over negatives (-inf elsewhere) and SimANS log w_ij (-inf elsewhere)."""
     if WEIGHTING == WEIGHT_SIMANS:
         d = s - positive_score[:, None] - weight_b
@@ -87,6 +90,9 @@ def tl_biased_logits(s, negative, positive_score, inv_temp, weight_a, weight_b, 
     elif WEIGHTING == WEIGHT_HARDNESS:
         log_w = s
         x = s * inv_temp + weight_a * s
+    elif WEIGHTING == WEIGHT_GUIDE_HARDNESS:
+        log_w = s
+        x = s * inv_temp + weight_a * t
     else:
         log_w = s
         x = s * inv_temp
@@ -117,7 +123,7 @@ def _info_nce_fwd_kernel(
     loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b,
-    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
     HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
     WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -144,9 +150,6 @@ def _info_nce_fwd_kernel(
             guide_threshold = t_pos - tl.abs(t_pos) * guide_margin
         else:
             guide_threshold = t_pos - guide_margin
-    query_label = tl.zeros((BLOCK_M,), tl.int64)
-    if HAS_LABELS:
-        query_label = tl.load(qlab_ptr + rows, mask=row_valid, other=0)
 
     x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     x_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -163,11 +166,11 @@ def _info_nce_fwd_kernel(
         if HAS_GUIDE:
             t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        _, masked, negative = tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold,
-                                          query_label, klab_ptr, HAS_LABELS, HAS_GUIDE)
+        _, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                          guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
         n_neg += tl.sum(negative.to(tl.int64), axis=1)
         n_masked += tl.sum(masked.to(tl.int64), axis=1)
-        x, log_w = tl_biased_logits(s, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+        x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
         x_max, x_sum = tl_online_lse(x_max, x_sum, x)
         if WEIGHTING == WEIGHT_SIMANS:
             w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
@@ -190,10 +193,10 @@ def _info_nce_fwd_kernel(
 
 
 @triton.jit
-def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                  positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale,
-                  inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-                  HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
+def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                  positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                  inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+                  NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """(dS, s) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it."""
@@ -203,9 +206,9 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid,
     if HAS_GUIDE:
         t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    is_pos, _, negative = tl_classify(s, t, cols, col_valid, positive, threshold, guide_threshold,
-                                      query_label, klab_ptr, HAS_LABELS, HAS_GUIDE)
-    x, _ = tl_biased_logits(s, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+    is_pos, _, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold, guide_threshold,
+                                      qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+    x, _ = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
     p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
     p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0
     p = tl.where(is_pos, p_pos[:, None], p)
@@ -215,21 +218,18 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid,
 
 
 @triton.jit
-def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr,
-                    grad_ptr, inv_temp, HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr):
+def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr,
+                    grad_ptr, inv_temp, HAS_GUIDE: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
     threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
     guide_threshold = tl.zeros_like(s_pos)
     if HAS_GUIDE:
         guide_threshold = tl.load(gthr_ptr + rows, mask=row_valid, other=0.0)
-    query_label = tl.zeros_like(positive)
-    if HAS_LABELS:
-        query_label = tl.load(qlab_ptr + rows, mask=row_valid, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
     offset = tl.load(offset_ptr + rows, mask=row_valid, other=0.0)
     grad_scale = tl.load(grad_ptr + rows, mask=row_valid, other=0.0).to(tl.float32) * inv_temp
-    return positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale
+    return positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale
 
 
 @triton.jit
@@ -237,7 +237,7 @@ def _info_nce_bwd_dq_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
     lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dq_ptr, rowsum_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b,
-    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
     WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
@@ -246,18 +246,18 @@ def _info_nce_bwd_dq_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale = _load_row_state(
-        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr, grad_ptr,
-        inv_temp, HAS_LABELS, HAS_GUIDE)
+    positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
+        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
+        inv_temp, HAS_GUIDE)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_valid = cols < N
-        ds, s = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, query_label, lse, offset,
-                              grad_scale, inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, HAS_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
+        ds, s = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                              positive, s_pos, threshold, guide_threshold, lse, offset,
+                              grad_scale, inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_D)
         # sum_j dS_ij s_ij written as sum_j dS_ij (s_ij - s_i+) (equal: sum_j dS_ij = 0), no cancellation
         rowsum += tl.sum(ds * (s - s_pos[:, None]), axis=1)
@@ -277,7 +277,7 @@ def _info_nce_bwd_dk_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
     lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dk_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b,
-    HAS_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -288,13 +288,13 @@ def _info_nce_bwd_dk_kernel(
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_valid = rows < B
-        positive, s_pos, threshold, guide_threshold, query_label, lse, offset, grad_scale = _load_row_state(
-            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, lse_ptr, offset_ptr, grad_ptr,
-            inv_temp, HAS_LABELS, HAS_GUIDE)
-        ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, query_label, lse, offset,
-                              grad_scale, inv_temp, weight_a, weight_b, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, HAS_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
+        positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
+            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
+            inv_temp, HAS_GUIDE)
+        ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                              positive, s_pos, threshold, guide_threshold, lse, offset,
+                              grad_scale, inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_D)
         q = tl.load(q_ptr + rows[:, None] * stride_q + d_out[None, :],
                     mask=row_valid[:, None] & (d_out[None, :] < D), other=0.0)

@@ -65,6 +65,16 @@ def _optional(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t is not None else like.new_zeros(1)
 
 
+def _labels(query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+            like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Labels as contiguous [levels, B] / [levels, N] int64 (the op takes [B]/[N] or 2-D)."""
+    if key_labels is None or query_labels is None:
+        return like.new_zeros(1), like.new_zeros(1), 0
+    ql = query_labels.long().reshape(-1, query_labels.shape[-1]).contiguous()
+    kl = key_labels.long().reshape(-1, key_labels.shape[-1]).contiguous()
+    return ql, kl, kl.shape[0]
+
+
 @dataclass(frozen=True)
 class _Problem:
     """Contiguous inputs, sizes, row strides and the tile shape of one call."""
@@ -107,14 +117,14 @@ def info_nce_fwd_triton(
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
-    labels = _optional(key_labels, positives)
+    qlab, klab, levels = _labels(query_labels, key_labels, positives)
     wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
-        q, k, positives, temperature, _optional(query_labels, positives), labels, gq, gk,
+        q, k, positives, temperature, qlab, klab, gq, gk,
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg,
         B, N, D, DG, *p.strides,
         0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
         0.0 if max_score is None else max_score, guide_margin, weight_a, weight_b,
-        HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
+        NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
         HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
         HAS_MAX_SCORE=max_score is not None, WEIGHTING=weighting, PRECISION=_precision(q.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
@@ -134,10 +144,10 @@ def info_nce_bwd_triton(
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
-    common_in = (grad, q, k, positives, temperature, _optional(query_labels, positives),
-                 _optional(key_labels, positives), gq, gk, lse, positive_score, row_offset, threshold,
+    qlab, klab, levels = _labels(query_labels, key_labels, positives)
+    common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
                  guide_threshold)
-    flags = dict(HAS_LABELS=key_labels is not None, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
+    flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  BLOCK_DO=cfg.block_do)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)

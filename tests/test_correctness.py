@@ -17,6 +17,7 @@ from helpers import TRITON_DEVICE, Problem, assert_close_to_truth, make_problem,
 RULES = {
     "plain": {},
     "labels": {"key_labels": "labels"},
+    "label_levels": {"key_labels": "levels"},
     "margin": {"margin": 0.05},
     "negative_margin": {"margin": -0.1},
     "relative_margin": {"relative_margin": 0.05},
@@ -33,8 +34,16 @@ RULES = {
 
 def build(rule: str, B: int, N: int, D: int, seed: int = 0, **kw) -> tuple[Problem, dict]:
     spec = dict(RULES[rule])
-    problem = make_problem(B, N, D, seed, labels=max(2, N // 4) if spec.pop("key_labels", None) else None,
+    labels = spec.pop("key_labels", None)
+    problem = make_problem(B, N, D, seed, labels=max(2, N // 4) if labels else None,
                            guide_dim=8 if spec.pop("guide", False) else None, **kw)
+    if labels == "levels":  # three independent label sets, OR-ed; explicit query labels on one level
+        g = torch.Generator().manual_seed(seed + 1)
+        key_labels = torch.stack([problem.extra["key_labels"], torch.randint(0, max(2, N // 3), (N,), generator=g),
+                                  torch.randint(0, max(2, N // 2), (N,), generator=g)], dim=1)
+        query_labels = key_labels[problem.positives].clone()
+        query_labels[:, 2] = torch.randint(0, max(2, N // 2), (B,), generator=g)
+        problem.extra.update(key_labels=key_labels, query_labels=query_labels)
     return problem, spec
 
 
@@ -281,3 +290,41 @@ def test_listed_negatives_equal_the_full_loss_when_every_key_is_listed() -> None
     full = run(problem, "cpu", torch.float64, **options)
     listed = run(problem, "cpu", torch.float64, negatives=every, **options)
     assert max_error(listed.loss, full.loss) < 1e-10 and max_error(listed.dk, full.dk) < 1e-10
+
+
+# --- the internal guide-score hardness (integrations restrict a hardness bias to chosen columns) ---
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_guide_score_hardness_matches_the_reference(backend: str) -> None:
+    """weighting 3: beta_ij = a * t_ij from the guide scores, the guide masking nothing
+    (guide_margin = -inf); with half of the guide keys zeroed, those columns get no bias."""
+    from fastneg.functional import _fused
+    from fastneg.options import WEIGHTING_GUIDE_HARDNESS, Rules
+    from fastneg.reference import info_nce_reference
+
+    problem = make_problem(37, 90, 19, seed=3, labels=20)
+    guide_keys = problem.keys.clone()
+    guide_keys[::2] = 0.0
+    rules = Rules(margin=0.2, guide_margin=float("-inf"), weighting=WEIGHTING_GUIDE_HARDNESS, weight_a=4.0)
+    labels = problem.extra["key_labels"]
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    results = []
+    for dtype, name, dev in ((torch.float64, "reference", "cpu"), (torch.float32, "reference", device),
+                             (torch.float32, backend, device)):
+        q = problem.query.to(dev, dtype).clone().requires_grad_()
+        k = problem.keys.to(dev, dtype).clone().requires_grad_()
+        args = (problem.positives.to(dev), 0.05, rules, labels[problem.positives].to(dev), labels.to(dev),
+                problem.query.to(dev, dtype).detach(), guide_keys.to(dev, dtype))
+        if name == "reference":
+            loss, _, _, n_masked, n_neg = info_nce_reference(q, k, *args)
+        else:
+            loss, _, _, n_masked, n_neg = _fused(name, q, k, *args)
+        (loss * problem.row_weights.to(dev, loss.dtype)).sum().backward()
+        results.append((loss.detach().double().cpu(), q.grad.double().cpu(), k.grad.double().cpu(), n_neg.cpu()))
+    truth, plain, got = results
+    assert bool((got[3] == truth[3]).all())
+    for i in range(3):
+        bound = 2 * max_error(plain[i], truth[i]) + 2e-5 * max(1.0, float(truth[i].abs().max()))
+        assert max_error(got[i], truth[i]) <= bound
+    # the bias is really there: without it the loss differs
+    assert float((truth[0] - run(problem, "reference", torch.float64, grads=False, margin=0.2).loss).abs().max()) > 1e-3
