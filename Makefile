@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fastneg-installed
 
 .PHONY: demo test bench lint clean
 
-$(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp
+$(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp csrc/row_kernels.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt

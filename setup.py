@@ -50,6 +50,6 @@ setup(
         "faiss-gpu": ["faiss-gpu"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "ruff"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        "sentence-transformers": ["sentence-transformers"],
+        "sentence-transformers": ["sentence-transformers>=5.0", "datasets", "accelerate"],
     },
 )

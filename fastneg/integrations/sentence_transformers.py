@@ -204,6 +204,16 @@ class _GradientCache:
     show_progress_bar: bool
     uses_gradient_cache = True  # read by sentence-transformers' MatryoshkaLoss
 
+    def _init_cache(self, mini_batch_size: int, mini_batch_num_tokens: Optional[int], show_progress_bar: bool) -> None:
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if mini_batch_num_tokens is not None and mini_batch_num_tokens <= 0:
+            raise ValueError(f"mini_batch_num_tokens must be a positive integer or None, got {mini_batch_num_tokens}")
+        self.mini_batch_size = int(mini_batch_size)
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = bool(show_progress_bar)
+        self._pending_hashes: Optional[list[Tensor]] = None
+
     def _progress(self, items: Sequence[Any], desc: str) -> Iterable[Any]:
         if not self.show_progress_bar:
             return items
@@ -483,17 +493,10 @@ class CachedMultipleNegativesRankingLoss(_GradientCache, _RankingOptions, nn.Mod
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        if mini_batch_num_tokens is not None and mini_batch_num_tokens <= 0:
-            raise ValueError(f"mini_batch_num_tokens must be a positive integer or None, got {mini_batch_num_tokens}")
         self.model = model
-        self.mini_batch_size = int(mini_batch_size)
-        self.mini_batch_num_tokens = mini_batch_num_tokens
-        self.show_progress_bar = bool(show_progress_bar)
+        self._init_cache(mini_batch_size, mini_batch_num_tokens, show_progress_bar)
         self._init_ranking(scale, similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
                            hardness_strength, mask_duplicates, margin, relative_margin, max_score, weighting, backend)
-        self._pending_hashes: Optional[list[Tensor]] = None
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -688,16 +691,11 @@ class CachedGISTEmbedLoss(_GradientCache, _GistOptions, nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
         self.model = model
-        self.mini_batch_size = int(mini_batch_size)
-        self.mini_batch_num_tokens = mini_batch_num_tokens
-        self.show_progress_bar = bool(show_progress_bar)
+        self._init_cache(mini_batch_size, mini_batch_num_tokens, show_progress_bar)
         self._init_gist(guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
                         gather_across_devices, mask_duplicates, score_margin, relative_margin, max_score, weighting,
                         backend)
-        self._pending_hashes: Optional[list[Tensor]] = None
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:
