@@ -70,7 +70,8 @@ def test_trainer_runs_twenty_steps(name: str, tmp_path: Path) -> None:
     assert name in card
     # the loss config as sentence-transformers writes it into the card (indented JSON)
     assert '"implementation": "fastneg"' in card
-    key, value = ("mask_duplicates", True) if name == "MultipleNegativesRankingLoss" else ("margin", 0.05)
+    key, value = {"MultipleNegativesRankingLoss": ("mask_duplicates", True),
+                  "CachedMultipleNegativesRankingLoss": ("hardness_strength", 3.0)}.get(name, ("margin", 0.05))
     assert f'"{key}": {json.dumps(value)}' in card
 
 

@@ -190,8 +190,18 @@ def _slice(features: dict[str, Any], begin: int, end: int) -> dict[str, Any]:
     if "cu_seq_lens_q" in features:
         raise ValueError("the cached fastneg losses take padded features, not flattened (cu_seq_lens) batches")
     n = _batch_size(features)
-    return {k: (v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-            for k, v in features.items()}
+    out = {k: (v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+           for k, v in features.items()}
+    mask = out.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] > 0:
+        # drop the trailing padding columns this mini-batch does not use (leading padding is kept)
+        width = mask.shape[1]
+        active = mask.bool().any(0).nonzero()
+        end_col = int(active.max()) + 1 if len(active) else width
+        if end_col < width:
+            out = {k: (v[:, :end_col] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v)
+                   for k, v in out.items()}
+    return out
 
 
 class _GradientCache:
