@@ -43,6 +43,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..cached import RandState
 from ..options import Hardness, SimANS, check_backend
 from ._losses import DIRECTIONS, HARDNESS_MODES, BlockRules, gist_loss, ranking_loss
 
@@ -139,28 +140,6 @@ def _weighting_repr(w: object) -> object:
 
 # --- gradient cache (GradCache, Gao et al. 2021) ---------------------------------------------------
 
-class _RandState:
-    """CPU and accelerator RNG state at construction, restored on entry (so the second, graph-building
-    forward of a mini-batch draws the same dropout masks as the first)."""
-
-    def __init__(self, *tensors: Any) -> None:
-        from torch.utils.checkpoint import get_device_states
-
-        self.cpu = torch.get_rng_state()
-        self.devices, self.states = get_device_states(*[t for t in tensors if isinstance(t, Tensor)])
-
-    def __enter__(self) -> None:
-        from torch.utils.checkpoint import set_device_states
-
-        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
-        self._fork.__enter__()
-        torch.set_rng_state(self.cpu)
-        set_device_states(self.devices, self.states)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
-
-
 def _batch_size(features: dict[str, Any]) -> int:
     for key in ("input_ids", "attention_mask"):
         if isinstance(features.get(key), Tensor):
@@ -232,20 +211,20 @@ class _GradientCache:
         return tqdm(items, desc=desc)
 
     def _embed_iter(self, model: Any, features: dict[str, Any], ranges: list[tuple[int, int]], with_grad: bool,
-                    states: Optional[list[_RandState]] = None, save_states: bool = False
-                    ) -> Iterator[tuple[Tensor, Optional[_RandState]]]:
+                    states: Optional[list[RandState]] = None, save_states: bool = False
+                    ) -> Iterator[tuple[Tensor, Optional[RandState]]]:
         for index, (begin, end) in enumerate(self._progress(ranges, "Embed mini-batches")):
             mb = _slice(features, begin, end)
             replay = states[index] if states is not None else nullcontext()
             with replay, (nullcontext() if with_grad else torch.no_grad()):
-                state = _RandState(*mb.values()) if save_states else None
+                state = RandState(*mb.values()) if save_states else None
                 yield _embed(model, mb), state
 
     def _cached_forward(self, sentence_features: list[dict[str, Any]], extra: Any) -> Tensor:
         grad_enabled = torch.is_grad_enabled()
         ranges = [_ranges(f, self.mini_batch_size, self.mini_batch_num_tokens) for f in sentence_features]
         reps: list[list[Tensor]] = []
-        states: list[list[_RandState]] = []
+        states: list[list[RandState]] = []
         for features, column_ranges in zip(sentence_features, ranges):
             column, column_states = [], []
             for rep, state in self._embed_iter(self.model, features, column_ranges, False, save_states=grad_enabled):
@@ -263,7 +242,7 @@ class _GradientCache:
         return loss
 
     def _replay(self, grad_output: Tensor, *, sentence_features: list[dict[str, Any]],
-                ranges: list[list[tuple[int, int]]], cache: list[list[Tensor]], states: list[list[_RandState]]) -> None:
+                ranges: list[list[tuple[int, int]]], cache: list[list[Tensor]], states: list[list[RandState]]) -> None:
         """Backward hook: re-embed each mini-batch with a graph, RNG replayed, and back-propagate
         its cached embedding gradient (scaled by the outer gradient of the loss)."""
         with torch.enable_grad():
