@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--mini-batch", type=int, default=128)
     parser.add_argument("--losses", nargs="+", default=list(LOSSES))
     parser.add_argument("--what", nargs="+", default=["loss stage", "step"])
-    parser.add_argument("--out")
+    parser.add_argument("--impls", nargs="+", default=["sentence-transformers", "fastneg"])
+    parser.add_argument("--out", help="markdown file to write (appended to when it exists)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -98,7 +99,7 @@ def main() -> None:
     rows = []
     for loss_name in args.losses:
         for what in args.what:
-            for impl in ("sentence-transformers", "fastneg"):
+            for impl in args.impls:
                 out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--mini-batch",
                                       str(args.mini_batch), "--worker", json.dumps([impl, loss_name, what])],
                                      capture_output=True, text=True, env=env)
@@ -112,24 +113,21 @@ def main() -> None:
     import sentence_transformers
 
     from fastneg.benchmark import device_name
-    lines = [f"# Cached sentence-transformers losses: one training step at batch {args.batch}", "",
+    lines = [f"## Batch {args.batch}", "",
              f"{date.today().isoformat()}, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, sentence-transformers {sentence_transformers.__version__}; "
              f"all-MiniLM-L6-v2, max_seq_length 16, (anchor, positive, negative) triplets, "
              f"mini_batch_size {args.mini_batch}. Command: `python benchmarks/bench_sentence_transformers.py "
-             f"--batch {args.batch} --mini-batch {args.mini_batch}`.", "",
-             "| loss | measured | sentence-transformers s | fastneg s | speed-up | sentence-transformers MiB | "
-             "fastneg MiB | memory ratio |", "|---|---|---|---|---|---|---|---|"]
-    for i in range(0, len(rows), 2):
-        a, b = rows[i], rows[i + 1]
-        lines.append(f"| {a['loss']} | {a['what']} | {a['seconds']:.2f} | {b['seconds']:.2f} | "
-                     f"{a['seconds'] / b['seconds']:.2f}x | {a['peak_mib']:.0f} | {b['peak_mib']:.0f} | "
-                     f"{a['peak_mib'] / max(b['peak_mib'], 1e-9):.1f}x |")
+             f"--batch {args.batch} --mini-batch {args.mini_batch} --losses {' '.join(args.losses)} --what "
+             + " ".join(repr(w) for w in args.what) + f" --impls {' '.join(args.impls)}`.", "",
+             "| loss | measured | implementation | seconds | peak extra MiB |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['loss']} | {row['what']} | {row['impl']} | {row['seconds']:.2f} | {row['peak_mib']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -71,6 +72,9 @@ def info_nce(
     reduction: str = "mean",
     return_stats: bool = False,
     backend: str = "auto",
+    symmetric: bool = False,
+    process_group: Optional[object] = None,
+    key_blocks: int = 1,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
     r"""InfoNCE with false-negative masking and negative weighting, fused (SPEC sections 1-4).
 
@@ -102,6 +106,18 @@ def info_nce(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row ``[B]``).
         return_stats: also return :class:`InfoNCEStats`.
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"``, ``"reference"``.
+        symmetric: CLIP-style loss ``(L_i + L'_i) / 2``, where ``L'_i`` contrasts key ``p_i`` against
+            every query: ``logsumexp_{i'} (l_{i' p_i} + beta') - l_{i p_i}`` with the same rules applied
+            to that column (labels ``query_labels[i'] == key_labels[p_i]``, thresholds from the column's
+            positive score ``s_{i p_i}``, weights normalised over the column). Needs distinct positives.
+            Computed as a second fused call on ``keys[positives]`` against ``query`` (linear memory);
+            ``return_stats`` reports the query-to-key direction.
+        process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): keys,
+            key labels and guide keys are gathered from every rank with gradient and this rank's rows
+            are computed against all of them; see :mod:`fastneg.distributed` for the layout, uneven
+            batches and the reduction's scaling. ``None``: local only.
+        key_blocks: with ``process_group``, ``keys`` is this many equal column blocks (positives,
+            then each hard-negative column), gathered block by block.
 
     Returns:
         The loss (fused backends: float32 for float16/bfloat16 inputs, else the input dtype; the
@@ -110,11 +126,19 @@ def info_nce(
 
     float16/bfloat16 on the ``cpu`` backend are computed in float32.
     """
+    if process_group is not None:
+        return _gathered_info_nce(query, keys, positives, process_group, key_blocks, dict(
+            symmetric=symmetric, temperature=temperature, query_labels=query_labels, key_labels=key_labels, margin=margin,
+            relative_margin=relative_margin, max_score=max_score, guide_query=guide_query, guide_keys=guide_keys,
+            guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting, negatives=negatives,
+            reduction=reduction, return_stats=return_stats, backend=backend))
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
     rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
+    if symmetric:
+        _check_symmetric(positives, negatives, query.shape[0])
     device = query.device
     chosen = _resolve_backend(backend, device)
 
@@ -140,6 +164,13 @@ def info_nce(
     else:
         loss, lse, pos_logit, n_masked, n_neg = _fused(
             chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys)
+    if symmetric:
+        # key p_i against every query: the same problem transposed, restricted to the positive columns
+        column = info_nce_reference if chosen == "reference" else partial(_fused, chosen)
+        col_loss = column(keys[positives], query, torch.arange(B, device=device), temperature, rules,
+                          key_labels[positives] if key_labels is not None else None, query_labels,
+                          guide_keys[positives] if guide_keys is not None else None, guide_query)[0]
+        loss = (loss + col_loss.to(loss.dtype)) / 2
 
     if reduction == "mean":
         out = loss.mean()
@@ -149,6 +180,61 @@ def info_nce(
         out = loss
     if return_stats:
         return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg)
+    return out
+
+
+def _check_symmetric(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
+    if negatives is not None:
+        raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
+    if positives is not None and not torch.compiler.is_compiling() and B and int(positives.unique().numel()) != B:
+        raise ValueError("symmetric=True needs distinct positives: each key may be the positive of one query only")
+
+
+def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], group: object,
+                       key_blocks: int, kw: dict) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
+    """info_nce over keys gathered from every rank of ``group`` (:mod:`fastneg.distributed`)."""
+    from . import distributed
+
+    error: Optional[BaseException] = None
+    try:  # a rank that rejects its inputs must not leave the others waiting in a collective
+        validate_inputs(query, keys, positives, kw["temperature"], kw["query_labels"], kw["key_labels"],
+                        kw["guide_query"], kw["guide_keys"], allow_empty=True)
+        check_reduction(kw["reduction"])
+        rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
+                            kw["guide_strategy"], kw["weighting"])
+        if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
+            raise TypeError(f"key_blocks must be an int, got {type(key_blocks).__name__}")
+        if key_blocks < 1 or keys.shape[0] % key_blocks:
+            raise ValueError(f"key_blocks must be >= 1 and divide keys.shape[0] = {keys.shape[0]}, got {key_blocks}")
+        if kw["negatives"] is not None:
+            check_negatives(kw["negatives"], query.shape[0], keys.shape[0], query.device)
+        if kw["symmetric"]:
+            _check_symmetric(positives, kw["negatives"], query.shape[0])
+        if positives is None and keys.shape[0] < query.shape[0]:
+            raise ValueError("positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; "
+                             f"got N={keys.shape[0]} < B={query.shape[0]}")
+    except (TypeError, ValueError) as exc:
+        error = exc
+    distributed.raise_if_any_rank_failed(error, group)
+    temperature = kw["temperature"]
+    tau = float(temperature.detach().reshape(())) if isinstance(temperature, torch.Tensor) else float(temperature)
+    options = repr((rules, tau, kw["reduction"], kw["backend"], kw["query_labels"] is not None,
+                    kw["guide_query"] is not None, kw["symmetric"]))
+
+    def compute(q, k, pos, kl, ql, gq, gk, neg):  # noqa: ANN001, ANN202
+        return info_nce(q, k, pos, temperature=temperature, query_labels=ql, key_labels=kl, margin=kw["margin"],
+                        relative_margin=kw["relative_margin"], max_score=kw["max_score"], guide_query=gq,
+                        guide_keys=gk, guide_margin=kw["guide_margin"], guide_strategy=kw["guide_strategy"],
+                        weighting=kw["weighting"], negatives=neg, reduction="none", return_stats=True,
+                        backend=kw["backend"])
+
+    out, stats = distributed.distributed_info_nce(
+        query, keys, positives, group=group, key_blocks=key_blocks, key_labels=kw["key_labels"],
+        query_labels=kw["query_labels"], guide_query=kw["guide_query"], guide_keys=kw["guide_keys"],
+        negatives=kw["negatives"], reduction=kw["reduction"], options=options, compute=compute,
+        symmetric=kw["symmetric"])
+    if kw["return_stats"]:
+        return out, stats
     return out
 
 
@@ -190,11 +276,15 @@ class InfoNCE(torch.nn.Module):
     ``forward(query, keys, positives=None, **per_call)`` accepts per-call tensors
     (``query_labels``, ``key_labels``, ``guide_query``, ``guide_keys``) and overrides.
     A tensor ``temperature`` (e.g. an ``nn.Parameter``) is registered and learned.
+    ``gather=True``: keys are gathered from every rank of the default process group when
+    torch.distributed is initialised (``process_group=torch.distributed.group.WORLD``; pass
+    ``key_blocks`` for hard-negative columns); a no-op otherwise.
     """
 
     def __init__(self, **options: object) -> None:
         super().__init__()
         self.temperature = options.pop("temperature", 0.05)
+        self.gather = bool(options.pop("gather", False))
         self.options = options
         # validate the scalar options once, so a bad argument fails at construction time
         Rules.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
@@ -206,6 +296,9 @@ class InfoNCE(torch.nn.Module):
     def forward(self, query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor] = None,
                 **per_call: object) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
         kwargs = {**self.options, **per_call}
+        if self.gather and "process_group" not in kwargs and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            kwargs["process_group"] = torch.distributed.group.WORLD
         return info_nce(query, keys, positives, temperature=self.temperature, **kwargs)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:

@@ -209,8 +209,10 @@ def validate_inputs(
     key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor],
+    allow_empty: bool = False,
 ) -> None:
-    """Raise a ``TypeError``/``ValueError`` naming the offending argument (SPEC section 7)."""
+    """Raise a ``TypeError``/``ValueError`` naming the offending argument (SPEC section 7).
+    ``allow_empty``: a rank of a process group may hold no rows (checked across the group)."""
     _check_matrix("query", query)
     _check_matrix("keys", keys)
     B, D = query.shape
@@ -221,9 +223,9 @@ def validate_inputs(
         raise TypeError(f"keys must have the same dtype as query ({query.dtype}), got {keys.dtype}")
     if keys.device != query.device:
         raise ValueError(f"keys must be on the same device as query ({query.device}), got {keys.device}")
-    if B == 0:
+    if B == 0 and not allow_empty:
         raise ValueError("query must have at least one row, got an empty query")
-    if N == 0:
+    if N == 0 and not allow_empty:
         raise ValueError("keys must have at least one row, got empty keys")
     if D == 0:
         raise ValueError("query and keys must have embedding dim >= 1, got 0")
