@@ -104,8 +104,8 @@ def main() -> None:
         f"{args.budget_gib:g}`. Each variant in its own process under RLIMIT_AS = current + budget. "
         f"The dense loss's float32 score matrix alone is {dense_gib:.0f} GiB.", "",
         "| loss | status | step time s | peak extra memory MiB |", "|---|---|---|---|",
-        *[f"| {r['variant']} | {r['status']} | {r.get('seconds', float('nan')):.1f} | "
-          f"{r.get('peak_mib', float('nan')):.0f} |" for r in rows]]) + "\n"
+        *[f"| {r['variant']} | {r['status']} | " + (f"{r['seconds']:.1f} | {r['peak_mib']:.0f} |" if "seconds" in r
+                                                  else "- | - |") for r in rows]]) + "\n"
     print(text)
     if args.out:
         with open(args.out, "w") as f:
