@@ -18,7 +18,7 @@ What happens:
   ``key_labels`` and ``negatives`` indices are remapped to that layout; ``guide_keys`` are
   gathered like ``keys`` (without gradient). Queries, query labels and the guide's queries stay
   local: each rank computes its own rows against all keys.
-- The gather is autograd-aware (``torch.distributed._functional_collectives``, whose backward
+- The gather is autograd-aware (``torch.distributed._functional_collectives``, traceable by torch.compile; its backward
   sum-reduces the key gradients back to their owners), so the gradients are those of the loss over
   the global batch.
 - Ranks may hold different numbers of rows (the last batch of an epoch), including none.
@@ -76,12 +76,13 @@ def all_gather_with_grad(t: Tensor, group: Any = None, sizes: Optional[Sequence[
     are equal. Identity when torch.distributed is not initialised."""
     if world_size(group) == 1:
         return t
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed import _functional_collectives as fc
 
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd  # newer name first
     sizes = list(sizes) if sizes is not None else gather_sizes(t.shape[0], group, t.device)
     longest = max(sizes)
     padded = t if t.shape[0] == longest else torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
-    gathered = all_gather_tensor_autograd(padded.contiguous(), gather_dim=0, group=_group(group))
+    gathered = gather(padded.contiguous(), gather_dim=0, group=_group(group))
     if all(s == longest for s in sizes):
         return gathered
     return torch.cat([gathered[r * longest: r * longest + s] for r, s in enumerate(sizes)])

@@ -77,6 +77,21 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out_d
             total = loss.detach().clone()
             dist.all_reduce(total)
             result = {"loss": float(total) / world, "grads": [p.grad.clone() for p in model.parameters()]}
+        elif mode == "compile":  # the gather and the fused op in one compiled graph, equal sizes given
+            from fastneg.distributed import all_gather_with_grad
+
+            def step(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+                gathered = all_gather_with_grad(k, sizes=[k.shape[0]] * world)
+                return fastneg.info_nce(q, gathered, torch.arange(q.shape[0]) + rank * k.shape[0], temperature=0.1)
+
+            q0, k0 = q.detach().float(), keys[: q.shape[0]].detach().float()
+            leaves = [t.clone().requires_grad_() for t in (q0, k0, q0, k0)]
+            eager = step(leaves[0], leaves[1])
+            eager.backward()
+            compiled = torch.compile(step, fullgraph=True)(leaves[2], leaves[3])
+            compiled.backward()
+            result = {"loss": (float(eager), float(compiled.detach())),
+                      "grads": [(leaves[i].grad, leaves[i + 2].grad) for i in (0, 1)]}
         elif mode == "disagree":  # rank 1 uses another dtype
             try:
                 qq, kk = (q.float(), keys.float()) if rank == 1 else (q, keys)
@@ -115,6 +130,15 @@ def test_gathered_loss_and_ddp_gradients_equal_the_global_batch(sizes: list[int]
             assert float((got - want).abs().max()) <= 1e-10 * max(1.0, float(want.abs().max())), f"rank {r}"
     # the check can fail: without the gather (local negatives only) the gradients differ
     assert any(float(g.abs().max()) > 0 for g in ref_grads)
+
+
+def test_gather_compiles_with_the_fused_op() -> None:
+    """torch.compile(fullgraph=True) over the gather and the loss: same loss and gradients as eager."""
+    for res in _run([4, 4], "compile"):
+        eager, compiled = res["loss"]
+        assert compiled == pytest.approx(eager, rel=1e-6)
+        for a, b in res["grads"]:
+            assert float((a - b).abs().max()) < 1e-5
 
 
 def test_ranks_that_disagree_all_raise() -> None:
