@@ -5,6 +5,7 @@ labels, margin and SimANS on; uneven local batches, including a rank with no row
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -59,7 +60,8 @@ def _reference(sizes: list[int], symmetric: bool = False) -> tuple[float, list[t
 def _worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a bounded timeout: a rank that dies must fail the test, not hang it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         batch = _global_batch(sum(sizes))
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
@@ -107,6 +109,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out_d
             except ValueError as exc:
                 result = {"error": str(exc)}
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while a peer still uses it
     finally:
         dist.destroy_process_group()
 
