@@ -115,7 +115,8 @@ def test_mnrl_matches_sentence_transformers(tiny, layout, hardness_mode, n_hard)
 
 @pytest.mark.parametrize("n_hard", [0, 1, 3])
 @pytest.mark.parametrize("hardness_mode", HARDNESS)
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[-1], LAYOUTS[7]], ids=["q2d", "symmetric", "gte"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "+".join(d.split("_to_")[0][0] + d.split("_to_")[1][0]
+                                                                  for d in x[0]) + "-" + x[1])
 def test_cached_mnrl_matches_sentence_transformers(tiny, layout, hardness_mode, n_hard) -> None:
     directions, partition_mode = layout
     kw = dict(directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
