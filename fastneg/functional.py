@@ -9,7 +9,15 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import ops
-from .options import Rules, Weighting, check_backend, check_negatives, check_reduction, validate_inputs
+from .options import (
+    WEIGHTING_GUIDE_HARDNESS,
+    Rules,
+    Weighting,
+    check_backend,
+    check_negatives,
+    check_reduction,
+    validate_inputs,
+)
 from .reference import info_nce_gathered, info_nce_reference
 
 __all__ = ["info_nce", "InfoNCE", "InfoNCEStats"]
@@ -65,7 +73,7 @@ def info_nce(
     max_score: Optional[float] = None,
     guide_query: Optional[torch.Tensor] = None,
     guide_keys: Optional[torch.Tensor] = None,
-    guide_margin: float = 0.0,
+    guide_margin: Optional[float] = 0.0,
     guide_strategy: str = "absolute",
     weighting: Weighting = None,
     negatives: Optional[torch.Tensor] = None,
@@ -97,8 +105,10 @@ def info_nce(
         guide_query, guide_keys, guide_margin, guide_strategy: GISTEmbed-style mask from a guide
             model's scores ``t_ij`` (``"absolute"``: ``t_ij > t_i+ - g``; ``"relative"``:
             ``t_ij > t_i+ - |t_i+| g``). No gradient reaches the guide. Guide embeddings are
-            cast to ``query``'s dtype.
-        weighting: ``None``, ``"simans"``, :class:`SimANS` or :class:`Hardness` (constant logit biases).
+            cast to ``query``'s dtype. ``guide_margin=None``: the guide masks nothing (for a guide
+            that only weights, ``weighting=Hardness(s, on="guide")``).
+        weighting: ``None``, ``"simans"``, :class:`SimANS` or :class:`Hardness` (constant logit biases;
+            ``Hardness(s, on="guide")`` takes the bias from the guide's scores).
         negatives: ``[B, K]`` int64 key indices (-1 = none): restricts row i's denominator to its
             positive and the keys ``negatives[i]`` (masking rules still apply; a key listed twice
             counts once; the positive listed there is ignored). Computed on the gathered keys
@@ -135,6 +145,7 @@ def info_nce(
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
     rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting)
+    _check_guide_weighting(rules, guide_query)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
@@ -183,6 +194,11 @@ def info_nce(
     return out
 
 
+def _check_guide_weighting(rules: Rules, guide_query: Optional[torch.Tensor]) -> None:
+    if rules.weighting == WEIGHTING_GUIDE_HARDNESS and guide_query is None:
+        raise ValueError("weighting=Hardness(on='guide') needs guide_query and guide_keys")
+
+
 def _check_symmetric(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
     if negatives is not None:
         raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
@@ -202,6 +218,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
         check_reduction(kw["reduction"])
         rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
                             kw["guide_strategy"], kw["weighting"])
+        _check_guide_weighting(rules, kw["guide_query"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
             raise TypeError(f"key_blocks must be an int, got {type(key_blocks).__name__}")
         if key_blocks < 1 or keys.shape[0] % key_blocks:

@@ -20,9 +20,7 @@ __all__ = ["SimANS", "Hardness", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS", 
 WEIGHTING_NONE = 0
 WEIGHTING_SIMANS = 1
 WEIGHTING_HARDNESS = 2
-# Internal (integrations): beta_ij = weight_a * t_ij from the guide scores, with the guide not masking
-# (guide_margin = -inf). It lets a caller restrict a hardness bias to chosen key columns by zeroing
-# the other columns' guide keys.
+# Hardness(strength, on="guide"): beta_ij = weight_a * t_ij from the guide scores.
 WEIGHTING_GUIDE_HARDNESS = 3
 MAX_LABEL_LEVELS = 8
 
@@ -55,12 +53,20 @@ class SimANS:
 @dataclass(frozen=True)
 class Hardness:
     """Hardness weighting: ``beta_ij = strength * s_ij`` (detached), as sentence-transformers'
-    ``hardness_mode``. Positive strength up-weights hard negatives."""
+    ``hardness_mode``. Positive strength up-weights hard negatives.
+
+    ``on="guide"``: the bias comes from the guide's scores instead, ``beta_ij = strength * t_ij``
+    (needs ``guide_query`` / ``guide_keys``; pass ``guide_margin=None`` when the guide should only
+    weight, not mask). Zeroing some guide keys exempts those columns from the bias, which is how
+    a bias can be restricted to one block of keys."""
 
     strength: float
+    on: str = "scores"
 
     def __post_init__(self) -> None:
         _check_finite_float("Hardness.strength", self.strength)
+        if self.on not in ("scores", "guide"):
+            raise ValueError(f"Hardness.on must be 'scores' or 'guide', got {self.on!r}")
 
 
 Weighting = Union[None, str, SimANS, Hardness]
@@ -109,7 +115,10 @@ class Rules:
     ) -> Rules:
         if guide_strategy not in _GUIDE_STRATEGIES:
             raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
-        _check_finite_float("guide_margin", guide_margin)
+        if guide_margin is None:  # the guide does not mask (it may still weight: Hardness(on="guide"))
+            guide_margin = float("-inf")
+        else:
+            _check_finite_float("guide_margin", guide_margin)
         if isinstance(weighting, str):
             if weighting != "simans":
                 raise ValueError(f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {weighting!r}")
@@ -119,7 +128,8 @@ class Rules:
         elif isinstance(weighting, SimANS):
             kind, wa, wb = WEIGHTING_SIMANS, float(weighting.a), float(weighting.b)
         elif isinstance(weighting, Hardness):
-            kind, wa, wb = WEIGHTING_HARDNESS, float(weighting.strength), 0.0
+            kind = WEIGHTING_GUIDE_HARDNESS if weighting.on == "guide" else WEIGHTING_HARDNESS
+            wa, wb = float(weighting.strength), 0.0
         else:
             raise TypeError(
                 f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {type(weighting).__name__}"

@@ -121,3 +121,11 @@ def test_cpu_op_checks_positives_itself() -> None:
     with pytest.raises(ValueError, match="positives"):
         op(q, k, torch.tensor([0, 1, 2, 99]), torch.tensor(0.1), None, None, None, None,
            None, None, None, 0.0, False, 0, 0.0, 0.0)
+
+
+def test_hardness_on_the_guide_needs_a_guide() -> None:
+    q, k = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match="on='guide'"):
+        fastneg.info_nce(q, k, weighting=fastneg.Hardness(1.0, on="guide"))
+    with pytest.raises(ValueError, match="Hardness.on"):
+        fastneg.Hardness(1.0, on="keys")

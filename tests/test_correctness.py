@@ -292,39 +292,20 @@ def test_listed_negatives_equal_the_full_loss_when_every_key_is_listed() -> None
     assert max_error(listed.loss, full.loss) < 1e-10 and max_error(listed.dk, full.dk) < 1e-10
 
 
-# --- the internal guide-score hardness (integrations restrict a hardness bias to chosen columns) ---
+# --- Hardness(on="guide"): the bias from the guide's scores, the guide masking nothing ---------------
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_guide_score_hardness_matches_the_reference(backend: str) -> None:
-    """weighting 3: beta_ij = a * t_ij from the guide scores, the guide masking nothing
-    (guide_margin = -inf); with half of the guide keys zeroed, those columns get no bias."""
-    from fastneg.functional import _fused
-    from fastneg.options import WEIGHTING_GUIDE_HARDNESS, Rules
-    from fastneg.reference import info_nce_reference
-
+    """beta_ij = a * t_ij with guide_margin=None; half of the guide keys zeroed, so those columns get
+    no bias (how the integrations restrict a bias to one block of keys)."""
     problem = make_problem(37, 90, 19, seed=3, labels=20)
     guide_keys = problem.keys.clone()
     guide_keys[::2] = 0.0
-    rules = Rules(margin=0.2, guide_margin=float("-inf"), weighting=WEIGHTING_GUIDE_HARDNESS, weight_a=4.0)
-    labels = problem.extra["key_labels"]
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
-    results = []
-    for dtype, name, dev in ((torch.float64, "reference", "cpu"), (torch.float32, "reference", device),
-                             (torch.float32, backend, device)):
-        q = problem.query.to(dev, dtype).clone().requires_grad_()
-        k = problem.keys.to(dev, dtype).clone().requires_grad_()
-        args = (problem.positives.to(dev), 0.05, rules, labels[problem.positives].to(dev), labels.to(dev),
-                problem.query.to(dev, dtype).detach(), guide_keys.to(dev, dtype))
-        if name == "reference":
-            loss, _, _, n_masked, n_neg = info_nce_reference(q, k, *args)
-        else:
-            loss, _, _, n_masked, n_neg = _fused(name, q, k, *args)
-        (loss * problem.row_weights.to(dev, loss.dtype)).sum().backward()
-        results.append((loss.detach().double().cpu(), q.grad.double().cpu(), k.grad.double().cpu(), n_neg.cpu()))
-    truth, plain, got = results
-    assert bool((got[3] == truth[3]).all())
-    for i in range(3):
-        bound = 2 * max_error(plain[i], truth[i]) + 2e-5 * max(1.0, float(truth[i].abs().max()))
-        assert max_error(got[i], truth[i]) <= bound
-    # the bias is really there: without it the loss differs
-    assert float((truth[0] - run(problem, "reference", torch.float64, grads=False, margin=0.2).loss).abs().max()) > 1e-3
+    problem.extra.update(guide_query=problem.query.clone(), guide_keys=guide_keys)
+    options = dict(margin=0.2, guide_margin=None, weighting=fastneg.Hardness(4.0, on="guide"))
+    check(problem, backend, torch.float32, **options)
+    # the bias is there (the loss differs without it) and the guide masks nothing (same counts)
+    with_bias = run(problem, "reference", torch.float64, grads=False, **options)
+    without = run(problem, "reference", torch.float64, grads=False, margin=0.2, guide_margin=None)
+    assert float((with_bias.loss - without.loss).abs().max()) > 1e-3
+    assert bool((with_bias.stats.num_masked == without.stats.num_masked).all())

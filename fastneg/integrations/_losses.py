@@ -25,15 +25,9 @@ from typing import Optional
 
 import torch
 
-from ..functional import _fused, _resolve_backend
-from ..options import (
-    WEIGHTING_GUIDE_HARDNESS,
-    WEIGHTING_HARDNESS,
-    WEIGHTING_NONE,
-    WEIGHTING_SIMANS,
-    Rules,
-)
-from ..reference import false_negative_mask, info_nce_reference
+from ..functional import info_nce
+from ..options import Hardness, Rules
+from ..reference import false_negative_mask
 
 __all__ = ["BlockRules", "ranking_loss", "gist_loss", "NO_LABEL"]
 
@@ -52,22 +46,23 @@ class BlockRules:
     max_score: Optional[float] = None
     weighting: object = None  # None, "simans", SimANS or Hardness
 
-    def rules(self, **overrides: object) -> Rules:
-        base = Rules.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting)  # type: ignore[arg-type]
-        return Rules(**{**base.__dict__, **overrides})
+    def rules(self) -> Rules:
+        """The rules as the dense helpers take them (validates the values)."""
+        return Rules.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting)  # type: ignore[arg-type]
+
+    def options(self, **overrides: object) -> dict[str, object]:
+        """Keyword arguments of :func:`fastneg.info_nce`."""
+        return {"margin": self.margin, "relative_margin": self.relative_margin, "max_score": self.max_score,
+                "weighting": self.weighting, **overrides}
 
 
 def _call(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float,
-          rules: Rules, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+          options: dict[str, object], query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
           guide_query: Optional[torch.Tensor] = None, guide_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-row loss of one fused call ([B], float32 or float64)."""
-    if backend == "reference":
-        loss = info_nce_reference(query, keys, positives, temperature, rules, query_labels, key_labels,
-                                  guide_query, guide_keys)[0]
-    else:
-        loss = _fused(backend, query, keys, positives, temperature, rules, query_labels, key_labels,
-                      guide_query, guide_keys)[0]
-    return loss
+    """Per-row loss of one fused call, through the public op ([B])."""
+    return info_nce(query, keys, positives, temperature=temperature, query_labels=query_labels,  # type: ignore[arg-type]
+                    key_labels=key_labels, guide_query=guide_query, guide_keys=guide_keys, reduction="none",
+                    backend=backend, **options)
 
 
 def _stack_levels(query_levels: list[torch.Tensor], key_levels: list[torch.Tensor]
@@ -134,7 +129,6 @@ def ranking_loss(
     Bw, D = queries.shape
     n_cols = len(docs)
     device = queries.device
-    backend = _resolve_backend(backend, device) if backend != "reference" else "reference"
     rows = torch.arange(offset, offset + local, device=device)
     q_loc, d_loc = queries[offset:offset + local], docs[0][offset:offset + local]
     docs_all = torch.cat(list(docs))
@@ -155,7 +149,7 @@ def ranking_loss(
     own_bias = strength if hardness_mode == "hard_negatives" else 0.0
     fused_bias = strength if hardness_mode in ("in_batch_negatives", "all_negatives") else 0.0
     base = rules.rules()
-    if strength > 0.0 and base.weighting != WEIGHTING_NONE:
+    if strength > 0.0 and rules.weighting is not None:
         raise ValueError("hardness_mode and fastneg's weighting are both negative weightings: use one of them")
 
     def own_part(s_pos: torch.Tensor) -> torch.Tensor:
@@ -178,15 +172,15 @@ def ranking_loss(
     if partition_mode == "per_direction":
         # one softmax per direction, averaged: query -> docs and (optionally) doc -> query
         ql, kl = q2d_doc_labels()
-        r = base if fused_bias == 0.0 else Rules(**{**base.__dict__, "weighting": WEIGHTING_HARDNESS,
-                                                    "weight_a": fused_bias})
-        losses = [_call(backend, q_loc, docs_all, positives, temperature, r, *_stack_levels(ql, kl))]
+        opts = rules.options() if fused_bias == 0.0 else rules.options(weighting=Hardness(fused_bias))
+        losses = [_call(backend, q_loc, docs_all, positives, temperature, opts, *_stack_levels(ql, kl))]
         if split_own:
             s_pos = (q_loc * d_loc).sum(1)
             losses[0] = torch.logaddexp(losses[0], own_part(s_pos).to(losses[0].dtype))
         if "doc_to_query" in directions:
             ql2, kl2 = ([q_hash], [query_hashes]) if hashes else ([], [])
-            losses.append(_call(backend, d_loc, queries, positives, temperature, base, *_stack_levels(ql2, kl2)))
+            losses.append(_call(backend, d_loc, queries, positives, temperature, rules.options(),
+                                *_stack_levels(ql2, kl2)))
         return torch.stack(losses).mean(0)
 
     # joint: one softmax over every selected block, one fused call on [q | d] rows
@@ -235,16 +229,15 @@ def ranking_loss(
     query_labels, key_labels = _stack_levels(ql_levels, kl_levels)
 
     guide_query = guide_keys = None
-    r = base
+    opts = rules.options()
     if fused_bias != 0.0:
         if len(blocks) == 1:
-            r = Rules(**{**base.__dict__, "weighting": WEIGHTING_HARDNESS, "weight_a": fused_bias})
+            opts = rules.options(weighting=Hardness(fused_bias))
         else:  # the bias belongs to the query -> documents block only: a guide that is zero elsewhere
             guide_query = q_loc.detach()
             guide_keys = torch.cat([docs_all.detach()] + [b.new_zeros(b.shape) for b, _ in blocks[1:]])
-            r = Rules(**{**base.__dict__, "weighting": WEIGHTING_GUIDE_HARDNESS, "weight_a": fused_bias,
-                         "guide_margin": float("-inf")})
-    loss = _call(backend, query_row, keys, positives, temperature, r, query_labels, key_labels,
+            opts = rules.options(weighting=Hardness(fused_bias, on="guide"), guide_margin=None)
+    loss = _call(backend, query_row, keys, positives, temperature, opts, query_labels, key_labels,
                  guide_query, guide_keys)
     if split_own:
         s_pos = (q_loc * d_loc).sum(1)
@@ -275,7 +268,6 @@ def gist_loss(
     scores mask ``t_ij > t_i+ - margin`` (or the relative form) in every block, sparing the positive."""
     B = anchors.shape[0]
     device = anchors.device
-    backend = _resolve_backend(backend, device) if backend != "reference" else "reference"
     rows = torch.arange(offset, offset + B, device=device)
     pos_all = candidates[0]
     p_loc, gp_loc = pos_all[offset:offset + B], candidates_guide[0][offset:offset + B]
@@ -317,8 +309,6 @@ def gist_loss(
     if hashes:
         query_labels, key_labels = _stack_levels([candidate_hashes[0][rows], anchor_hashes[rows - offset]],  # type: ignore[index]
                                                  [torch.cat(kl_doc), torch.cat(kl_query)])
-    base = rules.rules(guide_margin=float(margin), guide_relative=margin_strategy == "relative")
-    if base.weighting not in (WEIGHTING_NONE, WEIGHTING_SIMANS, WEIGHTING_HARDNESS):  # pragma: no cover
-        raise ValueError("unsupported weighting")
-    return _call(backend, query_row, _pad(blocks, halves), rows, temperature, base, query_labels, key_labels,
+    opts = rules.options(guide_margin=float(margin), guide_strategy=margin_strategy)
+    return _call(backend, query_row, _pad(blocks, halves), rows, temperature, opts, query_labels, key_labels,
                  guide_row.detach().to(query_row.dtype), _pad(gblocks, halves).detach().to(query_row.dtype))
