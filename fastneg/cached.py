@@ -32,7 +32,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["cached_loss", "RandState", "chunk_ranges", "slice_rows"]
+__all__ = ["cached_loss", "RandState", "batch_rows", "chunk_ranges", "slice_rows"]
 
 Batch = Union[Tensor, dict, list, tuple]
 
@@ -59,10 +59,14 @@ class RandState:
         self._fork.__exit__(*exc)
 
 
-def _rows(batch: Batch) -> int:
+def batch_rows(batch: Batch) -> int:
+    """Rows of a tensor, of a dict of tensors (input_ids / attention_mask first) or of a list."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0])
     if isinstance(batch, dict):
+        for key in ("input_ids", "attention_mask"):  # tokenizer output: these are always batch-first
+            if isinstance(batch.get(key), Tensor):
+                return int(batch[key].shape[0])
         return next(int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim() > 0)
     return len(batch)
 
@@ -81,7 +85,7 @@ def slice_rows(batch: Batch, begin: int, end: int) -> Batch:
     if isinstance(batch, Tensor):
         return batch[begin:end]
     if isinstance(batch, dict):
-        n = _rows(batch)
+        n = batch_rows(batch)
         return {k: (v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
                 for k, v in batch.items()}
     return batch[begin:end]
@@ -125,7 +129,7 @@ def cached_loss(encoders: Union[Callable[[Batch], Tensor], Sequence[Callable[[Ba
     if len(encode) != len(inputs):
         raise ValueError(f"encoders: got {len(encode)} for {len(inputs)} input columns")
     grad_enabled = torch.is_grad_enabled()
-    ranges = [chunk_ranges(_rows(column), chunk_size) for column in inputs]
+    ranges = [chunk_ranges(batch_rows(column), chunk_size) for column in inputs]
     reps: list[Tensor] = []
     states: list[list[RandState]] = []
     for fn, column, column_ranges in zip(encode, inputs, ranges):

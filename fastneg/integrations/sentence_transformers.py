@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..cached import RandState
+from ..cached import RandState, batch_rows, chunk_ranges, slice_rows
 from ..options import Hardness, SimANS, check_backend
 from ._losses import DIRECTIONS, HARDNESS_MODES, BlockRules, gist_loss, ranking_loss
 
@@ -140,19 +140,12 @@ def _weighting_repr(w: object) -> object:
 
 # --- gradient cache (GradCache, Gao et al. 2021) ---------------------------------------------------
 
-def _batch_size(features: dict[str, Any]) -> int:
-    for key in ("input_ids", "attention_mask"):
-        if isinstance(features.get(key), Tensor):
-            return int(features[key].shape[0])
-    return next(int(v.shape[0]) for v in features.values() if isinstance(v, Tensor) and v.dim() > 0)
-
-
 def _ranges(features: dict[str, Any], mini_batch_size: int, mini_batch_num_tokens: Optional[int]) -> list[tuple[int, int]]:
     """Mini-batch row ranges: ``mini_batch_size`` rows each, or greedily packed to at most
     ``mini_batch_num_tokens`` attended tokens (a longer single row gets a range of its own)."""
-    n = _batch_size(features)
+    n = batch_rows(features)
     if mini_batch_num_tokens is None:
-        return [(b, min(b + mini_batch_size, n)) for b in range(0, n, mini_batch_size)]
+        return chunk_ranges(n, mini_batch_size)
     if not isinstance(features.get("attention_mask"), Tensor):
         raise ValueError("mini_batch_num_tokens needs an 'attention_mask' in the features")
     cumulative = features["attention_mask"].sum(1).cumsum(0).tolist()
@@ -168,9 +161,8 @@ def _ranges(features: dict[str, Any], mini_batch_size: int, mini_batch_num_token
 def _slice(features: dict[str, Any], begin: int, end: int) -> dict[str, Any]:
     if "cu_seq_lens_q" in features:
         raise ValueError("the cached fastneg losses take padded features, not flattened (cu_seq_lens) batches")
-    n = _batch_size(features)
-    out = {k: (v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-           for k, v in features.items()}
+    out = slice_rows(features, begin, end)
+    assert isinstance(out, dict)
     mask = out.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] > 0:
         # drop the trailing padding columns this mini-batch does not use (leading padding is kept)
