@@ -12,6 +12,12 @@
 // product of exactly the same shape, so an exact duplicate of a positive key scores exactly
 // like the positive. Backward recomputes the tiles with the same products and reads the
 // per-row thresholds saved by forward, so masks cannot flip between passes.
+//
+// Symmetric (CLIP-style) loss in the same pass: each score tile is also read by columns. Key j
+// that is row o's positive has its own loss, key j against every query, under the same rules
+// (thresholds from s_{o j}); each thread group keeps an online logsumexp per owned column
+// ([B] per group, not [B, N]), merged in group order after the pass. Backward adds the
+// column direction's dS to the same tile before the two products.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -290,107 +296,254 @@ void dispatch_flags(int weighting, bool labels, bool guide, F&& f) {
   else with_w(std::integral_constant<int, kWeightNone>{});
 }
 
+// owner[j]: the row whose positive is key j, or -1. The symmetric loss gives each owned column a
+// loss of its own (key j against every query), so positives must be distinct.
+std::vector<int64_t> column_owners(const Inputs& in) {
+  std::vector<int64_t> owner(in.keys.size(0), -1);
+  const int64_t* p = in.positives.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.positives.numel(); ++i) {
+    TORCH_CHECK_VALUE(owner[p[i]] < 0, "symmetric=True needs distinct positives: key ", p[i],
+                      " is the positive of rows ", owner[p[i]], " and ", i);
+    owner[p[i]] = i;
+  }
+  return owner;
+}
+
+// Column j (owned by row o) as a row of the transposed problem: its candidates are the queries,
+// its rules come from the column's positive score s_{o j} (the same thresholds as row o's), and
+// its labels are the key's labels compared with the queries'.
+template <typename T>
+RowView<T> make_column(const Shared<T>& sh, int64_t j, int64_t o, const T* pos_score, const T* thr, const T* gthr) {
+  RowView<T> col{o, pos_score[o], thr[o], gthr[o], sh.inv_temp, {}};
+  for (int64_t l = 0; l < sh.levels; ++l) col.query_label[l] = sh.key_labels[l * sh.N + j];
+  return col;
+}
+
+// The queries r0 .. r0 + nr - 1 as the "keys" of a column (scores: one column of a transposed tile).
+template <typename T>
+TileView<T> make_column_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t r0, int64_t nr) {
+  return TileView<T>{scores, guide_scores, sh.query_labels ? sh.query_labels + r0 : nullptr, r0, nr, sh.levels, sh.B};
+}
+
+// dst[c * kRowBlock + r] = src[r * ld + c] for the tile's live rows and columns.
+template <typename T>
+void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * kRowBlock + r] = src[r * ld + c];
+}
+
+// One column's share of the symmetric loss, accumulated over the row blocks of one group.
+template <typename T>
+struct ColumnAcc {
+  OnlineLSE<T> lse, lse_w;
+  int64_t negatives = 0;
+};
+
+template <typename T>
+void lse_merge(OnlineLSE<T>& acc, const OnlineLSE<T>& other) {
+  acc.nan = acc.nan || other.nan;
+  if (acc.nan || other.max == neg_inf<T>()) return;
+  if (acc.max == neg_inf<T>()) {
+    acc = other;
+    return;
+  }
+  const T m = other.max > acc.max ? other.max : acc.max;
+  acc.sum = acc.sum * std::exp(acc.max - m) + other.sum * std::exp(other.max - m);
+  acc.max = m;
+}
+
+// Row blocks are split into a fixed number of contiguous groups (one per thread at most),
+// processed in parallel; per-group partials (column logsumexps in forward, key gradients in
+// backward) are merged in group order: deterministic for a thread count.
+int64_t row_groups(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.num_row_blocks));
+}
+
+// s_i+ (and t_i+) of every row, and the thresholds derived from them. A pre-pass, because the
+// symmetric loss's column j needs row o's values in every row block.
+template <typename T>
+void row_states(const Inputs& in, const Geometry& g, const Shared<T>& sh, const RuleArgs& rules, T* pos_score,
+                T* thr, T* gthr) {
+  const auto opts = in.query.options();
+  at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
+    at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
+    at::Tensor gather_buf = at::empty({g.key_tile, g.D}, opts);
+    at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
+    at::Tensor gq_blk, g_gather;
+    if (in.guide()) {
+      gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
+      g_gather = at::empty({g.key_tile, in.guide_query.size(1)}, opts);
+    }
+    std::vector<T> t_pos(kRowBlock);
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
+      fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+      positive_scores<T>(q_blk, in.keys, sh.positives + r0, 0, nr, gather_buf, s_tile, pos_score + r0);
+      if (in.guide()) {
+        fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+        positive_scores<T>(gq_blk, in.guide_keys, sh.positives + r0, 0, nr, g_gather, s_tile, t_pos.data());
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        thr[r0 + r] = row_threshold<T>(pos_score[r0 + r], rules);
+        gthr[r0 + r] = in.guide() ? guide_row_threshold<T>(t_pos[r], rules) : T(0);
+      }
+    }
+  });
+}
+
 template <typename T, typename K>
-std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const RuleArgs& rules) {
+std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const RuleArgs& rules, bool symmetric) {
   const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
   const auto opts = in.query.options();
   at::Tensor loss = at::empty({g.B}, opts), lse = at::empty({g.B}, opts), pos_score = at::empty({g.B}, opts),
              offset = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
   at::Tensor n_masked = at::empty({g.B}, opts.dtype(at::kLong)), n_neg = at::empty({g.B}, opts.dtype(at::kLong));
+  at::Tensor col_lse = at::zeros({g.B}, opts), col_offset = at::zeros({g.B}, opts);
 
   const Shared<T> sh(in, g, temperature, rules);
   const KeyTiles<T>& key_tiles = sh.key_tiles;
   const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
-  const int64_t* positives = sh.positives;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
+  T* const spos_p = pos_score.data_ptr<T>();
+  T* const thr_p = thr.data_ptr<T>();
+  T* const gthr_p = gthr.data_ptr<T>();
+  row_states<T>(in, g, sh, rules, spos_p, thr_p, gthr_p);
+
+  const std::vector<int64_t> owner = symmetric ? column_owners(in) : std::vector<int64_t>();
+  const int64_t groups = row_groups(g);
+  // symmetric: per group, one partial logsumexp per owned column (indexed by its owner row)
+  std::vector<std::vector<ColumnAcc<T>>> col_parts(symmetric ? groups : 0);
 
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
-    at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
+    at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
       at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
-      at::Tensor gather_buf = at::empty({g.key_tile, g.D}, opts);
       at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      at::Tensor gq_blk, g_gather, t_tile;
+      at::Tensor gq_blk, t_tile;
       if (GUIDE) {
-        const int64_t dg = in.guide_query.size(1);
-        gq_blk = at::empty({kRowBlock, dg}, opts);
-        g_gather = at::empty({g.key_tile, dg}, opts);
+        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
         t_tile = at::empty({kRowBlock, g.key_tile}, opts);
       }
       std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock);
       std::vector<int64_t> cnt_neg(kRowBlock), cnt_masked(kRowBlock);
       std::vector<RowView<T>> rows(kRowBlock);
-      std::vector<T> s_pos(kRowBlock), t_pos(kRowBlock);
 
-      for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-        const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
-        fill_block<T>(q_blk, in.query, r0, nr, nullptr);
-        positive_scores<T>(q_blk, in.keys, positives + r0, 0, nr, gather_buf, s_tile, s_pos.data());
-        if (GUIDE) {
-          fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
-          positive_scores<T>(gq_blk, in.guide_keys, positives + r0, 0, nr, g_gather, t_tile, t_pos.data());
+      for (int64_t grp = g_begin; grp < g_end; ++grp) {
+        ColumnAcc<T>* cols = nullptr;
+        if (symmetric) {
+          col_parts[grp].assign(g.B, ColumnAcc<T>());
+          cols = col_parts[grp].data();
         }
-        for (int64_t r = 0; r < nr; ++r) {
-          rows[r] = make_row<T>(sh, r0 + r, s_pos[r], row_threshold<T>(s_pos[r], rules),
-                                GUIDE ? guide_row_threshold<T>(t_pos[r], rules) : T(0));
-          acc[r] = OnlineLSE<T>();
-          acc_w[r] = OnlineLSE<T>();
-          cnt_neg[r] = cnt_masked[r] = 0;
-        }
-        for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
-          const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
-          at::mm_out(s_tile, q_blk, key_tiles.tile(kt).t());
-          if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
-          const T* s_data = s_tile.data_ptr<T>();
-          const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+        const int64_t rb_begin = g.num_row_blocks * grp / groups, rb_end = g.num_row_blocks * (grp + 1) / groups;
+        for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+          const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
+          fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+          if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
           for (int64_t r = 0; r < nr; ++r) {
-            const TileView<T> tile =
-                make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
-            const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(),
-                                                                            log_w.data());
-            const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
-            cnt_masked[r] += masked;
-            cnt_neg[r] += nc - masked - (has_pos ? 1 : 0);
-            K::lse_add(acc[r], x.data(), nc);
-            if (W == kWeightSimANS) K::lse_add(acc_w[r], log_w.data(), nc);
+            rows[r] = make_row<T>(sh, r0 + r, spos_p[r0 + r], thr_p[r0 + r], gthr_p[r0 + r]);
+            acc[r] = OnlineLSE<T>();
+            acc_w[r] = OnlineLSE<T>();
+            cnt_neg[r] = cnt_masked[r] = 0;
           }
-        }
-        T* loss_p = loss.data_ptr<T>();
-        T* lse_p = lse.data_ptr<T>();
-        T* off_p = offset.data_ptr<T>();
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r0 + r;
-          const T l_pos = s_pos[r] * inv_temp;
-          T row_off = T(0);
-          if (W == kWeightSimANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
-          const T neg_lse = acc[r].value() + row_off;
-          const T total = logaddexp(l_pos, neg_lse);
-          loss_p[i] = total - l_pos;
-          lse_p[i] = total;
-          off_p[i] = row_off;
-          pos_score.data_ptr<T>()[i] = s_pos[r];
-          thr.data_ptr<T>()[i] = rows[r].threshold;
-          gthr.data_ptr<T>()[i] = rows[r].guide_threshold;
-          n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
-          n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
+          for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
+            const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
+            at::mm_out(s_tile, q_blk, key_tiles.tile(kt).t());
+            if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
+            const T* s_data = s_tile.data_ptr<T>();
+            const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+            for (int64_t r = 0; r < nr; ++r) {
+              const TileView<T> tile =
+                  make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
+              const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(),
+                                                                              log_w.data());
+              const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
+              cnt_masked[r] += masked;
+              cnt_neg[r] += nc - masked - (has_pos ? 1 : 0);
+              K::lse_add(acc[r], x.data(), nc);
+              if (W == kWeightSimANS) K::lse_add(acc_w[r], log_w.data(), nc);
+            }
+            if (!symmetric) continue;
+            // the same tile read by columns: owned column j against this block's queries
+            transpose_tile(s_data, nr, nc, g.key_tile, s_t.data());
+            if (GUIDE) transpose_tile(t_data, nr, nc, g.key_tile, t_t.data());
+            for (int64_t c = 0; c < nc; ++c) {
+              const int64_t o = owner[j0 + c];
+              if (o < 0) continue;
+              const RowView<T> col = make_column<T>(sh, j0 + c, o, spos_p, thr_p, gthr_p);
+              const TileView<T> tile = make_column_tile<T>(sh, s_t.data() + c * kRowBlock,
+                                                           GUIDE ? t_t.data() + c * kRowBlock : nullptr, r0, nr);
+              const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(col, tile, a, b, x.data(), log_w.data());
+              ColumnAcc<T>& ca = cols[o];
+              ca.negatives += nr - masked - ((o >= r0 && o < r0 + nr) ? 1 : 0);
+              K::lse_add(ca.lse, x.data(), nr);
+              if (W == kWeightSimANS) K::lse_add(ca.lse_w, log_w.data(), nr);
+            }
+          }
+          T* loss_p = loss.data_ptr<T>();
+          T* lse_p = lse.data_ptr<T>();
+          T* off_p = offset.data_ptr<T>();
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = r0 + r;
+            const T l_pos = spos_p[i] * inv_temp;
+            T row_off = T(0);
+            if (W == kWeightSimANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
+            const T total = logaddexp(l_pos, acc[r].value() + row_off);
+            loss_p[i] = total - l_pos;
+            lse_p[i] = total;
+            off_p[i] = row_off;
+            n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
+            n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
+          }
         }
       }
     });
   });
-  return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg};
+  if (symmetric) {
+    // merge the groups' column partials in group order; loss_o = (row o + column p_o) / 2
+    T* loss_p = loss.data_ptr<T>();
+    T* clse_p = col_lse.data_ptr<T>();
+    T* coff_p = col_offset.data_ptr<T>();
+    at::parallel_for(0, g.B, 1024, [&](int64_t o_begin, int64_t o_end) {
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        ColumnAcc<T> total = col_parts[0][o];
+        for (int64_t grp = 1; grp < groups; ++grp) {
+          const ColumnAcc<T>& part = col_parts[grp][o];
+          lse_merge(total.lse, part.lse);
+          lse_merge(total.lse_w, part.lse_w);
+          total.negatives += part.negatives;
+        }
+        const T l_pos = spos_p[o] * inv_temp;
+        T col_off = T(0);
+        if (rules.weighting == kWeightSimANS && total.negatives > 0)
+          col_off = std::log(T(total.negatives)) - total.lse_w.value();
+        const T col_total = logaddexp(l_pos, total.lse.value() + col_off);
+        loss_p[o] = (loss_p[o] + (col_total - l_pos)) / T(2);
+        clse_p[o] = col_total;
+        coff_p[o] = col_off;
+      }
+    });
+  }
+  return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset};
 }
 
 template <typename T, typename K>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inputs& in, double temperature,
                                       const at::Tensor& lse_in, const at::Tensor& pos_score_in,
                                       const at::Tensor& offset_in, const at::Tensor& thr_in,
-                                      const at::Tensor& gthr_in, const RuleArgs& rules, bool query_grad,
-                                      bool keys_grad) {
+                                      const at::Tensor& gthr_in, const at::Tensor& col_lse_in,
+                                      const at::Tensor& col_offset_in, const RuleArgs& rules, bool symmetric,
+                                      bool query_grad, bool keys_grad) {
   const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
   const auto opts = in.query.options();
   const at::Tensor grad_loss = grad_loss_in.to(in.query.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.contiguous(), pos_score = pos_score_in.contiguous(),
                    offset = offset_in.contiguous(), thr = thr_in.contiguous(), gthr = gthr_in.contiguous();
+  const at::Tensor col_lse = col_lse_in.to(in.query.scalar_type()).contiguous(),
+                   col_offset = col_offset_in.to(in.query.scalar_type()).contiguous();
+  if (symmetric)
+    TORCH_CHECK_VALUE(col_lse.numel() == g.B && col_offset.numel() == g.B,
+                      "fastneg cpu backend: col_lse and col_offset must have B entries");
   at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
   at::Tensor tau_rowsum = at::zeros({g.B}, opts.dtype(at::kDouble));
 
@@ -398,10 +551,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const KeyTiles<T>& key_tiles = sh.key_tiles;
   const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
+  const T* const spos_p = pos_score.data_ptr<T>();
+  const T* const thr_p = thr.data_ptr<T>();
+  const T* const gthr_p = gthr.data_ptr<T>();
+  const T* const grad_p = grad_loss.data_ptr<T>();
+  // symmetric: loss_i = (row_i + column_{p_i}) / 2, so each direction's dL/ds carries half of g_i
+  const T half = symmetric ? T(0.5) : T(1);
+  const std::vector<int64_t> owner = symmetric ? column_owners(in) : std::vector<int64_t>();
 
-  // Row blocks are split into a fixed number of contiguous groups, each with its own key
-  // gradient partial, summed in group order afterwards: deterministic for a thread count.
-  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.num_row_blocks));
+  const int64_t groups = row_groups(g);
   const int64_t padded_n = g.num_key_tiles * g.key_tile;
   std::vector<at::Tensor> dk_parts(keys_grad ? groups : 0);
 
@@ -416,6 +574,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
         t_tile = at::empty({kRowBlock, g.key_tile}, opts);
       }
       std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       for (int64_t grp = g_begin; grp < g_end; ++grp) {
         at::Tensor dk_part;
         if (keys_grad) dk_part = dk_parts[grp] = at::zeros({padded_n, g.D}, opts);
@@ -433,6 +592,28 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
             if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
             T* s_data = s_tile.data_ptr<T>();
             const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+            if (symmetric) {
+              // column direction first (it reads the scores that the row direction overwrites):
+              // dS'_{i'j} = g_o / (2 tau) (P'_{i'j} - [i' == o]) for owned column j, owner o
+              transpose_tile(s_data, nr, nc, g.key_tile, s_t.data());
+              if (GUIDE) transpose_tile(t_data, nr, nc, g.key_tile, t_t.data());
+              for (int64_t c = 0; c < nc; ++c) {
+                T* scol = s_t.data() + c * kRowBlock;
+                const int64_t o = owner[j0 + c];
+                if (o < 0) {
+                  std::fill(scol, scol + nr, T(0));
+                  continue;
+                }
+                const RowView<T> col = make_column<T>(sh, j0 + c, o, spos_p, thr_p, gthr_p);
+                const TileView<T> tile =
+                    make_column_tile<T>(sh, scol, GUIDE ? t_t.data() + c * kRowBlock : nullptr, r0, nr);
+                K::template logits<T, W, LABELS, GUIDE>(col, tile, a, b, x.data(), log_w.data());
+                const T c_lse = col_lse.data_ptr<T>()[o];
+                const T scale = grad_p[o] * half * inv_temp;
+                rowsum[0] += K::grad(x.data(), col_offset.data_ptr<T>()[o] - c_lse, scale, spos_p[o], scol, nr);
+                if (o >= r0 && o < r0 + nr) scol[o - r0] = scale * std::expm1(spos_p[o] * inv_temp - c_lse);
+              }
+            }
             for (int64_t r = 0; r < kRowBlock; ++r) {
               T* srow = s_data + r * g.key_tile;
               if (r >= nr) {
@@ -440,13 +621,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
                 continue;
               }
               const int64_t i = r0 + r;
-              const RowView<T> row =
-                  make_row<T>(sh, i, pos_score.data_ptr<T>()[i], thr.data_ptr<T>()[i], gthr.data_ptr<T>()[i]);
+              const RowView<T> row = make_row<T>(sh, i, spos_p[i], thr_p[i], gthr_p[i]);
               const TileView<T> tile = make_tile<T>(sh, srow, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
               K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data());
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
-              const T scale = grad_loss.data_ptr<T>()[i] * inv_temp;
+              const T scale = grad_p[i] * half * inv_temp;
               // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
               const T acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
@@ -455,6 +635,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               if (pc >= 0 && pc < nc)
                 srow[pc] = scale * std::expm1(row.positive_score * inv_temp - lse.data_ptr<T>()[i]);
               rowsum[r] += acc;
+              if (symmetric)
+                for (int64_t c = 0; c < nc; ++c) srow[c] += s_t[c * kRowBlock + r];
             }
             if (query_grad) dq_blk.addmm_(s_tile, k_tile);
             if (keys_grad) dk_part.narrow(0, j0, g.key_tile).addmm_(s_tile.t(), q_blk);
@@ -499,13 +681,14 @@ RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
                  const at::Tensor& temperature, const std::optional<at::Tensor>& query_labels,
                  const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
                  const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
                  std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
-                 bool guide_relative, int64_t weighting, double weight_a, double weight_b) {
+                 bool guide_relative, int64_t weighting, double weight_a, double weight_b, bool symmetric) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules =
@@ -514,10 +697,10 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
   TORCH_CHECK_VALUE(weighting != kWeightGuideHardness || in.guide(), "guide-score hardness needs a guide");
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
-    return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules)
-                                                 : forward_impl<float, K>(in, tau, rules);
+    return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules, symmetric)
+                                                 : forward_impl<float, K>(in, tau, rules, symmetric);
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
@@ -526,7 +709,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
     const std::optional<at::Tensor>& guide_keys, const at::Tensor& lse, const at::Tensor& positive_score,
     const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
-    int64_t weighting, double weight_a, double weight_b, bool query_grad, bool keys_grad) {
+    const at::Tensor& col_lse, const at::Tensor& col_offset, int64_t weighting, double weight_a, double weight_b,
+    bool symmetric, bool query_grad, bool keys_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
@@ -534,9 +718,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
     return in.query.scalar_type() == at::kDouble
                ? backward_impl<double, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
-                                          guide_threshold, rules, query_grad, keys_grad)
+                                          guide_threshold, col_lse, col_offset, rules, symmetric, query_grad,
+                                          keys_grad)
                : backward_impl<float, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
-                                         guide_threshold, rules, query_grad, keys_grad);
+                                         guide_threshold, col_lse, col_offset, rules, symmetric, query_grad,
+                                         keys_grad);
   });
   return {out[0], out[1], out[2]};
 }
@@ -547,13 +733,14 @@ TORCH_LIBRARY(fastneg, m) {
   m.def(
       "info_nce_fwd_cpu(Tensor query, Tensor keys, Tensor positives, Tensor temperature, Tensor? query_labels, "
       "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, "
-      "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b, "
+      "bool symmetric) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "info_nce_bwd_cpu(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
       "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor lse, "
-      "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, int weighting, "
-      "float weight_a, float weight_b, bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, Tensor col_lse, "
+      "Tensor col_offset, int weighting, float weight_a, float weight_b, bool symmetric, bool query_grad, "
+      "bool keys_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastneg, CPU, m) {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -120,7 +119,8 @@ def info_nce(
             every query: ``logsumexp_{i'} (l_{i' p_i} + beta') - l_{i p_i}`` with the same rules applied
             to that column (labels ``query_labels[i'] == key_labels[p_i]``, thresholds from the column's
             positive score ``s_{i p_i}``, weights normalised over the column). Needs distinct positives.
-            Computed as a second fused call on ``keys[positives]`` against ``query`` (linear memory);
+            One pass over the score tiles: the fused kernels read each tile by rows and by columns and
+            keep a partial logsumexp per positive column, merged without any [B, N] buffer.
             ``return_stats`` reports the query-to-key direction.
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): keys,
             key labels and guide keys are gathered from every rank with gradient and this rank's rows
@@ -174,14 +174,15 @@ def info_nce(
             guide_keys)
     else:
         loss, lse, pos_logit, n_masked, n_neg = _fused(
-            chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys)
-    if symmetric:
-        # key p_i against every query: the same problem transposed, restricted to the positive columns
-        column = info_nce_reference if chosen == "reference" else partial(_fused, chosen)
-        col_loss = column(keys[positives], query, torch.arange(B, device=device), temperature, rules,
-                          key_labels[positives] if key_labels is not None else None, query_labels,
-                          guide_keys[positives] if guide_keys is not None else None, guide_query)[0]
-        loss = (loss + col_loss.to(loss.dtype)) / 2
+            chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
+            symmetric=symmetric)
+    if symmetric and chosen == "reference":
+        # dense check: key p_i against every query, i.e. the transposed problem on the positive columns
+        col_loss = info_nce_reference(
+            keys[positives], query, torch.arange(B, device=device), temperature, rules,
+            key_labels[positives] if key_labels is not None else None, query_labels,
+            guide_keys[positives] if guide_keys is not None else None, guide_query)[0]
+        loss = (loss + col_loss) / 2
 
     if reduction == "mean":
         out = loss.mean()
@@ -266,6 +267,7 @@ def _fused(
     key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor],
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     if backend == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
         query, keys = query.float(), keys.float()
@@ -279,10 +281,10 @@ def _fused(
     if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
         # the ops take several label levels as [levels, rows]
         query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
-    loss, lse, pos_score, _offset, _thr, _gthr, n_masked, n_neg = _forward_op(backend)(
+    loss, lse, pos_score, _offset, _thr, _gthr, n_masked, n_neg, _col_lse, _col_offset = _forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
-        rules.weighting, rules.weight_a, rules.weight_b)
+        rules.weighting, rules.weight_a, rules.weight_b, symmetric)
     return loss, lse, pos_score / temp.detach(), n_masked, n_neg
 
 

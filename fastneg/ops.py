@@ -7,8 +7,10 @@ Two operator pairs share one schema and one autograd formula:
   ``torch.library.triton_op`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
 Forward returns, per row: loss, logsumexp, positive score, SimANS normaliser offset, the
-score threshold, the guide threshold, number of masked keys, number of negatives. Backward
-recomputes the score tiles from the saved per-row values, so nothing of size B x N is kept.
+score threshold, the guide threshold, number of masked keys, number of negatives, and for the
+symmetric loss the logsumexp and SimANS offset of the row's positive column (zeros otherwise;
+with ``symmetric`` the loss is already ``(row + column) / 2``). Backward recomputes the score
+tiles from the saved per-row values, so nothing of size B x N is kept.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     rows = [query.new_empty(B, dtype=acc) for _ in range(6)]
     counts = [query.new_empty(B, dtype=torch.int64) for _ in range(2)]
-    return (*rows, *counts)
+    columns = [query.new_empty(B, dtype=acc) for _ in range(2)]
+    return (*rows, *counts, *columns)
 
 
 def _fake_backward(grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
@@ -52,31 +55,33 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         (query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
          _margin, _relative_margin, _max_score, _guide_margin, _guide_relative,
-         weighting, weight_a, weight_b) = inputs
-        _, lse, positive_score, row_offset, threshold, guide_threshold, _, _ = output
+         weighting, weight_a, weight_b, symmetric) = inputs
+        _, lse, positive_score, row_offset, threshold, guide_threshold, _, _, col_lse, col_offset = output
         ctx.save_for_backward(query, keys, positives, temperature, query_labels, key_labels, guide_query,
-                              guide_keys, lse, positive_score, row_offset, threshold, guide_threshold)
+                              guide_keys, lse, positive_score, row_offset, threshold, guide_threshold, col_lse,
+                              col_offset)
         ctx.weighting = (weighting, weight_a, weight_b)
+        ctx.symmetric = symmetric
         for t in output[1:]:
             ctx.mark_non_differentiable(t)
 
     def autograd_backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads: Any) -> tuple[Optional[torch.Tensor], ...]:
         (query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
-         lse, positive_score, row_offset, threshold, guide_threshold) = ctx.saved_tensors
+         lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset) = ctx.saved_tensors
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
-        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 16
+        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 17
         if grad_loss is None or not (need_q or need_k or need_t):
             return no_grads
         weighting, weight_a, weight_b = ctx.weighting
         dq, dk, tau_rowsum = backward(
             grad_loss, query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
-            lse, positive_score, row_offset, threshold, guide_threshold, weighting, weight_a, weight_b,
-            bool(need_q), bool(need_k))
+            lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset, weighting, weight_a,
+            weight_b, ctx.symmetric, bool(need_q), bool(need_k))
         # L depends on tau through l = s / tau: dL/dtau = -(1 / tau) * sum_ij dL/ds_ij * s_ij
         d_temp = None
         if need_t:
             d_temp = (-(tau_rowsum.sum()) / temperature.to(tau_rowsum.dtype)).to(temperature.dtype).reshape(temperature.shape)
-        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 12
+        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 13
 
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)

@@ -3,15 +3,21 @@
 Three kernels share the ``tl_*`` helpers below, so the score tile, the false-negative mask
 and the biased logits are computed by one piece of code with one block configuration:
 
-- ``_info_nce_fwd_kernel``: one program per block of query rows; one pass over key tiles with
-  an online logsumexp (and, for SimANS, an online logsumexp of the log-weights for the
-  normaliser). Writes O(B) per-row results only.
+- ``_info_nce_fwd_kernel``: each program takes blocks of query rows (one block each, or, for
+  the symmetric loss, every G-th block); one pass over key tiles with an online logsumexp (and,
+  for SimANS, an online logsumexp of the log-weights for the normaliser). Writes O(B) per-row
+  results only. Symmetric loss: the same tile is also read by columns (``tl.trans``): each
+  positive column j (owned by row o) merges the tile into the program's own partial logsumexp
+  of column j, kept in a [G, B] buffer indexed by o (G = programs, a fixed count), and
+  ``_info_nce_columns_kernel`` merges the G partials in program order. The thresholds of every
+  row come first from ``_info_nce_row_state_kernel``, since column j needs row o's.
 - ``_info_nce_bwd_dq_kernel``: one program per (row block, D block); recomputes the tiles and
   accumulates ``dq = dS @ k`` and the per-row ``sum_j dS_ij s_ij`` for the temperature gradient.
 - ``_info_nce_bwd_dk_kernel``: one program per (key block, D block); recomputes the same tiles
   (same orientation, same D chunking, so the same bits) and accumulates ``dk = dS^T @ q``.
 
-The backward is two deterministic passes (no atomics). Offsets are int64 throughout.
+The backward is two deterministic passes (no atomics); with the symmetric loss each recomputed
+tile gets the column direction's dS added before the products. Offsets are int64 throughout.
 ``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp(x_ij + offset_i - lse_i)``.
 """
 
@@ -111,6 +117,14 @@ def tl_online_lse(running_max, running_sum, x):
 
 
 @triton.jit
+def tl_merge_lse(max_a, sum_a, max_b, sum_b):
+    """Merge two partial logsumexps given as (max, sum of exp(x - max))."""
+    new_max = tl.maximum(max_a, max_b)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, sum_a * tl.exp2((max_a - safe) * LOG2E) + sum_b * tl.exp2((max_b - safe) * LOG2E)
+
+
+@triton.jit
 def tl_logaddexp(a, b):
     m = tl.maximum(a, b)
     safe = tl.where(m == float("-inf"), 0.0, m)
@@ -118,21 +132,12 @@ def tl_logaddexp(a, b):
 
 
 @triton.jit
-def _info_nce_fwd_kernel(
-    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    margin, relative_margin, max_score, guide_margin, weight_a, weight_b,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
-    HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
-    WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_valid = rows < B
-    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+def tl_row_state(q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG,
+                 stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
+                 HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                 HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(s_i+, score threshold, guide threshold) of a block of rows."""
     s_pos = tl_positive_scores(q_ptr, k_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_q, stride_k,
                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     threshold = tl.full((BLOCK_M,), float("inf"), tl.float32)
@@ -150,56 +155,199 @@ def _info_nce_fwd_kernel(
             guide_threshold = t_pos - tl.abs(t_pos) * guide_margin
         else:
             guide_threshold = t_pos - guide_margin
+    return s_pos, threshold, guide_threshold
 
-    x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    x_sum = tl.zeros((BLOCK_M,), tl.float32)
-    w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    w_sum = tl.zeros((BLOCK_M,), tl.float32)
-    n_neg = tl.zeros((BLOCK_M,), tl.int64)
-    n_masked = tl.zeros((BLOCK_M,), tl.int64)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_valid = cols < N
-        s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        t = s  # stands in for the guide tile when there is no guide
-        if HAS_GUIDE:
-            t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
-                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-        _, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
-                                          guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
-        n_neg += tl.sum(negative.to(tl.int64), axis=1)
-        n_masked += tl.sum(masked.to(tl.int64), axis=1)
-        x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
-        x_max, x_sum = tl_online_lse(x_max, x_sum, x)
-        if WEIGHTING == WEIGHT_SIMANS:
-            w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
 
-    has_neg = n_neg > 0
-    neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
-    offset = tl.zeros((BLOCK_M,), tl.float32)
-    if WEIGHTING == WEIGHT_SIMANS:
-        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
-    l_pos = s_pos * inv_temp
-    lse = tl_logaddexp(l_pos, neg_lse + offset)
-    tl.store(loss_ptr + rows, lse - l_pos, mask=row_valid)
-    tl.store(lse_ptr + rows, lse, mask=row_valid)
+@triton.jit
+def _info_nce_row_state_kernel(
+    q_ptr, k_ptr, pos_ptr, gq_ptr, gk_ptr, spos_ptr, thr_ptr, gthr_ptr,
+    B, D, DG, stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
+    HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr, HAS_MARGIN: tl.constexpr,
+    HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    s_pos, threshold, guide_threshold = tl_row_state(
+        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
+        stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, GUIDE_RELATIVE,
+        HAS_MARGIN, HAS_RELATIVE_MARGIN, HAS_MAX_SCORE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(spos_ptr + rows, s_pos, mask=row_valid)
-    tl.store(offset_ptr + rows, offset, mask=row_valid)
     tl.store(thr_ptr + rows, threshold, mask=row_valid)
     tl.store(gthr_ptr + rows, guide_threshold, mask=row_valid)
-    tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
-    tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
+
+
+@triton.jit
+def tl_column_state(cols, col_valid, owner_ptr, spos_ptr, thr_ptr, gthr_ptr, HAS_GUIDE: tl.constexpr):
+    """Owner row o of each key column (-1: nobody's positive) and the column's rules, which are
+    row o's: positive score s_{o j}, score threshold, guide threshold."""
+    owner = tl.load(owner_ptr + cols, mask=col_valid, other=-1)
+    has_owner = owner >= 0
+    o = tl.where(has_owner, owner, 0)
+    c_spos = tl.load(spos_ptr + o, mask=has_owner, other=0.0)
+    c_thr = tl.load(thr_ptr + o, mask=has_owner, other=0.0)
+    c_gthr = tl.zeros_like(c_spos)
+    if HAS_GUIDE:
+        c_gthr = tl.load(gthr_ptr + o, mask=has_owner, other=0.0)
+    return owner, has_owner, o, c_spos, c_thr, c_gthr
+
+
+@triton.jit
+def tl_column_logits(s, t, rows, row_valid, cols, col_valid, owner_ptr, spos_ptr, thr_ptr, gthr_ptr,
+                     qlab_ptr, klab_ptr, inv_temp, weight_a, weight_b, B, N, NUM_LABELS: tl.constexpr,
+                     HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr):
+    """The tile read by columns: [BLOCK_N, BLOCK_M] classification and biased logits of each
+    owned column j against the block's queries, i.e. tl_classify / tl_biased_logits on the
+    transposed tile with queries and keys swapped."""
+    owner, has_owner, o, c_spos, c_thr, c_gthr = tl_column_state(cols, col_valid, owner_ptr, spos_ptr, thr_ptr,
+                                                                 gthr_ptr, HAS_GUIDE)
+    s_t = tl.trans(s)
+    t_t = tl.trans(t)
+    is_pos, _, negative = tl_classify(s_t, t_t, cols, has_owner, rows, row_valid, owner, c_thr, c_gthr,
+                                      klab_ptr, qlab_ptr, N, B, NUM_LABELS, HAS_GUIDE)
+    negative = negative & has_owner[:, None]
+    x, log_w = tl_biased_logits(s_t, t_t, negative, c_spos, inv_temp, weight_a, weight_b, WEIGHTING)
+    return s_t, is_pos, negative, x, log_w, has_owner, o, c_spos
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr,
+    loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
+    cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
+    HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
+    WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    part = tl.program_id(0)
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    for rb in range(part, tl.cdiv(B, BLOCK_M), tl.num_programs(0)):
+        row_start = tl.cast(rb, tl.int64) * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_valid = rows < B
+        positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+        if SYMMETRIC:  # every row's state was computed first (columns need other blocks' rows)
+            s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
+            threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
+            guide_threshold = tl.load(gthr_ptr + rows, mask=row_valid, other=0.0)
+        else:
+            s_pos, threshold, guide_threshold = tl_row_state(
+                q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
+                stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, GUIDE_RELATIVE,
+                HAS_MARGIN, HAS_RELATIVE_MARGIN, HAS_MAX_SCORE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+
+        x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), tl.float32)
+        w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        w_sum = tl.zeros((BLOCK_M,), tl.float32)
+        n_neg = tl.zeros((BLOCK_M,), tl.int64)
+        n_masked = tl.zeros((BLOCK_M,), tl.int64)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_valid = cols < N
+            s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            t = s  # stands in for the guide tile when there is no guide
+            if HAS_GUIDE:
+                t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            _, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                              guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+            n_neg += tl.sum(negative.to(tl.int64), axis=1)
+            n_masked += tl.sum(masked.to(tl.int64), axis=1)
+            x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+            x_max, x_sum = tl_online_lse(x_max, x_sum, x)
+            if WEIGHTING == WEIGHT_SIMANS:
+                w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
+            if SYMMETRIC:
+                # this program's partial logsumexp of each owned column, slot [part, owner]
+                _, _, c_neg, c_x, c_log_w, has_owner, o, _ = tl_column_logits(
+                    s, t, rows, row_valid, cols, col_valid, owner_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr,
+                    klab_ptr, inv_temp, weight_a, weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
+                slot = part.to(tl.int64) * B + o
+                c_max, c_sum = tl_online_lse(tl.load(cmax_ptr + slot, mask=has_owner, other=float("-inf")),
+                                             tl.load(csum_ptr + slot, mask=has_owner, other=0.0), c_x)
+                tl.store(cmax_ptr + slot, c_max, mask=has_owner)
+                tl.store(csum_ptr + slot, c_sum, mask=has_owner)
+                if WEIGHTING == WEIGHT_SIMANS:
+                    c_wmax, c_wsum = tl_online_lse(tl.load(cwmax_ptr + slot, mask=has_owner, other=float("-inf")),
+                                                   tl.load(cwsum_ptr + slot, mask=has_owner, other=0.0), c_log_w)
+                    tl.store(cwmax_ptr + slot, c_wmax, mask=has_owner)
+                    tl.store(cwsum_ptr + slot, c_wsum, mask=has_owner)
+                c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=1)
+                tl.store(cneg_ptr + slot, c_count, mask=has_owner)
+                tl.debug_barrier()  # the next row block of this program reads these slots back
+
+        has_neg = n_neg > 0
+        neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+        offset = tl.zeros((BLOCK_M,), tl.float32)
+        if WEIGHTING == WEIGHT_SIMANS:
+            offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+        l_pos = s_pos * inv_temp
+        lse = tl_logaddexp(l_pos, neg_lse + offset)
+        tl.store(loss_ptr + rows, lse - l_pos, mask=row_valid)
+        tl.store(lse_ptr + rows, lse, mask=row_valid)
+        tl.store(offset_ptr + rows, offset, mask=row_valid)
+        tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
+        tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
+        if not SYMMETRIC:
+            tl.store(spos_ptr + rows, s_pos, mask=row_valid)
+            tl.store(thr_ptr + rows, threshold, mask=row_valid)
+            tl.store(gthr_ptr + rows, guide_threshold, mask=row_valid)
+
+
+@triton.jit
+def _info_nce_columns_kernel(
+    loss_ptr, spos_ptr, temp_ptr, cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr, clse_ptr, coff_ptr,
+    B, PARTS, WEIGHTING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Symmetric loss: merge the PARTS partial logsumexps of each positive column in program
+    order (deterministic) and set loss_o = (row o + column p_o) / 2."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = o < B
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    x_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    x_sum = tl.zeros((BLOCK,), tl.float32)
+    w_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    w_sum = tl.zeros((BLOCK,), tl.float32)
+    n_neg = tl.zeros((BLOCK,), tl.int32)
+    for part in range(0, PARTS):
+        slot = part * B + o
+        x_max, x_sum = tl_merge_lse(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
+                                    tl.load(csum_ptr + slot, mask=valid, other=0.0))
+        if WEIGHTING == WEIGHT_SIMANS:
+            w_max, w_sum = tl_merge_lse(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
+                                        tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
+        n_neg += tl.load(cneg_ptr + slot, mask=valid, other=0)
+    has_neg = n_neg > 0
+    neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+    offset = tl.zeros((BLOCK,), tl.float32)
+    if WEIGHTING == WEIGHT_SIMANS:
+        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+    l_pos = tl.load(spos_ptr + o, mask=valid, other=0.0) * inv_temp
+    lse = tl_logaddexp(l_pos, neg_lse + offset)
+    row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
+    tl.store(loss_ptr + o, (row_loss + (lse - l_pos)) * 0.5, mask=valid)
+    tl.store(clse_ptr + o, lse, mask=valid)
+    tl.store(coff_ptr + o, offset, mask=valid)
 
 
 @triton.jit
 def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                  owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                   inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
                   NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    """(dS, s) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it."""
+    """(dS, tau) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
+    tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
+    gradient (each direction's dS sums to 0 over its row or column, so this equals
+    sum dS_ij s_ij without cancelling two large sums)."""
     s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     t = s
@@ -214,12 +362,27 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
     p = tl.where(is_pos, p_pos[:, None], p)
     ds = p * grad_scale[:, None]
     ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
-    return ds, s
+    tau = ds * (s - s_pos[:, None])
+    if SYMMETRIC:
+        # column j (owner o): dS'_{i j} = g_o / (2 tau) (P'_{i j} - [i == o]), built transposed
+        s_t, c_is_pos, _, c_x, _, has_owner, o, c_spos = tl_column_logits(
+            s, t, rows, row_valid, cols, col_valid, owner_ptr, spos_ptr, thr_ptr, gthr_ptr, qlab_ptr, klab_ptr,
+            inv_temp, weight_a, weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
+        c_lse = tl.load(clse_ptr + o, mask=has_owner, other=0.0)
+        c_off = tl.load(coff_ptr + o, mask=has_owner, other=0.0)
+        c_scale = tl.load(grad_ptr + o, mask=has_owner, other=0.0).to(tl.float32) * (0.5 * inv_temp)
+        c_p = tl.exp2((c_x + (c_off - c_lse)[:, None]) * LOG2E)
+        c_p_pos = tl.exp2((c_spos * inv_temp - c_lse) * LOG2E) - 1.0
+        c_p = tl.where(c_is_pos, c_p_pos[:, None], c_p)
+        c_ds = tl.where(has_owner[:, None] & row_valid[None, :], c_p * c_scale[:, None], 0.0)
+        ds += tl.trans(c_ds)
+        tau += tl.trans(c_ds * (s_t - c_spos[:, None]))
+    return ds, tau
 
 
 @triton.jit
 def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr,
-                    grad_ptr, inv_temp, HAS_GUIDE: tl.constexpr):
+                    grad_ptr, inv_temp, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
     threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
@@ -229,17 +392,19 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
     lse = tl.load(lse_ptr + rows, mask=row_valid, other=0.0)
     offset = tl.load(offset_ptr + rows, mask=row_valid, other=0.0)
     grad_scale = tl.load(grad_ptr + rows, mask=row_valid, other=0.0).to(tl.float32) * inv_temp
+    if SYMMETRIC:  # loss_i = (row_i + column_{p_i}) / 2
+        grad_scale = grad_scale * 0.5
     return positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale
 
 
 @triton.jit
 def _info_nce_bwd_dq_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dq_ptr, rowsum_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, dq_ptr, rowsum_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
-    WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
+    PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -248,19 +413,19 @@ def _info_nce_bwd_dq_kernel(
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
         rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
-        inv_temp, HAS_GUIDE)
+        inv_temp, HAS_GUIDE, SYMMETRIC)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_valid = cols < N
-        ds, s = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, lse, offset,
-                              grad_scale, inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
-        # sum_j dS_ij s_ij written as sum_j dS_ij (s_ij - s_i+) (equal: sum_j dS_ij = 0), no cancellation
-        rowsum += tl.sum(ds * (s - s_pos[:, None]), axis=1)
+        ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                                positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                                owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
+                                inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
+                                stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,
+                                BLOCK_M, BLOCK_N, BLOCK_D)
+        rowsum += tl.sum(tau, axis=1)
         if WRITE_DQ:
             k = tl.load(k_ptr + cols[:, None] * stride_k + d_out[None, :],
                         mask=col_valid[:, None] & (d_out[None, :] < D), other=0.0)
@@ -275,10 +440,11 @@ def _info_nce_bwd_dq_kernel(
 @triton.jit
 def _info_nce_bwd_dk_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, dk_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, dk_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -290,11 +456,12 @@ def _info_nce_bwd_dk_kernel(
         row_valid = rows < B
         positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
             rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
-            inv_temp, HAS_GUIDE)
+            inv_temp, HAS_GUIDE, SYMMETRIC)
         ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, lse, offset,
-                              grad_scale, inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, PRECISION,
+                              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                              owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
+                              inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_D)
         q = tl.load(q_ptr + rows[:, None] * stride_q + d_out[None, :],
                     mask=row_valid[:, None] & (d_out[None, :] < D), other=0.0)

@@ -12,23 +12,31 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import ops
-from .triton_kernels import _info_nce_bwd_dk_kernel, _info_nce_bwd_dq_kernel, _info_nce_fwd_kernel
+from .triton_kernels import (
+    _info_nce_bwd_dk_kernel,
+    _info_nce_bwd_dq_kernel,
+    _info_nce_columns_kernel,
+    _info_nce_fwd_kernel,
+    _info_nce_row_state_kernel,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tuned(kernel):  # noqa: ANN001, ANN202
+def _tuned(kernel, restore_value: Optional[list[str]] = None):  # noqa: ANN001, ANN202
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
-    outputs, so the autotuner may run them repeatedly."""
+    outputs, except the forward's column partials (symmetric loss), which the autotuner
+    restores between its trial runs."""
     if INTERPRET:
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs=configs, key=["D", "DG"])(kernel)
+    return triton.autotune(configs=configs, key=["D", "DG", "SYMMETRIC"], restore_value=restore_value)(kernel)
 
 
-_fwd_kernel = _tuned(_info_nce_fwd_kernel)
+_COLUMN_PARTIALS = ["cmax_ptr", "csum_ptr", "cwmax_ptr", "cwsum_ptr", "cneg_ptr"]
+_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS)
 _bwd_dq_kernel = _tuned(_info_nce_bwd_dq_kernel)
 _bwd_dk_kernel = _tuned(_info_nce_bwd_dk_kernel)
 
@@ -103,33 +111,65 @@ class _Problem:
                 self.gk.stride(0) if self.gk.dim() == 2 else 0)
 
 
+def _owners(positives: torch.Tensor, N: int) -> torch.Tensor:
+    """owner[j] = the row whose positive is key j, -1 for keys that are nobody's positive."""
+    owner = torch.full((N,), -1, dtype=torch.int64, device=positives.device)
+    return owner.scatter_(0, positives.long(), torch.arange(positives.shape[0], device=positives.device))
+
+
+def _column_parts(row_blocks: int, device: torch.device) -> int:
+    """Programs of the symmetric forward, each with its own [B] partial logsumexp per quantity:
+    one per SM on a GPU (so 20 * SMs * B bytes of partials), two in the interpreter (so that
+    small tests merge partials of several programs, each over several row blocks)."""
+    if device.type != "cuda":
+        return min(row_blocks, 2)
+    return min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
 def info_nce_fwd_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
     query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
     margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
-    guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float, symmetric: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
+    col_lse, col_offset = torch.zeros(B, **f32), torch.zeros(B, **f32)
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
-    wrap_triton(_fwd_kernel)[(triton.cdiv(B, cfg.block_m),)](
-        q, k, positives, temperature, qlab, klab, gq, gk,
-        loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg,
-        B, N, D, DG, *p.strides,
-        0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
-        0.0 if max_score is None else max_score, guide_margin, weight_a, weight_b,
-        NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
-        HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
-        HAS_MAX_SCORE=max_score is not None, WEIGHTING=weighting, PRECISION=_precision(q.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+    scalars = (0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
+               0.0 if max_score is None else max_score, guide_margin)
+    rules = dict(HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative, HAS_MARGIN=margin is not None,
+                 HAS_RELATIVE_MARGIN=relative_margin is not None, HAS_MAX_SCORE=max_score is not None,
+                 PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    row_blocks = triton.cdiv(B, cfg.block_m)
+    parts = row_blocks
+    owner = cmax = csum = cwmax = cwsum = cneg = positives  # not read unless symmetric
+    if symmetric:
+        wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
+            q, k, positives, gq, gk, s_pos, thr, gthr, B, D, DG, *p.strides, *scalars, **rules)
+        owner = _owners(positives, N)
+        parts = _column_parts(row_blocks, q.device)
+        cmax, cwmax = torch.full((parts, B), float("-inf"), **f32), torch.full((parts, B), float("-inf"), **f32)
+        csum, cwsum = torch.zeros(parts, B, **f32), torch.zeros(parts, B, **f32)
+        cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
+    wrap_triton(_fwd_kernel)[(parts,)](
+        q, k, positives, temperature, qlab, klab, gq, gk, owner,
+        loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg,
+        B, N, D, DG, *p.strides, *scalars, weight_a, weight_b,
+        NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric, **rules,
     )
-    return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg
+    if symmetric:
+        wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
+            loss, s_pos, temperature, cmax, csum, cwmax, cwsum, cneg, col_lse, col_offset, B, parts,
+            WEIGHTING=weighting, BLOCK=256)
+    return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset
 
 
 @triton_op("fastneg::info_nce_bwd_triton", mutates_args={})
@@ -138,16 +178,17 @@ def info_nce_bwd_triton(
     temperature: torch.Tensor, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], lse: torch.Tensor,
     positive_score: torch.Tensor, row_offset: torch.Tensor, threshold: torch.Tensor,
-    guide_threshold: torch.Tensor, weighting: int, weight_a: float, weight_b: float,
-    query_grad: bool, keys_grad: bool,
+    guide_threshold: torch.Tensor, col_lse: torch.Tensor, col_offset: torch.Tensor, weighting: int,
+    weight_a: float, weight_b: float, symmetric: bool, query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
+    owner = _owners(positives, N) if symmetric else positives
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
-                 guide_threshold)
-    flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting,
+                 guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous())
+    flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  BLOCK_DO=cfg.block_do)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)

@@ -6,62 +6,11 @@ so only the arithmetic of the backend is judged, against plain PyTorch's in the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import fastneg
-from helpers import TRITON_DEVICE, Problem, assert_close_to_truth, make_problem, max_error, run
-
-RULES = {
-    "plain": {},
-    "labels": {"key_labels": "labels"},
-    "label_levels": {"key_labels": "levels"},
-    "margin": {"margin": 0.05},
-    "negative_margin": {"margin": -0.1},
-    "relative_margin": {"relative_margin": 0.05},
-    "max_score": {"max_score": 0.3},
-    "guide_absolute": {"guide": True},
-    "guide_relative": {"guide": True, "guide_strategy": "relative", "guide_margin": 0.05},
-    "simans": {"weighting": fastneg.SimANS()},
-    "simans_shifted": {"weighting": fastneg.SimANS(a=2.0, b=-0.2)},
-    "hardness": {"weighting": fastneg.Hardness(5.0)},
-    "all_rules_simans": {"key_labels": "labels", "margin": 0.1, "relative_margin": 0.1, "max_score": 0.6,
-                         "guide": True, "weighting": fastneg.SimANS(1.0, 0.1)},
-}
-
-
-def build(rule: str, B: int, N: int, D: int, seed: int = 0, **kw) -> tuple[Problem, dict]:
-    spec = dict(RULES[rule])
-    labels = spec.pop("key_labels", None)
-    problem = make_problem(B, N, D, seed, labels=max(2, N // 4) if labels else None,
-                           guide_dim=8 if spec.pop("guide", False) else None, **kw)
-    if labels == "levels":  # three independent label sets, OR-ed; explicit query labels on one level
-        g = torch.Generator().manual_seed(seed + 1)
-        key_labels = torch.stack([problem.extra["key_labels"], torch.randint(0, max(2, N // 3), (N,), generator=g),
-                                  torch.randint(0, max(2, N // 2), (N,), generator=g)], dim=1)
-        query_labels = key_labels[problem.positives].clone()
-        query_labels[:, 2] = torch.randint(0, max(2, N // 2), (B,), generator=g)
-        problem.extra.update(key_labels=key_labels, query_labels=query_labels)
-    return problem, spec
-
-
-def rounded(problem: Problem, dtype: torch.dtype) -> Problem:
-    def r(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype).double() if t.is_floating_point() else t
-    return dataclasses.replace(problem, query=r(problem.query), keys=r(problem.keys),
-                               extra={k: r(v) for k, v in problem.extra.items()})
-
-
-def check(problem: Problem, backend: str, dtype: torch.dtype, **options) -> None:
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
-    problem = rounded(problem, dtype)
-    truth = run(problem, "reference", torch.float64, **options)
-    plain = run(problem, "reference", dtype, device=device, **options)
-    got = run(problem, backend, dtype, device=device, **options)
-    assert_close_to_truth(got, plain, truth, dtype)
-
+from helpers import RULES, TRITON_DEVICE, build, check, make_problem, max_error, run
 
 # --- the C++ CPU backend: every rule, several ragged shapes, fp32 and fp64 -------------------------
 

@@ -11,7 +11,7 @@ import fastneg
 from helpers import TRITON_DEVICE, make_problem, max_error
 
 
-def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True):
+def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, symmetric=False):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, D, generator=g, dtype=dtype).to(device).requires_grad_()
     k = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
@@ -22,23 +22,25 @@ def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, lab
     qlab = klab[pos] if labels else None
     gq = torch.randn(B, 4, generator=g, dtype=dtype).to(device) if guide else None
     gk = torch.randn(N, 4, generator=g, dtype=dtype).to(device) if guide else None
-    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1)
+    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1, symmetric)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("extras", [True, False])
-def test_opcheck_cpu_forward(dtype, extras) -> None:
-    args = fwd_args(dtype=dtype, guide=extras, labels=extras)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_opcheck_cpu_forward(dtype, extras, symmetric) -> None:
+    args = fwd_args(dtype=dtype, guide=extras, labels=extras, symmetric=symmetric)
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_cpu.default, args)
 
 
-def test_opcheck_cpu_backward() -> None:
-    args = fwd_args()
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_opcheck_cpu_backward(symmetric) -> None:
+    args = fwd_args(symmetric=symmetric)
     with torch.no_grad():
         out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
     q, k, pos, temp, qlab, klab, gq, gk = args[:8]
     bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk,
-                out[1], out[2], out[3], out[4], out[5], 1, 0.5, 0.1, True, True)
+                out[1], out[2], out[3], out[4], out[5], out[8], out[9], 1, 0.5, 0.1, symmetric, True, True)
     torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
 
 
@@ -47,6 +49,7 @@ def test_opcheck_triton() -> None:
     import fastneg.triton_ops  # noqa: F401
 
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda"))
+    torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda", symmetric=True))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
@@ -103,15 +106,17 @@ def test_every_requires_grad_combination(backend) -> None:
         assert torch.equal(got, full[0] if need_q else full[1])
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_deterministic(backend) -> None:
+def test_deterministic(backend, symmetric) -> None:
     problem = make_problem(70, 300, 20, seed=3)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     runs = []
     for _ in range(2):
         q = problem.query.float().to(device).requires_grad_()
         k = problem.keys.float().to(device).requires_grad_()
-        loss = fastneg.info_nce(q, k, problem.positives.to(device), weighting="simans", margin=0.1, backend=backend)
+        loss = fastneg.info_nce(q, k, problem.positives.to(device), weighting="simans", margin=0.1, backend=backend,
+                                symmetric=symmetric)
         loss.backward()
         runs.append((loss.detach(), q.grad, k.grad))
     for a, b in zip(*runs):
