@@ -12,13 +12,15 @@ Implementations (all in one process and one run, on the same inputs):
 - ``st-mnrl``: sentence-transformers' ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``
   (plain rules only; when sentence-transformers is installed);
 - ``inf-cl``: Inf-CL's ``cal_inf_loss`` (plain rules only; CUDA and the ``inf-cl`` package);
+- ``fastneg-two-calls``: the symmetric loss as two fused calls (query-to-key, then the positive
+  keys against the queries), i.e. what the one-pass kernel replaces (``symmetric`` only);
 - ``floor``: the bare matrix products the loss cannot avoid: ``q @ k.T`` for the forward,
   ``dS @ k`` and ``dS.T @ q`` for the backward.
 
 Each implementation is measured for the forward alone (no graph), and for forward + backward,
 from which the backward alone is the time after the forward returned. Rule sets: ``plain``
-InfoNCE, and ``masked``: margin 0.1 + SimANS(0.5, 0) + duplicate labels (one key in 16 shares
-its label with another). Time: device-synchronised wall clock, best of the timed rounds after
+InfoNCE, ``masked``: margin 0.1 + SimANS(0.5, 0) + duplicate labels (one key in 16 shares
+its label with another), and ``symmetric``: the plain CLIP loss, both directions. Time: device-synchronised wall clock, best of the timed rounds after
 a warm-up round (which covers Triton compilation and autotuning and torch.compile).
 Peak memory: :func:`fastneg.profiling.peak_memory`. A call that exceeds the memory budget
 (CPU: the address-space limit is set to the budget above current use; CUDA: the allocator's
@@ -47,7 +49,7 @@ from fastneg.reference import info_nce_reference
 
 from .options import Rules, SimANS
 
-RULE_SETS = ("plain", "masked")
+RULE_SETS = ("plain", "masked", "symmetric")
 OPS = ("forward", "backward", "forward+backward")
 TEMPERATURE = 0.05
 
@@ -73,6 +75,8 @@ class Case:
             labels = torch.arange(self.B)
             labels[1::16] = labels[0::16][: labels[1::16].numel()]  # planted duplicates
             options.update(margin=0.1, weighting=SimANS(0.5, 0.0), key_labels=labels.to(self.device))
+        elif self.rules == "symmetric":
+            options.update(symmetric=True)
         return q, k, options
 
 
@@ -81,6 +85,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 def _fastneg(backend: str) -> LossFn:
     return lambda q, k, opts: fastneg.info_nce(q, k, backend=backend, **opts)
+
+
+def _two_calls(backend: str) -> LossFn:
+    def both_ways(q: torch.Tensor, k: torch.Tensor, opts: dict) -> torch.Tensor:
+        one_way = {n: v for n, v in opts.items() if n != "symmetric"}
+        return (fastneg.info_nce(q, k, backend=backend, **one_way) + fastneg.info_nce(k, q, backend=backend, **one_way)) / 2
+    return both_ways
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, opts: dict) -> torch.Tensor:
@@ -134,13 +145,12 @@ def _inf_cl() -> Optional[LossFn]:
 def implementations(device: torch.device, chunk: int = 1024) -> dict[str, tuple[LossFn, tuple[str, ...]]]:
     """name -> (loss function, rule sets it implements)."""
     impls: dict[str, tuple[LossFn, tuple[str, ...]]] = {}
-    if device.type == "cuda":
-        impls["fastneg-triton"] = (_fastneg("triton"), RULE_SETS)
-    else:
-        impls["fastneg-cpu"] = (_fastneg("cpu"), RULE_SETS)
+    backend = "triton" if device.type == "cuda" else "cpu"
+    impls[f"fastneg-{backend}"] = (_fastneg(backend), RULE_SETS)
+    impls["fastneg-two-calls"] = (_two_calls(backend), ("symmetric",))
     impls["naive"] = (_naive, RULE_SETS)
     impls["naive-compile"] = (torch.compile(_naive, dynamic=False), RULE_SETS)
-    impls["chunked"] = (make_chunked(chunk), RULE_SETS)
+    impls["chunked"] = (make_chunked(chunk), ("plain", "masked"))
     for name, fn in (("st-mnrl", _st_mnrl()), ("inf-cl", _inf_cl())):
         if fn is not None:
             impls[name] = (fn, ("plain",))

@@ -19,7 +19,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (N = B)")
     p.add_argument("--dims", type=int, nargs="+", help="embedding dims D")
     p.add_argument("--dtypes", nargs="+", help="float32 float16 bfloat16 (float64 on CPU)")
-    p.add_argument("--rules", nargs="+", choices=["plain", "masked"], help="rule sets")
+    p.add_argument("--rules", nargs="+", choices=["plain", "masked", "symmetric"], help="rule sets")
     p.add_argument("--impls", nargs="+", help="only these implementations (default: every one available)")
     p.add_argument("--rounds", type=int, help="timed rounds per measurement (after one warm-up)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -17,20 +17,20 @@ COLUMNS = {"date", "device", "device_name", "torch_version", "triton_version", "
 def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "fastneg.cli", "bench", "--sizes", "64", "128", "--dims", "8", "--rules", "plain",
-           "masked", "--rounds", "1", "--device", "cpu", "--out", str(out)]
+           "masked", "symmetric", "--rounds", "1", "--device", "cpu", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert "bench.csv" in files and "bench.md" in files
     pngs = [f for f in files if f.endswith(".png")]
-    assert len(pngs) == 2 and all((out / f).stat().st_size > 10_000 for f in pngs)
+    assert len(pngs) == 3 and all((out / f).stat().st_size > 10_000 for f in pngs)
 
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert COLUMNS <= set(rows[0])
     impls = {r["impl"] for r in rows}
-    assert {"fastneg-cpu", "naive", "naive-compile", "chunked", "floor"} <= impls
+    assert {"fastneg-cpu", "fastneg-two-calls", "naive", "naive-compile", "chunked", "floor"} <= impls
     assert {r["op"] for r in rows} == {"forward", "backward", "forward+backward"}
     for r in rows:
         assert r["status"] == "ok", r
@@ -42,6 +42,7 @@ def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
 
     text = (out / "bench.md").read_text()
     assert "## forward+backward, masked rules, float32, D = 8" in text
+    assert "## forward+backward, symmetric rules, float32, D = 8" in text
     assert "## Scaling" in text and "Reproduce: `fastneg bench" in text
 
 
