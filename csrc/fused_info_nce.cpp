@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -727,6 +728,150 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
   return {out[0], out[1], out[2]};
 }
 
+
+// ---- Negative sampling (SPEC section 5) -----------------------------------------------------------
+//
+// The same tiles, rules and classification as the loss; each row keeps a running top-k (a heap
+// of its k best candidates) over the unmasked negatives, scored by
+//   top:     s_ij
+//   simans:  log w_ij + G_ij   (Gumbel-top-k: a draw without replacement, P(j) ~ w_ij)
+//   uniform: G_ij
+// with G_ij standard Gumbel noise that is a pure function of (seed, i, j), so draws do not depend
+// on tiling or threads (and the Triton sampler computes the same bits).
+
+constexpr int64_t kStrategyTop = 0;
+constexpr int64_t kStrategySimANS = 1;
+constexpr int64_t kStrategyUniform = 2;
+
+inline uint32_t mix32(uint32_t x) {  // "lowbias32" integer hash
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline float gumbel_noise(uint32_t seed, int64_t i, int64_t j) {
+  const uint32_t h = mix32(mix32(mix32(seed) ^ static_cast<uint32_t>(i)) ^ static_cast<uint32_t>(j));
+  const float u = (static_cast<float>(h >> 8) + 0.5f) * (1.0f / 16777216.0f);  // in (0, 1)
+  return -std::log(-std::log(u));
+}
+
+// The k best (value, key) pairs seen so far; better = larger value, then smaller key index.
+template <typename T>
+class RunningTopK {
+ public:
+  explicit RunningTopK(int64_t k) : k_(k) { heap_.reserve(k); }
+  void clear() { heap_.clear(); }
+  // candidates must beat this to enter (keys arrive in increasing index, so ties never do)
+  T floor() const { return static_cast<int64_t>(heap_.size()) < k_ ? neg_inf<T>() : heap_.front().first; }
+  void offer(T value, int64_t key) {
+    if (static_cast<int64_t>(heap_.size()) < k_) {
+      heap_.emplace_back(value, key);
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    } else if (value > heap_.front().first) {
+      std::pop_heap(heap_.begin(), heap_.end(), better);
+      heap_.back() = {value, key};
+      std::push_heap(heap_.begin(), heap_.end(), better);
+    }
+  }
+  // best first, padded with -1
+  void write(int64_t* out) {
+    std::sort_heap(heap_.begin(), heap_.end(), better);
+    for (int64_t c = 0; c < k_; ++c) out[c] = c < static_cast<int64_t>(heap_.size()) ? heap_[c].second : -1;
+  }
+
+ private:
+  static bool better(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  }
+  int64_t k_;
+  std::vector<std::pair<T, int64_t>> heap_;
+};
+
+template <typename T, typename K>
+at::Tensor sample_impl(const Inputs& in, const RuleArgs& rules, int64_t strategy, int64_t k, uint32_t seed) {
+  const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
+  const auto opts = in.query.options();
+  at::Tensor out = at::empty({g.B, k}, opts.dtype(at::kLong));
+  at::Tensor pos_score = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
+  const Shared<T> sh(in, g, 1.0, rules);  // temperature 1: the "logits" are the raw scores
+  row_states<T>(in, g, sh, rules, pos_score.data_ptr<T>(), thr.data_ptr<T>(), gthr.data_ptr<T>());
+  const T a = sh.a, b = sh.b;
+  const int weighting = strategy == kStrategySimANS ? kWeightSimANS : kWeightNone;
+
+  dispatch_flags(weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
+    at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
+      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
+      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      at::Tensor gq_blk, t_tile;
+      if (GUIDE) {
+        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
+        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      }
+      std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<RunningTopK<T>> best(kRowBlock, RunningTopK<T>(k));
+      std::vector<RowView<T>> rows(kRowBlock);
+      for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+        const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
+        fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+        if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+        for (int64_t r = 0; r < nr; ++r) {
+          rows[r] = make_row<T>(sh, r0 + r, pos_score.data_ptr<T>()[r0 + r], thr.data_ptr<T>()[r0 + r],
+                                gthr.data_ptr<T>()[r0 + r]);
+          best[r].clear();
+        }
+        for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
+          const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
+          at::mm_out(s_tile, q_blk, sh.key_tiles.tile(kt).t());
+          if (GUIDE) at::mm_out(t_tile, gq_blk, sh.guide_tiles->tile(kt).t());
+          const T* s_data = s_tile.data_ptr<T>();
+          const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+          for (int64_t r = 0; r < nr; ++r) {
+            const TileView<T> tile =
+                make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
+            K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(), log_w.data());
+            const T* value = W == kWeightSimANS ? log_w.data() : x.data();  // -inf off the negatives
+            RunningTopK<T>& top = best[r];
+            const int64_t i = r0 + r;
+            for (int64_t c = 0; c < nc; ++c) {
+              T v = value[c];
+              if (!(v > neg_inf<T>())) continue;  // masked, the positive, or NaN: never drawn
+              if (strategy == kStrategySimANS) v += T(gumbel_noise(seed, i, j0 + c));
+              else if (strategy == kStrategyUniform) v = T(gumbel_noise(seed, i, j0 + c));
+              if (v > top.floor()) top.offer(v, j0 + c);
+            }
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) best[r].write(out.data_ptr<int64_t>() + (r0 + r) * k);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor sample_negatives_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+                                const std::optional<at::Tensor>& query_labels,
+                                const std::optional<at::Tensor>& key_labels,
+                                const std::optional<at::Tensor>& guide_query,
+                                const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
+                                std::optional<double> relative_margin, std::optional<double> max_score,
+                                double guide_margin, bool guide_relative, int64_t strategy, double weight_a,
+                                double weight_b, int64_t num_negatives, int64_t seed) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
+  TORCH_CHECK_VALUE(strategy >= kStrategyTop && strategy <= kStrategyUniform, "unknown strategy ", strategy);
+  TORCH_CHECK_VALUE(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  const RuleArgs rules = make_rules(margin, relative_margin, max_score, guide_margin, guide_relative,
+                                    strategy == kStrategySimANS ? kWeightSimANS : kWeightNone, weight_a, weight_b);
+  const uint32_t s = static_cast<uint32_t>(seed);
+  return with_row_kernels([&]<typename K>() {
+    return in.query.scalar_type() == at::kDouble ? sample_impl<double, K>(in, rules, strategy, num_negatives, s)
+                                                 : sample_impl<float, K>(in, rules, strategy, num_negatives, s);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastneg, m) {
@@ -741,11 +886,17 @@ TORCH_LIBRARY(fastneg, m) {
       "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, Tensor col_lse, "
       "Tensor col_offset, int weighting, float weight_a, float weight_b, bool symmetric, bool query_grad, "
       "bool keys_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sample_negatives_cpu(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, Tensor? key_labels, "
+      "Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, float? max_score, "
+      "float guide_margin, bool guide_relative, int strategy, float weight_a, float weight_b, int num_negatives, "
+      "int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastneg, CPU, m) {
   m.impl("info_nce_fwd_cpu", &info_nce_fwd_cpu);
   m.impl("info_nce_bwd_cpu", &info_nce_bwd_cpu);
+  m.impl("sample_negatives_cpu", &sample_negatives_cpu);
 }
 
 }  // namespace fastneg

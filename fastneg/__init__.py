@@ -6,6 +6,7 @@ In-batch similarity, masking and weighting are computed in one pass over score t
 
 from .functional import InfoNCE, InfoNCEStats, info_nce
 from .options import Hardness, SimANS
+from .sampling import sample_negatives
 from .version import __version__
 
-__all__ = ["info_nce", "InfoNCE", "InfoNCEStats", "SimANS", "Hardness", "__version__"]
+__all__ = ["info_nce", "InfoNCE", "InfoNCEStats", "SimANS", "Hardness", "sample_negatives", "__version__"]

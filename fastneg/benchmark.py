@@ -20,7 +20,8 @@ Implementations (all in one process and one run, on the same inputs):
 Each implementation is measured for the forward alone (no graph), and for forward + backward,
 from which the backward alone is the time after the forward returned. Rule sets: ``plain``
 InfoNCE, ``masked``: margin 0.1 + SimANS(0.5, 0) + duplicate labels (one key in 16 shares
-its label with another), and ``symmetric``: the plain CLIP loss, both directions. Time: device-synchronised wall clock, best of the timed rounds after
+its label with another), and ``symmetric``: the plain CLIP loss, both directions.
+Time: device-synchronised wall clock, best of the timed rounds after
 a warm-up round (which covers Triton compilation and autotuning and torch.compile).
 Peak memory: :func:`fastneg.profiling.peak_memory`. A call that exceeds the memory budget
 (CPU: the address-space limit is set to the budget above current use; CUDA: the allocator's

@@ -28,9 +28,10 @@ except ImportError as exc:  # pragma: no cover - an install problem, explained
         "reinstall with `pip install --no-build-isolation .` in the environment that runs fastneg"
     ) from exc
 
-__all__ = ["FORWARD_OPS", "register_fused_op"]
+__all__ = ["FORWARD_OPS", "SAMPLE_OPS", "register_fused_op", "register_sample_op"]
 
 FORWARD_OPS: dict[str, Any] = {}
+SAMPLE_OPS: dict[str, Any] = {}
 
 
 def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
@@ -90,3 +91,17 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
 
 
 register_fused_op("cpu", torch.ops.fastneg.info_nce_fwd_cpu.default, torch.ops.fastneg.info_nce_bwd_cpu.default)
+
+
+def _fake_sample(query: torch.Tensor, *args: Any) -> torch.Tensor:
+    num_negatives = args[-2]
+    return query.new_empty(query.shape[0], num_negatives, dtype=torch.int64)
+
+
+def register_sample_op(name: str, op: Any) -> None:
+    """Attach the fake kernel of a sampler op (``[B, num_negatives]`` int64, no autograd)."""
+    torch.library.register_fake(op)(_fake_sample)
+    SAMPLE_OPS[name] = op
+
+
+register_sample_op("cpu", torch.ops.fastneg.sample_negatives_cpu.default)

@@ -206,6 +206,21 @@ def check_negatives(negatives: object, B: int, N: int, device: torch.device) -> 
         raise ValueError(f"negatives must be key indices in [0, N) = [0, {N}) or -1 for none")
 
 
+def check_num_negatives(num_negatives: object) -> None:
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int):
+        raise TypeError(f"num_negatives must be an int, got {type(num_negatives).__name__}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+
+
+def check_exclude(exclude: object, B: int, N: int, device: torch.device) -> None:
+    exclude = _check_index_tensor("exclude", exclude, device)
+    if exclude.dim() != 2 or exclude.shape[0] != B:
+        raise ValueError(f"exclude must have shape [B, E] with B = {B}, got {tuple(exclude.shape)}")
+    if not _is_compiling() and exclude.numel() and bool(((exclude < -1) | (exclude >= N)).any()):
+        raise ValueError(f"exclude must be key indices in [0, N) = [0, {N}) or -1 for none")
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -468,3 +468,89 @@ def _info_nce_bwd_dk_kernel(
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
     tl.store(dk_ptr + cols[:, None] * stride_dk + d_out[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=col_valid[:, None] & (d_out[None, :] < D))
+
+
+# --- negative sampling (SPEC section 5) ------------------------------------------------------------
+
+STRATEGY_TOP: tl.constexpr = tl.constexpr(0)
+STRATEGY_SIMANS: tl.constexpr = tl.constexpr(1)
+STRATEGY_UNIFORM: tl.constexpr = tl.constexpr(2)
+NEG_INF_KEY: tl.constexpr = tl.constexpr(-2139095041)  # tl_pack's high word for -inf (bits 0xFF800000)
+
+
+@triton.jit
+def tl_mix32(x):
+    """lowbias32 on int64 values < 2^32 (products wrap; the low 32 bits are the uint32 result)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def tl_gumbel(seed_hash, rows, cols):
+    """Standard Gumbel noise of entries (rows x cols): a hash of (seed, i, j), as in the C++ kernel."""
+    h = tl_mix32((rows.to(tl.int64) & 0xFFFFFFFF) ^ seed_hash)
+    h = tl_mix32(h[:, None] ^ (cols.to(tl.int64)[None, :] & 0xFFFFFFFF))
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def tl_pack(value, cols):
+    """(value, key index) as one int64 that orders like (value, then smaller index first):
+    the float's bits made order-preserving in the high word, the inverted index in the low word."""
+    bits = value.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))
+
+
+@triton.jit
+def _sample_negatives_kernel(
+    q_ptr, k_ptr, pos_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, out_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, seed_hash, num_negatives,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
+    HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
+    STRATEGY: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """One program per block of rows; a running top-K_PAD of packed (value, index) per row, merged
+    with each tile's own top-K_PAD (tl.topk over the joined pair)."""
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+    s_pos, threshold, guide_threshold = tl_row_state(
+        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
+        stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, GUIDE_RELATIVE,
+        HAS_MARGIN, HAS_RELATIVE_MARGIN, HAS_MAX_SCORE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    no_value = tl.full((BLOCK_M, K_PAD), float("-inf"), tl.float32)
+    best = tl_pack(no_value, tl.zeros((BLOCK_M, K_PAD), tl.int64) + 0xFFFFFFFF)  # below every real entry
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_valid = cols < N
+        s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        t = s
+        if HAS_GUIDE:
+            t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        _, _, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                     guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+        if STRATEGY == STRATEGY_TOP:
+            value = s
+        elif STRATEGY == STRATEGY_SIMANS:
+            d = s - s_pos[:, None] - weight_b
+            value = -weight_a * d * d + tl_gumbel(seed_hash, rows, cols)
+        else:
+            value = tl_gumbel(seed_hash, rows, cols) + 0.0 * s
+        value = tl.where(negative & (s == s), value, float("-inf"))  # NaN scores are never drawn
+        tile_best = tl.topk(tl_pack(value, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), tl.int64)), K_PAD)
+        best = tl.topk(tl.reshape(tl.join(best, tile_best), (BLOCK_M, 2 * K_PAD)), K_PAD)
+    valid = (best >> 32) > NEG_INF_KEY
+    index = tl.where(valid, 0xFFFFFFFF - (best & 0xFFFFFFFF), -1)
+    slots = tl.arange(0, K_PAD)
+    tl.store(out_ptr + rows[:, None] * num_negatives + slots[None, :], index,
+             mask=row_valid[:, None] & (slots[None, :] < num_negatives))

@@ -18,6 +18,7 @@ from .triton_kernels import (
     _info_nce_columns_kernel,
     _info_nce_fwd_kernel,
     _info_nce_row_state_kernel,
+    _sample_negatives_kernel,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -205,3 +206,48 @@ def info_nce_bwd_triton(
 
 
 ops.register_fused_op("triton", info_nce_fwd_triton, info_nce_bwd_triton)
+
+# The fused sampler keeps a [rows, K_PAD] running top-k in registers; beyond this the Python
+# layer samples row chunks densely instead (fastneg.sampling).
+MAX_FUSED_NEGATIVES = 512
+
+
+def _mix32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton_op("fastneg::sample_negatives_triton", mutates_args={})
+def sample_negatives_triton(
+    query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+    margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float], guide_margin: float,
+    guide_relative: bool, strategy: int, weight_a: float, weight_b: float, num_negatives: int, seed: int,
+) -> torch.Tensor:
+    p = _Problem.of(query, keys, guide_query, guide_keys)
+    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
+    k_pad = triton.next_power_of_2(num_negatives)
+    if k_pad > MAX_FUSED_NEGATIVES:
+        raise ValueError(f"num_negatives: the fused Triton sampler takes at most {MAX_FUSED_NEGATIVES}, got {num_negatives}")
+    # the running top-k lives in registers: fewer rows per program for a larger k
+    block_m = cfg.block_m if q.device.type != "cuda" else (64 if k_pad <= 32 else 32 if k_pad <= 128 else 16)
+    block_n = max(cfg.block_n, k_pad)
+    out = torch.empty(B, num_negatives, dtype=torch.int64, device=q.device)
+    qlab, klab, levels = _labels(query_labels, key_labels, positives)
+    wrap_triton(_sample_negatives_kernel)[(triton.cdiv(B, block_m),)](
+        q, k, positives, qlab, klab, gq, gk, out, B, N, D, DG, *p.strides,
+        0.0 if margin is None else margin, 0.0 if relative_margin is None else relative_margin,
+        0.0 if max_score is None else max_score, guide_margin, weight_a, weight_b, _mix32(seed), num_negatives,
+        NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
+        HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
+        HAS_MAX_SCORE=max_score is not None, STRATEGY=strategy, PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad,
+    )
+    return out
+
+
+ops.register_sample_op("triton", sample_negatives_triton)
