@@ -48,6 +48,7 @@ setup(
         "triton": ["triton>=3.2"],
         "faiss": ["faiss-cpu"],
         "faiss-gpu": ["faiss-gpu"],
+        "parquet": ["pyarrow"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.2", "ruff"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "sentence-transformers": ["sentence-transformers>=5.0", "datasets", "accelerate"],

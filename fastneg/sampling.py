@@ -57,12 +57,13 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise G[i, j] for ``rows`` [R] x ``cols`` [C] under ``seed``, float32,
-    bit for bit the kernels' integers (the final logs may differ in the last ulp)."""
+    """Standard Gumbel noise G[i, j] under ``seed`` for broadcastable index tensors ``rows`` and
+    ``cols`` (e.g. [R, 1] and [1, C]), float32, bit for bit the kernels' integers (the final logs
+    may differ in the last ulp)."""
     m = 0xFFFFFFFF
     h = _mix32(torch.tensor(seed & m, dtype=torch.int64, device=rows.device))
-    h = _mix32(h ^ (rows.long()[:, None] & m))
-    h = _mix32(h ^ (cols.long()[None, :] & m))
+    h = _mix32(h ^ (rows.long() & m))
+    h = _mix32(h ^ (cols.long() & m))
     u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
     return -torch.log(-torch.log(u))
 
@@ -226,8 +227,8 @@ def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positive
     if code == STRATEGY_TOP:
         values = scores
     else:
-        noise = gumbel_noise(seed, torch.arange(first_row, first_row + B, device=query.device),
-                             torch.arange(N, device=query.device))
+        noise = gumbel_noise(seed, torch.arange(first_row, first_row + B, device=query.device)[:, None],
+                             torch.arange(N, device=query.device)[None, :])
         if code == STRATEGY_UNIFORM:
             values = noise.to(scores.dtype)
         else:
