@@ -46,8 +46,10 @@ from torch import Tensor, nn
 from ..cached import RandState, batch_rows, chunk_ranges, slice_rows
 from ..options import Hardness, SimANS, check_backend
 from ._losses import DIRECTIONS, HARDNESS_MODES, BlockRules, gist_loss, ranking_loss
+from ._mining import mine_hard_negatives
 
 __all__ = [
+    "mine_hard_negatives",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
     "CachedMultipleNegativesRankingLoss",
