@@ -109,3 +109,14 @@ def test_bad_arguments(model) -> None:
         mine_hard_negatives(data, model, sampling_strategy="hardest", verbose=False)
     with pytest.raises(ValueError, match="empty"):
         mine_hard_negatives(data.select([]), model, verbose=False)
+
+
+def test_cache_folder_is_shared_with_sentence_transformers(model, tmp_path) -> None:
+    """Embeddings cached by sentence-transformers are found by fastneg (no new cache files)."""
+    data = _dataset()
+    theirs = st_mine(data, model, output_format="n-tuple", cache_folder=str(tmp_path), verbose=False)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2
+    ours = mine_hard_negatives(data, model, output_format="n-tuple", cache_folder=str(tmp_path), verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    _same(ours, theirs)

@@ -17,13 +17,18 @@ Differences, on purpose:
   uniformly without replacement from the window (seeded by ``seed``).
 - ``query_labels``-style duplicate masking comes free: corpus texts equal to the query's
   positive texts are never negatives (the corpus is de-duplicated, as in sentence-transformers).
-- Not supported: ``cross_encoder`` rescoring, ``use_multi_process``, ``cache_folder``.
+- ``cache_folder`` uses sentence-transformers' file names and hashes, so either library reads
+  the embeddings the other saved.
+- Not supported: ``cross_encoder`` rescoring, ``use_multi_process``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from ..mining import mine_hard_negatives as _mine
@@ -33,10 +38,23 @@ _FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
 
 def _encode(model: Any, texts: list[str], kind: str, prompt_name: Optional[str], prompt: Optional[str],
-            batch_size: int, verbose: bool) -> torch.Tensor:
+            batch_size: int, verbose: bool, cache_folder: Optional[str]) -> torch.Tensor:
+    cache_file = None
+    if cache_folder:
+        # sentence-transformers' cache layout: <kind>_embeddings_<sha256 of (model, prompt, prompt name, texts)>.npy
+        model_name = getattr(getattr(model, "model_card_data", None), "base_model", None) or ""
+        digest = hashlib.sha256(repr((model_name, prompt, prompt_name, texts)).encode(), usedforsecurity=False)
+        name = "query" if kind == "query" else "corpus"
+        cache_file = os.path.join(cache_folder, f"{name}_embeddings_{digest.hexdigest()}.npy")
+        if os.path.exists(cache_file):
+            return torch.from_numpy(np.load(cache_file, allow_pickle=False)).float()
     encode = getattr(model, f"encode_{kind}", None) or model.encode
-    return encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
-                  show_progress_bar=verbose, prompt_name=prompt_name, prompt=prompt).float()
+    emb = encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
+                 show_progress_bar=verbose, prompt_name=prompt_name, prompt=prompt).float()
+    if cache_file:
+        os.makedirs(cache_folder, exist_ok=True)
+        np.save(cache_file, emb.cpu().numpy())
+    return emb
 
 
 def mine_hard_negatives(
@@ -63,6 +81,7 @@ def mine_hard_negatives(
     faiss_batch_size: int = 16384,
     use_faiss: bool = False,
     verbose: bool = True,
+    cache_folder: Optional[str] = None,
     *,
     index: Any = None,
     seed: Optional[int] = None,
@@ -113,8 +132,9 @@ def mine_hard_negatives(
     if range_max is not None and num_negatives > range_max - range_min:
         raise ValueError(f"cannot mine {num_negatives} negatives from ranks [{range_min}, {range_max})")
 
-    corpus_emb = _encode(model, corpus, "document", corpus_prompt_name, corpus_prompt, batch_size, verbose)
-    query_emb = _encode(model, queries, "query", query_prompt_name, query_prompt, batch_size, verbose)
+    corpus_emb = _encode(model, corpus, "document", corpus_prompt_name, corpus_prompt, batch_size, verbose,
+                         cache_folder)
+    query_emb = _encode(model, queries, "query", query_prompt_name, query_prompt, batch_size, verbose, cache_folder)
     strategy = "uniform" if sampling_strategy == "random" else sampling_strategy
     if index is None:
         index = "flat" if use_faiss else "exact"
