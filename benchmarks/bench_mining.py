@@ -13,8 +13,10 @@ names, so neither encodes anything: the time is the mining and the dataset assem
 Rows: sentence-transformers with its defaults (``faiss_batch_size=16384``: a 16384 x N score
 matrix per step), with ``faiss_batch_size=1024``, and with ``use_faiss=True``; fastneg's exact
 (fused) search and its FAISS flat search through the same dataset function; and fastneg's core
-``mine_hard_negatives`` on the embedding tensors alone. Peak memory: the process's resident-set
-peak above its footprint just before the call; an address-space cap (``--memory-cap-gib``) turns
+``mine_hard_negatives`` on the embedding tensors alone; and the floor, the query x corpus matrix
+products alone (4096 queries at a time, results discarded). Peak memory: the resident-set peak
+during the call (reset at its start) above the footprint at its start, so it includes the
+embeddings each library loads from the cache inside the call; an address-space cap (``--memory-cap-gib``) turns
 an allocation beyond it into ``oom``.
 """
 
@@ -41,6 +43,7 @@ IMPLS = {
     "fastneg (exact, fused)": dict(lib="fastneg"),
     "fastneg (use_faiss, flat)": dict(lib="fastneg", use_faiss=True),
     "fastneg core (embeddings only)": dict(lib="core"),
+    "floor: query x corpus products only": dict(lib="floor"),
 }
 
 
@@ -61,6 +64,7 @@ def prepare(args: argparse.Namespace, work: str) -> None:
     corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
     queries = corpus[:Q] + (0.5 / np.sqrt(D)) * rng.standard_normal((Q, D)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    corpus, queries = corpus.astype(np.float32), queries.astype(np.float32)  # as a model's encode returns them
     q_texts, docs = _texts(Q, N)
     model = st.SentenceTransformer(str(get_model_path()), device="cpu")
     model_name = model.model_card_data.base_model or ""
@@ -89,14 +93,6 @@ def _agreement(work: str, name: str, ref: str, Q: int) -> str:
     return f"{sum(x is not None and x == y for x, y in zip(a, b)) / Q:.4f}"
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_one(name: str, args: argparse.Namespace, work: str) -> dict:
     import datasets
     import sentence_transformers as st
@@ -113,7 +109,7 @@ def run_one(name: str, args: argparse.Namespace, work: str) -> dict:
     data = datasets.Dataset.from_dict({"query": q_texts, "answer": docs[:Q]})
     model = st.SentenceTransformer(str(get_model_path()), device="cpu")
     queries = corpus = None
-    if lib == "core":
+    if lib in ("core", "floor"):
         queries = torch.from_numpy(np.load(os.path.join(work, "queries.npy")))
         corpus = torch.from_numpy(np.load(os.path.join(work, "corpus.npy")))
     common = dict(num_negatives=args.num_negatives, relative_margin=0.05, output_format="n-tuple", verbose=False,
@@ -121,38 +117,41 @@ def run_one(name: str, args: argparse.Namespace, work: str) -> dict:
     if args.memory_cap_gib:
         cap = int(args.memory_cap_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    before = _rss_bytes()
+    from fastneg.profiling import peak_memory
+
+    status, rows, negatives, out = "ok", None, None, None
     start = time.perf_counter()
-    status, rows, negatives = "ok", None, None
-    try:
-        if lib == "st":
-            out = st.util.mine_hard_negatives(data, model, **common, **spec)
-        elif lib == "fastneg":
-            out = fn_mine(data, model, **common, **spec)
-        else:
-            mined = fastneg.mine_hard_negatives(queries, corpus, torch.arange(Q), args.num_negatives,
-                                                relative_margin=0.05)
-            out = None
-            rows = int((mined.indices >= 0).all(1).sum())
-            negatives = mined.indices.tolist()
-        if out is not None:
-            rows = len(out)
-            names = [f"negative_{i + 1}" for i in range(args.num_negatives)]
-            cols = out.select_columns(["query", *names]).to_dict()
-            index = {d: j for j, d in enumerate(docs)}
-            negatives = {q: [index[cols[n][r]] for n in names] for r, q in enumerate(cols["query"])}
-            negatives = [negatives.get(q) for q in q_texts]
-    except MemoryError:
-        status = "oom"
-    except RuntimeError as exc:
-        if "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
-            raise
-        status = "oom"
+    with peak_memory("cpu") as peak:  # resident-set peak, reset at entry, minus the footprint at entry
+        try:
+            if lib == "st":
+                out = st.util.mine_hard_negatives(data, model, **common, **spec)
+            elif lib == "fastneg":
+                out = fn_mine(data, model, **common, **spec)
+            elif lib == "floor":
+                for r in range(0, Q, 4096):
+                    queries[r:r + 4096] @ corpus.T
+            else:
+                mined = fastneg.mine_hard_negatives(queries, corpus, torch.arange(Q), args.num_negatives,
+                                                    relative_margin=0.05)
+                rows = int((mined.indices >= 0).all(1).sum())
+                negatives = mined.indices.tolist()
+        except MemoryError:
+            status = "oom"
+        except RuntimeError as exc:
+            if "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
+                raise
+            status = "oom"
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if out is not None:
+        rows = len(out)
+        names = [f"negative_{i + 1}" for i in range(args.num_negatives)]
+        cols = out.select_columns(["query", *names]).to_dict()
+        index = {d: j for j, d in enumerate(docs)}
+        by_query = {q: [index[cols[n][r]] for n in names] for r, q in enumerate(cols["query"])}
+        negatives = [by_query.get(q) for q in q_texts]
     with open(_negatives_file(work, name), "w") as f:
         json.dump(negatives, f)
-    return dict(name=name, status=status, seconds=seconds, peak_mib=max(0, peak - before) / 2**20, rows=rows,
+    return dict(name=name, status=status, seconds=seconds, peak_mib=peak.mib, rows=rows,
                 threads=torch.get_num_threads())
 
 

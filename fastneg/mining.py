@@ -256,7 +256,11 @@ def mine_hard_negatives(
 
 
 def _scores_of(qb: torch.Tensor, corpus: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    s = torch.einsum("bd,bkd->bk", qb, corpus[idx.clamp(min=0)]).float()
+    """q_i . corpus[idx[i, c]], gathering at most ~2^24 embedding values at a time."""
+    rows = max(1, 2**24 // max(1, idx.shape[1] * corpus.shape[1]))
+    parts = [torch.einsum("bd,bkd->bk", qb[r:r + rows], corpus[idx[r:r + rows].clamp(min=0)]).float()
+             for r in range(0, max(1, idx.shape[0]), rows)]
+    s = torch.cat(parts) if parts else idx.new_zeros(idx.shape, dtype=torch.float32)
     return s.masked_fill(idx < 0, float("-inf"))
 
 

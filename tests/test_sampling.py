@@ -235,3 +235,14 @@ def test_bad_input() -> None:
         fastneg.sample_negatives(q, k, torch.tensor([0, 1, 2, 9]), 2, strategy="top")
     with pytest.raises(ValueError, match="keys"):
         fastneg.sample_negatives(q, torch.randn(6, 4), None, 2, strategy="top")
+
+
+def test_triton_half_precision_top() -> None:
+    """float16 inputs (scores accumulate in float32): the drawn keys are the top candidates."""
+    problem, options = build("labels", 20, 48, 16, seed=12, peaked=True)
+    got = _sample(problem, "triton", 5, torch.float16, strategy="top", **options)
+    cand = _candidates(problem, options)
+    scores = (problem.query @ problem.keys.T).masked_fill(~cand, float("-inf"))
+    best = torch.sort(scores, dim=1, descending=True).values[:, :5]
+    assert bool((got >= 0).all()) and bool(cand.gather(1, got).all())
+    assert torch.allclose(scores.gather(1, got), best, atol=2e-3)
