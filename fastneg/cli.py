@@ -97,6 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     _bench_parser(sub)
     from . import mine_cli
     mine_cli.add_parser(sub)
+    if argv[:1] == ["quality"]:  # its own parser (fastneg.quality)
+        from . import quality
+        return quality.main(argv[1:])
+    sub.add_parser("quality", help="training-quality benchmark with planted false negatives (fastneg quality --help)")
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     if args.command == "bench":

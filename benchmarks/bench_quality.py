@@ -1,0 +1,11 @@
+"""The training-quality benchmark (``fastneg quality``), runnable from here:
+
+    python benchmarks/bench_quality.py --out benchmarks/results/quality_cpu_<date>
+"""
+
+import sys
+
+from fastneg.quality import main
+
+if __name__ == "__main__":
+    sys.exit(main())

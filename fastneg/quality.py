@@ -1,0 +1,251 @@
+"""``fastneg quality``: does masking or weighting recover retrieval quality when batches hold
+false negatives? A synthetic task where the truth is known.
+
+The task (the demo's, :class:`fastneg.demo.SyntheticRetrieval`): documents come in topic groups
+(an original plus exact duplicates, which share a document id, and near-duplicates, which do
+not); every member of a group is relevant to a query about the group. Queries and documents are
+two noisy views of the group's latent vector, encoded by two small MLP towers trained from
+scratch.
+
+Planted false negatives. Each training batch holds B queries with one positive document each.
+A share ``rate`` of the in-batch keys (0 %, 10 %, 30 %) are relevant to another query of the
+batch: pairs of queries about the same group are drawn (each pair makes both of its keys false
+negatives for the other query; the two positives are group members, so exact duplicates,
+near-duplicates or the same document); all other queries are about distinct groups.
+
+Methods, all through :func:`fastneg.info_nce` with the same temperature, steps and data:
+plain InfoNCE; ``labels`` (document ids: exact duplicates masked); ``relative_margin`` 0.05
+(NV-Retriever TopK-PercPos); ``margin`` 0.1; ``SimANS`` (a = 0.5, b = 0, detached weights);
+``labels + relative_margin + SimANS``; ``GIST (noisy guide)``: a guide model's scores mask keys
+scoring above the positive's (the guide sees the true latent vectors plus noise).
+
+Metrics on held-out queries against the whole corpus: recall@10 (share of the query's relevant
+documents in the top 10, out of at most 10) and nDCG@10 (binary relevance), mean and standard
+deviation over seeds. Nothing here is tuned per method; the task's parameters are the demo's
+apart from its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+import fastneg
+from fastneg.demo import SyntheticRetrieval, TaskConfig, tower
+
+RATES = (0.0, 0.1, 0.3)
+GUIDE_NOISE = 0.5  # the guide's view of the true latents: latent + N(0, GUIDE_NOISE^2) per coordinate
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    num_groups: int = 6000
+    batch_size: int = 512
+    steps: int = 150
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rates: tuple[float, ...] = RATES
+    held_out_queries: int = 1000
+
+    def task(self, seed: int) -> TaskConfig:
+        return TaskConfig(num_groups=self.num_groups, batch_size=self.batch_size, steps=self.steps, seed=seed,
+                          held_out_queries=self.held_out_queries)
+
+
+class PlantedBatches:
+    """Training batches with a controlled share of planted false negatives (module docstring)."""
+
+    def __init__(self, task: SyntheticRetrieval, rate: float, seed: int) -> None:
+        self.task, self.rate = task, rate
+        self.g = torch.Generator().manual_seed(10_000 + seed)
+        g = torch.Generator().manual_seed(20_000 + seed)
+        # the guide: a noisy view of the true latents, for queries (by group) and documents
+        cfg = task.cfg
+        self.guide_groups = torch.nn.functional.normalize(
+            task.latents + GUIDE_NOISE * torch.randn(task.latents.shape, generator=g), dim=-1)
+        doc_noise = GUIDE_NOISE * torch.randn(task.doc_group.numel(), cfg.latent_dim, generator=g)
+        self.guide_docs = torch.nn.functional.normalize(task.latents[task.doc_group] + doc_noise, dim=-1)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        task, g = self.task, self.g
+        B = task.cfg.batch_size
+        pairs = int(round(self.rate * B / 2))
+        distinct = torch.randperm(task.cfg.num_groups, generator=g)[: B - pairs]
+        groups = torch.cat([distinct[:pairs].repeat_interleave(2), distinct[pairs:]])
+        groups = groups[torch.randperm(B, generator=g)]
+        docs = torch.tensor([task.group_members[grp][int(torch.randint(0, len(task.group_members[grp]), (1,),
+                                                                           generator=g))]
+                             for grp in groups.tolist()])
+        dev = task.device
+        return {"features": task._queries(groups, g).to(dev), "docs": docs.to(dev),
+                "doc_ids": task.doc_id[docs].to(dev), "groups": groups,
+                "guide_query": self.guide_groups[groups].to(dev), "guide_keys": self.guide_docs[docs].to(dev)}
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def methods(temperature: float) -> dict[str, LossFn]:
+    t = temperature
+    simans = fastneg.SimANS(0.5, 0.0)
+    return {
+        "InfoNCE": lambda q, k, b: fastneg.info_nce(q, k, temperature=t),
+        "labels": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, key_labels=b["doc_ids"]),
+        "relative_margin 0.05": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, relative_margin=0.05),
+        "margin 0.1": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, margin=0.1),
+        "SimANS": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, weighting=simans),
+        "labels + relative_margin + SimANS": lambda q, k, b: fastneg.info_nce(
+            q, k, temperature=t, key_labels=b["doc_ids"], relative_margin=0.05, weighting=simans),
+        "GIST (noisy guide)": lambda q, k, b: fastneg.info_nce(
+            q, k, temperature=t, guide_query=b["guide_query"], guide_keys=b["guide_keys"], guide_margin=0.0),
+    }
+
+
+@torch.no_grad()
+def evaluate(task: SyntheticRetrieval, query_tower: torch.nn.Module, doc_tower: torch.nn.Module) -> dict[str, float]:
+    docs = torch.nn.functional.normalize(doc_tower(task.doc_features), dim=-1)
+    queries = torch.nn.functional.normalize(query_tower(task.eval_queries), dim=-1)
+    top = (queries @ docs.T).topk(10, dim=1).indices.cpu()
+    rel = (task.doc_group[top] == task.eval_groups[:, None]).float()  # [Q, 10]
+    n_rel = torch.tensor([min(10, len(task.group_members[grp])) for grp in task.eval_groups.tolist()])
+    discount = 1.0 / torch.log2(torch.arange(2, 12).float())
+    dcg = (rel * discount).sum(1)
+    idcg = torch.stack([discount[:n].sum() for n in n_rel.tolist()])
+    return {"recall@10": float((rel.sum(1) / n_rel).mean()), "ndcg@10": float((dcg / idcg).mean())}
+
+
+def train_one(method: str, rate: float, seed: int, cfg: QualityConfig) -> dict:
+    task_cfg = cfg.task(seed)
+    torch.manual_seed(seed)
+    task = SyntheticRetrieval(task_cfg, torch.device("cpu"))
+    batches = PlantedBatches(task, rate, seed)
+    query_tower, doc_tower = tower(task_cfg), tower(task_cfg)
+    opt = torch.optim.AdamW(list(query_tower.parameters()) + list(doc_tower.parameters()), lr=task_cfg.lr)
+    loss_fn = methods(task_cfg.temperature)[method]
+    for _ in range(task_cfg.steps):
+        b = batches.next()
+        q = torch.nn.functional.normalize(query_tower(b["features"]), dim=-1)
+        k = torch.nn.functional.normalize(doc_tower(task.doc_features[b["docs"]]), dim=-1)
+        loss = loss_fn(q, k, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {"method": method, "rate": rate, "seed": seed, **evaluate(task, query_tower, doc_tower)}
+
+
+def run(cfg: QualityConfig, only: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
+    names = [m for m in methods(0.05) if not only or m in only]
+    results = []
+    for rate in cfg.rates:
+        for name in names:
+            for seed in cfg.seeds:
+                start = time.perf_counter()
+                results.append(train_one(name, rate, seed, cfg))
+                if progress:
+                    r = results[-1]
+                    print(f"rate {rate:.0%} {name:<36} seed {seed}: recall@10 {r['recall@10']:.4f} "
+                          f"nDCG@10 {r['ndcg@10']:.4f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+                          flush=True)
+    return results
+
+
+def summarize(results: list[dict]) -> dict[tuple[float, str], dict[str, tuple[float, float]]]:
+    table: dict[tuple[float, str], dict[str, list[float]]] = {}
+    for r in results:
+        cell = table.setdefault((r["rate"], r["method"]), {"recall@10": [], "ndcg@10": []})
+        for metric in cell:
+            cell[metric].append(r[metric])
+    return {key: {m: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for m, v in cell.items()}
+            for key, cell in table.items()}
+
+
+def markdown(results: list[dict], cfg: QualityConfig) -> str:
+    summary = summarize(results)
+    names = list(dict.fromkeys(r["method"] for r in results))
+    rates = list(dict.fromkeys(r["rate"] for r in results))
+    lines = [f"# Training quality with planted false negatives ({datetime.date.today().isoformat()})", "",
+             f"Synthetic retrieval task (`fastneg.quality`): {cfg.num_groups} topic groups, batch {cfg.batch_size}, "
+             f"{cfg.steps} steps, seeds {list(cfg.seeds)}, {cfg.held_out_queries} held-out queries against the whole "
+             "corpus. Mean +- standard deviation over seeds; delta = method minus plain InfoNCE at the same rate.", ""]
+    for metric in ("recall@10", "ndcg@10"):
+        lines += [f"## {metric}", "", "| method | " + " | ".join(f"{r:.0%} planted" for r in rates) + " | "
+                  + " | ".join(f"delta at {r:.0%}" for r in rates) + " |",
+                  "|---" * (1 + 2 * len(rates)) + "|"]
+        for name in names:
+            cells = [f"{summary[(r, name)][metric][0]:.4f} +- {summary[(r, name)][metric][1]:.4f}" for r in rates]
+            deltas = [f"{summary[(r, name)][metric][0] - summary[(r, 'InfoNCE')][metric][0]:+.4f}"
+                      if (r, "InfoNCE") in summary else "-" for r in rates]
+            lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(results)
+    names = list(dict.fromkeys(r["method"] for r in results))
+    rates = list(dict.fromkeys(r["rate"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric in zip(axes, ("recall@10", "ndcg@10")):
+        for name in names:
+            means = [summary[(r, name)][metric][0] for r in rates]
+            stds = [summary[(r, name)][metric][1] for r in rates]
+            ax.errorbar([100 * r for r in rates], means, yerr=stds, marker="o", capsize=3, label=name)
+        ax.set_xlabel("planted false negatives (% of in-batch keys)")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="fastneg quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--groups", type=int, default=QualityConfig.num_groups)
+    p.add_argument("--batch-size", type=int, default=QualityConfig.batch_size)
+    p.add_argument("--steps", type=int, default=QualityConfig.steps)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(QualityConfig.seeds))
+    p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    p.add_argument("--held-out", type=int, default=QualityConfig.held_out_queries)
+    p.add_argument("--methods", nargs="+", help="a subset of the methods (names as in the table)")
+    p.add_argument("--out", help="folder for quality.md, quality.json and quality.png")
+    args = p.parse_args(argv)
+    for name in args.methods or []:
+        if name not in methods(0.05):
+            print(f"fastneg quality: error: --methods: unknown method {name!r}; known: {list(methods(0.05))}",
+                  file=sys.stderr)
+            return 2
+    cfg = QualityConfig(num_groups=args.groups, batch_size=args.batch_size, steps=args.steps, seeds=tuple(args.seeds),
+                        rates=tuple(args.rates), held_out_queries=args.held_out)
+    results = run(cfg, args.methods)
+    text = markdown(results, cfg)
+    text += "\nReproduce: `fastneg quality " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n"
+    print(text)
+    if args.out:
+        import os
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "quality.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(args.out, "quality.json"), "w") as f:
+            json.dump({"config": asdict(cfg), "runs": results}, f, indent=1)
+        plot(results, os.path.join(args.out, "quality.png"))
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
