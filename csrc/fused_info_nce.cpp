@@ -106,7 +106,32 @@ struct RuleArgs {
   bool guide_relative = false;
   int weighting = kWeightNone;
   double weight_a = 0.0, weight_b = 0.0;
+  std::optional<double> debias;  // DCL's tau_plus
 };
+
+// DCL (Chuang et al. 2020): the row's negative term becomes
+// Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), computed after a shift c.
+// Returns log(e^{l+} + Ng), the shift to add to the negatives' offset (their dL/dl carries a
+// factor 1 / (1 - tau+), or nothing when the floor is active) and the positive's coefficient c+
+// in dL/dl+ = c+ e^{l+ - lse} - 1.
+template <typename T>
+struct DebiasedRow {
+  T lse, offset_shift, positive_coef;
+};
+
+template <typename T>
+DebiasedRow<T> debiased_row(T l_pos, T neg_lse, int64_t count, T tau_plus, T inv_temp) {
+  const T n = T(count);
+  const T log_floor = std::log(n) - inv_temp;  // -inf without negatives
+  T c = l_pos > neg_lse ? l_pos : neg_lse;
+  c = log_floor > c ? log_floor : c;
+  const T raw = (std::exp(neg_lse - c) - n * tau_plus * std::exp(l_pos - c)) / (T(1) - tau_plus);
+  const T floor = n * std::exp(-inv_temp - c);
+  const bool clamped = raw < floor;
+  const T lse = c + std::log(std::exp(l_pos - c) + (clamped ? floor : raw));
+  if (clamped) return {lse, neg_inf<T>(), T(1)};
+  return {lse, -std::log1p(-tau_plus), T(1) - n * tau_plus / (T(1) - tau_plus)};
+}
 
 template <typename T>
 T logaddexp(T a, T b) {
@@ -400,6 +425,8 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
              offset = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
   at::Tensor n_masked = at::empty({g.B}, opts.dtype(at::kLong)), n_neg = at::empty({g.B}, opts.dtype(at::kLong));
   at::Tensor col_lse = at::zeros({g.B}, opts), col_offset = at::zeros({g.B}, opts);
+  at::Tensor pos_coef = at::empty({g.B}, opts);
+  T* const coef_p = pos_coef.data_ptr<T>();
 
   const Shared<T> sh(in, g, temperature, rules);
   const KeyTiles<T>& key_tiles = sh.key_tiles;
@@ -489,10 +516,20 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             const T l_pos = spos_p[i] * inv_temp;
             T row_off = T(0);
             if (W == kWeightSimANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
-            const T total = logaddexp(l_pos, acc[r].value() + row_off);
+            T total, coef = T(1);
+            if (rules.debias) {
+              const DebiasedRow<T> d =
+                  debiased_row(l_pos, acc[r].value() + row_off, cnt_neg[r], T(*rules.debias), inv_temp);
+              total = d.lse;
+              row_off += d.offset_shift;
+              coef = d.positive_coef;
+            } else {
+              total = logaddexp(l_pos, acc[r].value() + row_off);
+            }
             loss_p[i] = total - l_pos;
             lse_p[i] = total;
             off_p[i] = row_off;
+            coef_p[i] = coef;
             n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
             n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
           }
@@ -525,7 +562,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
       }
     });
   }
-  return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset};
+  return {loss, lse, pos_score, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset, pos_coef};
 }
 
 template <typename T, typename K>
@@ -533,8 +570,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
                                       const at::Tensor& lse_in, const at::Tensor& pos_score_in,
                                       const at::Tensor& offset_in, const at::Tensor& thr_in,
                                       const at::Tensor& gthr_in, const at::Tensor& col_lse_in,
-                                      const at::Tensor& col_offset_in, const RuleArgs& rules, bool symmetric,
-                                      bool query_grad, bool keys_grad) {
+                                      const at::Tensor& col_offset_in, const at::Tensor& pos_coef_in,
+                                      const RuleArgs& rules, bool symmetric, bool query_grad, bool keys_grad) {
   const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
   const auto opts = in.query.options();
   const at::Tensor grad_loss = grad_loss_in.to(in.query.scalar_type()).contiguous();
@@ -556,6 +593,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const T* const thr_p = thr.data_ptr<T>();
   const T* const gthr_p = gthr.data_ptr<T>();
   const T* const grad_p = grad_loss.data_ptr<T>();
+  const at::Tensor pos_coef = pos_coef_in.to(in.query.scalar_type()).contiguous();
+  TORCH_CHECK_VALUE(pos_coef.numel() == g.B, "fastneg cpu backend: positive_coef must have B entries");
+  const T* const coef_p = pos_coef.data_ptr<T>();
   // symmetric: loss_i = (row_i + column_{p_i}) / 2, so each direction's dL/ds carries half of g_i
   const T half = symmetric ? T(0.5) : T(1);
   const std::vector<int64_t> owner = symmetric ? column_owners(in) : std::vector<int64_t>();
@@ -633,8 +673,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               const T acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
               std::fill(srow + nc, srow + g.key_tile, T(0));
               const int64_t pc = row.positive - j0;
-              if (pc >= 0 && pc < nc)
-                srow[pc] = scale * std::expm1(row.positive_score * inv_temp - lse.data_ptr<T>()[i]);
+              if (pc >= 0 && pc < nc) {
+                // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing)
+                const T d = row.positive_score * inv_temp - lse.data_ptr<T>()[i];
+                srow[pc] = scale * (coef_p[i] == T(1) ? std::expm1(d) : coef_p[i] * std::exp(d) - T(1));
+              }
               rowsum[r] += acc;
               if (symmetric)
                 for (int64_t c = 0; c < nc; ++c) srow[c] += s_t[c * kRowBlock + r];
@@ -669,8 +712,9 @@ decltype(auto) with_row_kernels(F&& f) {
 
 RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative_margin,
                     std::optional<double> max_score, double guide_margin, bool guide_relative, int64_t weighting,
-                    double weight_a, double weight_b) {
+                    double weight_a, double weight_b, std::optional<double> debias = std::nullopt) {
   RuleArgs r;
+  r.debias = debias;
   r.margin = margin;
   r.relative_margin = relative_margin;
   r.max_score = max_score;
@@ -683,17 +727,20 @@ RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
                  const at::Tensor& temperature, const std::optional<at::Tensor>& query_labels,
                  const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
                  const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
                  std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
-                 bool guide_relative, int64_t weighting, double weight_a, double weight_b, bool symmetric) {
+                 bool guide_relative, int64_t weighting, double weight_a, double weight_b, bool symmetric,
+                 std::optional<double> debias) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
-  const RuleArgs rules =
-      make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting, weight_a, weight_b);
+  const RuleArgs rules = make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting,
+                                    weight_a, weight_b, debias);
+  TORCH_CHECK_VALUE(!debias || (*debias >= 0.0 && *debias < 1.0), "debias must be in [0, 1)");
+  TORCH_CHECK_VALUE(!debias || !symmetric, "debias cannot be combined with symmetric");
   TORCH_CHECK_VALUE(weighting >= kWeightNone && weighting <= kWeightGuideHardness, "unknown weighting ", weighting);
   TORCH_CHECK_VALUE(weighting != kWeightGuideHardness || in.guide(), "guide-score hardness needs a guide");
   const double tau = temperature.item<double>();
@@ -701,7 +748,7 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
     return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules, symmetric)
                                                  : forward_impl<float, K>(in, tau, rules, symmetric);
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9], out[10]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
@@ -710,8 +757,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const std::optional<at::Tensor>& key_labels, const std::optional<at::Tensor>& guide_query,
     const std::optional<at::Tensor>& guide_keys, const at::Tensor& lse, const at::Tensor& positive_score,
     const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
-    const at::Tensor& col_lse, const at::Tensor& col_offset, int64_t weighting, double weight_a, double weight_b,
-    bool symmetric, bool query_grad, bool keys_grad) {
+    const at::Tensor& col_lse, const at::Tensor& col_offset, const at::Tensor& positive_coef, int64_t weighting,
+    double weight_a, double weight_b, bool symmetric, bool query_grad, bool keys_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
@@ -719,11 +766,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
     return in.query.scalar_type() == at::kDouble
                ? backward_impl<double, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
-                                          guide_threshold, col_lse, col_offset, rules, symmetric, query_grad,
-                                          keys_grad)
+                                          guide_threshold, col_lse, col_offset, positive_coef, rules, symmetric,
+                                          query_grad, keys_grad)
                : backward_impl<float, K>(grad_loss, in, tau, lse, positive_score, row_offset, threshold,
-                                         guide_threshold, col_lse, col_offset, rules, symmetric, query_grad,
-                                         keys_grad);
+                                         guide_threshold, col_lse, col_offset, positive_coef, rules, symmetric,
+                                         query_grad, keys_grad);
   });
   return {out[0], out[1], out[2]};
 }
@@ -879,13 +926,14 @@ TORCH_LIBRARY(fastneg, m) {
       "info_nce_fwd_cpu(Tensor query, Tensor keys, Tensor positives, Tensor temperature, Tensor? query_labels, "
       "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, "
       "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b, "
-      "bool symmetric) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool symmetric, float? debias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
   m.def(
       "info_nce_bwd_cpu(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
       "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor lse, "
       "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, Tensor col_lse, "
-      "Tensor col_offset, int weighting, float weight_a, float weight_b, bool symmetric, bool query_grad, "
-      "bool keys_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor col_offset, Tensor positive_coef, int weighting, float weight_a, float weight_b, bool symmetric, "
+      "bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sample_negatives_cpu(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, Tensor? key_labels, "
       "Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, float? max_score, "

@@ -82,6 +82,7 @@ def info_nce(
     symmetric: bool = False,
     process_group: Optional[object] = None,
     key_blocks: int = 1,
+    debias: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
     r"""InfoNCE with false-negative masking and negative weighting, fused (SPEC sections 1-4).
 
@@ -128,6 +129,11 @@ def info_nce(
             batches and the reduction's scaling. ``None``: local only.
         key_blocks: with ``process_group``, ``keys`` is this many equal column blocks (positives,
             then each hard-negative column), gathered block by block.
+        debias: DCL's ``tau_plus`` (Chuang et al. 2020), the prior probability that a negative is a
+            false one: the row's (masked, weighted) negative sum ``S`` becomes
+            ``Ng = max((S - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t})`` over its ``n`` negatives, and
+            ``L_i = log(e^{l+} + Ng) - l+``. The gradient flows as in the authors' code (through the
+            clamp where it is not active). Not with ``symmetric`` or a learned temperature.
 
     Returns:
         The loss (fused backends: float32 for float16/bfloat16 inputs, else the input dtype; the
@@ -141,11 +147,12 @@ def info_nce(
             symmetric=symmetric, temperature=temperature, query_labels=query_labels, key_labels=key_labels, margin=margin,
             relative_margin=relative_margin, max_score=max_score, guide_query=guide_query, guide_keys=guide_keys,
             guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting, negatives=negatives,
-            reduction=reduction, return_stats=return_stats, backend=backend))
+            reduction=reduction, return_stats=return_stats, backend=backend, debias=debias))
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
-    rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting)
+    rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias)
     _check_guide_weighting(rules, guide_query)
+    _check_debias_use(rules, symmetric, temperature)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
@@ -200,6 +207,16 @@ def _check_guide_weighting(rules: Rules, guide_query: Optional[torch.Tensor]) ->
         raise ValueError("weighting=Hardness(on='guide') needs guide_query and guide_keys")
 
 
+def _check_debias_use(rules: Rules, symmetric: bool, temperature: Union[float, torch.Tensor]) -> None:
+    if rules.debias is None:
+        return
+    if symmetric:
+        raise ValueError("debias cannot be combined with symmetric=True")
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError("debias: a learned temperature is not supported (the clamp's floor depends on it); "
+                         "pass a float or a tensor without gradient")
+
+
 def _check_symmetric(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
     if negatives is not None:
         raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
@@ -218,8 +235,9 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         kw["guide_query"], kw["guide_keys"], allow_empty=True)
         check_reduction(kw["reduction"])
         rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
-                            kw["guide_strategy"], kw["weighting"])
+                            kw["guide_strategy"], kw["weighting"], kw["debias"])
         _check_guide_weighting(rules, kw["guide_query"])
+        _check_debias_use(rules, kw["symmetric"], kw["temperature"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
             raise TypeError(f"key_blocks must be an int, got {type(key_blocks).__name__}")
         if key_blocks < 1 or keys.shape[0] % key_blocks:
@@ -244,7 +262,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         relative_margin=kw["relative_margin"], max_score=kw["max_score"], guide_query=gq,
                         guide_keys=gk, guide_margin=kw["guide_margin"], guide_strategy=kw["guide_strategy"],
                         weighting=kw["weighting"], negatives=neg, reduction="none", return_stats=True,
-                        backend=kw["backend"])
+                        backend=kw["backend"], debias=kw["debias"])
 
     out, stats = distributed.distributed_info_nce(
         query, keys, positives, group=group, key_blocks=key_blocks, key_labels=kw["key_labels"],
@@ -281,10 +299,10 @@ def _fused(
     if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
         # the ops take several label levels as [levels, rows]
         query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
-    loss, lse, pos_score, _offset, _thr, _gthr, n_masked, n_neg, _col_lse, _col_offset = _forward_op(backend)(
+    loss, lse, pos_score, *_, n_masked, n_neg, _col_lse, _col_offset, _pos_coef = _forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
-        rules.weighting, rules.weight_a, rules.weight_b, symmetric)
+        rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias)
     return loss, lse, pos_score / temp.detach(), n_masked, n_neg
 
 

@@ -103,6 +103,7 @@ class Rules:
     weighting: int = WEIGHTING_NONE
     weight_a: float = 0.0
     weight_b: float = 0.0
+    debias: Optional[float] = None  # DCL's tau_plus (Chuang et al. 2020); None: off
 
     @staticmethod
     def build(
@@ -112,6 +113,7 @@ class Rules:
         guide_margin: object,
         guide_strategy: object,
         weighting: Weighting,
+        debias: object = None,
     ) -> Rules:
         if guide_strategy not in _GUIDE_STRATEGIES:
             raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
@@ -143,7 +145,15 @@ class Rules:
             weighting=kind,
             weight_a=wa,
             weight_b=wb,
+            debias=_check_debias(debias),
         )
+
+
+def _check_debias(debias: object) -> Optional[float]:
+    value = _optional_float("debias", debias)
+    if value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"debias (DCL's tau_plus, the prior of a false negative) must be in [0, 1), got {value}")
+    return value
 
 
 def check_reduction(reduction: object) -> None:

@@ -115,10 +115,29 @@ def rows_from_scores(
         assert guide_scores is not None, "guide-score hardness needs guide scores"
         bias = torch.where(negative, rules.weight_a * guide_scores, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
-    lse = torch.logsumexp(x, dim=1)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)
+    if rules.debias is not None:
+        lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
+                            rules.debias, temperature)
+    else:
+        lse = torch.logsumexp(x, dim=1)
     loss = lse - positive_logit
     return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+
+
+def _debiased_lse(negative_logits: torch.Tensor, positive_logit: torch.Tensor, count: torch.Tensor, tau_plus: float,
+                  temperature: Union[float, torch.Tensor]) -> torch.Tensor:
+    """log(e^{l+} + Ng), DCL's debiased negative term (Chuang et al. 2020, chingyaoc/DCL):
+    Ng = max((sum_j e^{l_ij} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), with n the row's
+    unmasked negatives; computed with a shift c so that nothing overflows. The clamp passes the
+    gradient where Ng >= its floor, as torch.clamp does in the original code."""
+    neg_lse = torch.logsumexp(negative_logits, dim=1)
+    n = count.to(positive_logit.dtype)
+    log_floor = torch.where(count > 0, torch.log(n) - 1.0 / temperature, torch.full_like(n, float("-inf")))
+    c = torch.maximum(torch.maximum(neg_lse, positive_logit), log_floor).detach()
+    raw = (torch.exp(neg_lse - c) - n * tau_plus * torch.exp(positive_logit - c)) / (1.0 - tau_plus)
+    ng = torch.clamp(raw, min=(n * torch.exp(-1.0 / temperature - c)).detach())
+    return c + torch.log(torch.exp(positive_logit - c) + ng)
 
 
 def info_nce_gathered(

@@ -215,12 +215,12 @@ def tl_column_logits(s, t, rows, row_valid, cols, col_valid, owner_ptr, spos_ptr
 def _info_nce_fwd_kernel(
     q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr,
     loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
-    cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr,
+    cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr, coef_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    margin, relative_margin, max_score, guide_margin, weight_a, weight_b,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
     HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
-    WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, DEBIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     part = tl.program_id(0)
@@ -288,7 +288,20 @@ def _info_nce_fwd_kernel(
         if WEIGHTING == WEIGHT_SIMANS:
             offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
         l_pos = s_pos * inv_temp
-        lse = tl_logaddexp(l_pos, neg_lse + offset)
+        coef = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if DEBIAS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
+            n = n_neg.to(tl.float32)
+            log_floor = tl.where(has_neg, tl.log(n) - inv_temp, float("-inf"))
+            c = tl.maximum(tl.maximum(neg_lse + offset, l_pos), log_floor)
+            raw = (tl.exp(neg_lse + offset - c) - n * tau_plus * tl.exp(l_pos - c)) / (1.0 - tau_plus)
+            floor = n * tl.exp(-inv_temp - c)
+            clamped = raw < floor
+            lse = c + tl.log(tl.exp(l_pos - c) + tl.where(clamped, floor, raw))
+            offset = tl.where(clamped, float("-inf"), offset - tl.log(1.0 - tau_plus))
+            coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
+        else:
+            lse = tl_logaddexp(l_pos, neg_lse + offset)
+        tl.store(coef_ptr + rows, coef, mask=row_valid)
         tl.store(loss_ptr + rows, lse - l_pos, mask=row_valid)
         tl.store(lse_ptr + rows, lse, mask=row_valid)
         tl.store(offset_ptr + rows, offset, mask=row_valid)
@@ -338,7 +351,7 @@ def _info_nce_columns_kernel(
 
 @triton.jit
 def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                  positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                  positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
                   owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                   inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
                   NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
@@ -358,7 +371,7 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
                                       qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
     x, _ = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
     p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
-    p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0
+    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
     p = tl.where(is_pos, p_pos[:, None], p)
     ds = p * grad_scale[:, None]
     ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
@@ -381,7 +394,7 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
 
 
 @triton.jit
-def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr,
+def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr,
                     grad_ptr, inv_temp, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
@@ -394,13 +407,14 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
     grad_scale = tl.load(grad_ptr + rows, mask=row_valid, other=0.0).to(tl.float32) * inv_temp
     if SYMMETRIC:  # loss_i = (row_i + column_{p_i}) / 2
         grad_scale = grad_scale * 0.5
-    return positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale
+    coef = tl.load(coef_ptr + rows, mask=row_valid, other=1.0)
+    return positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef
 
 
 @triton.jit
 def _info_nce_bwd_dq_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, dq_ptr, rowsum_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dq_ptr, rowsum_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
     PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -411,8 +425,8 @@ def _info_nce_bwd_dq_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
-        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
+    positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef = _load_row_state(
+        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
         inv_temp, HAS_GUIDE, SYMMETRIC)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
@@ -420,7 +434,7 @@ def _info_nce_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_valid = cols < N
         ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                                positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                                positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
                                 owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                                 inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
                                 stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,
@@ -440,7 +454,7 @@ def _info_nce_bwd_dq_kernel(
 @triton.jit
 def _info_nce_bwd_dk_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, dk_ptr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dk_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -454,11 +468,11 @@ def _info_nce_bwd_dk_kernel(
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_valid = rows < B
-        positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale = _load_row_state(
-            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, grad_ptr,
+        positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef = _load_row_state(
+            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
             inv_temp, HAS_GUIDE, SYMMETRIC)
         ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale,
+                              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
                               owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                               inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
                               stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,

@@ -134,13 +134,15 @@ def info_nce_fwd_triton(
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
     margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
     guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float, symmetric: bool,
+    debias: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
     col_lse, col_offset = torch.zeros(B, **f32), torch.zeros(B, **f32)
+    pos_coef = torch.empty(B, **f32)
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
@@ -162,15 +164,15 @@ def info_nce_fwd_triton(
         cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
     wrap_triton(_fwd_kernel)[(parts,)](
         q, k, positives, temperature, qlab, klab, gq, gk, owner,
-        loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg,
-        B, N, D, DG, *p.strides, *scalars, weight_a, weight_b,
-        NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric, **rules,
+        loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg, pos_coef,
+        B, N, D, DG, *p.strides, *scalars, weight_a, weight_b, 0.0 if debias is None else debias,
+        NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric, DEBIAS=debias is not None, **rules,
     )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
             loss, s_pos, temperature, cmax, csum, cwmax, cwsum, cneg, col_lse, col_offset, B, parts,
             WEIGHTING=weighting, BLOCK=256)
-    return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset
+    return loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, col_lse, col_offset, pos_coef
 
 
 @triton_op("fastneg::info_nce_bwd_triton", mutates_args={})
@@ -179,8 +181,8 @@ def info_nce_bwd_triton(
     temperature: torch.Tensor, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], lse: torch.Tensor,
     positive_score: torch.Tensor, row_offset: torch.Tensor, threshold: torch.Tensor,
-    guide_threshold: torch.Tensor, col_lse: torch.Tensor, col_offset: torch.Tensor, weighting: int,
-    weight_a: float, weight_b: float, symmetric: bool, query_grad: bool, keys_grad: bool,
+    guide_threshold: torch.Tensor, col_lse: torch.Tensor, col_offset: torch.Tensor, positive_coef: torch.Tensor,
+    weighting: int, weight_a: float, weight_b: float, symmetric: bool, query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
@@ -188,7 +190,8 @@ def info_nce_bwd_triton(
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
     owner = _owners(positives, N) if symmetric else positives
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
-                 guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous())
+                 guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous(),
+                 positive_coef.float().contiguous())
     flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  BLOCK_DO=cfg.block_do)

@@ -11,7 +11,8 @@ import fastneg
 from helpers import TRITON_DEVICE, make_problem, max_error
 
 
-def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, symmetric=False):
+def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, symmetric=False,
+             debias=None):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, D, generator=g, dtype=dtype).to(device).requires_grad_()
     k = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
@@ -22,25 +23,27 @@ def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, lab
     qlab = klab[pos] if labels else None
     gq = torch.randn(B, 4, generator=g, dtype=dtype).to(device) if guide else None
     gk = torch.randn(N, 4, generator=g, dtype=dtype).to(device) if guide else None
-    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1, symmetric)
+    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1, symmetric, debias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("extras", [True, False])
-@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
-def test_opcheck_cpu_forward(dtype, extras, symmetric) -> None:
-    args = fwd_args(dtype=dtype, guide=extras, labels=extras, symmetric=symmetric)
+@pytest.mark.parametrize("mode", ["one-way", "symmetric", "debias"])
+def test_opcheck_cpu_forward(dtype, extras, mode) -> None:
+    args = fwd_args(dtype=dtype, guide=extras, labels=extras, symmetric=mode == "symmetric",
+                    debias=0.1 if mode == "debias" else None)
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_cpu.default, args)
 
 
-@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
-def test_opcheck_cpu_backward(symmetric) -> None:
-    args = fwd_args(symmetric=symmetric)
+@pytest.mark.parametrize("mode", ["one-way", "symmetric", "debias"])
+def test_opcheck_cpu_backward(mode) -> None:
+    symmetric = mode == "symmetric"
+    args = fwd_args(symmetric=symmetric, debias=0.1 if mode == "debias" else None)
     with torch.no_grad():
         out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
     q, k, pos, temp, qlab, klab, gq, gk = args[:8]
     bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk,
-                out[1], out[2], out[3], out[4], out[5], out[8], out[9], 1, 0.5, 0.1, symmetric, True, True)
+                out[1], out[2], out[3], out[4], out[5], out[8], out[9], out[10], 1, 0.5, 0.1, symmetric, True, True)
     torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
 
 
