@@ -17,7 +17,8 @@ Methods, all through :func:`fastneg.info_nce` with the same temperature, steps a
 plain InfoNCE; ``labels`` (document ids: exact duplicates masked); ``relative_margin`` 0.05
 (NV-Retriever TopK-PercPos); ``margin`` 0.1; ``SimANS`` (a = 0.5, b = 0, detached weights);
 ``labels + relative_margin + SimANS``; ``GIST (noisy guide)``: a guide model's scores mask keys
-scoring above the positive's (the guide sees the true latent vectors plus noise).
+scoring above the positive's (the guide sees the true latent vectors plus noise); ``DCL``
+(``debias=0.1``).
 
 Metrics on held-out queries against the whole corpus: recall@10 (share of the query's relevant
 documents in the top 10, out of at most 10) and nDCG@10 (binary relevance), mean and standard
@@ -106,6 +107,7 @@ def methods(temperature: float) -> dict[str, LossFn]:
             q, k, temperature=t, key_labels=b["doc_ids"], relative_margin=0.05, weighting=simans),
         "GIST (noisy guide)": lambda q, k, b: fastneg.info_nce(
             q, k, temperature=t, guide_query=b["guide_query"], guide_keys=b["guide_keys"], guide_margin=0.0),
+        "DCL (tau+ 0.1)": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, debias=0.1),
     }
 
 
