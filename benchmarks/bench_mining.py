@@ -27,7 +27,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -155,17 +154,6 @@ def run_one(name: str, args: argparse.Namespace, work: str) -> dict:
                 threads=torch.get_num_threads())
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=20000)
@@ -200,9 +188,11 @@ def main() -> None:
             r["agree"] = _agreement(work, r["name"], ref, args.queries) if ref in args.impls else "-"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import torch
+
+    from fastneg.benchmark import device_name
     lines = [f"# Hard-negative mining: {args.queries} queries x {args.corpus} corpus x {args.dim}, "
              f"{args.num_negatives} negatives", "",
-             f"{date}; {_cpu_name()} ({torch.get_num_threads()} threads); torch {torch.__version__}. "
+             f"{date}; {device_name(torch.device('cpu'))}; torch {torch.__version__}. "
              "relative_margin=0.05, top, n-tuple output, the same embeddings from a cache (no encoding). "
              f"Address-space cap {args.memory_cap_gib:g} GiB per run.", "",
              "| implementation | status | time (s) | peak memory above start (MiB) | rows with all negatives | "

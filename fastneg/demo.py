@@ -102,10 +102,14 @@ class SyntheticRetrieval:
         groups = torch.randint(0, self.cfg.num_groups, (B // 2,), generator=g)
         groups = torch.cat([groups[: B // 4].repeat_interleave(2), groups[B // 4:]])
         groups = torch.cat([groups, torch.randint(0, self.cfg.num_groups, (B - groups.numel(),), generator=g)])
-        docs = torch.tensor([self.group_members[grp][int(torch.randint(0, len(self.group_members[grp]), (1,),
-                                                                           generator=g))]
-                             for grp in groups.tolist()])
+        docs = self.members(groups, g)
         return self._queries(groups, g).to(self.device), docs.to(self.device), self.doc_id[docs].to(self.device)
+
+    def members(self, groups: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One document drawn uniformly from each group's members."""
+        return torch.tensor([self.group_members[grp][int(torch.randint(0, len(self.group_members[grp]), (1,),
+                                                                        generator=g))]
+                             for grp in groups.tolist()])
 
     @torch.no_grad()
     def recall_at_10(self, query_tower: torch.nn.Module, doc_tower: torch.nn.Module) -> float:

@@ -161,15 +161,8 @@ def info_nce(
     chosen = _resolve_backend(backend, device)
 
     B = query.shape[0]
-    if positives is None:
-        positives = torch.arange(B, device=device)
-    positives = positives.long()
-    if key_labels is not None:
-        key_labels = key_labels.long()
-        query_labels = key_labels[positives] if query_labels is None else query_labels.long()
-    if guide_query is not None and guide_keys is not None:
-        guide_query = guide_query.detach().to(query.dtype)
-        guide_keys = guide_keys.detach().to(query.dtype)
+    positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
+        query, positives, query_labels, key_labels, guide_query, guide_keys)
 
     if chosen == "reference":
         loss, lse, pos_logit, n_masked, n_neg = info_nce_reference(
@@ -274,6 +267,47 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
     return out
 
 
+def normalized_operands(
+    query: torch.Tensor,
+    positives: Optional[torch.Tensor],
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor],
+    guide_keys: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validated inputs in the form every backend takes: positives int64 (default ``arange(B)``),
+    labels int64 with ``query_labels`` defaulting to ``key_labels[positives]``, guide embeddings
+    detached in ``query``'s dtype."""
+    positives = torch.arange(query.shape[0], device=query.device) if positives is None else positives.long()
+    if key_labels is not None:
+        key_labels = key_labels.long()
+        query_labels = key_labels[positives] if query_labels is None else query_labels.long()
+    if guide_query is not None and guide_keys is not None:
+        guide_query, guide_keys = guide_query.detach().to(query.dtype), guide_keys.detach().to(query.dtype)
+    return positives, query_labels, key_labels, guide_query, guide_keys
+
+
+def kernel_operands(
+    backend: str,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor],
+    guide_keys: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:
+    """The fused ops' layout: float16/bfloat16 computed in float32 on the cpu backend, several
+    label levels as [levels, rows]."""
+    if backend == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
+        query, keys = query.float(), keys.float()
+        if guide_query is not None and guide_keys is not None:
+            guide_query, guide_keys = guide_query.float(), guide_keys.float()
+    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
+        query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
+    return query, keys, query_labels, key_labels, guide_query, guide_keys
+
+
 def _fused(
     backend: str,
     query: torch.Tensor,
@@ -287,18 +321,13 @@ def _fused(
     guide_keys: Optional[torch.Tensor],
     symmetric: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    if backend == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
-        query, keys = query.float(), keys.float()
-        if guide_query is not None and guide_keys is not None:
-            guide_query, guide_keys = guide_query.float(), guide_keys.float()
+    query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
+        backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     if isinstance(temperature, torch.Tensor):
         temp = temperature.reshape(()).to(device=query.device if backend == "triton" else "cpu", dtype=acc)
     else:
         temp = torch.tensor(float(temperature), dtype=acc, device=query.device if backend == "triton" else "cpu")
-    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
-        # the ops take several label levels as [levels, rows]
-        query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
     loss, lse, pos_score, *_, n_masked, n_neg, _col_lse, _col_offset, _pos_coef = _forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,

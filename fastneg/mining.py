@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .options import SimANS, check_num_negatives
+from .options import check_num_negatives
 from .sampling import STRATEGY_SIMANS, STRATEGY_TOP, Strategy, _seed, _strategy, gumbel_noise, sample_negatives
 
 __all__ = ["MinedNegatives", "mine_hard_negatives", "build_index", "INDEX_KINDS"]
@@ -238,8 +238,7 @@ def mine_hard_negatives(
         rules = dict(margin=margin, relative_margin=relative_margin, max_score=max_score)
         if not use_faiss and not windowed:
             exclude = pb.masked_fill(pb == ref[:, None], -1)
-            idx = sample_negatives(qb, corpus, ref, num_negatives, strategy=SimANS(a, b) if code == STRATEGY_SIMANS
-                                   else ("top" if code == STRATEGY_TOP else "uniform"), exclude=exclude,
+            idx = sample_negatives(qb, corpus, ref, num_negatives, strategy=strategy, exclude=exclude,
                                    seed=batch_seed, **labels, **rules)
             out_idx[rows] = idx
             out_scores[rows] = _scores_of(qb, corpus, idx)

@@ -82,9 +82,7 @@ class PlantedBatches:
         distinct = torch.randperm(task.cfg.num_groups, generator=g)[: B - pairs]
         groups = torch.cat([distinct[:pairs].repeat_interleave(2), distinct[pairs:]])
         groups = groups[torch.randperm(B, generator=g)]
-        docs = torch.tensor([task.group_members[grp][int(torch.randint(0, len(task.group_members[grp]), (1,),
-                                                                           generator=g))]
-                             for grp in groups.tolist()])
+        docs = task.members(groups, g)
         dev = task.device
         return {"features": task._queries(groups, g).to(dev), "docs": docs.to(dev),
                 "doc_ids": task.doc_id[docs].to(dev), "groups": groups,

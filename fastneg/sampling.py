@@ -122,7 +122,7 @@ def sample_negatives(
         int64 ``[B, num_negatives]`` key indices, best first (highest score, or highest perturbed
         log-weight: the order of sequential draws), ``-1`` where a row ran out of candidates.
     """
-    from .functional import _resolve_backend  # the same backend rules as the loss
+    from .functional import _resolve_backend, normalized_operands  # the same backend rules as the loss
 
     validate_inputs(query, keys, positives, 1.0, query_labels, key_labels, guide_query, guide_keys)
     check_num_negatives(num_negatives)
@@ -135,13 +135,8 @@ def sample_negatives(
     chosen = _resolve_backend(backend, query.device)
     noise_seed = 0 if code == STRATEGY_TOP else _seed(seed, generator)
 
-    B = query.shape[0]
-    positives = torch.arange(B, device=query.device) if positives is None else positives.long()
-    if key_labels is not None:
-        key_labels = key_labels.long()
-        query_labels = key_labels[positives] if query_labels is None else query_labels.long()
-    if guide_query is not None and guide_keys is not None:
-        guide_query, guide_keys = guide_query.detach().to(query.dtype), guide_keys.detach().to(query.dtype)
+    positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
+        query, positives, query_labels, key_labels, guide_query, guide_keys)
     extra = 0 if exclude is None else exclude.shape[1]
     k = num_negatives + extra
     with torch.no_grad():
@@ -169,30 +164,25 @@ def _fused_sample(backend: str, query: torch.Tensor, keys: torch.Tensor, positiv
                   code: int, rules: Rules, seed: int, query_labels: Optional[torch.Tensor],
                   key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
                   guide_keys: Optional[torch.Tensor]) -> torch.Tensor:
-    if backend == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
-        query, keys = query.float(), keys.float()
-        if guide_query is not None and guide_keys is not None:
-            guide_query, guide_keys = guide_query.float(), guide_keys.float()
-    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
-        query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
+    from .functional import kernel_operands
+
     if backend == "triton":
         from . import triton_ops
         if k > triton_ops.MAX_FUSED_NEGATIVES:
             return _chunked_sample(query, keys, positives, k, code, rules, seed, query_labels, key_labels,
                                    guide_query, guide_keys)
-    return ops.SAMPLE_OPS[backend](query, keys, positives, query_labels, key_labels, guide_query, guide_keys, rules.margin,
-              rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative, code,
-              rules.weight_a, rules.weight_b, k, seed)
+    query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
+        backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
+    return ops.SAMPLE_OPS[backend](query, keys, positives, query_labels, key_labels, guide_query, guide_keys,
+                                   rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin,
+                                   rules.guide_relative, code, rules.weight_a, rules.weight_b, k, seed)
 
 
 def _chunked_sample(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, k: int, code: int,
                     rules: Rules, seed: int, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
                     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor]) -> torch.Tensor:
     """A k beyond the fused Triton sampler's: the dense sampler on row chunks of at most 2^26
-    scores each (memory O(chunk x N), never B x N); the same values and noise, so the same draw.
-    Labels arrive as the ops take them ([levels, rows] when 2-D)."""
-    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
-        query_labels, key_labels = query_labels.T, key_labels.T
+    scores each (memory O(chunk x N), never B x N); the same values and noise, so the same draw."""
     chunk = max(1, 2**26 // max(1, keys.shape[0]))
     parts = []
     for start in range(0, query.shape[0], chunk):
