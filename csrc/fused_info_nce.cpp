@@ -43,6 +43,8 @@ constexpr int kWeightNone = 0;
 constexpr int kWeightSimANS = 1;
 constexpr int kWeightHardness = 2;
 constexpr int kWeightGuideHardness = 3;  // internal: beta_ij = a * t_ij (guide score), guide not masking
+constexpr int kWeightHCL = 4;   // HCL: beta_ij = a l_ij + log n - logsumexp_k(a l_ik), with gradient
+constexpr int kWeightGCSE = 5;  // GCSE: beta_ij = -l_ij exp(-(l_ij - r_ij)^2 / (2 a^2)) where l_ij <= r_ij
 constexpr int64_t kMaxLabelLevels = 8;
 
 template <typename T>
@@ -55,7 +57,7 @@ constexpr T neg_inf() {
 template <typename T>
 struct RowView {
   int64_t positive;
-  T positive_score, threshold, guide_threshold, inv_temp;
+  T positive_score, threshold, guide_threshold, inv_temp, soft_inv_temp;
   int64_t query_label[kMaxLabelLevels];  // one label per level (levels are OR-ed)
 };
 
@@ -80,6 +82,21 @@ struct OnlineLSE {
     if (max == neg_inf<T>()) return neg_inf<T>();
     return max + std::log(sum);
   }
+};
+
+// Soft labels, per row: the teacher's online logsumexp (max, z) and a = sum_j e^{t'_j - max} (t'_j - x_j).
+template <typename T>
+struct SoftAcc {
+  T max = neg_inf<T>();
+  T z = T(0), a = T(0);
+  bool nan = false;
+
+  T lse() const {
+    if (nan) return std::numeric_limits<T>::quiet_NaN();
+    if (max == neg_inf<T>()) return neg_inf<T>();
+    return max + std::log(z);
+  }
+  T mean_gap() const { return nan ? std::numeric_limits<T>::quiet_NaN() : a / z; }  // sum_j p_j (t'_j - x_j)
 };
 
 }  // namespace
@@ -107,6 +124,8 @@ struct RuleArgs {
   int weighting = kWeightNone;
   double weight_a = 0.0, weight_b = 0.0;
   std::optional<double> debias;  // DCL's tau_plus
+  std::optional<double> soft_temperature;  // soft labels: the teacher's temperature (its logits t_ij / it)
+  double soft_weight = 1.0;                // loss = (1 - w) CE + w KL(teacher || student)
 };
 
 // DCL (Chuang et al. 2020): the row's negative term becomes
@@ -249,7 +268,8 @@ struct Shared {
   const int64_t* key_labels;    // nullptr without labels
   const int64_t* query_labels;  // nullptr without labels
   int64_t levels, B, N;
-  T inv_temp, a, b;
+  T inv_temp, a, b, soft_inv;
+  bool soft;
   Shared(const Inputs& in, const Geometry& g, double temperature, const RuleArgs& rules)
       : key_tiles(in.keys, g),
         positives(in.positives.data_ptr<int64_t>()),
@@ -260,14 +280,16 @@ struct Shared {
         N(in.keys.size(0)),
         inv_temp(T(1) / T(temperature)),
         a(T(rules.weight_a)),
-        b(T(rules.weight_b)) {
+        b(T(rules.weight_b)),
+        soft_inv(rules.soft_temperature ? T(1) / T(*rules.soft_temperature) : T(0)),
+        soft(rules.soft_temperature.has_value()) {
     if (in.guide()) guide_tiles.emplace(in.guide_keys, g);
   }
 };
 
 template <typename T>
 RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
-  RowView<T> row{sh.positives[i], positive_score, threshold, guide_threshold, sh.inv_temp, {}};
+  RowView<T> row{sh.positives[i], positive_score, threshold, guide_threshold, sh.inv_temp, sh.soft_inv, {}};
   for (int64_t l = 0; l < sh.levels; ++l) row.query_label[l] = sh.query_labels[l * sh.B + i];
   return row;
 }
@@ -319,6 +341,8 @@ void dispatch_flags(int weighting, bool labels, bool guide, F&& f) {
   if (weighting == kWeightSimANS) with_w(std::integral_constant<int, kWeightSimANS>{});
   else if (weighting == kWeightHardness) with_w(std::integral_constant<int, kWeightHardness>{});
   else if (weighting == kWeightGuideHardness) with_w(std::integral_constant<int, kWeightGuideHardness>{});
+  else if (weighting == kWeightHCL) with_w(std::integral_constant<int, kWeightHCL>{});
+  else if (weighting == kWeightGCSE) with_w(std::integral_constant<int, kWeightGCSE>{});
   else with_w(std::integral_constant<int, kWeightNone>{});
 }
 
@@ -340,7 +364,7 @@ std::vector<int64_t> column_owners(const Inputs& in) {
 // its labels are the key's labels compared with the queries'.
 template <typename T>
 RowView<T> make_column(const Shared<T>& sh, int64_t j, int64_t o, const T* pos_score, const T* thr, const T* gthr) {
-  RowView<T> col{o, pos_score[o], thr[o], gthr[o], sh.inv_temp, {}};
+  RowView<T> col{o, pos_score[o], thr[o], gthr[o], sh.inv_temp, sh.soft_inv, {}};
   for (int64_t l = 0; l < sh.levels; ++l) col.query_label[l] = sh.key_labels[l * sh.N + j];
   return col;
 }
@@ -425,7 +449,9 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
              offset = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
   at::Tensor n_masked = at::empty({g.B}, opts.dtype(at::kLong)), n_neg = at::empty({g.B}, opts.dtype(at::kLong));
   at::Tensor col_lse = at::zeros({g.B}, opts), col_offset = at::zeros({g.B}, opts);
-  at::Tensor pos_coef = at::empty({g.B}, opts);
+  // per row: [0] c+ (the positive's coefficient), [1] beta R and [2] -logsumexp_k(beta l_ik) (HCL),
+  // [3] the teacher's logsumexp (soft labels)
+  at::Tensor pos_coef = at::zeros({4, g.B}, opts);
   T* const coef_p = pos_coef.data_ptr<T>();
 
   const Shared<T> sh(in, g, temperature, rules);
@@ -451,9 +477,11 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
         gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
         t_tile = at::empty({kRowBlock, g.key_tile}, opts);
       }
-      std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock);
+      std::vector<SoftAcc<T>> acc_soft(sh.soft ? kRowBlock : 0);
+      std::vector<T> t_pos(kRowBlock);
       std::vector<int64_t> cnt_neg(kRowBlock), cnt_masked(kRowBlock);
       std::vector<RowView<T>> rows(kRowBlock);
 
@@ -472,6 +500,8 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             rows[r] = make_row<T>(sh, r0 + r, spos_p[r0 + r], thr_p[r0 + r], gthr_p[r0 + r]);
             acc[r] = OnlineLSE<T>();
             acc_w[r] = OnlineLSE<T>();
+            if (sh.soft) acc_soft[r] = SoftAcc<T>();
+            t_pos[r] = neg_inf<T>();
             cnt_neg[r] = cnt_masked[r] = 0;
           }
           for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
@@ -483,13 +513,21 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             for (int64_t r = 0; r < nr; ++r) {
               const TileView<T> tile =
                   make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
-              const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(),
-                                                                              log_w.data());
+              const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(
+                  rows[r], tile, a, b, x.data(), log_w.data(), sh.soft ? tx.data() : nullptr);
               const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
               cnt_masked[r] += masked;
               cnt_neg[r] += nc - masked - (has_pos ? 1 : 0);
               K::lse_add(acc[r], x.data(), nc);
-              if (W == kWeightSimANS) K::lse_add(acc_w[r], log_w.data(), nc);
+              if (W == kWeightSimANS || W == kWeightHCL) K::lse_add(acc_w[r], log_w.data(), nc);
+              if (sh.soft) {
+                if (has_pos) {  // the teacher also scores the positive, against the student's l+
+                  const int64_t pc = rows[r].positive - j0;
+                  t_pos[r] = tx[pc];
+                  x[pc] = spos_p[r0 + r] * inv_temp;
+                }
+                K::soft(acc_soft[r], tx.data(), x.data(), nc);
+              }
             }
             if (!symmetric) continue;
             // the same tile read by columns: owned column j against this block's queries
@@ -515,7 +553,9 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             const int64_t i = r0 + r;
             const T l_pos = spos_p[i] * inv_temp;
             T row_off = T(0);
-            if (W == kWeightSimANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
+            if ((W == kWeightSimANS || W == kWeightHCL) && cnt_neg[r] > 0)
+              row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
+            const T hcl_off = row_off;
             T total, coef = T(1);
             if (rules.debias) {
               const DebiasedRow<T> d =
@@ -527,6 +567,21 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               total = logaddexp(l_pos, acc[r].value() + row_off);
             }
             loss_p[i] = total - l_pos;
+            if (W == kWeightHCL && cnt_neg[r] > 0) {
+              // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = sum_j P_ij over negatives
+              coef_p[g.B + i] = a * std::exp(acc[r].value() + row_off - total);
+              coef_p[2 * g.B + i] = hcl_off - std::log(T(cnt_neg[r]));
+            }
+            if (sh.soft) {
+              // KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+), T the teacher's logsumexp
+              const T teacher = acc_soft[r].lse();
+              const T p_pos = std::exp(t_pos[r] - teacher);
+              const T off_mass = row_off == T(0) ? T(0) : row_off * (T(1) - p_pos);
+              const T kl = total - teacher + acc_soft[r].mean_gap() - off_mass;
+              const T w = T(rules.soft_weight);
+              loss_p[i] = (T(1) - w) * (total - l_pos) + w * kl;
+              coef_p[3 * g.B + i] = teacher;
+            }
             lse_p[i] = total;
             off_p[i] = row_off;
             coef_p[i] = coef;
@@ -594,7 +649,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const T* const gthr_p = gthr.data_ptr<T>();
   const T* const grad_p = grad_loss.data_ptr<T>();
   const at::Tensor pos_coef = pos_coef_in.to(in.query.scalar_type()).contiguous();
-  TORCH_CHECK_VALUE(pos_coef.numel() == g.B, "fastneg cpu backend: positive_coef must have B entries");
+  TORCH_CHECK_VALUE(pos_coef.numel() == 4 * g.B, "fastneg cpu backend: positive_coef must have 4 x B entries");
   const T* const coef_p = pos_coef.data_ptr<T>();
   // symmetric: loss_i = (row_i + column_{p_i}) / 2, so each direction's dL/ds carries half of g_i
   const T half = symmetric ? T(0.5) : T(1);
@@ -614,7 +669,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
         gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
         t_tile = at::empty({kRowBlock, g.key_tile}, opts);
       }
-      std::vector<T> x(g.key_tile), log_w(g.key_tile);
+      std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       for (int64_t grp = g_begin; grp < g_end; ++grp) {
         at::Tensor dk_part;
@@ -664,19 +719,31 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               const int64_t i = r0 + r;
               const RowView<T> row = make_row<T>(sh, i, spos_p[i], thr_p[i], gthr_p[i]);
               const TileView<T> tile = make_tile<T>(sh, srow, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
-              K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data());
+              K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data(),
+                                                      sh.soft ? tx.data() : nullptr);
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
               const T scale = grad_p[i] * half * inv_temp;
+              const T w = T(rules.soft_weight);
               // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
-              const T acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
+              T acc;
+              if (W == kWeightHCL)  // (1 + beta) P_ij - beta R e^{beta l_ij - logsumexp_k beta l_ik}
+                acc = K::grad2(x.data(), shift, scale * (T(1) + a), log_w.data(), coef_p[2 * g.B + i],
+                               scale * coef_p[g.B + i], row.positive_score, srow, nc);
+              else if (sh.soft)  // P_ij - w p_ij, p the teacher's softmax
+                acc = K::grad2(x.data(), shift, scale, tx.data(), -coef_p[3 * g.B + i], scale * w,
+                               row.positive_score, srow, nc);
+              else
+                acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
               std::fill(srow + nc, srow + g.key_tile, T(0));
               const int64_t pc = row.positive - j0;
               if (pc >= 0 && pc < nc) {
-                // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing)
+                // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing); soft labels:
+                // e^{l+ - lse} - (1 - w) - w p+
                 const T d = row.positive_score * inv_temp - lse.data_ptr<T>()[i];
                 srow[pc] = scale * (coef_p[i] == T(1) ? std::expm1(d) : coef_p[i] * std::exp(d) - T(1));
+                if (sh.soft) srow[pc] += scale * w * (T(1) - std::exp(tx[pc] - coef_p[3 * g.B + i]));
               }
               rowsum[r] += acc;
               if (symmetric)
@@ -712,9 +779,12 @@ decltype(auto) with_row_kernels(F&& f) {
 
 RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative_margin,
                     std::optional<double> max_score, double guide_margin, bool guide_relative, int64_t weighting,
-                    double weight_a, double weight_b, std::optional<double> debias = std::nullopt) {
+                    double weight_a, double weight_b, std::optional<double> debias = std::nullopt,
+                    std::optional<double> soft_temperature = std::nullopt, double soft_weight = 1.0) {
   RuleArgs r;
   r.debias = debias;
+  r.soft_temperature = soft_temperature;
+  r.soft_weight = soft_weight;
   r.margin = margin;
   r.relative_margin = relative_margin;
   r.max_score = max_score;
@@ -726,6 +796,23 @@ RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative
   return r;
 }
 
+void check_rule_use(const RuleArgs& rules, const Inputs& in, bool symmetric) {
+  const int weighting = rules.weighting;
+  TORCH_CHECK_VALUE(weighting >= kWeightNone && weighting <= kWeightGCSE, "unknown weighting ", weighting);
+  TORCH_CHECK_VALUE(!rules.debias || (*rules.debias >= 0.0 && *rules.debias < 1.0), "debias must be in [0, 1)");
+  TORCH_CHECK_VALUE(!rules.debias || !symmetric, "debias cannot be combined with symmetric");
+  TORCH_CHECK_VALUE(weighting != kWeightGuideHardness || in.guide(), "guide-score hardness needs a guide");
+  TORCH_CHECK_VALUE(weighting != kWeightGCSE || in.guide(), "GCSE needs a guide (the reference model)");
+  TORCH_CHECK_VALUE(weighting != kWeightGCSE || rules.weight_a > 0.0, "GCSE alpha must be > 0");
+  TORCH_CHECK_VALUE(weighting != kWeightHCL || !symmetric, "HCL cannot be combined with symmetric");
+  if (rules.soft_temperature) {
+    TORCH_CHECK_VALUE(in.guide(), "soft labels need a guide (the teacher)");
+    TORCH_CHECK_VALUE(*rules.soft_temperature > 0.0, "soft-label temperature must be > 0");
+    TORCH_CHECK_VALUE(!symmetric && !rules.debias && weighting != kWeightHCL,
+                      "soft labels cannot be combined with symmetric, debias or HCL");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor>
 info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
@@ -734,15 +821,12 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
                  const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
                  std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
                  bool guide_relative, int64_t weighting, double weight_a, double weight_b, bool symmetric,
-                 std::optional<double> debias) {
+                 std::optional<double> debias, std::optional<double> soft_temperature, double soft_weight) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const RuleArgs rules = make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting,
-                                    weight_a, weight_b, debias);
-  TORCH_CHECK_VALUE(!debias || (*debias >= 0.0 && *debias < 1.0), "debias must be in [0, 1)");
-  TORCH_CHECK_VALUE(!debias || !symmetric, "debias cannot be combined with symmetric");
-  TORCH_CHECK_VALUE(weighting >= kWeightNone && weighting <= kWeightGuideHardness, "unknown weighting ", weighting);
-  TORCH_CHECK_VALUE(weighting != kWeightGuideHardness || in.guide(), "guide-score hardness needs a guide");
+                                    weight_a, weight_b, debias, soft_temperature, soft_weight);
+  check_rule_use(rules, in, symmetric);
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
     return in.query.scalar_type() == at::kDouble ? forward_impl<double, K>(in, tau, rules, symmetric)
@@ -758,10 +842,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const std::optional<at::Tensor>& guide_keys, const at::Tensor& lse, const at::Tensor& positive_score,
     const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
     const at::Tensor& col_lse, const at::Tensor& col_offset, const at::Tensor& positive_coef, int64_t weighting,
-    double weight_a, double weight_b, bool symmetric, bool query_grad, bool keys_grad) {
+    double weight_a, double weight_b, bool symmetric, std::optional<double> soft_temperature, double soft_weight,
+    bool query_grad, bool keys_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
-  const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b);
+  const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b,
+                                    std::nullopt, soft_temperature, soft_weight);
+  check_rule_use(rules, in, symmetric);
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
     return in.query.scalar_type() == at::kDouble
@@ -926,14 +1013,14 @@ TORCH_LIBRARY(fastneg, m) {
       "info_nce_fwd_cpu(Tensor query, Tensor keys, Tensor positives, Tensor temperature, Tensor? query_labels, "
       "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, "
       "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b, "
-      "bool symmetric, float? debias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "bool symmetric, float? debias, float? soft_temperature, float soft_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
   m.def(
       "info_nce_bwd_cpu(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
       "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor lse, "
       "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, Tensor col_lse, "
       "Tensor col_offset, Tensor positive_coef, int weighting, float weight_a, float weight_b, bool symmetric, "
-      "bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
+      "float? soft_temperature, float soft_weight, bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sample_negatives_cpu(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, Tensor? key_labels, "
       "Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, float? max_score, "

@@ -1,7 +1,7 @@
 // The element-wise part of the CPU kernels: one row of one score tile at a time.
 //
-// No includes and no ATen here (the types it uses, RowView, TileView and OnlineLSE, are
-// defined once in fused_info_nce.cpp): that file includes this one twice, once as plain
+// No includes and no ATen here (the types it uses, RowView, TileView, OnlineLSE and SoftAcc,
+// are defined once in fused_info_nce.cpp): that file includes this one twice, once as plain
 // x86-64 (or whatever the target is) and once under `#pragma GCC target("avx2,fma")`, and picks
 // the build the processor supports at run time. The loops work on fixed-width vectors.
 
@@ -67,7 +67,7 @@ inline Vec<double>::type exp_shifted(Vec<double>::type x) {
 // Returns the number of masked keys in the tile (the positive never counts).
 template <typename T, int W, bool LABELS, bool GUIDE, bool FULL>
 inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
-                                          int32_t c, int32_t count, int32_t pc) {
+                                          T* tx, int32_t c, int32_t count, int32_t pc) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::mask M;
   const V s = load<V, FULL>(tile.scores + c, count);
@@ -78,7 +78,11 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
       m |= __builtin_convertvector(
           load<L, FULL>(tile.key_labels + level * tile.label_stride + c, count) == row.query_label[level], M);
   }
-  if constexpr (GUIDE) m |= load<V, FULL>(tile.guide_scores + c, count) > row.guide_threshold;
+  V tg = {};
+  if constexpr (GUIDE) {
+    tg = load<V, FULL>(tile.guide_scores + c, count);
+    m |= tg > row.guide_threshold;
+  }
   M column = {};
   for (int32_t l = 0; l < Vec<T>::kWidth; ++l) column[l] = c + l;
   const M valid = column < count + c;
@@ -93,22 +97,35 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   } else if constexpr (W == kWeightHardness) {
     u = a * s;
   } else if constexpr (W == kWeightGuideHardness) {
-    u = a * load<V, FULL>(tile.guide_scores + c, count);
+    u = a * tg;
+  } else if constexpr (W == kWeightHCL) {
+    u = a * s * row.inv_temp;  // HCL: log of the importance weight e^{beta l_ij}
+    store<FULL>(log_w + c, off ? ninf : u, count);
+  } else if constexpr (W == kWeightGCSE) {
+    // GCSE: u = -l exp(-(l - r)^2 / (2 alpha^2)) where l <= r (r: the reference model's logit), else 0
+    const V l = s * row.inv_temp;
+    const V d = l - tg * row.inv_temp;
+    const V decay = exp_shifted(-(d * d) * (T(0.5) / (a * a)));
+    u = d > T(0) ? V{} : -l * decay;
+  }
+  if constexpr (GUIDE) {
+    // soft labels: the teacher's logits over the positive and the unmasked negatives
+    if (tx != nullptr) store<FULL>(tx + c, ((m & ~positive) | ~valid) ? ninf : tg * row.soft_inv_temp, count);
   }
   store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
   return m & ~positive & valid;  // -1 where masked
 }
 
 template <typename T, int W, bool LABELS, bool GUIDE>
-int64_t biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w) {
+int64_t biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w, T* tx) {
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t nc = static_cast<int32_t>(tile.cols);
   const int64_t rel = row.positive - tile.first_key;
   const int32_t pc = (rel >= 0 && rel < nc) ? static_cast<int32_t>(rel) : -1;
   typename Vec<T>::mask masked = {};
   int32_t c = 0;
-  for (; c + kW <= nc; c += kW) masked += logits_chunk<T, W, LABELS, GUIDE, true>(row, tile, a, b, x, log_w, c, kW, pc);
-  if (c < nc) masked += logits_chunk<T, W, LABELS, GUIDE, false>(row, tile, a, b, x, log_w, c, nc - c, pc);
+  for (; c + kW <= nc; c += kW) masked += logits_chunk<T, W, LABELS, GUIDE, true>(row, tile, a, b, x, log_w, tx, c, kW, pc);
+  if (c < nc) masked += logits_chunk<T, W, LABELS, GUIDE, false>(row, tile, a, b, x, log_w, tx, c, nc - c, pc);
   return -static_cast<int64_t>(horizontal_sum(masked));
 }
 
@@ -175,11 +192,87 @@ T negative_score_grad(const T* x, T shift, T scale, T positive_score, T* s_row, 
   return horizontal_sum(acc);
 }
 
+// Soft labels: merges a tile row into the teacher's online logsumexp of tx and the running sum of
+// e^{tx_j - max} (tx_j - x_j) over the entries where tx is finite (x must hold the student's logit
+// there, the positive's included). NaN anywhere in those entries is sticky.
+template <typename T>
+void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
+  const int32_t n = static_cast<int32_t>(n_);
+  const V ninf = V{} + neg_inf<T>();
+  T m = neg_inf<T>();
+  bool any_nan = false;
+  for (int32_t c = 0; c < n; ++c) {
+    m = tx[c] > m ? tx[c] : m;
+    any_nan |= tx[c] != tx[c] || (tx[c] > neg_inf<T>() && x[c] != x[c]);
+  }
+  if (any_nan) acc.nan = true;
+  if (acc.nan || m == neg_inf<T>()) return;
+  const T new_max = m > acc.max ? m : acc.max;
+  V z = {}, a = {};
+  int32_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V t = load<V, true>(tx + c, kW);
+    const V e = exp_shifted(t - new_max);
+    z += e;
+    a += e * (t > ninf ? t - load<V, true>(x + c, kW) : V{});
+  }
+  if (c < n) {
+    V t = ninf;
+    std::memcpy(&t, tx + c, (n - c) * sizeof(T));
+    const V e = exp_shifted(t - new_max);
+    z += e;
+    a += e * (t > ninf ? t - load<V, false>(x + c, n - c) : V{});
+  }
+  const V carried = exp_shifted(V{} + (acc.max - new_max));
+  acc.z = acc.z * carried[0] + horizontal_sum(z);
+  acc.a = acc.a * carried[0] + horizontal_sum(a);
+  acc.max = new_max;
+}
+
+// negative_score_grad with a second term: dS_ij = scale * exp(x_ij + shift) - scale2 * exp(y_ij + shift2)
+// (HCL: y = the importance log-weights; soft labels: y = the teacher's logits).
+template <typename T>
+T negative_score_grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
+                       int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
+  const int32_t n = static_cast<int32_t>(n_);
+  V acc = {};
+  int32_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V ds = scale * exp_shifted(load<V, true>(x + c, kW) + shift) -
+                 scale2 * exp_shifted(load<V, true>(y + c, kW) + shift2);
+    acc += ds * (load<V, true>(s_row + c, kW) - positive_score);
+    store<true>(s_row + c, ds, kW);
+  }
+  if (c < n) {
+    V xt = V{} + neg_inf<T>(), yt = V{} + neg_inf<T>();
+    std::memcpy(&xt, x + c, (n - c) * sizeof(T));
+    std::memcpy(&yt, y + c, (n - c) * sizeof(T));
+    const V ds = scale * exp_shifted(xt + shift) - scale2 * exp_shifted(yt + shift2);
+    acc += ds * (load<V, false>(s_row + c, n - c) - positive_score);
+    store<false>(s_row + c, ds, n - c);
+  }
+  return horizontal_sum(acc);
+}
+
 // One build of the element-wise kernels, as a type the tile loops are templated on.
 struct RowKernels {
   template <typename T, int W, bool LABELS, bool GUIDE>
-  static int64_t logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w) {
-    return biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x, log_w);
+  static int64_t logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
+                        T* tx = nullptr) {
+    return biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x, log_w, tx);
+  }
+  template <typename T>
+  static void soft(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n) {
+    soft_add(acc, tx, x, n);
+  }
+  template <typename T>
+  static T grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
+                 int64_t n) {
+    return negative_score_grad2(x, shift, scale, y, shift2, scale2, positive_score, s_row, n);
   }
   template <typename T>
   static void lse_add(OnlineLSE<T>& acc, const T* x, int64_t n) {

@@ -6,9 +6,10 @@ In-batch similarity, masking and weighting are computed in one pass over score t
 
 from .functional import InfoNCE, InfoNCEStats, info_nce
 from .mining import MinedNegatives, mine_hard_negatives
-from .options import Hardness, SimANS
+from . import presets
+from .options import GCSE, HCL, Hardness, SimANS, SoftLabels
 from .sampling import sample_negatives
 from .version import __version__
 
-__all__ = ["info_nce", "InfoNCE", "InfoNCEStats", "SimANS", "Hardness", "sample_negatives", "mine_hard_negatives",
-           "MinedNegatives", "__version__"]
+__all__ = ["info_nce", "InfoNCE", "InfoNCEStats", "SimANS", "Hardness", "HCL", "GCSE", "SoftLabels", "presets",
+           "sample_negatives", "mine_hard_negatives", "MinedNegatives", "__version__"]

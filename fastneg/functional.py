@@ -9,8 +9,11 @@ import torch
 
 from . import ops
 from .options import (
+    WEIGHTING_GCSE,
     WEIGHTING_GUIDE_HARDNESS,
+    WEIGHTING_HCL,
     Rules,
+    SoftLabels,
     Weighting,
     check_backend,
     check_negatives,
@@ -83,6 +86,7 @@ def info_nce(
     process_group: Optional[object] = None,
     key_blocks: int = 1,
     debias: Optional[float] = None,
+    soft_labels: Optional[SoftLabels] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
     r"""InfoNCE with false-negative masking and negative weighting, fused (SPEC sections 1-4).
 
@@ -107,8 +111,9 @@ def info_nce(
             ``t_ij > t_i+ - |t_i+| g``). No gradient reaches the guide. Guide embeddings are
             cast to ``query``'s dtype. ``guide_margin=None``: the guide masks nothing (for a guide
             that only weights, ``weighting=Hardness(s, on="guide")``).
-        weighting: ``None``, ``"simans"``, :class:`SimANS` or :class:`Hardness` (constant logit biases;
-            ``Hardness(s, on="guide")`` takes the bias from the guide's scores).
+        weighting: ``None``, ``"simans"``, :class:`SimANS`, :class:`Hardness`, :class:`GCSE` (constant
+            logit biases; ``Hardness(s, on="guide")`` and ``GCSE`` take them from the guide's scores)
+            or :class:`HCL` (importance weights ``e^{beta l}`` with gradient through them, as in HCL).
         negatives: ``[B, K]`` int64 key indices (-1 = none): restricts row i's denominator to its
             positive and the keys ``negatives[i]`` (masking rules still apply; a key listed twice
             counts once; the positive listed there is ignored). Computed on the gathered keys
@@ -133,7 +138,11 @@ def info_nce(
             false one: the row's (masked, weighted) negative sum ``S`` becomes
             ``Ng = max((S - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t})`` over its ``n`` negatives, and
             ``L_i = log(e^{l+} + Ng) - l+``. The gradient flows as in the authors' code (through the
-            clamp where it is not active). Not with ``symmetric`` or a learned temperature.
+            clamp where it is not active). Not with ``symmetric`` or a learned temperature. With
+            ``weighting=HCL(beta)`` the weighted sum is HCL's reweighted negative term (their
+            full estimator).
+        soft_labels: :class:`SoftLabels`: distil from the guide model as teacher, ``(1 - w) CE + w
+            KL(teacher softmax || student softmax)`` over each row's positive and unmasked negatives.
 
     Returns:
         The loss (fused backends: float32 for float16/bfloat16 inputs, else the input dtype; the
@@ -147,10 +156,12 @@ def info_nce(
             symmetric=symmetric, temperature=temperature, query_labels=query_labels, key_labels=key_labels, margin=margin,
             relative_margin=relative_margin, max_score=max_score, guide_query=guide_query, guide_keys=guide_keys,
             guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting, negatives=negatives,
-            reduction=reduction, return_stats=return_stats, backend=backend, debias=debias))
+            reduction=reduction, return_stats=return_stats, backend=backend, debias=debias,
+            soft_labels=soft_labels))
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
-    rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias)
+    rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
+                        soft_labels, temperature)
     _check_guide_weighting(rules, guide_query)
     _check_debias_use(rules, symmetric, temperature)
     if negatives is not None:
@@ -198,9 +209,22 @@ def info_nce(
 def _check_guide_weighting(rules: Rules, guide_query: Optional[torch.Tensor]) -> None:
     if rules.weighting == WEIGHTING_GUIDE_HARDNESS and guide_query is None:
         raise ValueError("weighting=Hardness(on='guide') needs guide_query and guide_keys")
+    if rules.weighting == WEIGHTING_GCSE and guide_query is None:
+        raise ValueError("weighting=GCSE needs guide_query and guide_keys (the reference model's embeddings)")
+    if rules.soft_temperature is not None and guide_query is None:
+        raise ValueError("soft_labels needs guide_query and guide_keys (the teacher's embeddings)")
 
 
 def _check_debias_use(rules: Rules, symmetric: bool, temperature: Union[float, torch.Tensor]) -> None:
+    if rules.weighting == WEIGHTING_HCL and symmetric:
+        raise ValueError("weighting=HCL cannot be combined with symmetric=True")
+    if rules.soft_temperature is not None:
+        if symmetric:
+            raise ValueError("soft_labels cannot be combined with symmetric=True")
+        if rules.debias is not None:
+            raise ValueError("soft_labels cannot be combined with debias (DCL's estimator is for hard labels)")
+        if rules.weighting == WEIGHTING_HCL:
+            raise ValueError("soft_labels cannot be combined with weighting=HCL")
     if rules.debias is None:
         return
     if symmetric:
@@ -228,7 +252,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         kw["guide_query"], kw["guide_keys"], allow_empty=True)
         check_reduction(kw["reduction"])
         rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
-                            kw["guide_strategy"], kw["weighting"], kw["debias"])
+                            kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"])
         _check_guide_weighting(rules, kw["guide_query"])
         _check_debias_use(rules, kw["symmetric"], kw["temperature"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
@@ -255,7 +279,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         relative_margin=kw["relative_margin"], max_score=kw["max_score"], guide_query=gq,
                         guide_keys=gk, guide_margin=kw["guide_margin"], guide_strategy=kw["guide_strategy"],
                         weighting=kw["weighting"], negatives=neg, reduction="none", return_stats=True,
-                        backend=kw["backend"], debias=kw["debias"])
+                        backend=kw["backend"], debias=kw["debias"], soft_labels=kw["soft_labels"])
 
     out, stats = distributed.distributed_info_nce(
         query, keys, positives, group=group, key_blocks=key_blocks, key_labels=kw["key_labels"],
@@ -331,7 +355,8 @@ def _fused(
     loss, lse, pos_score, *_, n_masked, n_neg, _col_lse, _col_offset, _pos_coef = _forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
-        rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias)
+        rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias, rules.soft_temperature,
+        rules.soft_weight)
     return loss, lse, pos_score / temp.detach(), n_masked, n_neg
 
 

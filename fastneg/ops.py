@@ -10,7 +10,9 @@ Forward returns, per row: loss, logsumexp, positive score, SimANS normaliser off
 score threshold, the guide threshold, number of masked keys, number of negatives, and for the
 symmetric loss the logsumexp and SimANS offset of the row's positive column (zeros otherwise;
 with ``symmetric`` the loss is already ``(row + column) / 2``), and the positive's coefficient
-``c+`` in ``dL/dl+ = c+ e^{l+ - lse} - 1`` (1 but with DCL's ``debias``). Backward recomputes the score
+``c+`` in ``dL/dl+ = c+ e^{l+ - lse} - 1`` (1 but with DCL's ``debias``) stacked [4, B] with HCL's
+negative mass ``beta R`` and ``-logsumexp_k(beta l_ik)`` and the soft labels' teacher logsumexp
+(zeros when unused). Backward recomputes the score
 tiles from the saved per-row values, so nothing of size B x N is kept.
 """
 
@@ -41,7 +43,7 @@ def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[
     rows = [query.new_empty(B, dtype=acc) for _ in range(6)]
     counts = [query.new_empty(B, dtype=torch.int64) for _ in range(2)]
     columns = [query.new_empty(B, dtype=acc) for _ in range(2)]
-    return (*rows, *counts, *columns, query.new_empty(B, dtype=acc))
+    return (*rows, *counts, *columns, query.new_empty(4, B, dtype=acc))
 
 
 def _fake_backward(grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
@@ -57,12 +59,13 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         (query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
          _margin, _relative_margin, _max_score, _guide_margin, _guide_relative,
-         weighting, weight_a, weight_b, symmetric, _debias) = inputs
+         weighting, weight_a, weight_b, symmetric, _debias, soft_temperature, soft_weight) = inputs
         _, lse, positive_score, row_offset, threshold, guide_threshold, _, _, col_lse, col_offset, pos_coef = output
         ctx.save_for_backward(query, keys, positives, temperature, query_labels, key_labels, guide_query,
                               guide_keys, lse, positive_score, row_offset, threshold, guide_threshold, col_lse,
                               col_offset, pos_coef)
         ctx.weighting = (weighting, weight_a, weight_b)
+        ctx.soft = (soft_temperature, soft_weight)
         ctx.symmetric = symmetric
         for t in output[1:]:
             ctx.mark_non_differentiable(t)
@@ -72,19 +75,19 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
          lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset,
          pos_coef) = ctx.saved_tensors
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
-        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 18
+        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 20
         if grad_loss is None or not (need_q or need_k or need_t):
             return no_grads
         weighting, weight_a, weight_b = ctx.weighting
         dq, dk, tau_rowsum = backward(
             grad_loss, query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
             lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset, pos_coef, weighting,
-            weight_a, weight_b, ctx.symmetric, bool(need_q), bool(need_k))
+            weight_a, weight_b, ctx.symmetric, *ctx.soft, bool(need_q), bool(need_k))
         # L depends on tau through l = s / tau: dL/dtau = -(1 / tau) * sum_ij dL/ds_ij * s_ij
         d_temp = None
         if need_t:
             d_temp = (-(tau_rowsum.sum()) / temperature.to(tau_rowsum.dtype)).to(temperature.dtype).reshape(temperature.shape)
-        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 14
+        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 16
 
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)

@@ -14,14 +14,16 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["SimANS", "Hardness", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS", "WEIGHTING_HARDNESS",
-           "WEIGHTING_GUIDE_HARDNESS", "MAX_LABEL_LEVELS"]
+__all__ = ["SimANS", "Hardness", "HCL", "GCSE", "SoftLabels", "Rules", "WEIGHTING_NONE", "WEIGHTING_SIMANS",
+           "WEIGHTING_HARDNESS", "WEIGHTING_GUIDE_HARDNESS", "WEIGHTING_HCL", "WEIGHTING_GCSE", "MAX_LABEL_LEVELS"]
 
 WEIGHTING_NONE = 0
 WEIGHTING_SIMANS = 1
 WEIGHTING_HARDNESS = 2
 # Hardness(strength, on="guide"): beta_ij = weight_a * t_ij from the guide scores.
 WEIGHTING_GUIDE_HARDNESS = 3
+WEIGHTING_HCL = 4
+WEIGHTING_GCSE = 5
 MAX_LABEL_LEVELS = 8
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -69,7 +71,84 @@ class Hardness:
             raise ValueError(f"Hardness.on must be 'scores' or 'guide', got {self.on!r}")
 
 
-Weighting = Union[None, str, SimANS, Hardness]
+@dataclass(frozen=True)
+class HCL:
+    """Hard-negative reweighting of Robinson et al. (2021), "Contrastive Learning with Hard Negative
+    Samples" (joshr17/HCL).
+
+    Each unmasked negative gets the importance weight ``e^{beta l_ij}`` (``l = s / temperature``:
+    the authors' code raises ``exp(s / t)`` to the power ``beta``), normalised over the row's ``n``
+    negatives: ``beta_ij = beta l_ij + log n - logsumexp_k(beta l_ik)``, so the negative term is
+    ``n sum_j e^{(1 + beta) l_ij} / sum_j e^{beta l_ij}``, the original's
+    ``(imp * neg).sum() / imp.mean()``. Unlike :class:`Hardness`, the gradient flows through the
+    weights, as in the original. Combine with ``debias=tau_plus`` for the paper's full estimator
+    (``debias=0.0`` keeps its clamp at ``n e^{-1/t}`` with no debiasing). ``beta = 0`` is plain
+    InfoNCE. Not with ``symmetric=True``.
+    """
+
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_finite_float("HCL.beta", self.beta)
+
+
+@dataclass(frozen=True)
+class GCSE:
+    """GCSE's Gaussian-decayed offset for hard negatives (Chen et al., 2024, aleversn/GCSE), relative
+    to a reference model's logit.
+
+    With the student's logit ``l_ij`` and the reference (guide) model's logit ``r_ij = t_ij /
+    temperature`` (``t`` from ``guide_query`` / ``guide_keys``), every unmasked negative gets the
+    constant bias ``beta_ij = -l_ij exp(-(l_ij - r_ij)^2 / (2 alpha^2))`` where ``l_ij <= r_ij``
+    and 0 where the student already scores it above the reference: a negative that the student
+    scores about as high as the reference does is pulled towards logit 0. No gradient flows
+    through the bias (the original detaches it). ``alpha`` is in logit units; the authors use 0.17
+    (BERT) and 8.58 (RoBERTa).
+
+    The original applies the offset to each sentence's own generated hard negative only; here it
+    applies to every unmasked negative of the row (a key whose reference score sits below the
+    student's gets exactly 0, so a guide with very low ``t_ij`` on the keys to leave alone
+    restricts it). Needs ``guide_query`` / ``guide_keys``; pass ``guide_margin=None`` so that the
+    reference only offsets and does not also mask.
+    """
+
+    alpha: float = 0.17
+
+    def __post_init__(self) -> None:
+        _check_finite_float("GCSE.alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"GCSE.alpha must be > 0, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """Soft-label targets from a teacher: the guide model's scores ``t_ij`` (``guide_query`` /
+    ``guide_keys``), as in RocketQA / AR2 / CUSA-style distillation.
+
+    Over each row's positive and unmasked negatives, the teacher's distribution is
+    ``p_ij = softmax_j(t_ij / temperature)`` and the student's ``q_ij = softmax_j(l_ij + beta_ij)``
+    (the loss's own logits, with any constant weighting bias). The row's loss is
+    ``(1 - weight) * CE + weight * KL(p_i || q_i)``, where CE is the usual InfoNCE term; both
+    come from the same single pass over the score tiles (the teacher's logsumexp is computed
+    online next to the student's). ``temperature=None`` takes the loss's temperature.
+    No gradient reaches the teacher. Not with ``symmetric``, ``debias`` or :class:`HCL`.
+    """
+
+    temperature: Optional[float] = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None:
+            _check_finite_float("SoftLabels.temperature", self.temperature)
+            if self.temperature <= 0:
+                raise ValueError(f"SoftLabels.temperature must be > 0, got {self.temperature}")
+        _check_finite_float("SoftLabels.weight", self.weight)
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"SoftLabels.weight must be in [0, 1], got {self.weight}")
+
+
+Weighting = Union[None, str, SimANS, Hardness, HCL, GCSE]
+_WEIGHTING_NAMES = "None, 'simans', fastneg.SimANS, fastneg.Hardness, fastneg.HCL or fastneg.GCSE"
 
 
 def _check_finite_float(name: str, value: object) -> None:
@@ -104,6 +183,8 @@ class Rules:
     weight_a: float = 0.0
     weight_b: float = 0.0
     debias: Optional[float] = None  # DCL's tau_plus (Chuang et al. 2020); None: off
+    soft_temperature: Optional[float] = None  # SoftLabels: the teacher's temperature; None: off
+    soft_weight: float = 1.0
 
     @staticmethod
     def build(
@@ -114,6 +195,8 @@ class Rules:
         guide_strategy: object,
         weighting: Weighting,
         debias: object = None,
+        soft_labels: object = None,
+        temperature: Union[float, torch.Tensor, None] = None,
     ) -> Rules:
         if guide_strategy not in _GUIDE_STRATEGIES:
             raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
@@ -123,7 +206,7 @@ class Rules:
             _check_finite_float("guide_margin", guide_margin)
         if isinstance(weighting, str):
             if weighting != "simans":
-                raise ValueError(f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {weighting!r}")
+                raise ValueError(f"weighting must be {_WEIGHTING_NAMES}, got {weighting!r}")
             weighting = SimANS()
         if weighting is None:
             kind, wa, wb = WEIGHTING_NONE, 0.0, 0.0
@@ -132,10 +215,23 @@ class Rules:
         elif isinstance(weighting, Hardness):
             kind = WEIGHTING_GUIDE_HARDNESS if weighting.on == "guide" else WEIGHTING_HARDNESS
             wa, wb = float(weighting.strength), 0.0
+        elif isinstance(weighting, HCL):
+            kind, wa, wb = WEIGHTING_HCL, float(weighting.beta), 0.0
+        elif isinstance(weighting, GCSE):
+            kind, wa, wb = WEIGHTING_GCSE, float(weighting.alpha), 0.0
         else:
-            raise TypeError(
-                f"weighting must be None, 'simans', fastneg.SimANS or fastneg.Hardness, got {type(weighting).__name__}"
-            )
+            raise TypeError(f"weighting must be {_WEIGHTING_NAMES}, got {type(weighting).__name__}")
+        soft_temperature, soft_weight = None, 1.0
+        if soft_labels is not None:
+            if not isinstance(soft_labels, SoftLabels):
+                raise TypeError(f"soft_labels must be None or fastneg.SoftLabels, got {type(soft_labels).__name__}")
+            soft_weight = float(soft_labels.weight)
+            if soft_labels.temperature is not None:
+                soft_temperature = float(soft_labels.temperature)
+            elif isinstance(temperature, torch.Tensor):
+                soft_temperature = float(temperature.detach().reshape(()))
+            else:
+                soft_temperature = float(temperature) if temperature is not None else 0.05
         return Rules(
             margin=_optional_float("margin", margin),
             relative_margin=_optional_float("relative_margin", relative_margin),
@@ -146,6 +242,8 @@ class Rules:
             weight_a=wa,
             weight_b=wb,
             debias=_check_debias(debias),
+            soft_temperature=soft_temperature,
+            soft_weight=soft_weight,
         )
 
 

@@ -11,7 +11,14 @@ from typing import Optional, Union
 
 import torch
 
-from .options import WEIGHTING_GUIDE_HARDNESS, WEIGHTING_HARDNESS, WEIGHTING_SIMANS, Rules
+from .options import (
+    WEIGHTING_GCSE,
+    WEIGHTING_GUIDE_HARDNESS,
+    WEIGHTING_HARDNESS,
+    WEIGHTING_HCL,
+    WEIGHTING_SIMANS,
+    Rules,
+)
 
 
 def false_negative_mask(
@@ -114,6 +121,19 @@ def rows_from_scores(
     elif rules.weighting == WEIGHTING_GUIDE_HARDNESS:
         assert guide_scores is not None, "guide-score hardness needs guide scores"
         bias = torch.where(negative, rules.weight_a * guide_scores, torch.zeros_like(detached))
+    elif rules.weighting == WEIGHTING_HCL:
+        # importance weights e^{beta l}, normalised over the row's negatives, with gradient
+        log_w = torch.where(negative, rules.weight_a * logits, neg_inf)
+        count = negative.sum(1, keepdim=True)
+        offset = torch.log(count.to(scores.dtype)) - torch.logsumexp(log_w, 1, keepdim=True)
+        bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
+    elif rules.weighting == WEIGHTING_GCSE:
+        assert guide_scores is not None, "GCSE needs the reference model's scores"
+        tau = temperature.detach() if isinstance(temperature, torch.Tensor) else temperature
+        student, reference = detached / tau, guide_scores / tau
+        gap = student - reference
+        decayed = -student * torch.exp(-gap * gap / (2.0 * rules.weight_a ** 2))
+        bias = torch.where(negative & ~(gap > 0), decayed, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)
     if rules.debias is not None:
@@ -122,7 +142,21 @@ def rows_from_scores(
     else:
         lse = torch.logsumexp(x, dim=1)
     loss = lse - positive_logit
+    if rules.soft_temperature is not None:
+        assert guide_scores is not None, "soft labels need the teacher's scores"
+        loss = (1.0 - rules.soft_weight) * loss + rules.soft_weight * _soft_label_kl(
+            x, lse, torch.where(negative | is_positive, guide_scores / rules.soft_temperature, neg_inf))
     return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+
+
+def _soft_label_kl(student: torch.Tensor, student_lse: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) per row over the entries where the teacher is finite
+    (the positive and the unmasked negatives; the student is finite there too)."""
+    kept = teacher > float("-inf")
+    teacher_lse = torch.logsumexp(teacher, dim=1, keepdim=True)
+    log_p = torch.where(kept, teacher - teacher_lse, torch.zeros_like(teacher))
+    log_q = torch.where(kept, student - student_lse[:, None], torch.zeros_like(student))
+    return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
 def _debiased_lse(negative_logits: torch.Tensor, positive_logit: torch.Tensor, count: torch.Tensor, tau_plus: float,

@@ -31,6 +31,8 @@ WEIGHT_NONE: tl.constexpr = tl.constexpr(0)
 WEIGHT_SIMANS: tl.constexpr = tl.constexpr(1)
 WEIGHT_HARDNESS: tl.constexpr = tl.constexpr(2)
 WEIGHT_GUIDE_HARDNESS: tl.constexpr = tl.constexpr(3)  # internal: bias from the guide score, guide not masking
+WEIGHT_HCL: tl.constexpr = tl.constexpr(4)  # HCL: importance weights e^{beta l}, gradient through them
+WEIGHT_GCSE: tl.constexpr = tl.constexpr(5)  # GCSE: Gaussian-decayed offset from the reference (guide) logit
 
 
 @triton.jit
@@ -88,8 +90,18 @@ def tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold, gui
 
 @triton.jit
 def tl_biased_logits(s, t, negative, positive_score, inv_temp, weight_a, weight_b, WEIGHTING: tl.constexpr):
-    """x_ij = l_ij + u_ij over negatives (-inf elsewhere) and SimANS log w_ij (-inf elsewhere)."""
-    if WEIGHTING == WEIGHT_SIMANS:
+    """x_ij = l_ij + u_ij over negatives (-inf elsewhere) and the log-weights whose logsumexp
+    normalises the row (SimANS log w_ij, HCL beta l_ij; -inf elsewhere)."""
+    if WEIGHTING == WEIGHT_HCL:
+        log_w = weight_a * s * inv_temp
+        x = s * inv_temp + log_w
+    elif WEIGHTING == WEIGHT_GCSE:
+        logit = s * inv_temp
+        gap = logit - t * inv_temp
+        decayed = -logit * tl.exp(-gap * gap * (0.5 / (weight_a * weight_a)))
+        log_w = s
+        x = logit + tl.where(gap > 0, 0.0, decayed)
+    elif WEIGHTING == WEIGHT_SIMANS:
         d = s - positive_score[:, None] - weight_b
         log_w = -weight_a * d * d
         x = s * inv_temp + log_w
@@ -217,10 +229,11 @@ def _info_nce_fwd_kernel(
     loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
     cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr, coef_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
     HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
-    WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, DEBIAS: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, DEBIAS: tl.constexpr, SOFT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     part = tl.program_id(0)
@@ -246,6 +259,10 @@ def _info_nce_fwd_kernel(
         w_sum = tl.zeros((BLOCK_M,), tl.float32)
         n_neg = tl.zeros((BLOCK_M,), tl.int64)
         n_masked = tl.zeros((BLOCK_M,), tl.int64)
+        t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # soft labels: the teacher's online logsumexp
+        t_sum = tl.zeros((BLOCK_M,), tl.float32)
+        t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j)
+        t_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_valid = cols < N
@@ -255,14 +272,25 @@ def _info_nce_fwd_kernel(
             if HAS_GUIDE:
                 t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
                                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-            _, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
-                                              guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+            is_pos, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                                   guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
             n_neg += tl.sum(negative.to(tl.int64), axis=1)
             n_masked += tl.sum(masked.to(tl.int64), axis=1)
             x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
             x_max, x_sum = tl_online_lse(x_max, x_sum, x)
-            if WEIGHTING == WEIGHT_SIMANS:
+            if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
                 w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
+            if SOFT:
+                tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
+                student = tl.where(is_pos, s * inv_temp, x)
+                t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
+                new_max = tl.maximum(t_max, tl.max(tx, axis=1))
+                safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+                carried = tl.exp2((t_max - safe) * LOG2E)
+                e = tl.exp2((tx - safe[:, None]) * LOG2E)
+                t_sum = t_sum * carried + tl.sum(e, axis=1)
+                t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
+                t_max = new_max
             if SYMMETRIC:
                 # this program's partial logsumexp of each owned column, slot [part, owner]
                 _, _, c_neg, c_x, c_log_w, has_owner, o, _ = tl_column_logits(
@@ -285,8 +313,9 @@ def _info_nce_fwd_kernel(
         has_neg = n_neg > 0
         neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
         offset = tl.zeros((BLOCK_M,), tl.float32)
-        if WEIGHTING == WEIGHT_SIMANS:
+        if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
             offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+        weight_offset = offset
         l_pos = s_pos * inv_temp
         coef = tl.full((BLOCK_M,), 1.0, tl.float32)
         if DEBIAS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
@@ -301,8 +330,21 @@ def _info_nce_fwd_kernel(
             coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
         else:
             lse = tl_logaddexp(l_pos, neg_lse + offset)
+        loss = lse - l_pos
+        if WEIGHTING == WEIGHT_HCL:
+            # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
+            hcl_mass = tl.where(has_neg, weight_a * tl.exp(neg_lse + offset - lse), 0.0)
+            hcl_shift = tl.where(has_neg, weight_offset - tl.log(n_neg.to(tl.float32)), 0.0)
+            tl.store(coef_ptr + B + rows, hcl_mass, mask=row_valid)
+            tl.store(coef_ptr + 2 * B + rows, hcl_shift, mask=row_valid)
+        if SOFT:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
+            teacher = t_max + tl.log(t_sum)
+            p_pos = tl.exp(t_pos - teacher)
+            kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
+            loss = (1.0 - soft_weight) * loss + soft_weight * kl
+            tl.store(coef_ptr + 3 * B + rows, teacher, mask=row_valid)
         tl.store(coef_ptr + rows, coef, mask=row_valid)
-        tl.store(loss_ptr + rows, lse - l_pos, mask=row_valid)
+        tl.store(loss_ptr + rows, loss, mask=row_valid)
         tl.store(lse_ptr + rows, lse, mask=row_valid)
         tl.store(offset_ptr + rows, offset, mask=row_valid)
         tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
@@ -352,11 +394,12 @@ def _info_nce_columns_kernel(
 @triton.jit
 def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+                  hcl_mass, hcl_shift, teacher,
                   owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
-                  inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-                  NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
-                  SYMMETRIC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
+                  stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(dS, tau) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
     tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
     gradient (each direction's dS sums to 0 over its row or column, so this equals
@@ -369,10 +412,15 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     is_pos, _, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold, guide_threshold,
                                       qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
-    x, _ = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+    x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
     p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
+    if WEIGHTING == WEIGHT_HCL:
+        p = p * (1.0 + weight_a) - hcl_mass[:, None] * tl.exp2((log_w + hcl_shift[:, None]) * LOG2E)
     p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
     p = tl.where(is_pos, p_pos[:, None], p)
+    if SOFT:  # minus w times the teacher's softmax; the positive's -1 becomes -(1 - w)
+        tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
+        p = tl.where(is_pos, p + soft_weight, p) - soft_weight * tl.exp2((tx - teacher[:, None]) * LOG2E)
     ds = p * grad_scale[:, None]
     ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
     tau = ds * (s - s_pos[:, None])
@@ -395,7 +443,7 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
 
 @triton.jit
 def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr,
-                    grad_ptr, inv_temp, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr):
+                    grad_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
     threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
@@ -408,16 +456,20 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
     if SYMMETRIC:  # loss_i = (row_i + column_{p_i}) / 2
         grad_scale = grad_scale * 0.5
     coef = tl.load(coef_ptr + rows, mask=row_valid, other=1.0)
-    return positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef
+    hcl_mass = tl.load(coef_ptr + B + rows, mask=row_valid, other=0.0)
+    hcl_shift = tl.load(coef_ptr + 2 * B + rows, mask=row_valid, other=0.0)
+    teacher = tl.load(coef_ptr + 3 * B + rows, mask=row_valid, other=0.0)
+    return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+            hcl_mass, hcl_shift, teacher)
 
 
 @triton.jit
 def _info_nce_bwd_dq_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
     lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dq_ptr, rowsum_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
@@ -425,9 +477,10 @@ def _info_nce_bwd_dq_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef = _load_row_state(
+    (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+     hcl_mass, hcl_shift, teacher) = _load_row_state(
         rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-        inv_temp, HAS_GUIDE, SYMMETRIC)
+        inv_temp, B, HAS_GUIDE, SYMMETRIC)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -435,9 +488,10 @@ def _info_nce_bwd_dq_kernel(
         col_valid = cols < N
         ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                                 positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+                  hcl_mass, hcl_shift, teacher,
                                 owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
-                                inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
-                                stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,
+                                inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
+                                stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
                                 BLOCK_M, BLOCK_N, BLOCK_D)
         rowsum += tl.sum(tau, axis=1)
         if WRITE_DQ:
@@ -455,9 +509,9 @@ def _info_nce_bwd_dq_kernel(
 def _info_nce_bwd_dk_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
     lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dk_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -468,14 +522,16 @@ def _info_nce_bwd_dk_kernel(
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_valid = rows < B
-        positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef = _load_row_state(
+        (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+     hcl_mass, hcl_shift, teacher) = _load_row_state(
             rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-            inv_temp, HAS_GUIDE, SYMMETRIC)
+            inv_temp, B, HAS_GUIDE, SYMMETRIC)
         ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                               positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+                  hcl_mass, hcl_shift, teacher,
                               owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
-                              inv_temp, weight_a, weight_b, B, N, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, PRECISION,
+                              inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
+                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
                               BLOCK_M, BLOCK_N, BLOCK_D)
         q = tl.load(q_ptr + rows[:, None] * stride_q + d_out[None, :],
                     mask=row_valid[:, None] & (d_out[None, :] < D), other=0.0)

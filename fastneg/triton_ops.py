@@ -127,6 +127,11 @@ def _column_parts(row_blocks: int, device: torch.device) -> int:
     return min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def _soft_scalars(soft_temperature: Optional[float], soft_weight: float) -> tuple[float, float]:
+    """(1 / teacher temperature, weight) of the soft labels; (0, 0) when off."""
+    return (0.0, 0.0) if soft_temperature is None else (1.0 / soft_temperature, soft_weight)
+
+
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
 def info_nce_fwd_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
@@ -134,7 +139,7 @@ def info_nce_fwd_triton(
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
     margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
     guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float, symmetric: bool,
-    debias: Optional[float],
+    debias: Optional[float], soft_temperature: Optional[float], soft_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
@@ -142,7 +147,7 @@ def info_nce_fwd_triton(
     f32 = dict(dtype=torch.float32, device=q.device)
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
     col_lse, col_offset = torch.zeros(B, **f32), torch.zeros(B, **f32)
-    pos_coef = torch.empty(B, **f32)
+    pos_coef = torch.zeros(4, B, **f32)
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
@@ -166,7 +171,8 @@ def info_nce_fwd_triton(
         q, k, positives, temperature, qlab, klab, gq, gk, owner,
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg, pos_coef,
         B, N, D, DG, *p.strides, *scalars, weight_a, weight_b, 0.0 if debias is None else debias,
-        NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric, DEBIAS=debias is not None, **rules,
+        *_soft_scalars(soft_temperature, soft_weight), NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric,
+        DEBIAS=debias is not None, SOFT=soft_temperature is not None, **rules,
     )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
@@ -182,29 +188,31 @@ def info_nce_bwd_triton(
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], lse: torch.Tensor,
     positive_score: torch.Tensor, row_offset: torch.Tensor, threshold: torch.Tensor,
     guide_threshold: torch.Tensor, col_lse: torch.Tensor, col_offset: torch.Tensor, positive_coef: torch.Tensor,
-    weighting: int, weight_a: float, weight_b: float, symmetric: bool, query_grad: bool, keys_grad: bool,
+    weighting: int, weight_a: float, weight_b: float, symmetric: bool, soft_temperature: Optional[float],
+    soft_weight: float, query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
     owner = _owners(positives, N) if symmetric else positives
+    soft = _soft_scalars(soft_temperature, soft_weight)
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
                  guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous(),
                  positive_coef.float().contiguous())
     flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
-                 PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                 BLOCK_DO=cfg.block_do)
+                 SOFT=soft_temperature is not None, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     rowsum = torch.empty(B, dtype=torch.float32, device=q.device)
     d_blocks = triton.cdiv(D, cfg.block_do) if query_grad else 1
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
         *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *p.strides,
-        dq.stride(0) if query_grad else 0, weight_a, weight_b, WRITE_DQ=query_grad, **flags)
+        dq.stride(0) if query_grad else 0, weight_a, weight_b, *soft, WRITE_DQ=query_grad, **flags)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
     if keys_grad:
         wrap_triton(_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
-            *common_in, dk, B, N, D, DG, *p.strides, dk.stride(0), weight_a, weight_b, **flags)
+            *common_in, dk, B, N, D, DG, *p.strides, dk.stride(0), weight_a, weight_b, *soft, **flags)
     return dq, dk, rowsum
 
 
