@@ -4,9 +4,9 @@ In-batch similarity, masking and weighting are computed in one pass over score t
 (Triton on CUDA, C++ on CPU), never materialising the [B, N] similarity matrix.
 """
 
+from . import presets
 from .functional import InfoNCE, InfoNCEStats, info_nce
 from .mining import MinedNegatives, mine_hard_negatives
-from . import presets
 from .options import GCSE, HCL, Hardness, SimANS, SoftLabels
 from .sampling import sample_negatives
 from .version import __version__

@@ -94,8 +94,9 @@ class HCL:
 
 @dataclass(frozen=True)
 class GCSE:
-    """GCSE's Gaussian-decayed offset for hard negatives (Chen et al., 2024, aleversn/GCSE), relative
-    to a reference model's logit.
+    """GCSE's Gaussian-decayed offset for hard negatives ("Enhancing Unsupervised Sentence Embeddings
+    via Knowledge-Driven Data Augmentation and Gaussian-Decayed Contrastive Learning", 2024;
+    code: aleversn/GCSE, ``main/models/gcse.py``), relative to a reference model's logit.
 
     With the student's logit ``l_ij`` and the reference (guide) model's logit ``r_ij = t_ij /
     temperature`` (``t`` from ``guide_query`` / ``guide_keys``), every unmasked negative gets the

@@ -31,7 +31,9 @@ class Preset:
     :func:`fastneg.mine_hard_negatives` (strategy and mask rules); ``num_negatives``: how many
     negatives per query the recipe selects (None: it does not select, the batch is the
     negatives); ``needs``: tensors to pass per call (``"guide"``: ``guide_query`` /
-    ``guide_keys``; ``"key_labels"``: ids of duplicate texts)."""
+    ``guide_keys``; ``"key_labels"``: ids of duplicate texts, and for the corpus miner
+    ``corpus_labels`` / ``query_labels``). A recipe that needs a guide selects in-batch negatives
+    only (``sample_negatives``; the corpus miner takes no guide)."""
 
     name: str
     citation: str

@@ -11,8 +11,18 @@ import fastneg
 from helpers import TRITON_DEVICE, make_problem, max_error
 
 
-def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, symmetric=False,
-             debias=None):
+# the op's rule modes: (weighting, weight_a, weight_b, debias, soft_temperature, soft_weight)
+MODES = {
+    "one-way": (1, 0.5, 0.1, None, None, 1.0),
+    "symmetric": (1, 0.5, 0.1, None, None, 1.0),
+    "debias": (1, 0.5, 0.1, 0.1, None, 1.0),
+    "hcl": (4, 1.0, 0.0, 0.1, None, 1.0),
+    "gcse": (5, 2.0, 0.0, None, None, 1.0),
+    "soft": (1, 0.5, 0.1, None, 0.1, 0.5),
+}
+
+
+def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, mode="one-way"):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, D, generator=g, dtype=dtype).to(device).requires_grad_()
     k = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
@@ -23,27 +33,31 @@ def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, lab
     qlab = klab[pos] if labels else None
     gq = torch.randn(B, 4, generator=g, dtype=dtype).to(device) if guide else None
     gk = torch.randn(N, 4, generator=g, dtype=dtype).to(device) if guide else None
-    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, 1, 0.5, 0.1, symmetric, debias)
+    weighting, a, b, debias, soft_t, soft_w = MODES[mode]
+    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, weighting, a, b, mode == "symmetric",
+            debias, soft_t, soft_w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("extras", [True, False])
-@pytest.mark.parametrize("mode", ["one-way", "symmetric", "debias"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_opcheck_cpu_forward(dtype, extras, mode) -> None:
-    args = fwd_args(dtype=dtype, guide=extras, labels=extras, symmetric=mode == "symmetric",
-                    debias=0.1 if mode == "debias" else None)
+    if mode in ("gcse", "soft") and not extras:
+        pytest.skip("GCSE and soft labels need the guide")
+    args = fwd_args(dtype=dtype, guide=extras, labels=extras, mode=mode)
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_cpu.default, args)
 
 
-@pytest.mark.parametrize("mode", ["one-way", "symmetric", "debias"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_opcheck_cpu_backward(mode) -> None:
-    symmetric = mode == "symmetric"
-    args = fwd_args(symmetric=symmetric, debias=0.1 if mode == "debias" else None)
+    args = fwd_args(mode=mode)
     with torch.no_grad():
         out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
     q, k, pos, temp, qlab, klab, gq, gk = args[:8]
+    weighting, a, b, _, soft_t, soft_w = MODES[mode]
     bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk,
-                out[1], out[2], out[3], out[4], out[5], out[8], out[9], out[10], 1, 0.5, 0.1, symmetric, True, True)
+                out[1], out[2], out[3], out[4], out[5], out[8], out[9], out[10], weighting, a, b, mode == "symmetric",
+                soft_t, soft_w, True, True)
     torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
 
 
@@ -52,7 +66,8 @@ def test_opcheck_triton() -> None:
     import fastneg.triton_ops  # noqa: F401
 
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda"))
-    torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda", symmetric=True))
+    for mode in ("symmetric", "hcl", "soft"):
+        torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda", mode=mode))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
