@@ -7,13 +7,21 @@ not); every member of a group is relevant to a query about the group. Queries an
 two noisy views of the group's latent vector, encoded by two small MLP towers trained from
 scratch.
 
-Planted false negatives. Each training batch holds B queries with one positive document each,
-and for every query a share ``rate`` (0 %, 10 %, 30 %) of the other B - 1 in-batch keys are
-relevant to it: the batch is drawn as topics of m = 1 + round(rate (B - 1)) queries each, every
-query taking a member of its topic's group as positive (drawn with replacement: exact
-duplicates, near-duplicates or the very same document). This is the rate that DCL's and HCL's
-``tau_plus`` stands for (the share of a query's negatives that are false); at 0 % every query
-of the batch is about a different topic.
+Planted false negatives, two ways (``--planting``). Each training batch holds B queries with one
+positive document each, every query taking a member of its topic's group as positive (drawn
+with replacement: exact duplicates, near-duplicates or the very same document).
+
+- ``per-query`` (default): for every query a share ``rate`` (0 %, 10 %, 30 %) of the other B - 1
+  in-batch keys are relevant to it: the batch is drawn as topics of m = 1 + round(rate (B - 1))
+  queries each. This is the rate that DCL's and HCL's ``tau_plus`` stands for (the share of a
+  query's negatives that are false). It also means fewer distinct topics per batch (B / m: 10 at
+  10 %, 3.3 at 30 %), so fewer true negatives; the ``oracle`` row (every same-topic key masked,
+  which no method can know) bounds what removing false negatives can recover.
+- ``pairs``: a share ``rate`` of the batch's keys are relevant to one other query: pairs of
+  queries about the same topic, every other query about a distinct topic (each affected query
+  sees one false negative among B - 1 keys).
+
+At 0 % every query of the batch is about a different topic in both.
 
 Methods, all through :func:`fastneg.info_nce` with the same temperature, steps and data:
 plain InfoNCE; ``labels`` (document ids: exact duplicates masked); ``relative_margin`` 0.05
@@ -22,7 +30,8 @@ plain InfoNCE; ``labels`` (document ids: exact duplicates masked); ``relative_ma
 scoring above the positive's (the guide sees the true latent vectors plus noise); ``DCL``
 (``debias=0.1``, the paper's default prior); ``HCL`` (beta 1, tau+ 0.1, the authors' defaults);
 ``GCSE (noisy reference)`` (the guide as reference model, alpha 0.17, the authors' BERT value);
-``soft labels (noisy teacher)`` (KL to the guide's softmax at the loss's temperature).
+``soft labels (noisy teacher)`` (KL to the guide's softmax at the loss's temperature);
+``oracle (topic labels)``: every key of the query's topic masked (the truth, as a bound).
 
 Metrics on held-out queries against the whole corpus: recall@10 (share of the query's relevant
 documents in the top 10, out of at most 10) and nDCG@10 (binary relevance), mean and standard
@@ -50,6 +59,7 @@ import fastneg
 from fastneg.demo import SyntheticRetrieval, TaskConfig, tower
 
 RATES = (0.0, 0.1, 0.3)
+PLANTINGS = ("per-query", "pairs")
 GUIDE_NOISE = 0.5  # the guide's view of the true latents: latent + N(0, GUIDE_NOISE^2) per coordinate
 
 
@@ -60,6 +70,7 @@ class QualityConfig:
     steps: int = 150
     seeds: tuple[int, ...] = (0, 1, 2)
     rates: tuple[float, ...] = RATES
+    planting: str = "per-query"
     held_out_queries: int = 1000
 
     def task(self, seed: int) -> TaskConfig:
@@ -70,8 +81,10 @@ class QualityConfig:
 class PlantedBatches:
     """Training batches with a controlled share of planted false negatives (module docstring)."""
 
-    def __init__(self, task: SyntheticRetrieval, rate: float, seed: int) -> None:
-        self.task, self.rate = task, rate
+    def __init__(self, task: SyntheticRetrieval, rate: float, seed: int, planting: str = "per-query") -> None:
+        if planting not in PLANTINGS:
+            raise ValueError(f"planting must be one of {PLANTINGS}, got {planting!r}")
+        self.task, self.rate, self.planting = task, rate, planting
         self.g = torch.Generator().manual_seed(10_000 + seed)
         g = torch.Generator().manual_seed(20_000 + seed)
         # the guide: a noisy view of the true latents, for queries (by group) and documents
@@ -84,14 +97,19 @@ class PlantedBatches:
     def next(self) -> dict[str, torch.Tensor]:
         task, g = self.task, self.g
         B = task.cfg.batch_size
-        per_topic = 1 + int(round(self.rate * (B - 1)))  # each query: per_topic - 1 relevant in-batch keys
-        topics = torch.randperm(task.cfg.num_groups, generator=g)[: -(-B // per_topic)]
-        groups = topics.repeat_interleave(per_topic)[:B]
+        if self.planting == "per-query":
+            per_topic = 1 + int(round(self.rate * (B - 1)))  # each query: per_topic - 1 relevant in-batch keys
+            topics = torch.randperm(task.cfg.num_groups, generator=g)[: -(-B // per_topic)]
+            groups = topics.repeat_interleave(per_topic)[:B]
+        else:  # pairs: 2 * pairs = rate * B keys are a false negative of one other query
+            pairs = int(round(self.rate * B / 2))
+            distinct = torch.randperm(task.cfg.num_groups, generator=g)[: B - pairs]
+            groups = torch.cat([distinct[:pairs].repeat_interleave(2), distinct[pairs:]])
         groups = groups[torch.randperm(B, generator=g)]
         docs = task.members(groups, g)
         dev = task.device
         return {"features": task._queries(groups, g).to(dev), "docs": docs.to(dev),
-                "doc_ids": task.doc_id[docs].to(dev), "groups": groups,
+                "doc_ids": task.doc_id[docs].to(dev), "groups": groups.to(dev),
                 "guide_query": self.guide_groups[groups].to(dev), "guide_keys": self.guide_docs[docs].to(dev)}
 
 
@@ -120,6 +138,7 @@ def methods(temperature: float) -> dict[str, LossFn]:
         "soft labels (noisy teacher)": lambda q, k, b: fastneg.info_nce(
             q, k, temperature=t, guide_query=b["guide_query"], guide_keys=b["guide_keys"], guide_margin=None,
             soft_labels=fastneg.SoftLabels()),
+        "oracle (topic labels)": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, key_labels=b["groups"]),
     }
 
 
@@ -140,7 +159,7 @@ def train_one(method: str, rate: float, seed: int, cfg: QualityConfig) -> dict:
     task_cfg = cfg.task(seed)
     torch.manual_seed(seed)
     task = SyntheticRetrieval(task_cfg, torch.device("cpu"))
-    batches = PlantedBatches(task, rate, seed)
+    batches = PlantedBatches(task, rate, seed, cfg.planting)
     query_tower, doc_tower = tower(task_cfg), tower(task_cfg)
     opt = torch.optim.AdamW(list(query_tower.parameters()) + list(doc_tower.parameters()), lr=task_cfg.lr)
     loss_fn = methods(task_cfg.temperature)[method]
@@ -203,7 +222,8 @@ def markdown(results: list[dict], cfg: QualityConfig) -> str:
     names = list(dict.fromkeys(r["method"] for r in results))
     rates = list(dict.fromkeys(r["rate"] for r in results))
     lines = [f"# Training quality with planted false negatives ({datetime.date.today().isoformat()})", "",
-             f"Synthetic retrieval task (`fastneg.quality`): {cfg.num_groups} topic groups, batch {cfg.batch_size}, "
+             f"Synthetic retrieval task (`fastneg.quality`, planting `{cfg.planting}`): {cfg.num_groups} topic "
+             f"groups, batch {cfg.batch_size}, "
              f"{cfg.steps} steps, seeds {list(cfg.seeds)}, {cfg.held_out_queries} held-out queries against the whole "
              "corpus. Mean +- standard deviation over seeds; delta = method minus plain InfoNCE at the same rate "
              "and seed, mean +- standard deviation of those paired differences over seeds.", ""]
@@ -252,6 +272,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=QualityConfig.steps)
     p.add_argument("--seeds", type=int, nargs="+", default=list(QualityConfig.seeds))
     p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    p.add_argument("--planting", choices=PLANTINGS, default=QualityConfig.planting,
+                   help="per-query: each query sees rate * (B - 1) relevant keys; pairs: rate * B keys are "
+                        "relevant to one other query")
     p.add_argument("--held-out", type=int, default=QualityConfig.held_out_queries)
     p.add_argument("--methods", nargs="+", help="a subset of the methods (names as in the table)")
     p.add_argument("--out", help="folder for quality.md, quality.json and quality.png")
@@ -262,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 2
     cfg = QualityConfig(num_groups=args.groups, batch_size=args.batch_size, steps=args.steps, seeds=tuple(args.seeds),
-                        rates=tuple(args.rates), held_out_queries=args.held_out)
+                        rates=tuple(args.rates), held_out_queries=args.held_out, planting=args.planting)
     results = run(cfg, args.methods)
     text = markdown(results, cfg)
     text += "\nReproduce: `fastneg quality " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n"

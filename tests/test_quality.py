@@ -34,6 +34,28 @@ def test_planted_rate_is_exact(rate: float) -> None:
         assert bool((share[full] - rate).abs().max() <= 0.5 / 199)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
+def test_pairs_planting_rate_is_exact(rate: float) -> None:
+    cfg = QualityConfig(num_groups=800, batch_size=200)
+    task = SyntheticRetrieval(cfg.task(0), torch.device("cpu"))
+    batches = PlantedBatches(task, rate, 0, planting="pairs")
+    for _ in range(3):
+        b = batches.next()
+        groups = task.doc_group[b["docs"].cpu()]
+        assert torch.equal(groups, b["groups"])
+        # key j is a false negative of another query when both are about the same topic
+        same = groups[:, None] == groups[None, :]
+        same.fill_diagonal_(False)
+        assert abs(same.any(0).float().mean().item() - rate) <= 1 / 200
+        assert int(same.sum(1).max()) <= 1  # one false negative per affected query
+
+
+def test_unknown_planting() -> None:
+    task = SyntheticRetrieval(QualityConfig(num_groups=100).task(0), torch.device("cpu"))
+    with pytest.raises(ValueError, match="planting"):
+        PlantedBatches(task, 0.1, 0, planting="triples")
+
+
 def test_metrics_by_hand() -> None:
     cfg = QualityConfig(num_groups=300, held_out_queries=50)
     task = SyntheticRetrieval(cfg.task(1), torch.device("cpu"))

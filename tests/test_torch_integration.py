@@ -10,7 +10,6 @@ import torch
 import fastneg
 from helpers import TRITON_DEVICE, make_problem, max_error
 
-
 # the op's rule modes: (weighting, weight_a, weight_b, debias, soft_temperature, soft_weight)
 MODES = {
     "one-way": (1, 0.5, 0.1, None, None, 1.0),
