@@ -399,3 +399,42 @@ def test_soft_label_temperature_defaults_to_the_loss_temperature() -> None:
     c = fastneg.info_nce(problem.query, problem.keys, temperature=0.2, guide_query=gq, guide_keys=gk,
                          soft_labels=fastneg.SoftLabels(temperature=0.5))
     assert float(a) == float(b) and not math.isclose(float(a), float(c))
+
+
+ESTIMATORS = {
+    "hcl": lambda p: dict(weighting=fastneg.HCL(1.0)),
+    "hcl_debias": lambda p: dict(weighting=fastneg.HCL(0.5), debias=0.2),
+    "gcse": lambda p: dict(weighting=fastneg.GCSE(2.0), guide_margin=None),
+    "soft": lambda p: dict(soft_labels=fastneg.SoftLabels(0.1, 0.6)),
+}
+
+
+def _with_guide(problem):
+    g = torch.Generator().manual_seed(99)
+    B, N = problem.query.shape[0], problem.keys.shape[0]
+    dg = min(problem.query.shape[1], 4)
+    problem.extra.setdefault("guide_query", F.normalize(
+        problem.query[:, :dg] + 0.1 * torch.randn(B, dg, generator=g, dtype=torch.float64), dim=-1))
+    problem.extra.setdefault("guide_keys", F.normalize(
+        problem.keys[:, :dg] + 0.1 * torch.randn(N, dg, generator=g, dtype=torch.float64), dim=-1))
+    return problem
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 3), (70, 70, 33), (200, 260, 16)])
+def test_ragged_shapes_cpu(estimator: str, shape: tuple) -> None:
+    problem = _with_guide(build("plain", *shape, seed=sum(shape), peaked=True)[0])
+    check(problem, "cpu", torch.float64, **ESTIMATORS[estimator](problem))
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_cpu(estimator: str, dtype: torch.dtype) -> None:
+    problem = _with_guide(build("labels", 64, 150, 16, seed=21, peaked=True)[0])
+    check(problem, "cpu", dtype, **ESTIMATORS[estimator](problem))
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_float16_triton(estimator: str) -> None:
+    problem = _with_guide(build("labels", 37, 70, 19, seed=22, peaked=True)[0])
+    check(problem, "triton", torch.float16, **ESTIMATORS[estimator](problem))
