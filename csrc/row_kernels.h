@@ -168,24 +168,31 @@ void online_lse_add(OnlineLSE<T>& acc, const T* x, int64_t n_) {
 }
 
 // Overwrites one row of a score tile with dS_ij = scale * exp(x_ij + shift) (the negatives'
-// share of dL/ds; the caller sets the positive's entry) and returns sum_j dS_ij (s_ij - s_i+),
-// the row's share of the temperature gradient.
-template <typename T>
-T negative_score_grad(const T* x, T shift, T scale, T positive_score, T* s_row, int64_t n_) {
+// share of dL/ds; the caller sets the positive's entry), minus scale2 * exp(y_ij + shift2) when
+// SECOND (HCL: y = the importance log-weights; soft labels: y = the teacher's logits), and returns
+// sum_j dS_ij (s_ij - s_i+), the row's share of the temperature gradient.
+template <typename T, bool SECOND>
+T score_grad(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row, int64_t n_) {
   typedef typename Vec<T>::type V;
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
+  auto ds_of = [&](V xv, V yv) {
+    V ds = scale * exp_shifted(xv + shift);
+    if constexpr (SECOND) ds -= scale2 * exp_shifted(yv + shift2);
+    return ds;
+  };
   V acc = {};
   int32_t c = 0;
   for (; c + kW <= n; c += kW) {
-    const V ds = scale * exp_shifted(load<V, true>(x + c, kW) + shift);
+    const V ds = ds_of(load<V, true>(x + c, kW), SECOND ? load<V, true>(y + c, kW) : V{});
     acc += ds * (load<V, true>(s_row + c, kW) - positive_score);
     store<true>(s_row + c, ds, kW);
   }
   if (c < n) {
-    V xt = V{} + neg_inf<T>();
+    V xt = V{} + neg_inf<T>(), yt = V{} + neg_inf<T>();
     std::memcpy(&xt, x + c, (n - c) * sizeof(T));
-    const V ds = scale * exp_shifted(xt + shift);
+    if constexpr (SECOND) std::memcpy(&yt, y + c, (n - c) * sizeof(T));
+    const V ds = ds_of(xt, yt);
     acc += ds * (load<V, false>(s_row + c, n - c) - positive_score);
     store<false>(s_row + c, ds, n - c);
   }
@@ -231,33 +238,6 @@ void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n_) {
   acc.max = new_max;
 }
 
-// negative_score_grad with a second term: dS_ij = scale * exp(x_ij + shift) - scale2 * exp(y_ij + shift2)
-// (HCL: y = the importance log-weights; soft labels: y = the teacher's logits).
-template <typename T>
-T negative_score_grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
-                       int64_t n_) {
-  typedef typename Vec<T>::type V;
-  constexpr int32_t kW = Vec<T>::kWidth;
-  const int32_t n = static_cast<int32_t>(n_);
-  V acc = {};
-  int32_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    const V ds = scale * exp_shifted(load<V, true>(x + c, kW) + shift) -
-                 scale2 * exp_shifted(load<V, true>(y + c, kW) + shift2);
-    acc += ds * (load<V, true>(s_row + c, kW) - positive_score);
-    store<true>(s_row + c, ds, kW);
-  }
-  if (c < n) {
-    V xt = V{} + neg_inf<T>(), yt = V{} + neg_inf<T>();
-    std::memcpy(&xt, x + c, (n - c) * sizeof(T));
-    std::memcpy(&yt, y + c, (n - c) * sizeof(T));
-    const V ds = scale * exp_shifted(xt + shift) - scale2 * exp_shifted(yt + shift2);
-    acc += ds * (load<V, false>(s_row + c, n - c) - positive_score);
-    store<false>(s_row + c, ds, n - c);
-  }
-  return horizontal_sum(acc);
-}
-
 // One build of the element-wise kernels, as a type the tile loops are templated on.
 struct RowKernels {
   template <typename T, int W, bool LABELS, bool GUIDE>
@@ -272,7 +252,7 @@ struct RowKernels {
   template <typename T>
   static T grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
                  int64_t n) {
-    return negative_score_grad2(x, shift, scale, y, shift2, scale2, positive_score, s_row, n);
+    return score_grad<T, true>(x, shift, scale, y, shift2, scale2, positive_score, s_row, n);
   }
   template <typename T>
   static void lse_add(OnlineLSE<T>& acc, const T* x, int64_t n) {
@@ -280,6 +260,6 @@ struct RowKernels {
   }
   template <typename T>
   static T grad(const T* x, T shift, T scale, T positive_score, T* s_row, int64_t n) {
-    return negative_score_grad(x, shift, scale, positive_score, s_row, n);
+    return score_grad<T, false>(x, shift, scale, nullptr, T(0), T(0), positive_score, s_row, n);
   }
 };

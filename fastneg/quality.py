@@ -241,24 +241,35 @@ def markdown(results: list[dict], cfg: QualityConfig) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
+    """Left: recall@10 per method and rate; right: the paired recovery over plain InfoNCE
+    (mean +- standard deviation of the per-seed differences)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(results)
+    summary, deltas = summarize(results), paired_deltas(results)
     names = list(dict.fromkeys(r["method"] for r in results))
     rates = list(dict.fromkeys(r["rate"] for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric in zip(axes, ("recall@10", "ndcg@10")):
-        for name in names:
-            means = [summary[(r, name)][metric][0] for r in rates]
-            stds = [summary[(r, name)][metric][1] for r in rates]
-            ax.errorbar([100 * r for r in rates], means, yerr=stds, marker="o", capsize=3, label=name)
-        ax.set_xlabel("planted false negatives (% of in-batch keys)")
-        ax.set_ylabel(metric)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>pPX*h"
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for i, name in enumerate(names):
+        style = dict(marker=markers[i % len(markers)], color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                     capsize=3, label=name, linestyle="-" if i < 10 else "--")
+        x = [100 * r + 0.25 * (i - len(names) / 2) for r in rates]  # small offsets keep error bars apart
+        axes[0].errorbar(x, [summary[(r, name)]["recall@10"][0] for r in rates],
+                         yerr=[summary[(r, name)]["recall@10"][1] for r in rates], **style)
+        if all((r, name) in deltas for r in rates):
+            axes[1].errorbar(x, [deltas[(r, name)]["recall@10"][0] for r in rates],
+                             yerr=[deltas[(r, name)]["recall@10"][1] for r in rates], **style)
+    axes[0].set_ylabel("recall@10")
+    axes[1].set_ylabel("recall@10 minus plain InfoNCE (same seed)")
+    axes[1].axhline(0.0, color="black", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("planted false negatives (%)")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

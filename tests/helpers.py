@@ -172,3 +172,30 @@ def check(problem: Problem, backend: str, dtype: torch.dtype, **options) -> None
     plain = run(problem, "reference", dtype, device=device, **options)
     got = run(problem, backend, dtype, device=device, **options)
     assert_close_to_truth(got, plain, truth, dtype)
+
+
+def simclr_negatives(out_1: torch.Tensor, out_2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part shared by chingyaoc/DCL's and joshr17/HCL's `criterion`, transcribed: the 2B views
+    against each other with `get_negative_mask` (self and the positive pair removed), and the
+    positive term. Returns (neg [2B, 2B - 2], pos [2B]), both exponentiated logits."""
+    batch_size = out_1.shape[0]
+    out = torch.cat([out_1, out_2], dim=0)
+    neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
+    mask = torch.ones((batch_size, 2 * batch_size), dtype=torch.bool)
+    for i in range(batch_size):
+        mask[i, i] = 0
+        mask[i, i + batch_size] = 0
+    mask = torch.cat((mask, mask), 0)
+    neg = neg.masked_select(mask).view(2 * batch_size, -1)
+    pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
+    return neg, torch.cat([pos, pos], dim=0)
+
+
+def two_views(B: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two unit-norm views of B items, float64: half the pairs close (DCL's / HCL's Ng then hits
+    the clamp's floor at large tau+), half random (it does not)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
+    b = torch.randn(B, D, generator=g, dtype=torch.float64)
+    b[: B // 2] = a[: B // 2] + 0.05 * b[: B // 2]
+    return a, torch.nn.functional.normalize(b, dim=-1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastneg
-from helpers import TRITON_DEVICE, build, check
+from helpers import TRITON_DEVICE, build, check, simclr_negatives, two_views
 
 DEVICES = {"reference": "cpu", "cpu": "cpu", "triton": TRITON_DEVICE}
 
@@ -18,35 +18,17 @@ def _dcl_original(out_1: torch.Tensor, out_2: torch.Tensor, tau_plus: float, tem
     """chingyaoc/DCL, main.py `criterion` (the "easy" estimator of joshr17/HCL), transcribed:
     the 2B views against each other, self and the positive pair removed from the negatives."""
     batch_size = out_1.shape[0]
-    out = torch.cat([out_1, out_2], dim=0)
-    neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
-    mask = torch.ones((batch_size, 2 * batch_size), dtype=torch.bool)
-    for i in range(batch_size):
-        mask[i, i] = 0
-        mask[i, i + batch_size] = 0
-    mask = torch.cat((mask, mask), 0)
-    neg = neg.masked_select(mask).view(2 * batch_size, -1)
-    pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
-    pos = torch.cat([pos, pos], dim=0)
+    neg, pos = simclr_negatives(out_1, out_2, temperature)
     N = batch_size * 2 - 2
     Ng = (-tau_plus * N * pos + neg.sum(dim=-1)) / (1 - tau_plus)
     Ng = torch.clamp(Ng, min=N * math.e ** (-1 / temperature))
     return (-torch.log(pos / (pos + Ng))).mean()
 
 
-def _views(B: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the pairs close (their Ng hits the clamp's floor), half random (it does not)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
-    b = torch.randn(B, D, generator=g, dtype=torch.float64)
-    b[: B // 2] = a[: B // 2] + 0.05 * b[: B // 2]
-    return a, torch.nn.functional.normalize(b, dim=-1)
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("tau_plus", [0.0, 0.1, 0.5])
 def test_matches_the_authors_code(backend: str, tau_plus: float) -> None:
-    a, b = _views(12, 16, seed=int(tau_plus * 10))
+    a, b = two_views(12, 16, seed=int(tau_plus * 10))
     t = 0.5
     x1, x2 = a.clone().requires_grad_(), b.clone().requires_grad_()
     want = _dcl_original(x1, x2, tau_plus, t)
@@ -67,7 +49,7 @@ def test_matches_the_authors_code(backend: str, tau_plus: float) -> None:
 
 
 def test_both_branches_of_the_clamp_are_exercised() -> None:
-    a, b = _views(12, 16, seed=5)
+    a, b = two_views(12, 16, seed=5)
     t, tau_plus = 0.5, 0.5
     out = torch.cat([a, b])
     s = out @ out.T / t

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastneg
-from helpers import TRITON_DEVICE, build, check
+from helpers import TRITON_DEVICE, build, check, simclr_negatives, two_views
 
 DEVICES = {"reference": "cpu", "cpu": "cpu", "triton": TRITON_DEVICE}
 
@@ -37,16 +37,7 @@ def _hcl_original(out_1: torch.Tensor, out_2: torch.Tensor, tau_plus: float, bet
     """joshr17/HCL, image/main.py `criterion` with estimator='hard', transcribed: the 2B views
     against each other, self and the positive pair removed from the negatives."""
     batch_size = out_1.shape[0]
-    out = torch.cat([out_1, out_2], dim=0)
-    neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
-    mask = torch.ones((batch_size, 2 * batch_size), dtype=torch.bool)
-    for i in range(batch_size):
-        mask[i, i] = 0
-        mask[i, i + batch_size] = 0
-    mask = torch.cat((mask, mask), 0)
-    neg = neg.masked_select(mask).view(2 * batch_size, -1)
-    pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
-    pos = torch.cat([pos, pos], dim=0)
+    neg, pos = simclr_negatives(out_1, out_2, temperature)
     N = batch_size * 2 - 2
     imp = (beta * neg.log()).exp()
     reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
@@ -55,16 +46,7 @@ def _hcl_original(out_1: torch.Tensor, out_2: torch.Tensor, tau_plus: float, bet
     return (-torch.log(pos / (pos + Ng))).mean()
 
 
-def _views(B: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the pairs close (their Ng hits the clamp's floor at large tau+), half random."""
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
-    b = torch.randn(B, D, generator=g, dtype=torch.float64)
-    b[: B // 2] = a[: B // 2] + 0.05 * b[: B // 2]
-    return a, F.normalize(b, dim=-1)
-
-
-def _fastneg_views(a: torch.Tensor, b: torch.Tensor, backend: str, **options) -> tuple:
+def _fastnegtwo_views(a: torch.Tensor, b: torch.Tensor, backend: str, **options) -> tuple:
     dtype = torch.float32 if backend == "triton" else torch.float64
     dev = DEVICES[backend]
     y1, y2 = a.to(dev, dtype).requires_grad_(), b.to(dev, dtype).requires_grad_()
@@ -79,19 +61,19 @@ def _fastneg_views(a: torch.Tensor, b: torch.Tensor, backend: str, **options) ->
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("tau_plus,beta", [(0.0, 1.0), (0.1, 1.0), (0.1, 0.5), (0.5, 2.0)])
 def test_hcl_matches_the_authors_code(backend: str, tau_plus: float, beta: float) -> None:
-    a, b = _views(12, 16, seed=int(beta * 10))
+    a, b = two_views(12, 16, seed=int(beta * 10))
     t = 0.5
     x1, x2 = a.clone().requires_grad_(), b.clone().requires_grad_()
     want = _hcl_original(x1, x2, tau_plus, beta, t)
     wants = torch.autograd.grad(want, (x1, x2))
-    got, grads, dtype = _fastneg_views(a, b, backend, temperature=t, weighting=fastneg.HCL(beta), debias=tau_plus)
+    got, grads, dtype = _fastnegtwo_views(a, b, backend, temperature=t, weighting=fastneg.HCL(beta), debias=tau_plus)
     _assert_matches(got, want, grads, wants, dtype)
 
 
 def test_hcl_without_debias_is_the_reweighted_sum_with_gradient_through_the_weights() -> None:
     """debias=None: no clamp, L = log(e^{l+} + n sum e^{(1+b) l} / sum e^{b l}) - l+, and the
     gradient differs from detached weights (SPEC's Hardness-style constant biases)."""
-    a, b = _views(10, 8, seed=1)
+    a, b = two_views(10, 8, seed=1)
     t, beta = 0.2, 1.5
     x = torch.cat([a, b]).requires_grad_()
     s = x @ x.T / t
