@@ -197,3 +197,23 @@ def test_generic_and_avx2_cpu_kernel_builds_agree() -> None:
         outs.append([torch.tensor(v) for v in json.loads(out.stdout)])
     for a, b in zip(*outs):
         assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max()))
+
+
+def test_torch_compile_fullgraph_estimators() -> None:
+    torch._dynamo.reset()
+    problem = make_problem(24, 48, 16, seed=2, guide_dim=8)
+    gq, gk = problem.extra["guide_query"], problem.extra["guide_keys"]
+
+    def step(q, k):
+        return (fastneg.info_nce(q, k, weighting=fastneg.HCL(1.0), debias=0.1)
+                + fastneg.info_nce(q, k, guide_query=gq, guide_keys=gk, guide_margin=None,
+                                   weighting=fastneg.GCSE(2.0), soft_labels=fastneg.SoftLabels(0.1, 0.5)))
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        q, k = problem.query.clone().requires_grad_(), problem.keys.clone().requires_grad_()
+        loss = fn(q, k)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (q, k))))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
