@@ -287,16 +287,31 @@ struct Shared {
   }
 };
 
+// One candidate list's view, for a query row or (symmetric loss) a key column: its positive, the
+// rules' thresholds, and its own labels, read at `at` from a [levels, stride] label table.
+template <typename T>
+RowView<T> make_view(const Shared<T>& sh, int64_t positive, T positive_score, T threshold, T guide_threshold,
+                     const int64_t* labels, int64_t stride, int64_t at) {
+  RowView<T> view{positive, positive_score, threshold, guide_threshold, sh.inv_temp, sh.soft_inv, {}};
+  for (int64_t l = 0; l < sh.levels; ++l) view.query_label[l] = labels[l * stride + at];
+  return view;
+}
+
+// Candidates first .. first + count - 1 of a view, with their labels from a [levels, stride] table.
+template <typename T>
+TileView<T> make_candidates(const Shared<T>& sh, const T* scores, const T* guide_scores, const int64_t* labels,
+                            int64_t stride, int64_t first, int64_t count) {
+  return TileView<T>{scores, guide_scores, labels ? labels + first : nullptr, first, count, sh.levels, stride};
+}
+
 template <typename T>
 RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
-  RowView<T> row{sh.positives[i], positive_score, threshold, guide_threshold, sh.inv_temp, sh.soft_inv, {}};
-  for (int64_t l = 0; l < sh.levels; ++l) row.query_label[l] = sh.query_labels[l * sh.B + i];
-  return row;
+  return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i);
 }
 
 template <typename T>
 TileView<T> make_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t j0, int64_t nc) {
-  return TileView<T>{scores, guide_scores, sh.key_labels ? sh.key_labels + j0 : nullptr, j0, nc, sh.levels, sh.N};
+  return make_candidates<T>(sh, scores, guide_scores, sh.key_labels, sh.N, j0, nc);
 }
 
 // Positive scores of one row block, from a tile product of the standard shape.
@@ -364,15 +379,13 @@ std::vector<int64_t> column_owners(const Inputs& in) {
 // its labels are the key's labels compared with the queries'.
 template <typename T>
 RowView<T> make_column(const Shared<T>& sh, int64_t j, int64_t o, const T* pos_score, const T* thr, const T* gthr) {
-  RowView<T> col{o, pos_score[o], thr[o], gthr[o], sh.inv_temp, sh.soft_inv, {}};
-  for (int64_t l = 0; l < sh.levels; ++l) col.query_label[l] = sh.key_labels[l * sh.N + j];
-  return col;
+  return make_view<T>(sh, o, pos_score[o], thr[o], gthr[o], sh.key_labels, sh.N, j);
 }
 
 // The queries r0 .. r0 + nr - 1 as the "keys" of a column (scores: one column of a transposed tile).
 template <typename T>
 TileView<T> make_column_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t r0, int64_t nr) {
-  return TileView<T>{scores, guide_scores, sh.query_labels ? sh.query_labels + r0 : nullptr, r0, nr, sh.levels, sh.B};
+  return make_candidates<T>(sh, scores, guide_scores, sh.query_labels, sh.B, r0, nr);
 }
 
 // dst[c * kRowBlock + r] = src[r * ld + c] for the tile's live rows and columns.
