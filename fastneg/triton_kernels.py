@@ -443,7 +443,8 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
 
 @triton.jit
 def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr,
-                    grad_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr):
+                    grad_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    WEIGHTING: tl.constexpr, SOFT: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
     threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
@@ -456,9 +457,15 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
     if SYMMETRIC:  # loss_i = (row_i + column_{p_i}) / 2
         grad_scale = grad_scale * 0.5
     coef = tl.load(coef_ptr + rows, mask=row_valid, other=1.0)
-    hcl_mass = tl.load(coef_ptr + B + rows, mask=row_valid, other=0.0)
-    hcl_shift = tl.load(coef_ptr + 2 * B + rows, mask=row_valid, other=0.0)
-    teacher = tl.load(coef_ptr + 3 * B + rows, mask=row_valid, other=0.0)
+    # rows 1-3 of the [4, B] coefficients: read only by the modes that use them
+    hcl_mass = tl.zeros_like(s_pos)
+    hcl_shift = tl.zeros_like(s_pos)
+    teacher = tl.zeros_like(s_pos)
+    if WEIGHTING == WEIGHT_HCL:
+        hcl_mass = tl.load(coef_ptr + B + rows, mask=row_valid, other=0.0)
+        hcl_shift = tl.load(coef_ptr + 2 * B + rows, mask=row_valid, other=0.0)
+    if SOFT:
+        teacher = tl.load(coef_ptr + 3 * B + rows, mask=row_valid, other=0.0)
     return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
             hcl_mass, hcl_shift, teacher)
 
@@ -480,7 +487,7 @@ def _info_nce_bwd_dq_kernel(
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
      hcl_mass, hcl_shift, teacher) = _load_row_state(
         rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-        inv_temp, B, HAS_GUIDE, SYMMETRIC)
+        inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT)
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     rowsum = tl.zeros((BLOCK_M,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -488,7 +495,7 @@ def _info_nce_bwd_dq_kernel(
         col_valid = cols < N
         ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                                 positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher,
+                                hcl_mass, hcl_shift, teacher,
                                 owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                                 inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
                                 stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
@@ -523,12 +530,12 @@ def _info_nce_bwd_dk_kernel(
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_valid = rows < B
         (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-     hcl_mass, hcl_shift, teacher) = _load_row_state(
+         hcl_mass, hcl_shift, teacher) = _load_row_state(
             rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-            inv_temp, B, HAS_GUIDE, SYMMETRIC)
+            inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT)
         ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                               positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher,
+                              hcl_mass, hcl_shift, teacher,
                               owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                               inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
                               stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
