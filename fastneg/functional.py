@@ -163,7 +163,7 @@ def info_nce(
     rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
                         soft_labels, temperature)
     _check_guide_weighting(rules, guide_query)
-    _check_debias_use(rules, symmetric, temperature)
+    _check_rule_combinations(rules, symmetric, temperature)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
@@ -215,7 +215,7 @@ def _check_guide_weighting(rules: Rules, guide_query: Optional[torch.Tensor]) ->
         raise ValueError("soft_labels needs guide_query and guide_keys (the teacher's embeddings)")
 
 
-def _check_debias_use(rules: Rules, symmetric: bool, temperature: Union[float, torch.Tensor]) -> None:
+def _check_rule_combinations(rules: Rules, symmetric: bool, temperature: Union[float, torch.Tensor]) -> None:
     if rules.weighting == WEIGHTING_HCL and symmetric:
         raise ValueError("weighting=HCL cannot be combined with symmetric=True")
     if rules.soft_temperature is not None:
@@ -254,7 +254,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
         rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
                             kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"])
         _check_guide_weighting(rules, kw["guide_query"])
-        _check_debias_use(rules, kw["symmetric"], kw["temperature"])
+        _check_rule_combinations(rules, kw["symmetric"], kw["temperature"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
             raise TypeError(f"key_blocks must be an int, got {type(key_blocks).__name__}")
         if key_blocks < 1 or keys.shape[0] % key_blocks:

@@ -229,10 +229,10 @@ class Rules:
             soft_weight = float(soft_labels.weight)
             if soft_labels.temperature is not None:
                 soft_temperature = float(soft_labels.temperature)
-            elif isinstance(temperature, torch.Tensor):
+            elif isinstance(temperature, torch.Tensor):  # the loss's temperature (every caller passes it)
                 soft_temperature = float(temperature.detach().reshape(()))
             else:
-                soft_temperature = float(temperature) if temperature is not None else 0.05
+                soft_temperature = float(temperature)  # type: ignore[arg-type]
         return Rules(
             margin=_optional_float("margin", margin),
             relative_margin=_optional_float("relative_margin", relative_margin),
@@ -307,12 +307,17 @@ def _check_labels(name: str, t: object, length: int, length_name: str, device: t
         f"{MAX_LABEL_LEVELS}, got {tuple(t.shape)}")
 
 
+def _check_key_lists(name: str, t: object, width: str, B: int, N: int, device: torch.device) -> None:
+    """[B, width] key indices in [0, N), -1 for none."""
+    t = _check_index_tensor(name, t, device)
+    if t.dim() != 2 or t.shape[0] != B:
+        raise ValueError(f"{name} must have shape [B, {width}] with B = {B}, got {tuple(t.shape)}")
+    if not _is_compiling() and t.numel() and bool(((t < -1) | (t >= N)).any()):
+        raise ValueError(f"{name} must be key indices in [0, N) = [0, {N}) or -1 for none")
+
+
 def check_negatives(negatives: object, B: int, N: int, device: torch.device) -> None:
-    negatives = _check_index_tensor("negatives", negatives, device)
-    if negatives.dim() != 2 or negatives.shape[0] != B:
-        raise ValueError(f"negatives must have shape [B, K] with B = {B}, got {tuple(negatives.shape)}")
-    if not _is_compiling() and negatives.numel() and bool(((negatives < -1) | (negatives >= N)).any()):
-        raise ValueError(f"negatives must be key indices in [0, N) = [0, {N}) or -1 for none")
+    _check_key_lists("negatives", negatives, "K", B, N, device)
 
 
 def check_num_negatives(num_negatives: object) -> None:
@@ -323,11 +328,7 @@ def check_num_negatives(num_negatives: object) -> None:
 
 
 def check_exclude(exclude: object, B: int, N: int, device: torch.device) -> None:
-    exclude = _check_index_tensor("exclude", exclude, device)
-    if exclude.dim() != 2 or exclude.shape[0] != B:
-        raise ValueError(f"exclude must have shape [B, E] with B = {B}, got {tuple(exclude.shape)}")
-    if not _is_compiling() and exclude.numel() and bool(((exclude < -1) | (exclude >= N)).any()):
-        raise ValueError(f"exclude must be key indices in [0, N) = [0, {N}) or -1 for none")
+    _check_key_lists("exclude", exclude, "E", B, N, device)
 
 
 def _is_compiling() -> bool:
