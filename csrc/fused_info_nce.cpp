@@ -304,6 +304,36 @@ TileView<T> make_candidates(const Shared<T>& sh, const T* scores, const T* guide
   return TileView<T>{scores, guide_scores, labels ? labels + first : nullptr, first, count, sh.levels, stride};
 }
 
+// One thread's buffers for a block of query rows: the rows (and their guide embeddings) and the
+// score tile of the current key tile (and the guide's), as the forward, backward and sampler
+// loops all read them.
+template <typename T>
+struct BlockTiles {
+  at::Tensor q_blk, s_tile, gq_blk, t_tile;
+
+  BlockTiles(const Inputs& in, const Geometry& g, const at::TensorOptions& opts)
+      : q_blk(at::empty({kRowBlock, g.D}, opts)), s_tile(at::empty({kRowBlock, g.key_tile}, opts)) {
+    if (in.guide()) {
+      gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
+      t_tile = at::empty({kRowBlock, g.key_tile}, opts);
+    }
+  }
+  // rows r0 .. r0 + nr - 1 of the queries (and guide queries)
+  void load_rows(const Inputs& in, int64_t r0, int64_t nr) {
+    fill_block<T>(q_blk, in.query, r0, nr, nullptr);
+    if (gq_blk.defined()) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+  }
+  // the block's scores (and guide scores) against key tile kt; returns that key tile
+  at::Tensor score(const Shared<T>& sh, int64_t kt) {
+    at::Tensor k_tile = sh.key_tiles.tile(kt);
+    at::mm_out(s_tile, q_blk, k_tile.t());
+    if (gq_blk.defined()) at::mm_out(t_tile, gq_blk, sh.guide_tiles->tile(kt).t());
+    return k_tile;
+  }
+  T* scores() { return s_tile.data_ptr<T>(); }
+  const T* guide_scores() { return t_tile.defined() ? t_tile.data_ptr<T>() : nullptr; }
+};
+
 template <typename T>
 RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
   return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i);
@@ -468,8 +498,6 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
   T* const coef_p = pos_coef.data_ptr<T>();
 
   const Shared<T> sh(in, g, temperature, rules);
-  const KeyTiles<T>& key_tiles = sh.key_tiles;
-  const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
   T* const spos_p = pos_score.data_ptr<T>();
   T* const thr_p = thr.data_ptr<T>();
@@ -483,13 +511,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
 
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
     at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
-      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      at::Tensor gq_blk, t_tile;
-      if (GUIDE) {
-        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
-        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      }
+      BlockTiles<T> blk(in, g, opts);
       std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock);
@@ -507,8 +529,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
         const int64_t rb_begin = g.num_row_blocks * grp / groups, rb_end = g.num_row_blocks * (grp + 1) / groups;
         for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
           const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
-          fill_block<T>(q_blk, in.query, r0, nr, nullptr);
-          if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+          blk.load_rows(in, r0, nr);
           for (int64_t r = 0; r < nr; ++r) {
             rows[r] = make_row<T>(sh, r0 + r, spos_p[r0 + r], thr_p[r0 + r], gthr_p[r0 + r]);
             acc[r] = OnlineLSE<T>();
@@ -519,10 +540,9 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
           }
           for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
             const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
-            at::mm_out(s_tile, q_blk, key_tiles.tile(kt).t());
-            if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
-            const T* s_data = s_tile.data_ptr<T>();
-            const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+            blk.score(sh, kt);
+            const T* s_data = blk.scores();
+            const T* t_data = blk.guide_scores();
             for (int64_t r = 0; r < nr; ++r) {
               const TileView<T> tile =
                   make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
@@ -654,8 +674,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   at::Tensor tau_rowsum = at::zeros({g.B}, opts.dtype(at::kDouble));
 
   const Shared<T> sh(in, g, temperature, rules);
-  const KeyTiles<T>& key_tiles = sh.key_tiles;
-  const std::optional<KeyTiles<T>>& guide_tiles = sh.guide_tiles;
   const T inv_temp = sh.inv_temp, a = sh.a, b = sh.b;
   const T* const spos_p = pos_score.data_ptr<T>();
   const T* const thr_p = thr.data_ptr<T>();
@@ -674,14 +692,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
 
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
     at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
-      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
-      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
+      BlockTiles<T> blk(in, g, opts);
       at::Tensor dq_blk = at::empty({kRowBlock, g.D}, opts);
-      at::Tensor gq_blk, t_tile;
-      if (GUIDE) {
-        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
-        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      }
       std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       for (int64_t grp = g_begin; grp < g_end; ++grp) {
@@ -690,17 +702,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
         const int64_t rb_begin = g.num_row_blocks * grp / groups, rb_end = g.num_row_blocks * (grp + 1) / groups;
         for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
           const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
-          fill_block<T>(q_blk, in.query, r0, nr, nullptr);
-          if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+          blk.load_rows(in, r0, nr);
           dq_blk.zero_();
           double* rowsum = tau_rowsum.data_ptr<double>() + r0;
           for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
             const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
-            const at::Tensor k_tile = key_tiles.tile(kt);
-            at::mm_out(s_tile, q_blk, k_tile.t());
-            if (GUIDE) at::mm_out(t_tile, gq_blk, guide_tiles->tile(kt).t());
-            T* s_data = s_tile.data_ptr<T>();
-            const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+            const at::Tensor k_tile = blk.score(sh, kt);
+            T* s_data = blk.scores();
+            const T* t_data = blk.guide_scores();
             if (symmetric) {
               // column direction first (it reads the scores that the row direction overwrites):
               // dS'_{i'j} = g_o / (2 tau) (P'_{i'j} - [i' == o]) for owned column j, owner o
@@ -762,8 +771,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               if (symmetric)
                 for (int64_t c = 0; c < nc; ++c) srow[c] += s_t[c * kRowBlock + r];
             }
-            if (query_grad) dq_blk.addmm_(s_tile, k_tile);
-            if (keys_grad) dk_part.narrow(0, j0, g.key_tile).addmm_(s_tile.t(), q_blk);
+            if (query_grad) dq_blk.addmm_(blk.s_tile, k_tile);
+            if (keys_grad) dk_part.narrow(0, j0, g.key_tile).addmm_(blk.s_tile.t(), blk.q_blk);
           }
           if (query_grad) dq.narrow(0, r0, nr).copy_(dq_blk.narrow(0, 0, nr));
         }
@@ -950,20 +959,13 @@ at::Tensor sample_impl(const Inputs& in, const RuleArgs& rules, int64_t strategy
 
   dispatch_flags(weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
     at::parallel_for(0, g.num_row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
-      at::Tensor q_blk = at::empty({kRowBlock, g.D}, opts);
-      at::Tensor s_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      at::Tensor gq_blk, t_tile;
-      if (GUIDE) {
-        gq_blk = at::empty({kRowBlock, in.guide_query.size(1)}, opts);
-        t_tile = at::empty({kRowBlock, g.key_tile}, opts);
-      }
+      BlockTiles<T> blk(in, g, opts);
       std::vector<T> x(g.key_tile), log_w(g.key_tile);
       std::vector<RunningTopK<T>> best(kRowBlock, RunningTopK<T>(k));
       std::vector<RowView<T>> rows(kRowBlock);
       for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
         const int64_t r0 = rb * kRowBlock, nr = g.rows_in(rb);
-        fill_block<T>(q_blk, in.query, r0, nr, nullptr);
-        if (GUIDE) fill_block<T>(gq_blk, in.guide_query, r0, nr, nullptr);
+        blk.load_rows(in, r0, nr);
         for (int64_t r = 0; r < nr; ++r) {
           rows[r] = make_row<T>(sh, r0 + r, pos_score.data_ptr<T>()[r0 + r], thr.data_ptr<T>()[r0 + r],
                                 gthr.data_ptr<T>()[r0 + r]);
@@ -971,10 +973,9 @@ at::Tensor sample_impl(const Inputs& in, const RuleArgs& rules, int64_t strategy
         }
         for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
           const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
-          at::mm_out(s_tile, q_blk, sh.key_tiles.tile(kt).t());
-          if (GUIDE) at::mm_out(t_tile, gq_blk, sh.guide_tiles->tile(kt).t());
-          const T* s_data = s_tile.data_ptr<T>();
-          const T* t_data = GUIDE ? t_tile.data_ptr<T>() : nullptr;
+          blk.score(sh, kt);
+          const T* s_data = blk.scores();
+          const T* t_data = blk.guide_scores();
           for (int64_t r = 0; r < nr; ++r) {
             const TileView<T> tile =
                 make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
