@@ -304,6 +304,16 @@ TileView<T> make_candidates(const Shared<T>& sh, const T* scores, const T* guide
   return TileView<T>{scores, guide_scores, labels ? labels + first : nullptr, first, count, sh.levels, stride};
 }
 
+template <typename T>
+RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
+  return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i);
+}
+
+template <typename T>
+TileView<T> make_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t j0, int64_t nc) {
+  return make_candidates<T>(sh, scores, guide_scores, sh.key_labels, sh.N, j0, nc);
+}
+
 // One thread's buffers for a block of query rows: the rows (and their guide embeddings) and the
 // score tile of the current key tile (and the guide's), as the forward, backward and sampler
 // loops all read them.
@@ -332,17 +342,12 @@ struct BlockTiles {
   }
   T* scores() { return s_tile.data_ptr<T>(); }
   const T* guide_scores() { return t_tile.defined() ? t_tile.data_ptr<T>() : nullptr; }
+  // row r of the scored block as the view of key tile j0 .. j0 + nc - 1
+  TileView<T> row_tile(const Shared<T>& sh, int64_t r, int64_t j0, int64_t nc) {
+    const T* t = guide_scores();
+    return make_tile<T>(sh, scores() + r * s_tile.size(1), t ? t + r * t_tile.size(1) : nullptr, j0, nc);
+  }
 };
-
-template <typename T>
-RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
-  return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i);
-}
-
-template <typename T>
-TileView<T> make_tile(const Shared<T>& sh, const T* scores, const T* guide_scores, int64_t j0, int64_t nc) {
-  return make_candidates<T>(sh, scores, guide_scores, sh.key_labels, sh.N, j0, nc);
-}
 
 // Positive scores of one row block, from a tile product of the standard shape.
 template <typename T>
@@ -544,8 +549,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             const T* s_data = blk.scores();
             const T* t_data = blk.guide_scores();
             for (int64_t r = 0; r < nr; ++r) {
-              const TileView<T> tile =
-                  make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
+              const TileView<T> tile = blk.row_tile(sh, r, j0, nc);
               const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(
                   rows[r], tile, a, b, x.data(), log_w.data(), sh.soft ? tx.data() : nullptr);
               const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
@@ -740,7 +744,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               }
               const int64_t i = r0 + r;
               const RowView<T> row = make_row<T>(sh, i, spos_p[i], thr_p[i], gthr_p[i]);
-              const TileView<T> tile = make_tile<T>(sh, srow, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
+              const TileView<T> tile = blk.row_tile(sh, r, j0, nc);
               K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data(),
                                                       sh.soft ? tx.data() : nullptr);
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
@@ -974,11 +978,8 @@ at::Tensor sample_impl(const Inputs& in, const RuleArgs& rules, int64_t strategy
         for (int64_t kt = 0; kt < g.num_key_tiles; ++kt) {
           const int64_t j0 = kt * g.key_tile, nc = g.cols_in(kt);
           blk.score(sh, kt);
-          const T* s_data = blk.scores();
-          const T* t_data = blk.guide_scores();
           for (int64_t r = 0; r < nr; ++r) {
-            const TileView<T> tile =
-                make_tile<T>(sh, s_data + r * g.key_tile, GUIDE ? t_data + r * g.key_tile : nullptr, j0, nc);
+            const TileView<T> tile = blk.row_tile(sh, r, j0, nc);
             K::template logits<T, W, LABELS, GUIDE>(rows[r], tile, a, b, x.data(), log_w.data());
             const T* value = W == kWeightSimANS ? log_w.data() : x.data();  // -inf off the negatives
             RunningTopK<T>& top = best[r];
