@@ -7,11 +7,13 @@
 // [N, D] key-gradient partial per thread, summed in a fixed order so results are
 // deterministic for a given thread count).
 //
-// Bit-identical decisions: every score tile, including the one that yields the positive
-// scores (the positives' keys gathered into a zero-padded tile), is produced by a matrix
-// product of exactly the same shape, so an exact duplicate of a positive key scores exactly
-// like the positive. Backward recomputes the tiles with the same products and reads the
-// per-row thresholds saved by forward, so masks cannot flip between passes.
+// Consistent decisions: every score tile, including the one that yields the positive scores
+// (the positives' keys gathered into a zero-padded tile), is produced by a matrix product of
+// the same shape. Backward recomputes the tiles with the same products and reads the per-row
+// thresholds saved by forward, so masks cannot flip between passes. An exact duplicate of a
+// positive key is *not* guaranteed to score bit-identically to it: the BLAS product may round an
+// element differently by its position in the tile (edge rows, e.g.), so at a margin of exactly 0
+// a duplicate can fall on either side (README, "Ties at a threshold").
 //
 // Symmetric (CLIP-style) loss in the same pass: each score tile is also read by columns. Key j
 // that is row o's positive has its own loss, key j against every query, under the same rules

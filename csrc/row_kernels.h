@@ -102,11 +102,14 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
     u = a * s * row.inv_temp;  // HCL: log of the importance weight e^{beta l_ij}
     store<FULL>(log_w + c, off ? ninf : u, count);
   } else if constexpr (W == kWeightGCSE) {
-    // GCSE: u = -l exp(-(l - r)^2 / (2 alpha^2)) where l <= r (r: the reference model's logit), else 0
+    // GCSE: u = -l exp(-(l - r)^2 / (2 alpha^2)) where l <= r (r: the reference model's logit), else 0.
+    // The tie is decided on the raw scores (s <= t) and the gap is (s - t) / temperature: one rounding
+    // of an exact difference, never contracted with a product, so a reference that scores a key
+    // exactly like the student gives gap 0 and the full offset in every build.
     const V l = s * row.inv_temp;
-    const V d = l - tg * row.inv_temp;
+    const V d = (s - tg) * row.inv_temp;
     const V decay = exp_shifted(-(d * d) * (T(0.5) / (a * a)));
-    u = d > T(0) ? V{} : -l * decay;
+    u = s > tg ? V{} : -l * decay;
   }
   if constexpr (GUIDE) {
     // soft labels: the teacher's logits over the positive and the unmasked negatives

@@ -105,7 +105,10 @@ def info_nce(
             ``L <= 8`` independent label sets (e.g. text hashes and cluster ids): a key is masked
             when any of them matches.
         margin: mask ``s_ij > s_i+ - margin``. relative_margin: mask ``s_ij > s_i+ - |s_i+| r``.
-        max_score: mask ``s_ij > max_score``. All comparisons on raw scores, strict.
+        max_score: mask ``s_ij > max_score``. All comparisons on raw scores, strict. At a margin of
+            exactly 0, an exact copy of the positive key may score a few ulps either side of
+            ``s_i+`` (the matrix product's rounding depends on the position in the tile), so it may
+            be masked or not; use ``key_labels`` to mask duplicates exactly (README, "Ties").
         guide_query, guide_keys, guide_margin, guide_strategy: GISTEmbed-style mask from a guide
             model's scores ``t_ij`` (``"absolute"``: ``t_ij > t_i+ - g``; ``"relative"``:
             ``t_ij > t_i+ - |t_i+| g``). No gradient reaches the guide. Guide embeddings are
@@ -145,9 +148,11 @@ def info_nce(
             KL(teacher softmax || student softmax)`` over each row's positive and unmasked negatives.
 
     Returns:
-        The loss (fused backends: float32 for float16/bfloat16 inputs, else the input dtype; the
-        reference and the ``negatives`` path: the input dtype), and the stats when ``return_stats``.
-        A row whose negatives are all masked has loss 0 and zero gradient.
+        The loss (float32 for float16/bfloat16 inputs, else the input dtype; ``backend="reference"``,
+        the dense naive loss, computes and returns the input dtype), and the stats when
+        ``return_stats`` (detached: they carry no gradient). A tensor temperature is used in the
+        computation's dtype, whatever its own. A row whose negatives are all masked has loss 0 and
+        zero gradient.
 
     float16/bfloat16 on the ``cpu`` backend are computed in float32.
     """
@@ -357,7 +362,9 @@ def _fused(
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
         rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias, rules.soft_temperature,
         rules.soft_weight)
-    return loss, lse, pos_score / temp.detach(), n_masked, n_neg
+    # the stats are documented as carrying no gradient: detached, so that back-propagating through them
+    # fails loudly instead of giving silent zeros
+    return loss, lse.detach(), (pos_score / temp).detach(), n_masked, n_neg
 
 
 class InfoNCE(torch.nn.Module):

@@ -104,7 +104,9 @@ class GCSE:
     and 0 where the student already scores it above the reference: a negative that the student
     scores about as high as the reference does is pulled towards logit 0. No gradient flows
     through the bias (the original detaches it). ``alpha`` is in logit units; the authors use 0.17
-    (BERT) and 8.58 (RoBERTa).
+    (BERT) and 8.58 (RoBERTa). Every backend decides ``l_ij <= r_ij`` on the raw scores
+    (``s_ij <= t_ij``) and computes the gap as ``(s_ij - t_ij) / temperature``, so a reference that
+    scores a key exactly like the student (a frozen copy at step 0) gives gap 0 and the full offset.
 
     The original applies the offset to each sentence's own generated hard negative only; here it
     applies to every unmasked negative of the row (a key whose reference score sits below the

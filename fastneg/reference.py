@@ -99,6 +99,8 @@ def rows_from_scores(
     positive. ``key_labels`` [1 or B, M]; ``candidates`` [B, M] bool limits the keys a row
     contrasts against (None: all); keys outside it are neither masked nor negatives."""
     B, M = scores.shape
+    if isinstance(temperature, torch.Tensor):  # a scalar of any shape ([], [1], [1, 1]) in the scores' dtype
+        temperature = temperature.reshape(()).to(scores.dtype)
     detached = scores.detach()
     positive_score = detached.gather(1, positive_columns)
     is_positive = torch.zeros(B, M, dtype=torch.bool, device=scores.device)
@@ -129,11 +131,12 @@ def rows_from_scores(
         bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
     elif rules.weighting == WEIGHTING_GCSE:
         assert guide_scores is not None, "GCSE needs the reference model's scores"
+        # the tie l == r is decided on the raw scores (s_ij <= t_ij), and the gap is (s - t) / temperature,
+        # so a reference model scoring a key exactly like the student gives gap 0 on every backend
         tau = temperature.detach() if isinstance(temperature, torch.Tensor) else temperature
-        student, reference = detached / tau, guide_scores / tau
-        gap = student - reference
-        decayed = -student * torch.exp(-gap * gap / (2.0 * rules.weight_a ** 2))
-        bias = torch.where(negative & ~(gap > 0), decayed, torch.zeros_like(detached))
+        gap = (detached - guide_scores) / tau
+        decayed = -(detached / tau) * torch.exp(-gap * gap / (2.0 * rules.weight_a ** 2))
+        bias = torch.where(negative & ~(detached > guide_scores), decayed, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)
     if rules.debias is not None:
@@ -170,7 +173,8 @@ def _debiased_lse(negative_logits: torch.Tensor, positive_logit: torch.Tensor, c
     log_floor = torch.where(count > 0, torch.log(n) - 1.0 / temperature, torch.full_like(n, float("-inf")))
     c = torch.maximum(torch.maximum(neg_lse, positive_logit), log_floor).detach()
     raw = (torch.exp(neg_lse - c) - n * tau_plus * torch.exp(positive_logit - c)) / (1.0 - tau_plus)
-    ng = torch.clamp(raw, min=(n * torch.exp(-1.0 / temperature - c)).detach())
+    # the floor n e^{-1/t - c} as exp(log_floor - c): a row without negatives has floor 0 (not 0 * inf)
+    ng = torch.clamp(raw, min=torch.exp(log_floor - c).detach())
     return c + torch.log(torch.exp(positive_logit - c) + ng)
 
 
@@ -188,18 +192,21 @@ def info_nce_gathered(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same loss with each row restricted to its positive and ``negatives[i]`` (-1 = none),
     computed on the gathered keys: memory O(B K D), never [B, N]. A key listed twice counts once;
-    the positive listed among the negatives is ignored."""
+    the positive listed among the negatives is ignored. float16/bfloat16 are computed in float32, as
+    on the fused backends."""
     B, K = negatives.shape
     listed, _ = negatives.sort(dim=1)
     repeated = torch.zeros_like(listed, dtype=torch.bool)
     repeated[:, 1:] = listed[:, 1:] == listed[:, :-1]
     candidates = (listed >= 0) & ~repeated & (listed != positives[:, None])
     columns = torch.cat([positives[:, None], listed.clamp(min=0)], dim=1)  # [B, 1 + K], positive first
-    scores = torch.einsum("bd,bkd->bk", query, keys[columns])
+    # like the fused kernels: float16/bfloat16 inputs are computed (and the loss returned) in float32
+    acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    scores = torch.einsum("bd,bkd->bk", query.to(acc), keys[columns].to(acc))
     guide_scores = None
     if guide_query is not None and guide_keys is not None:
-        guide_scores = torch.einsum("bd,bkd->bk", guide_query.detach(), guide_keys.detach()[columns]).to(scores.dtype)
-    candidates = torch.cat([torch.zeros_like(candidates[:, :1]), candidates], dim=1)
+        guide_scores = torch.einsum("bd,bkd->bk", guide_query.detach().to(acc), guide_keys.detach()[columns].to(acc))
+    candidates = torch.cat([candidates.new_zeros(B, 1), candidates], dim=1)
     return rows_from_scores(scores, torch.zeros(B, 1, dtype=torch.long, device=query.device), temperature, rules,
                             query_labels, key_labels[columns] if key_labels is not None else None, guide_scores,
                             candidates)

@@ -133,6 +133,10 @@ def sample_negatives(
         check_exclude(exclude, query.shape[0], keys.shape[0], query.device)
     check_backend(backend)
     chosen = _resolve_backend(backend, query.device)
+    if chosen == "triton" and query.dtype == torch.float64:
+        # the Triton sampler packs float32 scores into int64 sort keys: no float64 path
+        raise TypeError("query: backend='triton' samples float16, bfloat16 or float32, got float64; "
+                        "use backend='cpu' (or 'auto') for float64")
     noise_seed = 0 if code == STRATEGY_TOP else _seed(seed, generator)
 
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(

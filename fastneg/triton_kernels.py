@@ -55,8 +55,9 @@ def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, 
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
     """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
-    positives' rows of ``b`` are gathered into key tiles and the diagonal is read off, so an
-    exact duplicate of the positive key scores bit-identically to it."""
+    positives' rows of ``b`` are gathered into key tiles and the diagonal is read off. (A product
+    may still round an element by its position in the tile, so an exact duplicate of the positive
+    key is not guaranteed to score bit-identically to it: README, "Ties at a threshold".)"""
     local = tl.arange(0, BLOCK_M)
     out = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for sub in tl.static_range(0, BLOCK_M, BLOCK_N):
@@ -96,11 +97,12 @@ def tl_biased_logits(s, t, negative, positive_score, inv_temp, weight_a, weight_
         log_w = weight_a * s * inv_temp
         x = s * inv_temp + log_w
     elif WEIGHTING == WEIGHT_GCSE:
+        # the tie on the raw scores (s <= t) and the gap (s - t) / temperature, as in every backend
         logit = s * inv_temp
-        gap = logit - t * inv_temp
+        gap = (s - t) * inv_temp
         decayed = -logit * tl.exp(-gap * gap * (0.5 / (weight_a * weight_a)))
         log_w = s
-        x = logit + tl.where(gap > 0, 0.0, decayed)
+        x = logit + tl.where(s > t, 0.0, decayed)
     elif WEIGHTING == WEIGHT_SIMANS:
         d = s - positive_score[:, None] - weight_b
         log_w = -weight_a * d * d
