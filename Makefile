@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastneg-installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-long bench lint clean
 
 $(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp csrc/row_kernels.h
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# the property-based differential tests with the long profile (4000 random problems per test)
+test-long: $(STAMP)
+	$(PY) -m pytest tests/test_properties.py -q --hypothesis-profile=long
 
 bench: $(STAMP)
 	$(VENV)/bin/fastneg bench --quick --out benchmarks/results/quick

@@ -149,6 +149,8 @@ def rows_from_scores(
         assert guide_scores is not None, "soft labels need the teacher's scores"
         loss = (1.0 - rules.soft_weight) * loss + rules.soft_weight * _soft_label_kl(
             x, lse, torch.where(negative | is_positive, guide_scores / rules.soft_temperature, neg_inf))
+    # a row without negatives: loss exactly 0 and gradient exactly 0 (SPEC), not autograd's rounding residue
+    loss = torch.where(negative.any(1), loss, torch.zeros_like(loss))
     return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
 
 

@@ -17,6 +17,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+try:  # the property tests' profiles: `ci` by default, `--hypothesis-profile=long` on demand
+    from hypothesis import HealthCheck, settings
+
+    _quiet = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=120, derandomize=True, **_quiet)
+    settings.register_profile("long", max_examples=4000, **_quiet)
+    settings.load_profile("ci")
+except ImportError:  # a core install without hypothesis: tests/test_properties.py skips itself
+    pass
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

@@ -1,0 +1,372 @@
+"""Property-based differential tests: random problems over the whole option space (shapes, rules,
+weightings, estimators, symmetric, ``negatives=``, dtypes, non-contiguous inputs, exact and near
+duplicates, tensor temperatures) against the independent float64 oracle in ``oracle.py``.
+
+Criterion, for the loss, the query / key / temperature gradients: ``|fastneg - truth| / scale <= 2 *
+|plain PyTorch in the same dtype - truth| / scale + tol``, truth the oracle in float64 on the
+same (dtype-rounded) inputs, "plain PyTorch" the oracle run in the inputs' dtype, ``scale`` the
+size of the terms each entry sums (``sum_j |dS_ij| |k_jd|`` for dq, ``1 + |l+| + |lse|`` for a
+row's loss): the most any floating-point summation of those terms can promise. float16 and
+bfloat16 inputs are judged against the float32 oracle on the same half-rounded inputs (its
+gradients rounded to the inputs' dtype, as every implementation returns them), since fastneg
+accumulates them in float32: stricter than plain half. Stats: logsumexp and positive
+logit likewise, counts exact. Problems with a score within rounding distance of a threshold
+(an exact tie decided by the last bit) are skipped, nothing else.
+
+Profiles (``--hypothesis-profile``): ``ci`` (the default, a few minutes in all), ``long`` (on
+demand: ``make test-long``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastneg  # noqa: E402
+from oracle import Case, Out, evaluate  # noqa: E402
+
+
+
+def examples(n: int) -> int:
+    """``n`` problems under the ``ci`` profile (120 per test), proportionally more under ``long``."""
+    return max(1, n * settings.default.max_examples // 120)
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+TIE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def _unit(g: torch.Generator, n: int, d: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+
+
+@st.composite
+def cases(draw: Any, symmetric_ok: bool = True, max_b: int = 10, max_n: int = 30) -> Case:
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    symmetric = symmetric_ok and draw(st.booleans())
+    B = draw(st.integers(1, max_b))
+    N = draw(st.integers(B if symmetric else 1, max(B, max_n)))
+    D = draw(st.integers(1, 20))
+    keys = _unit(g, N, D)
+    pos_kind = draw(st.sampled_from(["arange", "perm", "repeat"] if not symmetric else ["arange", "perm"]))
+    if pos_kind == "repeat" or N < B:
+        positives = torch.randint(0, N, (B,), generator=g)
+    elif pos_kind == "perm":
+        positives = torch.randperm(N, generator=g)[:B]
+    else:
+        positives = torch.arange(B)
+    noise = draw(st.sampled_from([0.05, 0.3, 1.0, 3.0]))  # small: peaked, the positive far ahead
+    query = torch.nn.functional.normalize(keys[positives] + noise * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    dups = draw(st.integers(0, 3))
+    for _ in range(dups):  # exact and near copies of some row's positive key
+        src, dst = int(positives[torch.randint(0, B, (1,), generator=g)]), int(torch.randint(0, N, (1,), generator=g))
+        if dst not in positives.tolist():
+            keys[dst] = keys[src] if draw(st.booleans()) else torch.nn.functional.normalize(
+                keys[src] + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    temperature = draw(st.sampled_from([0.02, 0.05, 0.1, 0.5, 1.0]))
+    c = Case(query, keys, positives, temperature)
+    c.row_weights = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    estimator = draw(st.sampled_from(["none", "none", "debias", "soft"] if not symmetric else ["none"]))
+    weightings = ["none", "simans", "hardness"]
+    if not symmetric:
+        weightings.append("hcl")
+    guide = draw(st.sampled_from(["none", "noisy", "same"])) if estimator != "soft" else draw(
+        st.sampled_from(["noisy", "same"]))
+    if guide != "none":
+        weightings += ["guide_hardness", "gcse"]
+    if estimator == "soft":
+        weightings = [w for w in weightings if w != "hcl"]
+    kind = draw(st.sampled_from(weightings))
+    if guide == "same":
+        c.guide_query, c.guide_keys = query.clone(), keys.clone()
+    elif guide == "noisy":
+        gd = draw(st.integers(1, 12))
+        c.guide_query = _unit(g, B, gd) * 0.3 + torch.nn.functional.pad(query, (0, max(0, gd - D)))[:, :gd]
+        c.guide_keys = _unit(g, N, gd) * 0.3 + torch.nn.functional.pad(keys, (0, max(0, gd - D)))[:, :gd]
+    if guide != "none" and kind not in ("guide_hardness", "gcse") and draw(st.booleans()):
+        c.guide_margin = draw(st.sampled_from([0.0, 0.05, 0.2]))
+        c.guide_relative = draw(st.booleans())
+    if kind == "simans":
+        c.weighting = ("simans", draw(st.sampled_from([0.0, 0.5, 2.0, 30.0])), draw(st.sampled_from([0.0, 0.1, -0.2])))
+    elif kind in ("hardness", "guide_hardness"):
+        c.weighting = (kind, draw(st.sampled_from([-2.0, 1.0, 5.0])))
+    elif kind == "hcl":
+        c.weighting = ("hcl", draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])))
+        # the oracle sums e^{(1 + beta) l} without shifts: keep it finite in float32 ((1 + beta) / t < 88)
+        c.temperature = max(c.temperature, 0.05)
+    elif kind == "gcse":
+        c.weighting = ("gcse", draw(st.sampled_from([0.17, 0.5, 3.0])))
+    if estimator == "debias":
+        c.debias = draw(st.sampled_from([0.0, 0.01, 0.1, 0.5]))
+    elif estimator == "soft":
+        c.soft = (draw(st.sampled_from([0.02, 0.05, 1.0])), draw(st.sampled_from([0.3, 1.0])))
+    c.learn_temperature = estimator != "debias" and draw(st.booleans())
+    if draw(st.booleans()):
+        levels = draw(st.integers(0, 2))
+        nlab = draw(st.integers(1, max(1, N)))
+        c.key_labels = torch.randint(0, nlab, (N,) if levels == 0 else (N, levels + 1), generator=g)
+        if draw(st.booleans()):
+            c.query_labels = torch.randint(0, nlab, (B,) if levels == 0 else (B, levels + 1), generator=g)
+    if draw(st.booleans()):
+        c.margin = draw(st.sampled_from([0.0, 0.05, 0.2, -0.1]))
+    if draw(st.booleans()):
+        c.relative_margin = draw(st.sampled_from([0.0, 0.05, 0.3]))
+    if draw(st.booleans()):
+        c.max_score = draw(st.sampled_from([-2.0, 0.0, 0.3, 0.8]))
+    c.symmetric = symmetric
+    if not symmetric and draw(st.integers(0, 3)) == 0:
+        K = draw(st.integers(0, N + 2))
+        c.negatives = torch.randint(-1, N, (B, K), generator=g)
+    return c
+
+
+def kwargs_of(c: Case, dtype: torch.dtype, noncontiguous: bool = False) -> dict:
+    """The same problem as fastneg's keyword arguments, tensors in ``dtype``."""
+    def emb(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        if noncontiguous:  # a strided view of a wider buffer
+            wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=dtype)
+            wide[:, ::2] = x
+            x = wide[:, ::2]
+        return x
+
+    kw: dict[str, Any] = dict(positives=c.positives, reduction="none", return_stats=True, symmetric=c.symmetric)
+    kw["temperature"] = (torch.tensor(c.temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                      requires_grad=c.learn_temperature))
+    for name in ("key_labels", "query_labels", "margin", "relative_margin", "max_score", "negatives", "debias"):
+        if getattr(c, name) is not None:
+            kw[name] = getattr(c, name)
+    if c.guide_query is not None:
+        kw["guide_query"], kw["guide_keys"] = emb(c.guide_query), emb(c.guide_keys)
+        kw["guide_margin"] = c.guide_margin
+        kw["guide_strategy"] = "relative" if c.guide_relative else "absolute"
+    kind = c.weighting[0]
+    kw["weighting"] = {"none": None,
+                       "simans": lambda: fastneg.SimANS(c.weighting[1], c.weighting[2]),
+                       "hardness": lambda: fastneg.Hardness(c.weighting[1]),
+                       "guide_hardness": lambda: fastneg.Hardness(c.weighting[1], on="guide"),
+                       "hcl": lambda: fastneg.HCL(c.weighting[1]),
+                       "gcse": lambda: fastneg.GCSE(c.weighting[1])}[kind]
+    if callable(kw["weighting"]):
+        kw["weighting"] = kw["weighting"]()
+    if c.soft is not None:
+        kw["soft_labels"] = fastneg.SoftLabels(temperature=c.soft[0], weight=c.soft[1])
+    return kw
+
+
+def fastneg_out(c: Case, dtype: torch.dtype, backend: str, noncontiguous: bool = False) -> Out:
+    q = c.query.to(dtype).detach().requires_grad_()
+    k = c.keys.to(dtype).detach().requires_grad_()
+    kw = kwargs_of(c, dtype, noncontiguous)
+    if noncontiguous:
+        qw = torch.zeros(q.shape[0], 2 * q.shape[1], dtype=dtype)
+        qw[:, ::2] = q.detach()
+        q = qw.requires_grad_()
+        qin = q[:, ::2]
+        kin = k.T.contiguous().T  # column-major keys
+    else:
+        qin, kin = q, k
+    t = kw["temperature"]
+    loss, stats = fastneg.info_nce(qin, kin, backend=backend, **kw)
+    (loss * c.row_weights.to(loss.dtype)).sum().backward()
+    dq = q.grad[:, ::2] if noncontiguous else q.grad
+    return Out(loss.detach(), stats.logsumexp, stats.positive_logit, stats.num_masked, stats.num_negatives,
+               dq, k.grad, t.grad if c.learn_temperature else None)
+
+
+def rounded(c: Case, dtype: torch.dtype) -> Case:
+    """The case with its embeddings rounded to ``dtype`` (held in float64)."""
+    import dataclasses
+
+    def r(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.to(dtype).double()
+    return dataclasses.replace(c, query=r(c.query), keys=r(c.keys), guide_query=r(c.guide_query), guide_keys=r(c.guide_keys))
+
+
+def near_tie(c: Case, dtype: torch.dtype) -> bool:
+    """True when some threshold comparison of the float64 problem is within rounding distance of
+    its bound (the decision then belongs to the last bit, on every implementation)."""
+    eps = TIE[dtype]
+    s = c.query @ c.keys.T
+    B = s.shape[0]
+    idx = torch.arange(B)
+    smallest = math.inf
+
+    def add(gap: torch.Tensor, columns: bool) -> None:
+        """``gap`` [B, N] over row i's keys, or [B, B] over column p_i's queries (``columns``); the
+        positive's own entry is never compared."""
+        nonlocal smallest
+        gap = gap.abs().clone()
+        if columns:
+            gap.fill_diagonal_(math.inf)
+        else:
+            gap[idx, c.positives] = math.inf
+        if gap.numel():
+            smallest = min(smallest, float(gap.min()))
+
+    def thresholds(scores: torch.Tensor, pos: torch.Tensor, columns: bool) -> None:
+        if c.margin is not None:
+            add(scores - (pos[:, None] - c.margin), columns)
+        if c.relative_margin is not None:
+            add(scores - (pos[:, None] - pos.abs()[:, None] * c.relative_margin), columns)
+        if c.max_score is not None:
+            add(scores - c.max_score, columns)
+
+    s_pos = s[idx, c.positives]
+    thresholds(s, s_pos, False)
+    if c.symmetric:
+        thresholds(s[:, c.positives].T, s_pos, True)  # column p_i against every query
+    if c.guide_query is not None:
+        t = c.guide_query @ c.guide_keys.T
+        tp = t[idx, c.positives][:, None]
+        if c.guide_margin is not None:
+            bound = tp - tp.abs() * c.guide_margin if c.guide_relative else tp - c.guide_margin
+            add(t - bound, False)
+            if c.symmetric:
+                add(t[:, c.positives].T - bound, True)
+        if c.weighting[0] == "gcse" and not torch.equal(c.guide_query, c.query):
+            add(s - t, False)  # s <= t decides the offset; an identical guide ties exactly, by construction
+    if c.debias is not None:  # DCL's clamp max(raw, floor): which side passes the gradient
+        smallest = min(smallest, float(evaluate(c, torch.float64, grads=False).clamp_gap.min()))
+    return smallest < eps * 4
+
+
+def _err(x: Optional[torch.Tensor], ref: torch.Tensor, scale: torch.Tensor, rounding: float = 0.0) -> float:
+    """max (|x - ref| - rounding |ref|) / scale over the finite entries of ``ref`` (``rounding``: the
+    last rounding to a half-precision output, one ulp, allowed on top); NaN and infinities must match."""
+    assert x is not None
+    x, ref = x.detach().double(), ref.detach().double()
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert bool((torch.isnan(x) == torch.isnan(ref)).all()), "NaN pattern differs"
+    inf = torch.isinf(ref)
+    assert torch.equal(x[inf], ref[inf]), "infinities differ"
+    finite = torch.isfinite(ref)
+    if not bool(finite.any()):
+        return 0.0
+    return float((((x - ref).abs() - rounding * ref.abs()).clamp_min(0) / scale)[finite].max())
+
+
+def assert_matches(got: Out, c: Case, dtype: torch.dtype) -> None:
+    """Each quantity against the float64 truth, in units of the magnitude of the terms it sums
+    (a gradient entry sums |dS_ij| |k_jd| over j; a loss is a difference of logits of size
+    |l+| and |lse|): fastneg's error may not exceed twice plain PyTorch's plus ``TOL``."""
+    c = rounded(c, dtype)
+    truth = evaluate(c, torch.float64)
+    plain = evaluate(c, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    if dtype in (torch.float16, torch.bfloat16):  # the gradients come back in the inputs' dtype
+        plain.dq, plain.dk = plain.dq.to(dtype), plain.dk.to(dtype)
+    assert torch.equal(got.num_masked.long(), truth.num_masked), (got.num_masked, truth.num_masked)
+    assert torch.equal(got.num_negatives.long(), truth.num_negatives), (got.num_negatives, truth.num_negatives)
+    # each gradient entry sums dS_ij k_jd over j; dS_ij is itself a difference of terms (P_ij - [j = p_i],
+    # HCL's two softmax terms, the teacher's and the student's softmax): their sizes, weighted
+    ds = truth.dscores.abs() + c.row_weights[:, None] * truth.terms
+    ds[torch.arange(ds.shape[0]), c.positives] += c.row_weights / c.temperature
+    # below tiny / eps a float cannot hold a term to working precision (subnormals, flushed to zero)
+    info = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    tiny = info.tiny / info.eps
+    row_scale = 1.0 + truth.positive_logit.abs() + truth.lse.abs().nan_to_num(0.0, 0.0, 0.0)
+    if c.symmetric:
+        row_scale = row_scale + truth.scores.abs().max() / c.temperature
+    checks = [("loss", got.loss, plain.loss, truth.loss, row_scale),
+              ("dq", got.dq, plain.dq, truth.dq, ds @ c.keys.abs() + tiny),
+              ("dk", got.dk, plain.dk, truth.dk, ds.T @ c.query.abs() + tiny)]
+    if not c.symmetric:  # symmetric stats report the query-to-key direction only; the oracle's match
+        checks += [("logsumexp", got.lse, plain.lse, truth.lse, 1.0 + truth.lse.abs().nan_to_num(0.0, 0.0, 0.0)),
+                   ("positive_logit", got.positive_logit, plain.positive_logit, truth.positive_logit,
+                    1.0 + truth.positive_logit.abs())]
+    if c.learn_temperature:
+        checks.append(("temperature grad", got.dt, plain.dt, truth.dt,
+                       (ds * truth.scores.abs()).sum() / c.temperature + truth.dt.abs() + tiny))
+    half_ulp = torch.finfo(dtype).eps if dtype in (torch.float16, torch.bfloat16) else 0.0
+    for name, mine, theirs, ref, scale in checks:
+        rounding = half_ulp if name in ("dq", "dk") else 0.0
+        err, plain_err = _err(mine, ref, scale, rounding), _err(theirs, ref, scale)
+        # HCL's fused gradient keeps 1 / (1 + 2 beta) of plain autograd's precision (documented on HCL)
+        factor = 2 * (1 + 2 * c.weighting[1]) if c.weighting[0] == "hcl" else 2
+        bound = factor * plain_err + TOL[dtype]
+        assert err <= bound, f"{name}: error {err:.3g}, plain PyTorch {plain_err:.3g}, bound {bound:.3g} (relative to term size)"
+    assert got.loss.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@given(c=cases(), noncontiguous=st.booleans())
+def test_cpu_matches_oracle(c: Case, noncontiguous: bool, dtype: torch.dtype) -> None:
+    assume(not near_tie(rounded(c, dtype), dtype))
+    assert_matches(fastneg_out(c, dtype, "cpu", noncontiguous), c, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@given(c=cases(max_b=8, max_n=20))
+@settings(max_examples=examples(60))
+def test_reference_matches_oracle(c: Case, dtype: torch.dtype) -> None:
+    """fastneg's own dense reference (the benchmarks' naive loss) under the same criterion."""
+    assume(not near_tie(rounded(c, dtype), dtype))
+    assert_matches(fastneg_out(c, dtype, "reference"), c, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or the Triton interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
+@given(c=cases(max_b=6, max_n=12))
+@settings(max_examples=examples(40))
+def test_triton_matches_oracle(c: Case, dtype: torch.dtype) -> None:
+    """Under the interpreter (slow): fewer, smaller problems."""
+    pytest.importorskip("triton")
+    assume(not near_tie(rounded(c, dtype), dtype))
+    got = fastneg_out(c, dtype, "triton")
+    assert_matches(got, c, dtype)
+
+
+# --- invariants -------------------------------------------------------------------------------
+
+@given(c=cases(symmetric_ok=False))
+@settings(max_examples=examples(40))
+def test_batch_permutation(c: Case) -> None:
+    """Permuting the query rows permutes the per-row losses and the query gradient (float64, so
+    any difference is rounding, never a changed decision)."""
+    assume(not near_tie(c, torch.float64))
+    perm = torch.randperm(c.query.shape[0], generator=torch.Generator().manual_seed(1))
+    import dataclasses
+    pc = dataclasses.replace(
+        c, query=c.query[perm], positives=c.positives[perm], row_weights=c.row_weights[perm],
+        query_labels=None if c.query_labels is None else c.query_labels[perm],
+        guide_query=None if c.guide_query is None else c.guide_query[perm],
+        negatives=None if c.negatives is None else c.negatives[perm])
+    a, b = fastneg_out(c, torch.float64, "cpu"), fastneg_out(pc, torch.float64, "cpu")
+    torch.testing.assert_close(b.loss, a.loss[perm], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b.dq, a.dq[perm], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(b.dk, a.dk, rtol=1e-9, atol=1e-9)
+    assert torch.equal(b.num_masked, a.num_masked[perm])
+
+
+@given(c=cases())
+@settings(max_examples=examples(30))
+def test_deterministic(c: Case) -> None:
+    """The same call twice gives the same bits (loss, gradients, stats)."""
+    a, b = fastneg_out(c, torch.float32, "cpu"), fastneg_out(c, torch.float32, "cpu")
+    for x, y in [(a.loss, b.loss), (a.dq, b.dq), (a.dk, b.dk), (a.lse, b.lse), (a.num_masked, b.num_masked)]:
+        assert torch.equal(x, y) or (torch.isnan(x).any() and torch.equal(torch.isnan(x), torch.isnan(y)))
+
+
+@given(c=cases())
+@settings(max_examples=examples(40))
+def test_fully_masked_rows_are_exactly_zero(c: Case) -> None:
+    """max_score below every score masks every negative: loss exactly 0, gradients exactly 0."""
+    c.max_score = -2.0  # unit vectors: every score is >= -1 > -2
+    c.learn_temperature = c.learn_temperature and c.debias is None
+    out = fastneg_out(c, torch.float32, "cpu")
+    assert torch.equal(out.num_negatives, torch.zeros_like(out.num_negatives)) or c.negatives is not None
+    rows = out.num_negatives == 0
+    assert bool((out.loss[rows] == 0).all())
+    if bool(rows.all()):
+        assert bool((out.dq == 0).all()) and bool((out.dk == 0).all())
+        if out.dt is not None:
+            assert float(out.dt) == 0.0

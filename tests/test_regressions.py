@@ -1,0 +1,174 @@
+"""Regression tests for defects found by randomized differential testing (one test or more per
+defect, each with the smallest input that showed it and a value derived by hand)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import fastneg
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["cpu", "reference"] + (["triton"] if TRITON else [])
+
+
+def _device(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _unit(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+
+
+@pytest.mark.parametrize("kernels", ["default", "generic"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gcse_with_a_reference_equal_to_the_student(backend: str, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen copy of the student as GCSE's reference: every gap l - r is exactly 0, so every
+    negative gets the full offset -l and its biased logit is 0: L_i = log(e^{l+} + n) - l+.
+    (The AVX2 build once contracted l - r into a fused multiply-add: 23.86 instead of 6.17.)"""
+    if kernels == "generic":
+        if backend != "cpu":
+            pytest.skip("the generic build is the CPU backend's")
+        monkeypatch.setenv("FASTNEG_CPU_KERNELS", "generic")
+    dev = _device(backend)
+    q, k = _unit(4, 3, seed=1).to(dev), _unit(6, 3, seed=2).to(dev)
+    t = 0.05
+    loss = fastneg.info_nce(q, k, temperature=t, weighting=fastneg.GCSE(0.5), guide_query=q, guide_keys=k,
+                            guide_margin=None, reduction="none", backend=backend)
+    l_pos = (q.double() * k[:4].double()).sum(1) / t
+    expected = torch.log(torch.exp(l_pos) + 5.0) - l_pos
+    torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negatives_with_zero_columns_is_the_positive_alone(backend: str) -> None:
+    dev = _device(backend)
+    q, k = _unit(4, 3, seed=3).to(dev).requires_grad_(), _unit(6, 3, seed=4).to(dev).requires_grad_()
+    loss, stats = fastneg.info_nce(q, k, negatives=torch.empty(4, 0, dtype=torch.long, device=dev), reduction="none",
+                                   return_stats=True, backend=backend)
+    assert torch.equal(loss.detach().cpu(), torch.zeros(4))
+    torch.testing.assert_close(stats.logsumexp, stats.positive_logit)
+    assert torch.equal(stats.num_negatives.cpu(), torch.zeros(4, dtype=torch.long))
+    loss.sum().backward()
+    assert bool((q.grad == 0).all()) and bool((k.grad == 0).all())
+
+
+@pytest.mark.parametrize("path", ["fused", "negatives", "reference"])
+def test_debias_without_negatives_and_a_very_low_positive_logit(path: str) -> None:
+    """Every negative masked and l+ = -200 < -1/t - 88: the floor n e^{-1/t - c} was 0 * inf = NaN
+    on the negatives= path and the reference; SPEC says loss 0, gradient 0."""
+    q = (-10.0 * torch.eye(3, 4)).requires_grad_()
+    k = torch.eye(3, 4).requires_grad_()
+    kw: dict = dict(temperature=0.05, debias=0.1, key_labels=torch.zeros(3, dtype=torch.long), reduction="none")
+    if path == "negatives":
+        kw["negatives"] = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    loss = fastneg.info_nce(q, k, backend="reference" if path == "reference" else "cpu", **kw)
+    assert torch.equal(loss.detach(), torch.zeros(3))
+    loss.sum().backward()
+    assert bool((q.grad == 0).all()) and bool((k.grad == 0).all())
+
+
+@pytest.mark.parametrize("path", ["fused", "negatives", "reference"])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_scalar_temperature_of_any_shape_gives_per_row_outputs(path: str, shape: tuple) -> None:
+    q, k = _unit(4, 5, seed=5), _unit(7, 5, seed=6)
+    t = torch.full(shape, 0.05)
+    kw: dict = dict(temperature=t, debias=0.1, reduction="none", return_stats=True)
+    if path == "negatives":
+        kw["negatives"] = torch.tensor([[4, 5, 6]] * 4)
+    loss, stats = fastneg.info_nce(q, k, backend="reference" if path == "reference" else "cpu", **kw)
+    assert loss.shape == (4,)
+    assert all(v.shape == (4,) for v in stats)
+    plain, _ = fastneg.info_nce(q, k, **{**kw, "temperature": 0.05}, backend="reference" if path == "reference" else "cpu")
+    torch.testing.assert_close(loss, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_carry_no_gradient(backend: str) -> None:
+    dev = _device(backend)
+    q = _unit(5, 4, seed=7).to(dev).requires_grad_()
+    t = torch.tensor(0.1, device=dev, requires_grad=True)
+    for negatives in (None, torch.tensor([[0, 1, 2]] * 5, device=dev)):
+        _, stats = fastneg.info_nce(q, _unit(6, 4, seed=8).to(dev), temperature=t, negatives=negatives,
+                                    return_stats=True, backend=backend)
+        assert not stats.logsumexp.requires_grad and not stats.positive_logit.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_negatives_path_computes_half_inputs_in_float32(dtype: torch.dtype) -> None:
+    """With every key listed, negatives= is the full loss: same dtype (float32) and, computed in
+    float32 from the same half inputs, the same value as the fused kernel to float32 rounding."""
+    q, k = _unit(6, 16, seed=9, dtype=dtype), _unit(10, 16, seed=10, dtype=dtype)
+    every = torch.arange(10).repeat(6, 1)
+    listed = fastneg.info_nce(q, k, negatives=every, reduction="none", backend="cpu")
+    fused = fastneg.info_nce(q, k, reduction="none", backend="cpu")
+    assert listed.dtype == fused.dtype == torch.float32
+    torch.testing.assert_close(listed, fused, rtol=1e-5, atol=1e-5)
+    exact = fastneg.info_nce(q.double(), k.double(), reduction="none", backend="reference")
+    assert float((listed.double() - exact).abs().max()) < 1e-4  # half-precision products would be ~1e-2 off
+
+
+def test_float64_temperature_does_not_promote_the_loss() -> None:
+    q, k = _unit(3, 4, seed=11), _unit(5, 4, seed=12)
+    t = torch.tensor(0.05, dtype=torch.float64)
+    for negatives in (None, torch.tensor([[3, 4]] * 3)):
+        assert fastneg.info_nce(q, k, temperature=t, negatives=negatives).dtype == torch.float32
+
+
+def test_exact_duplicates_are_masked_exactly_by_label() -> None:
+    """The case where the tile products round an exact copy of the positive key differently on
+    some rows (float64, 64 x 16, k[5] = k[0], every positive 0): what is guaranteed is that a label
+    masks it on every row, and that the positive itself is never masked."""
+    q = _unit(64, 16, seed=13, dtype=torch.float64)
+    k = _unit(16, 16, seed=14, dtype=torch.float64)
+    k[5] = k[0]
+    positives = torch.zeros(64, dtype=torch.long)
+    labels = torch.arange(16)
+    labels[5] = 0  # the copy shares the positive's label
+    for backend in ("cpu", "reference"):
+        _, stats = fastneg.info_nce(q, k, positives, key_labels=labels, margin=0.0, return_stats=True,
+                                    reduction="none", backend=backend)
+        # the copy masked by its label on every row; the other keys by margin 0 where they outscore
+        # the positive, which at margin 0 is exactly what the float64 scores say
+        s = q @ k.T
+        expected = 1 + ((s > s[:, :1]) & (torch.arange(16) != 5) & (torch.arange(16) != 0)).sum(1)
+        assert torch.equal(stats.num_masked, expected)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs CUDA or the Triton interpreter")
+def test_triton_sampler_refuses_float64_up_front() -> None:
+    q, k = _unit(4, 8, seed=15, dtype=torch.float64), _unit(9, 8, seed=16, dtype=torch.float64)
+    if torch.cuda.is_available():
+        pytest.skip("float64 on CUDA is refused earlier, for every op")
+    with pytest.raises(TypeError, match="query"):
+        fastneg.sample_negatives(q, k, torch.arange(4), 2, strategy="top", backend="triton")
+
+
+def test_hcl_gradient_precision_is_within_the_documented_bound() -> None:
+    """HCL's dS = (1 + beta) P - beta R softmax(beta l) is a difference of two softmax terms: where
+    one negative (here an unmasked exact copy of the positive) dominates, float32 keeps about
+    1 / (1 + 2 beta) of the relative precision of plain PyTorch's autograd of the same loss.
+    The bound documented in HCL's docstring: at most (1 + 2 beta) x 2 x plain PyTorch's error,
+    relative to the size of the gradient's terms."""
+    beta, t = 3.0, 0.005
+    q = _unit(16, 8, seed=17, dtype=torch.float64)
+    k = _unit(40, 8, seed=18, dtype=torch.float64)
+    k[20], k[21] = k[3], k[0]
+
+    def grad(dtype: torch.dtype, backend: str) -> torch.Tensor:
+        qq = q.to(dtype).detach().clone().requires_grad_()
+        fastneg.info_nce(qq, k.to(dtype), temperature=t, weighting=fastneg.HCL(beta), debias=0.0, reduction="sum",
+                         backend=backend).backward()
+        return qq.grad.double()
+
+    truth = grad(torch.float64, "reference")
+    plain = float((grad(torch.float32, "reference") - truth).abs().max())
+    fused = float((grad(torch.float32, "cpu") - truth).abs().max())
+    scale = float(truth.abs().max())
+    assert fused <= (1 + 2 * beta) * 2 * plain + 1e-6 * scale, (fused, plain)
+    assert math.isfinite(fused)
