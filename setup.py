@@ -44,13 +44,15 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["fastneg = fastneg.cli:main"]},
     install_requires=["torch>=2.6", "numpy"],
+    # the optional features and what each needs (README, "Install")
     extras_require={
-        "triton": ["triton>=3.2"],
-        "faiss": ["faiss-cpu"],
-        "faiss-gpu": ["faiss-gpu"],
-        "parquet": ["pyarrow"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.2", "ruff"],
+        "triton": ["triton==3.8.0"],
+        "mining": ["faiss-cpu", "pyarrow", "tqdm"],
+        "faiss-gpu": ["faiss-gpu", "pyarrow", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "sentence-transformers": ["sentence-transformers>=5.0", "datasets", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton==3.8.0", "ruff"],
+        "parquet": ["pyarrow"],
+        "faiss": ["faiss-cpu"],
     },
 )

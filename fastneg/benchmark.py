@@ -331,11 +331,25 @@ class SweepConfig:
     impls: Optional[list[str]] = None
 
 
-def sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None) -> list[Row]:
-    device = torch.device(cfg.device)
-    impls = implementations(device, cfg.chunk)
+def selected_implementations(cfg: SweepConfig) -> dict[str, tuple[LossFn, tuple[str, ...]]]:
+    """The implementations the sweep runs (``cfg.impls``, if given, filters them; the floor always runs)."""
+    impls = implementations(torch.device(cfg.device), cfg.chunk)
     if cfg.impls:
         impls = {k: v for k, v in impls.items() if k in cfg.impls}
+    return impls
+
+
+def planned_runs(cfg: SweepConfig, impls: dict[str, tuple[LossFn, tuple[str, ...]]]) -> int:
+    """How many measurements the sweep makes: per (dtype, rules, D, B), every implementation that has
+    those rules, plus the floor."""
+    per_rules = {r: 1 + sum(r in supported for _, supported in impls.values()) for r in cfg.rules}
+    return len(cfg.dtypes) * len(cfg.dims) * len(cfg.sizes) * sum(per_rules.values())
+
+
+def sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None,
+          impls: Optional[dict[str, tuple[LossFn, tuple[str, ...]]]] = None) -> list[Row]:
+    device = torch.device(cfg.device)
+    impls = selected_implementations(cfg) if impls is None else impls
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 device=device.type, device_name=device_name(device), torch_version=torch.__version__,
                 triton_version=triton_version(), fastneg_version=fastneg.__version__)

@@ -51,22 +51,61 @@ def _progress_bar(total: int):  # noqa: ANN202
     return step_plain, lambda: None
 
 
+class UsageError(Exception):
+    """A bad command-line argument or a missing optional package: one line on stderr, exit status 2."""
+
+
+def _check_bench_args(args: argparse.Namespace, torch: object) -> None:
+    """Everything that can be checked before the sweep starts (so that no run is lost to it)."""
+    for flag, values in (("--sizes", args.sizes), ("--dims", args.dims)):
+        for v in values or []:
+            if v < 1:
+                raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.chunk < 1:
+        raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
+    allowed = ["float32", "float16", "bfloat16"] + (["float64"] if device == "cpu" else [])
+    for d in args.dtypes or []:
+        if d not in allowed:
+            raise UsageError(f"--dtypes: {d!r} is not one of {', '.join(allowed)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out: {args.out} exists and is not a folder")
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("the plots need matplotlib: pip install matplotlib (the 'bench' extra: "
+                             "pip install --no-build-isolation '.[bench]' from a clone), or pass --no-plots") from exc
+    args.device = device
+
+
 def bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import benchmark
 
+    _check_bench_args(args, torch)
     preset = QUICK if args.quick else FULL
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = benchmark.SweepConfig(
         sizes=args.sizes or preset["sizes"], dims=args.dims or preset["dims"], dtypes=args.dtypes or preset["dtypes"],
-        rules=args.rules or preset["rules"], device=device, rounds=args.rounds or preset["rounds"],
+        rules=args.rules or preset["rules"], device=args.device, rounds=args.rounds or preset["rounds"],
         memory_budget_gib=args.memory_budget if args.memory_budget > 0 else None, chunk=args.chunk, impls=args.impls)
-    n_impls = len(benchmark.implementations(torch.device(device), cfg.chunk)) + 1
-    total = len(cfg.sizes) * len(cfg.dims) * len(cfg.dtypes) * len(cfg.rules) * n_impls
-    step, close = _progress_bar(total)
+    if args.impls:
+        known = benchmark.implementations(torch.device(args.device), cfg.chunk)
+        unknown = [name for name in args.impls if name not in known and name != "floor"]
+        if unknown:
+            raise UsageError(f"--impls: unknown {', '.join(unknown)} (available here: {', '.join(known)}; "
+                             "the floor always runs)")
+    impls = benchmark.selected_implementations(cfg)
+    step, close = _progress_bar(benchmark.planned_runs(cfg, impls))
     try:
-        rows = benchmark.sweep(cfg, progress=step)
+        rows = benchmark.sweep(cfg, progress=step, impls=impls)
     finally:
         close()
     os.makedirs(args.out, exist_ok=True)
@@ -92,7 +131,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv[:1] == ["bench"]:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         os.execve(sys.executable, [sys.executable, "-m", "fastneg.cli", *argv], env)
+    from .version import __version__
+
     parser = argparse.ArgumentParser(prog="fastneg", description="fastneg command-line tools")
+    parser.add_argument("--version", action="version", version=f"fastneg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     from . import mine_cli
@@ -104,7 +146,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     if args.command == "bench":
-        return bench(args)
+        try:
+            return bench(args)
+        except UsageError as exc:
+            print(f"fastneg bench: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "mine":
         return mine_cli.run(args)
     return 2

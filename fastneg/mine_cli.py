@@ -69,6 +69,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rules.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def require(module: str, what: str, extra: str) -> None:
+    """Raise an :class:`InputError` naming the package and the extra that provides it when ``module``
+    cannot be imported (a core install has none of the optional packages)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise InputError(f"{what} needs the {module.split('.')[0]} package: install the '{extra}' extra "
+                         f"(pip install --no-build-isolation '.[{extra}]' from a clone)") from exc
+
+
+def _progress(iterable: Any, total: int, enabled: bool) -> Any:
+    """A tqdm bar when tqdm is installed, else one line per batch on stderr."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        def plain() -> Iterator[Any]:
+            for n, item in enumerate(iterable, 1):
+                yield item
+                print(f"fastneg mine: batch {n}/{total}", file=sys.stderr, flush=True)
+        return plain()
+    return tqdm(iterable, total=total, desc="fastneg mine", unit="batch")
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -158,7 +185,8 @@ def _output_format(path: str) -> str:
         try:
             import pyarrow  # noqa: F401
         except ImportError as exc:
-            raise InputError("--out: Parquet output needs pyarrow (pip install pyarrow)") from exc
+            raise InputError("--out: Parquet output needs the pyarrow package: install the 'mining' extra "
+                             "(pip install --no-build-isolation '.[mining]' from a clone), or write .jsonl") from exc
         return "parquet"
     raise InputError(f"--out must end in .parquet or .jsonl, got {path}")
 
@@ -187,13 +215,18 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
         raise InputError(f"--positives: id {bad} is not a corpus row (the corpus has {corpus.shape[0]} rows)")
     if (positives.reshape(positives.shape[0], -1)[:, 0] < 0).any():
         raise InputError("--positives: every query needs a positive in its first column")
+    for flag, arr in (("--queries", queries), ("--corpus", corpus)):
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise InputError(f"{flag}: {len(rows)} row(s) hold NaN or infinity (first: row {int(rows[0])}); "
+                             "no negatives can be mined for them")
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     c_all = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
     p_all = torch.from_numpy(positives.astype(np.int64))
-    starts = range(0, q_all.shape[0], args.batch_size)
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="fastneg mine", unit="batch")
+    batches = range(0, q_all.shape[0], args.batch_size)
+    starts = _progress(batches, len(batches), not args.no_progress)
+    short = 0
     with atomic_output(args.out) as tmp:
         writer = _RowWriter(tmp, fmt)
         try:
@@ -205,6 +238,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
                     range_min=args.range_min, range_max=args.range_max, index=args.index,
                     batch_size=args.batch_size, seed=args.seed + step)
                 found = mined.indices >= 0
+                short += int((found.sum(1) < args.num_negatives).sum())
                 pos_rows = p_all[rows].reshape(mined.indices.shape[0], -1)
                 writer.write({
                     "query": list(range(start, start + mined.indices.shape[0])),
@@ -214,6 +248,9 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
                 })
         finally:
             writer.close()
+    note = (f"; {short} got fewer than {args.num_negatives} (the rules or the index's candidate pool left fewer"
+            f"{': try --index exact' if args.index != 'exact' else ''})") if short else ""
+    print(f"fastneg mine: wrote {q_all.shape[0]} rows to {args.out}{note}", file=sys.stderr)
     return 0
 
 
@@ -272,6 +309,8 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
         if "text" not in table:
             raise InputError(f"--corpus: {args.corpus} needs a 'text' field")
         corpus = [str(t) for t in table["text"]]
+    require("sentence_transformers", "--model", "sentence-transformers")
+    require("datasets", "--model", "sentence-transformers")
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
 
@@ -294,6 +333,7 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
             writer.write(out.to_dict())
         finally:
             writer.close()
+    print(f"fastneg mine: wrote {len(out)} rows to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -304,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--num-negatives must be >= 1, got {args.num_negatives}")
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.index != "exact":
+            require("faiss", f"--index {args.index}", "mining")
         if args.model:
             return _mine_model(args, fmt)
         return _mine_embeddings(args, fmt)

@@ -10,8 +10,8 @@ the truth, and in the inputs' dtype as "plain PyTorch in the same dtype".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
