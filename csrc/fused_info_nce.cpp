@@ -87,10 +87,14 @@ struct OnlineLSE {
 };
 
 // Soft labels, per row: the teacher's online logsumexp (max, z) and a = sum_j e^{t'_j - max} (t'_j - x_j).
+// With SimANS, x_j is the student's logit without its log-weight, and the negatives' log-weights u_j
+// are kept apart, relative to their running maximum um: b = sum_neg e^{t'_j - max} (u_j - um) and
+// zn = sum_neg e^{t'_j - max} (so that u_j + offset never meets a cancellation of two large terms).
 template <typename T>
 struct SoftAcc {
   T max = neg_inf<T>();
   T z = T(0), a = T(0);
+  T b = T(0), zn = T(0), um = neg_inf<T>();
   bool nan = false;
 
   T lse() const {
@@ -560,12 +564,14 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               K::lse_add(acc[r], x.data(), nc);
               if (W == kWeightSimANS || W == kWeightHCL) K::lse_add(acc_w[r], log_w.data(), nc);
               if (sh.soft) {
+                if (W == kWeightSimANS)  // the student's logits without the log-weights (kept apart, see SoftAcc)
+                  for (int64_t c = 0; c < nc; ++c) x[c] = tile.scores[c] * inv_temp;
                 if (has_pos) {  // the teacher also scores the positive, against the student's l+
                   const int64_t pc = rows[r].positive - j0;
                   t_pos[r] = tx[pc];
                   x[pc] = spos_p[r0 + r] * inv_temp;
                 }
-                K::soft(acc_soft[r], tx.data(), x.data(), nc);
+                K::soft(acc_soft[r], tx.data(), x.data(), W == kWeightSimANS ? log_w.data() : nullptr, nc);
               }
             }
             if (!symmetric) continue;
@@ -615,8 +621,20 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               // KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+), T the teacher's logsumexp
               const T teacher = acc_soft[r].lse();
               const T p_pos = std::exp(t_pos[r] - teacher);
-              const T off_mass = row_off == T(0) ? T(0) : row_off * (T(1) - p_pos);
-              const T kl = total - teacher + acc_soft[r].mean_gap() - off_mass;
+              T kl;
+              if (W == kWeightSimANS) {
+                // sum_neg p_j (u_j + offset) = (b + (um - wmax) zn) / z + (log n - log S_w) zn / z, with
+                // offset = log n - wmax - log S_w: no large term cancels another
+                const SoftAcc<T>& sa = acc_soft[r];
+                T weights = T(0);
+                if (cnt_neg[r] > 0 && sa.zn > T(0))
+                  weights = (sa.b + (sa.um - acc_w[r].max) * sa.zn +
+                             (std::log(T(cnt_neg[r])) - std::log(acc_w[r].sum)) * sa.zn) / sa.z;
+                kl = total - teacher + sa.mean_gap() - weights;
+              } else {
+                const T off_mass = row_off == T(0) ? T(0) : row_off * (T(1) - p_pos);
+                kl = total - teacher + acc_soft[r].mean_gap() - off_mass;
+              }
               const T w = T(rules.soft_weight);
               loss_p[i] = (T(1) - w) * (total - l_pos) + w * kl;
               coef_p[3 * g.B + i] = teacher;

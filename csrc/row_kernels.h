@@ -204,9 +204,10 @@ T score_grad(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T pos
 
 // Soft labels: merges a tile row into the teacher's online logsumexp of tx and the running sum of
 // e^{tx_j - max} (tx_j - x_j) over the entries where tx is finite (x must hold the student's logit
-// there, the positive's included). NaN anywhere in those entries is sticky.
+// there, the positive's included). With u (SimANS's log-weights, -inf off the negatives) also the
+// sums b and zn of SoftAcc, relative to u's running maximum. NaN anywhere in those entries is sticky.
 template <typename T>
-void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n_) {
+void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, const T* u, int64_t n_) {
   typedef typename Vec<T>::type V;
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
@@ -238,6 +239,29 @@ void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n_) {
   const V carried = exp_shifted(V{} + (acc.max - new_max));
   acc.z = acc.z * carried[0] + horizontal_sum(z);
   acc.a = acc.a * carried[0] + horizontal_sum(a);
+  if (u != nullptr) {
+    T um = acc.um;
+    for (int32_t j = 0; j < n; ++j) um = u[j] > um ? u[j] : um;
+    if (um > neg_inf<T>()) {
+      // rescale to the new maxima (teacher's and u's), then add this tile's negatives
+      const T shift = acc.um == neg_inf<T>() ? T(0) : um - acc.um;
+      acc.b = (acc.b - shift * acc.zn) * carried[0];
+      acc.zn = acc.zn * carried[0];
+      T b = T(0), zn = T(0);
+      for (int32_t j = 0; j < n; ++j) {
+        if (u[j] == neg_inf<T>()) continue;
+        const T e = std::exp(tx[j] - new_max);
+        b += e * (u[j] - um);
+        zn += e;
+      }
+      acc.b += b;
+      acc.zn += zn;
+      acc.um = um;
+    } else {
+      acc.b *= carried[0];
+      acc.zn *= carried[0];
+    }
+  }
   acc.max = new_max;
 }
 
@@ -249,8 +273,8 @@ struct RowKernels {
     return biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x, log_w, tx);
   }
   template <typename T>
-  static void soft(SoftAcc<T>& acc, const T* tx, const T* x, int64_t n) {
-    soft_add(acc, tx, x, n);
+  static void soft(SoftAcc<T>& acc, const T* tx, const T* x, const T* u, int64_t n) {
+    soft_add(acc, tx, x, u, n);
   }
   template <typename T>
   static T grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,

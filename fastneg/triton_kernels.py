@@ -265,6 +265,10 @@ def _info_nce_fwd_kernel(
         t_sum = tl.zeros((BLOCK_M,), tl.float32)
         t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j)
         t_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        # SimANS with soft labels: the negatives' log-weights kept apart from t_gap, relative to w_max:
+        # t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max), t_nsum = sum_neg e^{t'_j - t_max}
+        t_wgap = tl.zeros((BLOCK_M,), tl.float32)
+        t_nsum = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_valid = cols < N
@@ -280,11 +284,15 @@ def _info_nce_fwd_kernel(
             n_masked += tl.sum(masked.to(tl.int64), axis=1)
             x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
             x_max, x_sum = tl_online_lse(x_max, x_sum, x)
+            w_prev = w_max
             if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
                 w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
             if SOFT:
                 tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
-                student = tl.where(is_pos, s * inv_temp, x)
+                if WEIGHTING == WEIGHT_SIMANS:
+                    student = s * inv_temp  # the log-weights go to t_wgap
+                else:
+                    student = tl.where(is_pos, s * inv_temp, x)
                 t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
                 new_max = tl.maximum(t_max, tl.max(tx, axis=1))
                 safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -292,6 +300,13 @@ def _info_nce_fwd_kernel(
                 e = tl.exp2((tx - safe[:, None]) * LOG2E)
                 t_sum = t_sum * carried + tl.sum(e, axis=1)
                 t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
+                if WEIGHTING == WEIGHT_SIMANS:
+                    w_shift = tl.where(w_prev == float("-inf"), 0.0, w_max - w_prev)
+                    w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
+                    e_neg = tl.where(negative, e, 0.0)
+                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
+                        tl.where(negative, e_neg * (log_w - w_safe[:, None]), 0.0), axis=1)
+                    t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
                 t_max = new_max
             if SYMMETRIC:
                 # this program's partial logsumexp of each owned column, slot [part, owner]
@@ -342,7 +357,12 @@ def _info_nce_fwd_kernel(
         if SOFT:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
             teacher = t_max + tl.log(t_sum)
             p_pos = tl.exp(t_pos - teacher)
-            kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
+            if WEIGHTING == WEIGHT_SIMANS:
+                # sum_neg p_j (u_j + offset), offset = log n - w_max - log w_sum: no large terms cancel
+                spread = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - tl.log(w_sum), 0.0)
+                kl = lse - teacher + (t_gap - t_wgap - spread * t_nsum) / t_sum
+            else:
+                kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
             loss = (1.0 - soft_weight) * loss + soft_weight * kl
             tl.store(coef_ptr + 3 * B + rows, teacher, mask=row_valid)
         tl.store(coef_ptr + rows, coef, mask=row_valid)

@@ -277,6 +277,8 @@ def assert_matches(got: Out, c: Case, dtype: torch.dtype, backend: str = "cpu") 
     row_scale = 1.0 + truth.positive_logit.abs() + truth.lse.abs().nan_to_num(0.0, 0.0, 0.0)
     if c.symmetric:
         row_scale = row_scale + truth.scores.abs().max() / c.temperature
+    if c.soft is not None:  # the KL's terms: the teacher's logits t / T and its logsumexp
+        row_scale = row_scale + 2 * (c.guide_query @ c.guide_keys.T).abs().max(1).values / c.soft[0]
     checks = [("loss", got.loss, plain.loss, truth.loss, row_scale),
               ("dq", got.dq, plain.dq, truth.dq, ds @ c.keys.abs() + tiny),
               ("dk", got.dk, plain.dk, truth.dk, ds.T @ c.query.abs() + tiny)]

@@ -172,3 +172,32 @@ def test_hcl_gradient_precision_is_within_the_documented_bound() -> None:
     scale = float(truth.abs().max())
     assert fused <= (1 + 2 * beta) * 2 * plain + 1e-6 * scale, (fused, plain)
     assert math.isfinite(fused)
+
+
+@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON else []))
+def test_soft_labels_with_peaked_simans_weights(backend: str) -> None:
+    """SimANS at a = 3000 gives log-weights of -1e3 and a row offset of +1e3: the KL once summed
+    p_j (t'_j - l_j - u_j) and subtracted offset (1 - p+), two large terms whose difference is the
+    answer (float32 error 1e-3, 1000x dense float32's; a negative KL). The log-weights are now kept
+    relative to their running maximum. Bound: 40x dense float32's error (what remains is the
+    rounding of logsumexps of size |t / T| = 50), and the KL never negative."""
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(1)
+    keys = torch.nn.functional.normalize(torch.randn(8, 6, generator=g, dtype=torch.float64), dim=1)
+    positives = torch.randperm(8, generator=g)[:8]
+    query = torch.nn.functional.normalize(keys[positives] + 0.3 * torch.randn(8, 6, generator=g, dtype=torch.float64),
+                                          dim=1)
+    guide = torch.nn.functional.normalize(query + 0.2 * torch.randn(8, 6, generator=g, dtype=torch.float64), dim=1)
+    kw = dict(temperature=0.05, weighting=fastneg.SimANS(3000.0, 0.0), soft_labels=fastneg.SoftLabels(0.02, 1.0),
+              margin=0.05, reduction="none")
+
+    def run(dtype: torch.dtype, be: str, device: str = "cpu") -> torch.Tensor:
+        return fastneg.info_nce(query.to(device, dtype), keys.to(device, dtype), positives.to(device),
+                                guide_query=guide.to(device, dtype), guide_keys=keys.to(device, dtype), backend=be,
+                                **kw).double().cpu()
+
+    truth = run(torch.float64, "reference")
+    plain = float((run(torch.float32, "reference") - truth).abs().max())
+    got = run(torch.float32, backend, dev)
+    assert float((got - truth).abs().max()) <= 40 * plain + 1e-6
+    assert bool((got >= 0).all())
