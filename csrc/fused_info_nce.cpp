@@ -623,13 +623,13 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               const T p_pos = std::exp(t_pos[r] - teacher);
               T kl;
               if (W == kWeightSimANS) {
-                // sum_neg p_j (u_j + offset) = (b + (um - wmax) zn) / z + (log n - log S_w) zn / z, with
-                // offset = log n - wmax - log S_w: no large term cancels another
+                // sum_neg p_j (u_j + offset) = b / z + (log n - log S_w) zn / z, with offset = log n - um -
+                // log S_w (um, the soft accumulator's u maximum, is acc_w's maximum: the same entries):
+                // no large term cancels another
                 const SoftAcc<T>& sa = acc_soft[r];
                 T weights = T(0);
                 if (cnt_neg[r] > 0 && sa.zn > T(0))
-                  weights = (sa.b + (sa.um - acc_w[r].max) * sa.zn +
-                             (std::log(T(cnt_neg[r])) - std::log(acc_w[r].sum)) * sa.zn) / sa.z;
+                  weights = (sa.b + (std::log(T(cnt_neg[r])) - std::log(acc_w[r].sum)) * sa.zn) / sa.z;
                 kl = total - teacher + sa.mean_gap() - weights;
               } else {
                 const T off_mass = row_off == T(0) ? T(0) : row_off * (T(1) - p_pos);

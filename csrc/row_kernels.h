@@ -212,56 +212,43 @@ void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, const T* u, int64_t n_) 
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
   const V ninf = V{} + neg_inf<T>();
-  T m = neg_inf<T>();
+  T m = neg_inf<T>(), um = acc.um;
   bool any_nan = false;
   for (int32_t c = 0; c < n; ++c) {
     m = tx[c] > m ? tx[c] : m;
     any_nan |= tx[c] != tx[c] || (tx[c] > neg_inf<T>() && x[c] != x[c]);
+    if (u != nullptr) um = u[c] > um ? u[c] : um;
   }
   if (any_nan) acc.nan = true;
   if (acc.nan || m == neg_inf<T>()) return;
   const T new_max = m > acc.max ? m : acc.max;
-  V z = {}, a = {};
+  V z = {}, a = {}, b = {}, zn = {};
+  auto add = [&](V t, V xv, V uv) {
+    const V e = exp_shifted(t - new_max);
+    z += e;
+    a += e * (t > ninf ? t - xv : V{});
+    const auto neg = uv > ninf;  // SimANS's negatives (all false without u)
+    b += neg ? e * (uv - um) : V{};
+    zn += neg ? e : V{};
+  };
   int32_t c = 0;
-  for (; c + kW <= n; c += kW) {
-    const V t = load<V, true>(tx + c, kW);
-    const V e = exp_shifted(t - new_max);
-    z += e;
-    a += e * (t > ninf ? t - load<V, true>(x + c, kW) : V{});
-  }
+  for (; c + kW <= n; c += kW)
+    add(load<V, true>(tx + c, kW), load<V, true>(x + c, kW), u != nullptr ? load<V, true>(u + c, kW) : ninf);
   if (c < n) {
-    V t = ninf;
+    V t = ninf, uv = ninf;
     std::memcpy(&t, tx + c, (n - c) * sizeof(T));
-    const V e = exp_shifted(t - new_max);
-    z += e;
-    a += e * (t > ninf ? t - load<V, false>(x + c, n - c) : V{});
+    if (u != nullptr) std::memcpy(&uv, u + c, (n - c) * sizeof(T));
+    add(t, load<V, false>(x + c, n - c), uv);
   }
   const V carried = exp_shifted(V{} + (acc.max - new_max));
   acc.z = acc.z * carried[0] + horizontal_sum(z);
   acc.a = acc.a * carried[0] + horizontal_sum(a);
-  if (u != nullptr) {
-    T um = acc.um;
-    for (int32_t j = 0; j < n; ++j) um = u[j] > um ? u[j] : um;
-    if (um > neg_inf<T>()) {
-      // rescale to the new maxima (teacher's and u's), then add this tile's negatives
-      const T shift = acc.um == neg_inf<T>() ? T(0) : um - acc.um;
-      acc.b = (acc.b - shift * acc.zn) * carried[0];
-      acc.zn = acc.zn * carried[0];
-      T b = T(0), zn = T(0);
-      for (int32_t j = 0; j < n; ++j) {
-        if (u[j] == neg_inf<T>()) continue;
-        const T e = std::exp(tx[j] - new_max);
-        b += e * (u[j] - um);
-        zn += e;
-      }
-      acc.b += b;
-      acc.zn += zn;
-      acc.um = um;
-    } else {
-      acc.b *= carried[0];
-      acc.zn *= carried[0];
-    }
-  }
+  // b is relative to u's running maximum: shift the earlier tiles' part to the new one (zn = 0 until
+  // the first negative, so the shift only matters once both are finite)
+  const T shift = acc.um == neg_inf<T>() ? T(0) : um - acc.um;
+  acc.b = (acc.b - shift * acc.zn) * carried[0] + horizontal_sum(b);
+  acc.zn = acc.zn * carried[0] + horizontal_sum(zn);
+  acc.um = um;
   acc.max = new_max;
 }
 
