@@ -332,9 +332,14 @@ class SweepConfig:
 
 
 def selected_implementations(cfg: SweepConfig) -> dict[str, tuple[LossFn, tuple[str, ...]]]:
-    """The implementations the sweep runs (``cfg.impls``, if given, filters them; the floor always runs)."""
+    """The implementations the sweep runs: ``cfg.impls``, if given, names them (the floor always runs);
+    a name not available here is a ``ValueError``."""
     impls = implementations(torch.device(cfg.device), cfg.chunk)
     if cfg.impls:
+        unknown = [name for name in cfg.impls if name not in impls and name != "floor"]
+        if unknown:
+            raise ValueError(f"--impls: unknown {', '.join(unknown)} (available here: {', '.join(impls)}; "
+                             "the floor always runs)")
         impls = {k: v for k, v in impls.items() if k in cfg.impls}
     return impls
 

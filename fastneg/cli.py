@@ -31,13 +31,15 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
-def _progress_bar(total: int):  # noqa: ANN202
+def progress_bar(total: int, unit: str = "run"):  # noqa: ANN201
+    """``(step(label), close())`` for a progress bar of ``total`` steps: tqdm when it is installed,
+    else one ``[n/total] label`` line per step on stderr."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
     if tqdm is not None:
-        bar = tqdm(total=total, unit="run", dynamic_ncols=True)
+        bar = tqdm(total=total, unit=unit, dynamic_ncols=True)
 
         def step(label: str) -> None:
             bar.set_description(label)
@@ -55,8 +57,11 @@ class UsageError(Exception):
     """A bad command-line argument or a missing optional package: one line on stderr, exit status 2."""
 
 
-def _check_bench_args(args: argparse.Namespace, torch: object) -> None:
-    """Everything that can be checked before the sweep starts (so that no run is lost to it)."""
+def _checked_bench_device(args: argparse.Namespace) -> str:
+    """Checks everything about the arguments that can be checked before the sweep starts (so that no
+    run is lost to it); returns the device."""
+    import torch
+
     for flag, values in (("--sizes", args.sizes), ("--dims", args.dims)):
         for v in values or []:
             if v < 1:
@@ -82,28 +87,23 @@ def _check_bench_args(args: argparse.Namespace, torch: object) -> None:
         except ImportError as exc:
             raise UsageError("the plots need matplotlib: pip install matplotlib (the 'bench' extra: "
                              "pip install --no-build-isolation '.[bench]' from a clone), or pass --no-plots") from exc
-    args.device = device
+    return device
 
 
 def bench(args: argparse.Namespace) -> int:
-    import torch
-
     from . import benchmark
 
-    _check_bench_args(args, torch)
+    device = _checked_bench_device(args)
     preset = QUICK if args.quick else FULL
     cfg = benchmark.SweepConfig(
         sizes=args.sizes or preset["sizes"], dims=args.dims or preset["dims"], dtypes=args.dtypes or preset["dtypes"],
-        rules=args.rules or preset["rules"], device=args.device, rounds=args.rounds or preset["rounds"],
+        rules=args.rules or preset["rules"], device=device, rounds=args.rounds or preset["rounds"],
         memory_budget_gib=args.memory_budget if args.memory_budget > 0 else None, chunk=args.chunk, impls=args.impls)
-    if args.impls:
-        known = benchmark.implementations(torch.device(args.device), cfg.chunk)
-        unknown = [name for name in args.impls if name not in known and name != "floor"]
-        if unknown:
-            raise UsageError(f"--impls: unknown {', '.join(unknown)} (available here: {', '.join(known)}; "
-                             "the floor always runs)")
-    impls = benchmark.selected_implementations(cfg)
-    step, close = _progress_bar(benchmark.planned_runs(cfg, impls))
+    try:
+        impls = benchmark.selected_implementations(cfg)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    step, close = progress_bar(benchmark.planned_runs(cfg, impls))
     try:
         rows = benchmark.sweep(cfg, progress=step, impls=impls)
     finally:

@@ -81,21 +81,6 @@ def require(module: str, what: str, extra: str) -> None:
                          f"(pip install --no-build-isolation '.[{extra}]' from a clone)") from exc
 
 
-def _progress(iterable: Any, total: int, enabled: bool) -> Any:
-    """A tqdm bar when tqdm is installed, else one line per batch on stderr."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        def plain() -> Iterator[Any]:
-            for n, item in enumerate(iterable, 1):
-                yield item
-                print(f"fastneg mine: batch {n}/{total}", file=sys.stderr, flush=True)
-        return plain()
-    return tqdm(iterable, total=total, desc="fastneg mine", unit="batch")
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -224,8 +209,10 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     c_all = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
     p_all = torch.from_numpy(positives.astype(np.int64))
-    batches = range(0, q_all.shape[0], args.batch_size)
-    starts = _progress(batches, len(batches), not args.no_progress)
+    from .cli import progress_bar
+
+    starts = range(0, q_all.shape[0], args.batch_size)
+    advance, close = progress_bar(len(starts), unit="batch") if not args.no_progress else (None, lambda: None)
     short = 0
     with atomic_output(args.out) as tmp:
         writer = _RowWriter(tmp, fmt)
@@ -246,7 +233,10 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
                     "negatives": [row[ok].tolist() for row, ok in zip(mined.indices, found)],
                     "scores": [row[ok].tolist() for row, ok in zip(mined.scores, found)],
                 })
+                if advance is not None:
+                    advance(f"fastneg mine: rows {start}-{start + mined.indices.shape[0] - 1}")
         finally:
+            close()
             writer.close()
     note = (f"; {short} got fewer than {args.num_negatives} (the rules or the index's candidate pool left fewer"
             f"{': try --index exact' if args.index != 'exact' else ''})") if short else ""
