@@ -22,6 +22,7 @@ demand: ``make test-long``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastneg  # noqa: E402
+from helpers import TRITON_DEVICE  # noqa: E402
 from oracle import Case, Out, evaluate  # noqa: E402
 
 
@@ -130,64 +132,61 @@ def cases(draw: Any, symmetric_ok: bool = True, max_b: int = 10, max_n: int = 30
     return c
 
 
-def kwargs_of(c: Case, dtype: torch.dtype, noncontiguous: bool = False) -> dict:
-    """The same problem as fastneg's keyword arguments, tensors in ``dtype``."""
-    def emb(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(dtype)
-        if noncontiguous:  # a strided view of a wider buffer
-            wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=dtype)
-            wide[:, ::2] = x
-            x = wide[:, ::2]
-        return x
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view: every other column of a wider buffer."""
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=x.device)
+    wide[:, ::2] = x
+    return wide[:, ::2]
 
-    kw: dict[str, Any] = dict(positives=c.positives, reduction="none", return_stats=True, symmetric=c.symmetric)
-    kw["temperature"] = (torch.tensor(c.temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                                      requires_grad=c.learn_temperature))
-    for name in ("key_labels", "query_labels", "margin", "relative_margin", "max_score", "negatives", "debias"):
+
+WEIGHTINGS = {"simans": lambda a, b: fastneg.SimANS(a, b), "hardness": fastneg.Hardness,
+              "guide_hardness": lambda s: fastneg.Hardness(s, on="guide"), "hcl": fastneg.HCL, "gcse": fastneg.GCSE}
+
+
+def kwargs_of(c: Case, dtype: torch.dtype, device: str, noncontiguous: bool = False) -> dict:
+    """The same problem as fastneg's keyword arguments, tensors in ``dtype`` on ``device``."""
+    def emb(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device, dtype)
+        return strided(x) if noncontiguous else x
+
+    kw: dict[str, Any] = dict(positives=c.positives.to(device), reduction="none", return_stats=True,
+                              symmetric=c.symmetric)
+    kw["temperature"] = torch.tensor(c.temperature, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                     device=device, requires_grad=c.learn_temperature)
+    for name in ("key_labels", "query_labels", "negatives"):
+        if getattr(c, name) is not None:
+            kw[name] = getattr(c, name).to(device)
+    for name in ("margin", "relative_margin", "max_score", "debias"):
         if getattr(c, name) is not None:
             kw[name] = getattr(c, name)
     if c.guide_query is not None:
         kw["guide_query"], kw["guide_keys"] = emb(c.guide_query), emb(c.guide_keys)
         kw["guide_margin"] = c.guide_margin
         kw["guide_strategy"] = "relative" if c.guide_relative else "absolute"
-    kind = c.weighting[0]
-    kw["weighting"] = {"none": None,
-                       "simans": lambda: fastneg.SimANS(c.weighting[1], c.weighting[2]),
-                       "hardness": lambda: fastneg.Hardness(c.weighting[1]),
-                       "guide_hardness": lambda: fastneg.Hardness(c.weighting[1], on="guide"),
-                       "hcl": lambda: fastneg.HCL(c.weighting[1]),
-                       "gcse": lambda: fastneg.GCSE(c.weighting[1])}[kind]
-    if callable(kw["weighting"]):
-        kw["weighting"] = kw["weighting"]()
+    kind, *params = c.weighting
+    kw["weighting"] = None if kind == "none" else WEIGHTINGS[kind](*params)
     if c.soft is not None:
         kw["soft_labels"] = fastneg.SoftLabels(temperature=c.soft[0], weight=c.soft[1])
     return kw
 
 
 def fastneg_out(c: Case, dtype: torch.dtype, backend: str, noncontiguous: bool = False) -> Out:
-    q = c.query.to(dtype).detach().requires_grad_()
-    k = c.keys.to(dtype).detach().requires_grad_()
-    kw = kwargs_of(c, dtype, noncontiguous)
-    if noncontiguous:
-        qw = torch.zeros(q.shape[0], 2 * q.shape[1], dtype=dtype)
-        qw[:, ::2] = q.detach()
-        q = qw.requires_grad_()
-        qin = q[:, ::2]
-        kin = k.T.contiguous().T  # column-major keys
-    else:
-        qin, kin = q, k
+    """fastneg's loss, stats and gradients on the case (Triton on its device), back on the CPU."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    kw = kwargs_of(c, dtype, device, noncontiguous)
+    q = c.query.to(device, dtype).detach().requires_grad_()
+    k = c.keys.to(device, dtype).detach().requires_grad_()
+    # non-contiguous: a strided query and column-major keys
+    qin, kin = (strided(q), k.T.contiguous().T) if noncontiguous else (q, k)
     t = kw["temperature"]
     loss, stats = fastneg.info_nce(qin, kin, backend=backend, **kw)
-    (loss * c.row_weights.to(loss.dtype)).sum().backward()
-    dq = q.grad[:, ::2] if noncontiguous else q.grad
-    return Out(loss.detach(), stats.logsumexp, stats.positive_logit, stats.num_masked, stats.num_negatives,
-               dq, k.grad, t.grad if c.learn_temperature else None)
+    (loss * c.row_weights.to(device, loss.dtype)).sum().backward()
+    return Out(*(v.detach().cpu() for v in (loss, *stats)), q.grad.cpu(), k.grad.cpu(),
+               t.grad.cpu() if c.learn_temperature else None)
 
 
 def rounded(c: Case, dtype: torch.dtype) -> Case:
     """The case with its embeddings rounded to ``dtype`` (held in float64)."""
-    import dataclasses
-
     def r(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.to(dtype).double()
     return dataclasses.replace(c, query=r(c.query), keys=r(c.keys), guide_query=r(c.guide_query), guide_keys=r(c.guide_keys))
@@ -330,14 +329,11 @@ def test_reference_matches_oracle(c: Case, dtype: torch.dtype) -> None:
     assert_matches(fastneg_out(c, dtype, "reference"), c, dtype)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or the Triton interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d).split(".")[-1])
 @given(c=cases(max_b=6, max_n=12))
 @settings(max_examples=examples(40))
 def test_triton_matches_oracle(c: Case, dtype: torch.dtype) -> None:
     """Under the interpreter (slow): fewer, smaller problems."""
-    pytest.importorskip("triton")
     assume(not near_tie(rounded(c, dtype), dtype))
     got = fastneg_out(c, dtype, "triton")
     assert_matches(got, c, dtype, "triton")
@@ -352,7 +348,6 @@ def test_batch_permutation(c: Case) -> None:
     any difference is rounding, never a changed decision)."""
     assume(not near_tie(c, torch.float64))
     perm = torch.randperm(c.query.shape[0], generator=torch.Generator().manual_seed(1))
-    import dataclasses
     pc = dataclasses.replace(
         c, query=c.query[perm], positives=c.positives[perm], row_weights=c.row_weights[perm],
         query_labels=None if c.query_labels is None else c.query_labels[perm],
@@ -390,14 +385,11 @@ def test_fully_masked_rows_are_exactly_zero(c: Case) -> None:
             assert float(out.dt) == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or the Triton interpreter")
 @given(c=cases(max_b=6, max_n=12))
 @settings(max_examples=examples(20))
 def test_cpu_and_triton_agree(c: Case) -> None:
     """The two fused backends on the same float32 problem: the same mask decisions (counts) and
     losses within float32 rounding of the terms."""
-    pytest.importorskip("triton")
     assume(not near_tie(rounded(c, torch.float32), torch.float32))
     a, b = fastneg_out(c, torch.float32, "cpu"), fastneg_out(c, torch.float32, "triton")
     assert torch.equal(a.num_masked.cpu(), b.num_masked.cpu()) and torch.equal(a.num_negatives.cpu(), b.num_negatives.cpu())

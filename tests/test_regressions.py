@@ -4,16 +4,14 @@ defect, each with the smallest input that showed it and a value derived by hand)
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import fastneg
+from helpers import TRITON_DEVICE
 
-TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["cpu", "reference"] + (["triton"] if TRITON else [])
+BACKENDS = ["cpu", "reference", "triton"]
 
 
 def _device(backend: str) -> str:
@@ -140,7 +138,6 @@ def test_exact_duplicates_are_masked_exactly_by_label() -> None:
         assert torch.equal(stats.num_masked, expected)
 
 
-@pytest.mark.skipif(not TRITON, reason="needs CUDA or the Triton interpreter")
 def test_triton_sampler_refuses_float64_up_front() -> None:
     q, k = _unit(4, 8, seed=15, dtype=torch.float64), _unit(9, 8, seed=16, dtype=torch.float64)
     if torch.cuda.is_available():
@@ -174,7 +171,7 @@ def test_hcl_gradient_precision_is_within_the_documented_bound() -> None:
     assert math.isfinite(fused)
 
 
-@pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if TRITON else []))
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_soft_labels_with_peaked_simans_weights(backend: str) -> None:
     """SimANS at a = 3000 gives log-weights of -1e3 and a row offset of +1e3: the KL once summed
     p_j (t'_j - l_j - u_j) and subtracted offset (1 - p+), two large terms whose difference is the
