@@ -11,10 +11,11 @@ from __future__ import annotations
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["peak_memory"]
+__all__ = ["MatmulWork", "count_matmul_work", "peak_memory"]
 
 
 def _status_kib(field: str) -> int:
@@ -61,3 +62,79 @@ def peak_memory(device: torch.device | str = "cpu") -> Iterator[PeakMemory]:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     yield result
     result.mib = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+class MatmulWork:
+    """Filled in when the ``count_matmul_work`` block exits: multiply-adds of matrix products.
+
+    ``by_site`` maps (kernel, site, reduction width) to multiply-adds of the ``tl.dot`` calls the
+    Triton interpreter executed there; ``site`` is ``"positives"`` for the gathered tiles of the
+    positives' scores and ``"tiles"`` for every other product; the width is the ``D`` argument of
+    the score-tile helper (so a guide's products, of width DG, are told apart), or the kernel's
+    product width elsewhere. ``aten`` counts the aten matrix products (``FlopCounterMode``)."""
+
+    def __init__(self) -> None:
+        self.by_site: dict[tuple[str, str, int], int] = {}
+        self.aten: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_site.values()) + self.aten
+
+    def sum(self, *, site: Optional[str] = None, width: Optional[int] = None) -> int:
+        return sum(v for (_, s, w), v in self.by_site.items()
+                   if (site is None or s == site) and (width is None or w == width))
+
+
+_KERNEL_PREFIXES = ("_info_nce", "_panel", "_sample")
+
+
+def _dot_site(frame: Any) -> tuple[str, str, int]:
+    kernel, site, width = "?", "tiles", -1
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name == "tl_positive_scores":
+            site = "positives"
+        if name == "tl_tile_scores" and width < 0:
+            width = int(frame.f_locals.get("D", -1))
+        if name.startswith(_KERNEL_PREFIXES):
+            kernel = name
+            if width < 0:
+                width = int(frame.f_locals.get("D", -1))
+            break
+        frame = frame.f_back
+    return kernel, site, width
+
+
+@contextmanager
+def count_matmul_work() -> Iterator[MatmulWork]:
+    """Count the multiply-adds of every matrix product run in the block: each ``tl.dot`` the
+    Triton interpreter executes (``TRITON_INTERPRET=1``, tensors on the CPU) at its tile's full
+    shape (padding included), and each aten product (``torch.utils.flop_counter``). This is how
+    the cost of the Triton design is a number without a GPU (tests/test_product_count.py,
+    benchmarks/count_products.py)."""
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+    from triton.runtime import interpreter
+
+    work = MatmulWork()
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def counted(self: Any, a: Any, b: Any, d: Any, *args: Any) -> Any:
+        m, k = a.data.shape[-2:]
+        n = b.data.shape[-1]
+        batch = 1
+        for size in a.data.shape[:-2]:
+            batch *= size
+        key = _dot_site(sys._getframe(1))
+        work.by_site[key] = work.by_site.get(key, 0) + batch * m * k * n
+        return original(self, a, b, d, *args)
+
+    interpreter.InterpreterBuilder.create_dot = counted
+    try:
+        with FlopCounterMode(display=False) as flops:
+            yield work
+        work.aten = flops.get_total_flops() // 2
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original

@@ -493,80 +493,89 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
 
 
 @triton.jit
-def _info_nce_bwd_dq_kernel(
+def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dq_ptr, rowsum_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dq, weight_a, weight_b, soft_inv, soft_weight,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
-    SOFT: tl.constexpr, PRECISION: tl.constexpr, WRITE_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, ds_ptr, part_ptr,
+    row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, weight_a, weight_b, soft_inv,
+    soft_weight, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
-    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_valid = rows < B
+    """One (row block, key block) tile of the panel of rows [row0, row0 + R): recomputes the
+    score tile once (one product over D), writes dS (in the inputs' dtype) to the panel and the
+    tile's per-row sum of tau to ``part[key block, row]``."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    row_valid = (local < R) & (rows < B)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
      hcl_mass, hcl_shift, teacher) = _load_row_state(
         rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
         inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT)
-    dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_valid = cols < N
-        ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                                positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                                hcl_mass, hcl_shift, teacher,
-                                owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
-                                inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
-                                stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
-                                BLOCK_M, BLOCK_N, BLOCK_D)
-        rowsum += tl.sum(tau, axis=1)
-        if WRITE_DQ:
-            k = tl.load(k_ptr + cols[:, None] * stride_k + d_out[None, :],
-                        mask=col_valid[:, None] & (d_out[None, :] < D), other=0.0)
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    if WRITE_DQ:
-        tl.store(dq_ptr + rows[:, None] * stride_dq + d_out[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & (d_out[None, :] < D))
-    if tl.program_id(1) == 0:
-        tl.store(rowsum_ptr + rows, rowsum, mask=row_valid)
+    ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+                            positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+                            hcl_mass, hcl_shift, teacher,
+                            owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
+                            inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
+                            stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
+                            BLOCK_M, BLOCK_N, BLOCK_D)
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * R + local, tl.sum(tau, axis=1), mask=row_valid)
+    if STORE_DS:
+        tl.store(ds_ptr + local[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & col_valid[None, :])
 
 
 @triton.jit
-def _info_nce_bwd_dk_kernel(
-    grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, dk_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_dk, weight_a, weight_b, soft_inv, soft_weight,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr,
-    SOFT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _panel_dq_kernel(
+    ds_ptr, k_ptr, dq_ptr, row0, R, B, N, D, stride_ds, stride_k, stride_dq,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    """dq[row0 + r] = dS_panel[r] @ k: the panel's rows of dq, complete (a panel holds every key)."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = (local < R) & (row0 + local < B)
+    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_valid = d_out < D
+    dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_valid = cols < N
+        ds = tl.load(ds_ptr + local[:, None] * stride_ds + cols[None, :],
+                     mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+        k = tl.load(k_ptr + cols[:, None] * stride_k + d_out[None, :], mask=col_valid[:, None] & d_valid[None, :],
+                    other=0.0)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    tl.store(dq_ptr + (row0 + local)[:, None] * stride_dq + d_out[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _panel_dk_kernel(
+    ds_ptr, q_ptr, acc_ptr, out_ptr, row0, R, B, N, D, stride_ds, stride_q, stride_acc, stride_out,
+    LOAD_ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DO: tl.constexpr,
 ):
+    """out = acc + dS_panel^T @ q[panel rows]: dk summed panel by panel, in panel order, in
+    float32 (``acc``; the first panel starts from 0), cast to dk's dtype on the last panel."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     col_valid = cols < N
-    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_valid = d_out < D
     dk = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_valid = rows < B
-        (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-         hcl_mass, hcl_shift, teacher) = _load_row_state(
-            rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-            inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT)
-        ds, _ = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                              hcl_mass, hcl_shift, teacher,
-                              owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
-                              inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
-                              stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
-        q = tl.load(q_ptr + rows[:, None] * stride_q + d_out[None, :],
-                    mask=row_valid[:, None] & (d_out[None, :] < D), other=0.0)
+    if LOAD_ACC:
+        dk = tl.load(acc_ptr + cols[:, None] * stride_acc + d_out[None, :],
+                     mask=col_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+    for m0 in range(0, R, BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_valid = (local < R) & (row0 + local < B)
+        ds = tl.load(ds_ptr + local[:, None] * stride_ds + cols[None, :],
+                     mask=row_valid[:, None] & col_valid[None, :], other=0.0)
+        q = tl.load(q_ptr + (row0 + local)[:, None] * stride_q + d_out[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
-    tl.store(dk_ptr + cols[:, None] * stride_dk + d_out[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=col_valid[:, None] & (d_out[None, :] < D))
+    tl.store(out_ptr + cols[:, None] * stride_out + d_out[None, :], dk.to(out_ptr.dtype.element_ty),
+             mask=col_valid[:, None] & d_valid[None, :])
 
 
 # --- negative sampling (SPEC section 5) ------------------------------------------------------------

@@ -13,11 +13,12 @@ from torch.library import triton_op, wrap_triton
 
 from . import ops
 from .triton_kernels import (
-    _info_nce_bwd_dk_kernel,
-    _info_nce_bwd_dq_kernel,
+    _info_nce_bwd_ds_kernel,
     _info_nce_columns_kernel,
     _info_nce_fwd_kernel,
     _info_nce_row_state_kernel,
+    _panel_dk_kernel,
+    _panel_dq_kernel,
     _sample_negatives_kernel,
 )
 
@@ -33,13 +34,15 @@ def _tuned(kernel, restore_value: Optional[list[str]] = None):  # noqa: ANN001, 
     if INTERPRET:
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs=configs, key=["D", "DG", "SYMMETRIC"], restore_value=restore_value)(kernel)
+    key = [name for name in ("D", "DG", "SYMMETRIC") if name in kernel.arg_names]
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
 
 
 _COLUMN_PARTIALS = ["cmax_ptr", "csum_ptr", "cwmax_ptr", "cwsum_ptr", "cneg_ptr"]
 _fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS)
-_bwd_dq_kernel = _tuned(_info_nce_bwd_dq_kernel)
-_bwd_dk_kernel = _tuned(_info_nce_bwd_dk_kernel)
+_bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel)
+_dq_kernel = _tuned(_panel_dq_kernel)
+_dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"])  # reads and writes the float32 sum of earlier panels
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,55 @@ class BlockConfig:
     block_do: int
 
 
-def block_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
-    if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
-        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
+def cuda_block_config(D: int, dtype: torch.dtype, major: int) -> BlockConfig:
+    """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
+    the product count in the tests use, the latter under the interpreter)."""
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = 64 if wide else 32
     block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
-    major, _ = torch.cuda.get_device_capability(device)
     return BlockConfig(128 if major >= 9 else 64, 64, block_d, block_do)
+
+
+def block_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+    if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
+        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
+    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0])
+
+
+#: Bytes of the backward's dS panel (plus its [key blocks, rows] partial sums) on a GPU; the
+#: environment variable ``FASTNEG_TRITON_WORKSPACE_MB`` overrides it. A panel holds at least one
+#: row block (BLOCK_M x N), so the bound is max(this, BLOCK_M x N x element size): it does not
+#: grow with B.
+DEFAULT_WORKSPACE_BYTES = 512 << 20
+
+
+def workspace_bytes() -> int:
+    value = os.environ.get("FASTNEG_TRITON_WORKSPACE_MB")
+    if value is not None:
+        try:
+            return max(0, int(float(value) * (1 << 20)))
+        except ValueError:
+            raise ValueError(f"FASTNEG_TRITON_WORKSPACE_MB must be a number of MiB, got {value!r}") from None
+    return DEFAULT_WORKSPACE_BYTES
+
+
+def panel_rows(B: int, N: int, element_size: int, cfg: BlockConfig, budget: Optional[int] = None,
+               interpret: bool = INTERPRET) -> int:
+    """Rows of one backward panel: a multiple of the row block (so the panel's tiles are the
+    forward's tiles), as many as the workspace budget holds, at least one block, at most B
+    rounded up. Under the interpreter without an explicit budget: two row blocks, so that
+    small tests cross panel boundaries."""
+    whole = triton.cdiv(max(B, 1), cfg.block_m) * cfg.block_m
+    if budget is None and interpret and "FASTNEG_TRITON_WORKSPACE_MB" not in os.environ:
+        return min(whole, 2 * cfg.block_m)
+    budget = workspace_bytes() if budget is None else budget
+    per_row = _panel_stride(N) * element_size + triton.cdiv(N, cfg.block_n) * 4
+    rows = budget // per_row // cfg.block_m * cfg.block_m
+    return min(whole, max(cfg.block_m, rows))
+
+
+def _panel_stride(N: int) -> int:
+    return triton.cdiv(max(N, 1), 16) * 16  # 16-element aligned rows of the dS panel
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -202,17 +246,42 @@ def info_nce_bwd_triton(
                  positive_coef.float().contiguous())
     flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
                  SOFT=soft_temperature is not None, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
-                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do)
+                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
-    rowsum = torch.empty(B, dtype=torch.float32, device=q.device)
-    d_blocks = triton.cdiv(D, cfg.block_do) if query_grad else 1
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(B, cfg.block_m), d_blocks)](
-        *common_in, dq if query_grad else q, rowsum, B, N, D, DG, *p.strides,
-        dq.stride(0) if query_grad else 0, weight_a, weight_b, *soft, WRITE_DQ=query_grad, **flags)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
-    if keys_grad:
-        wrap_triton(_bwd_dk_kernel)[(triton.cdiv(N, cfg.block_n), triton.cdiv(D, cfg.block_do))](
-            *common_in, dk, B, N, D, DG, *p.strides, dk.stride(0), weight_a, weight_b, *soft, **flags)
+    store = query_grad or keys_grad
+    R = panel_rows(B, N, q.element_size(), cfg)
+    col_blocks = triton.cdiv(N, cfg.block_n)
+    # the panel: dS of R rows x N keys, in the inputs' dtype (what the products read)
+    panel = q.new_empty(R, _panel_stride(N)) if store else q.new_empty(1)
+    part = torch.empty(max(col_blocks, 1), R, dtype=torch.float32, device=q.device)
+    starts = list(range(0, B, R))
+    acc = dk  # float32 inputs: dk itself holds the running sum over panels
+    if keys_grad and dk.dtype != torch.float32 and len(starts) > 1:
+        acc = torch.empty(N, D, dtype=torch.float32, device=q.device)
+    sums = []
+    mm = dict(PRECISION=flags["PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DO=cfg.block_do)
+    d_blocks = triton.cdiv(D, cfg.block_do)
+    for i, row0 in enumerate(starts):
+        r = min(R, B - row0)
+        if col_blocks == 0:
+            sums.append(torch.zeros(r, dtype=torch.float32, device=q.device))
+        else:
+            wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), col_blocks)](
+                *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), weight_a, weight_b,
+                *soft, STORE_DS=store, **flags)
+            sums.append(part.view(-1)[:col_blocks * r].view(col_blocks, r).sum(0))  # written [key blocks, r]
+        if query_grad and D > 0:
+            wrap_triton(_dq_kernel)[(triton.cdiv(r, cfg.block_m), d_blocks)](
+                panel, k, dq, row0, r, B, N, D, panel.stride(0), k.stride(0), dq.stride(0), **mm)
+        if keys_grad and N > 0 and D > 0:
+            out = dk if i == len(starts) - 1 else acc
+            wrap_triton(_dk_kernel)[(col_blocks, d_blocks)](
+                panel, q, acc, out, row0, r, B, N, D, panel.stride(0), q.stride(0), acc.stride(0), out.stride(0),
+                LOAD_ACC=i > 0, **mm)
+    if keys_grad and not starts:
+        dk.zero_()
+    rowsum = torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float32, device=q.device)
     return dq, dk, rowsum
 
 
