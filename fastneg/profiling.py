@@ -138,3 +138,32 @@ def count_matmul_work() -> Iterator[MatmulWork]:
         work.aten = flops.get_total_flops() // 2
     finally:
         interpreter.InterpreterBuilder.create_dot = original
+
+
+def triton_products(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, *, major: int = 9,
+                    seed: int = 0, **options: Any) -> MatmulWork:
+    """The matrix-product work of one forward+backward of ``info_nce(..., backend="triton")``
+    (gradients to query, keys and a tensor temperature, a float one with ``debias``) with the tile shape of a
+    compute-capability ``major`` GPU, counted under the Triton interpreter (``TRITON_INTERPRET=1``
+    must be set before fastneg is imported). ``options`` go to ``info_nce``; a guide is made
+    when ``guide_width`` is given (an int: its D)."""
+    import fastneg
+
+    from . import triton_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1).to(dtype).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(N, D, generator=gen), dim=1).to(dtype).requires_grad_()
+    # a learned temperature, but with debias (which refuses one)
+    temperature = 0.05 if options.get("debias") is not None else torch.tensor(0.05, requires_grad=True)
+    guide_width = options.pop("guide_width", None)
+    if guide_width is not None:
+        options["guide_query"] = torch.randn(B, guide_width, generator=gen).to(dtype)
+        options["guide_keys"] = torch.randn(N, guide_width, generator=gen).to(dtype)
+    if options.get("query_labels") == "random":
+        options["query_labels"] = torch.randint(0, max(2, B // 8), (B,), generator=gen)
+        options["key_labels"] = torch.randint(0, max(2, B // 8), (N,), generator=gen)
+    with triton_ops.cuda_tiles(major), count_matmul_work() as work:
+        loss = fastneg.info_nce(q, k, torch.arange(B), temperature=temperature, backend="triton", **options)
+        loss.backward()
+    return work

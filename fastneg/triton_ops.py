@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,15 +62,32 @@ def cuda_block_config(D: int, dtype: torch.dtype, major: int) -> BlockConfig:
     """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
     the product count in the tests use, the latter under the interpreter)."""
     wide = dtype in (torch.float16, torch.bfloat16)
-    block_d = 64 if wide else 32
+    block_d = max(16, min(64 if wide else 32, triton.next_power_of_2(D)))  # no padded products at small D
     block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
     return BlockConfig(128 if major >= 9 else 64, 64, block_d, block_do)
 
 
+_FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
+
+
 def block_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+    if _FORCED_MAJOR is not None:
+        return cuda_block_config(D, dtype, _FORCED_MAJOR)
     if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
         return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
     return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0])
+
+
+@contextmanager
+def cuda_tiles(major: int = 9) -> Iterator[None]:
+    """Within the block every launch uses the tile shape of a compute-capability ``major`` GPU,
+    also under the interpreter (how the tests count the work of the GPU's tile shape)."""
+    global _FORCED_MAJOR
+    previous, _FORCED_MAJOR = _FORCED_MAJOR, major
+    try:
+        yield
+    finally:
+        _FORCED_MAJOR = previous
 
 
 #: Bytes of the backward's dS panel (plus its [key blocks, rows] partial sums) on a GPU; the
