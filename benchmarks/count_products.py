@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import fastneg  # noqa: E402
+from fastneg.benchmark import device_name  # noqa: E402
 from fastneg.profiling import triton_products  # noqa: E402
 
 GUIDE_WIDTH = 192  # not one of the D below, so the guide's products are told apart by width
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     lines = [f"# Matrix products per forward+backward of the Triton op ({datetime.date.today()})", "",
-             f"`python benchmarks/count_products.py` on {platform.processor() or platform.machine()}, "
+             f"`python benchmarks/count_products.py` on {device_name(torch.device('cpu'))}, "
              f"torch {torch.__version__}, triton {triton.__version__} interpreter; B = {args.rows}, "
              f"N = {args.keys}, tile shape of a compute-capability-9 GPU (`cuda_block_config(D, dtype, 9)`). "
              "Each cell: products excluding the positives' gathered tiles (units of B x N x D); "

@@ -1,7 +1,7 @@
 """Triton kernels of the fused contrastive op (SPEC sections 2-4).
 
-Three kernels share the ``tl_*`` helpers below, so the score tile, the false-negative mask
-and the biased logits are computed by one piece of code with one block configuration:
+The kernels share the ``tl_*`` helpers below, so the score tile, the false-negative mask and
+the biased logits are computed by one piece of code with one block configuration:
 
 - ``_info_nce_fwd_kernel``: each program takes blocks of query rows (one block each, or, for
   the symmetric loss, every G-th block); one pass over key tiles with an online logsumexp (and,
@@ -11,14 +11,27 @@ and the biased logits are computed by one piece of code with one block configura
   of column j, kept in a [G, B] buffer indexed by o (G = programs, a fixed count), and
   ``_info_nce_columns_kernel`` merges the G partials in program order. The thresholds of every
   row come first from ``_info_nce_row_state_kernel``, since column j needs row o's.
-- ``_info_nce_bwd_dq_kernel``: one program per (row block, D block); recomputes the tiles and
-  accumulates ``dq = dS @ k`` and the per-row ``sum_j dS_ij s_ij`` for the temperature gradient.
-- ``_info_nce_bwd_dk_kernel``: one program per (key block, D block); recomputes the same tiles
-  (same orientation, same D chunking, so the same bits) and accumulates ``dk = dS^T @ q``.
+- The backward runs over panels of rows (``R`` rows, a multiple of BLOCK_M, as many as the
+  workspace holds: ``triton_ops.panel_rows``). Per panel, ``_info_nce_bwd_ds_kernel`` (one
+  program per tile) recomputes each score tile once, exactly as the forward saw it (same tile
+  shape, same D chunking, so the same bits and the same mask), and writes ``dS`` in the inputs'
+  dtype to the panel and the tile's per-row ``sum_j dS_ij (s_ij - s_i+)`` (the temperature
+  gradient) to a [key blocks, R] buffer summed after it. ``_panel_dq_kernel`` then computes the
+  panel's rows of ``dq = dS @ k`` (complete: a panel holds every key) and ``_panel_dk_kernel``
+  adds ``dS^T @ q_panel`` to the key gradient (float32 running sum, in panel order).
 
-The backward is two deterministic passes (no atomics); with the symmetric loss each recomputed
-tile gets the column direction's dS added before the products. Offsets are int64 throughout.
-``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp(x_ij + offset_i - lse_i)``.
+Matrix products per forward+backward, in units of B x N x D, for every mode (weightings,
+estimators, soft labels, symmetric; fp32, fp16, bf16) and every D: 4 (q k^T in the forward; the
+backward's recomputation of q k^T, dS k and dS^T q), plus the positives' scores from gathered
+tiles (B x BLOCK_M x D, i.e. BLOCK_M / N of a product), plus, with a guide, 2 products of the
+guide's width (forward and recomputation) and its gathered positives. Counted by
+``tests/test_product_count.py`` and ``benchmarks/count_products.py`` under the interpreter.
+The naive loss does 3 to 4; the floor is 3.
+
+No atomics: every sum has a fixed order, so results are deterministic run to run. With the
+symmetric loss each recomputed tile gets the column direction's dS added before it is stored.
+Offsets are int64 throughout. ``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with
+``P_ij = exp(x_ij + offset_i - lse_i)`` (plus the modes' extra terms, ``tl_score_grad``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .triton_kernels import (
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tuned(kernel, restore_value: Optional[list[str]] = None):  # noqa: ANN001, ANN202
+def _tuned(kernel, restore_value: Optional[list[str]] = None, warps: tuple[int, ...] = (4, 8)):  # noqa: ANN001, ANN202
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
@@ -35,14 +35,16 @@ def _tuned(kernel, restore_value: Optional[list[str]] = None):  # noqa: ANN001, 
     restores between its trial runs."""
     if INTERPRET:
         return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (2, 3, 4)]
     key = [name for name in ("D", "DG", "SYMMETRIC") if name in kernel.arg_names]
     return triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
 
 
 _COLUMN_PARTIALS = ["cmax_ptr", "csum_ptr", "cwmax_ptr", "cwsum_ptr", "cneg_ptr"]
-_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS)
-_bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel)
+# 8 warps for the fused kernels: with 4, the modes with most live tiles spill (compile tier)
+_FUSED_WARPS = (8,)
+_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS, _FUSED_WARPS)
+_bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel, warps=_FUSED_WARPS)
 _dq_kernel = _tuned(_panel_dq_kernel)
 _dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"])  # reads and writes the float32 sum of earlier panels
 
@@ -58,24 +60,29 @@ class BlockConfig:
     block_do: int
 
 
-def cuda_block_config(D: int, dtype: torch.dtype, major: int) -> BlockConfig:
+def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False) -> BlockConfig:
     """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
-    the product count in the tests use, the latter under the interpreter)."""
+    the product count in the tests use, the latter under the interpreter). ``heavy``: the modes
+    that hold more [BLOCK_M, BLOCK_N] tiles live (a guide, soft labels, the symmetric loss's
+    column direction) and float32 take 32 keys per tile on 128-row tiles, so that no variant
+    spills (benchmarks/compile_tier.py)."""
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = max(16, min(64 if wide else 32, triton.next_power_of_2(D)))  # no padded products at small D
     block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
-    return BlockConfig(128 if major >= 9 else 64, 64, block_d, block_do)
+    block_m = 128 if major >= 9 else 64
+    narrow = block_m == 128 and (heavy or not wide)  # float32 tiles hold twice the registers
+    return BlockConfig(block_m, 32 if narrow else 64, block_d, block_do)
 
 
 _FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
 
 
-def block_config(D: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> BlockConfig:
     if _FORCED_MAJOR is not None:
-        return cuda_block_config(D, dtype, _FORCED_MAJOR)
+        return cuda_block_config(D, dtype, _FORCED_MAJOR, heavy)
     if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
         return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
-    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0])
+    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0], heavy)
 
 
 @contextmanager
@@ -163,11 +170,14 @@ class _Problem:
 
     @staticmethod
     def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
-           guide_keys: Optional[torch.Tensor]) -> _Problem:
+           guide_keys: Optional[torch.Tensor], heavy: bool = False) -> _Problem:
+        """``heavy``: symmetric or soft labels (a guide makes it heavy too); the forward and
+        the backward of one call must pass the same value (it decides the tile shape)."""
         q, k = query.contiguous(), keys.contiguous()
         gq, gk = _optional(guide_query, q), _optional(guide_keys, q)
         DG = guide_query.shape[1] if guide_query is not None else 1
-        return _Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, block_config(q.shape[1], q.dtype, q.device))
+        cfg = block_config(q.shape[1], q.dtype, q.device, heavy or guide_query is not None)
+        return _Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, cfg)
 
     @property
     def strides(self) -> tuple[int, int, int, int]:
@@ -205,7 +215,7 @@ def info_nce_fwd_triton(
     debias: Optional[float], soft_temperature: Optional[float], soft_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _Problem.of(query, keys, guide_query, guide_keys)
+    p = _Problem.of(query, keys, guide_query, guide_keys, symmetric or soft_temperature is not None)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss, lse, s_pos, offset, thr, gthr = (torch.empty(B, **f32) for _ in range(6))
@@ -254,7 +264,7 @@ def info_nce_bwd_triton(
     weighting: int, weight_a: float, weight_b: float, symmetric: bool, soft_temperature: Optional[float],
     soft_weight: float, query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _Problem.of(query, keys, guide_query, guide_keys)
+    p = _Problem.of(query, keys, guide_query, guide_keys, symmetric or soft_temperature is not None)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
@@ -279,7 +289,9 @@ def info_nce_bwd_triton(
     if keys_grad and dk.dtype != torch.float32 and len(starts) > 1:
         acc = torch.empty(N, D, dtype=torch.float32, device=q.device)
     sums = []
-    mm = dict(PRECISION=flags["PRECISION"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DO=cfg.block_do)
+    # the two products read dS from memory: their tiles need not be the score tiles'
+    mm = dict(PRECISION=flags["PRECISION"], BLOCK_M=min(cfg.block_m, 64 if q.dtype == torch.float32 else 128),
+              BLOCK_N=64, BLOCK_DO=cfg.block_do)
     d_blocks = triton.cdiv(D, cfg.block_do)
     for i, row0 in enumerate(starts):
         r = min(R, B - row0)
@@ -291,11 +303,11 @@ def info_nce_bwd_triton(
                 *soft, STORE_DS=store, **flags)
             sums.append(part.view(-1)[:col_blocks * r].view(col_blocks, r).sum(0))  # written [key blocks, r]
         if query_grad and D > 0:
-            wrap_triton(_dq_kernel)[(triton.cdiv(r, cfg.block_m), d_blocks)](
+            wrap_triton(_dq_kernel)[(triton.cdiv(r, mm["BLOCK_M"]), d_blocks)](
                 panel, k, dq, row0, r, B, N, D, panel.stride(0), k.stride(0), dq.stride(0), **mm)
         if keys_grad and N > 0 and D > 0:
             out = dk if i == len(starts) - 1 else acc
-            wrap_triton(_dk_kernel)[(col_blocks, d_blocks)](
+            wrap_triton(_dk_kernel)[(triton.cdiv(N, 64), d_blocks)](
                 panel, q, acc, out, row0, r, B, N, D, panel.stride(0), q.stride(0), acc.stride(0), out.stride(0),
                 LOAD_ACC=i > 0, **mm)
     if keys_grad and not starts:
@@ -320,6 +332,12 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def _sampler_tiles(k_pad: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per program, warps) of the sampler on a GPU: the running top-k lives in registers,
+    so fewer rows for a larger k."""
+    return (64 if k_pad <= 32 else 32 if k_pad <= 128 else 16), 8
+
+
 @triton_op("fastneg::sample_negatives_triton", mutates_args={})
 def sample_negatives_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
@@ -333,7 +351,8 @@ def sample_negatives_triton(
     if k_pad > MAX_FUSED_NEGATIVES:
         raise ValueError(f"num_negatives: the fused Triton sampler takes at most {MAX_FUSED_NEGATIVES}, got {num_negatives}")
     # the running top-k lives in registers: fewer rows per program for a larger k
-    block_m = cfg.block_m if q.device.type != "cuda" else (64 if k_pad <= 32 else 32 if k_pad <= 128 else 16)
+    gpu_tiles = q.device.type == "cuda" or _FORCED_MAJOR is not None
+    block_m, warps = _sampler_tiles(k_pad, q.dtype) if gpu_tiles else (cfg.block_m, 4)
     block_n = max(cfg.block_n, k_pad)
     out = torch.empty(B, num_negatives, dtype=torch.int64, device=q.device)
     qlab, klab, levels = _labels(query_labels, key_labels, positives)
@@ -344,7 +363,7 @@ def sample_negatives_triton(
         NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, GUIDE_RELATIVE=guide_relative,
         HAS_MARGIN=margin is not None, HAS_RELATIVE_MARGIN=relative_margin is not None,
         HAS_MAX_SCORE=max_score is not None, STRATEGY=strategy, PRECISION=_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad, num_warps=warps,
     )
     return out
 

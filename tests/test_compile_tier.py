@@ -1,0 +1,39 @@
+"""The compile tier: every Triton kernel variant the host code launches, compiled for sm_90a and
+sm_80 without a GPU (a stand-in driver), with no spills and with tensor-core products
+(benchmarks/compile_tier.py, run in a fresh process: it must not run under the interpreter)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_hopper_and_ampere(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # really compile, whatever an earlier run cached
+    out = tmp_path / "tier"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_tier.py"), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    failures = (out / "failures.txt").read_text() if (out / "failures.txt").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:] + failures
+    with open(out / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    kernels = {"_info_nce_fwd_kernel", "_info_nce_bwd_ds_kernel", "_panel_dq_kernel", "_panel_dk_kernel",
+               "_info_nce_row_state_kernel", "_info_nce_columns_kernel", "_sample_negatives_kernel"}
+    for arch in ("sm_90a", "sm_80"):
+        mine = [r for r in rows if r["arch"] == arch]
+        assert {r["kernel"] for r in mine} == kernels
+        assert all(int(r["local"]) == 0 and int(r["stack"]) == 0 and int(r["spill_instructions"]) == 0 for r in mine)
+        mma = "hgmma" if arch == "sm_90a" else "hmma"
+        sixteen = [r for r in mine if r["dtype"] in ("float16", "bfloat16") and r["kernel"] != "_info_nce_columns_kernel"]
+        assert sixteen and all(int(r[mma]) > 0 for r in sixteen)
+        # every autotune config of the fused forward was compiled
+        assert {r["num_stages"] for r in mine if r["kernel"] == "_info_nce_fwd_kernel"} == {"2", "3", "4"}
+    assert failures == ""
