@@ -14,16 +14,18 @@ tensor-core instructions: HGMMA, the warpgroup MMA, on sm_90a; HMMA on sm_80), b
 
 The variants (``cases()``): each weighting (none, SimANS, Hardness on scores and on the guide,
 HCL, GCSE), each estimator (DCL, soft labels), symmetric, label levels 0/1/2, each margin rule,
-guide absolute and relative, all in bfloat16 at D = 768; six of them, the heaviest included, in
-float16, float32 (IEEE) and float32 with TF32 products; the tile shapes of D = 16, 64 and a
-ragged shape (B = N = D = 100, which Triton specialises differently) in every dtype; the backward
-with several panels (first and later panels); the sampler's three strategies at k = 8 and 256;
-every autotune config of every autotuned kernel.
+guide absolute and relative, all in bfloat16 at D = 768; five of them, the two heaviest
+included, in float16, float32 (IEEE) and float32 with TF32 products; the tile shapes of D = 16,
+64 and a ragged shape (B = N = D = 100, which Triton specialises differently) in every dtype; the
+backward with several panels (first and later panels); the sampler's three strategies at k = 8
+and 256. Every autotune config of every autotuned kernel for the plain loss and the two heaviest
+modes in every dtype, the first config elsewhere (compile time: CI runs this tier).
 
-Checks (exit status 1 when one fails): every variant compiles; no spills (local memory or
-LDL/STL instructions); every kernel with a matrix product uses tensor cores in 16-bit and TF32
-(HGMMA on sm_90a, HMMA on sm_80; the sampler's small row blocks may use HMMA on sm_90a; none are
-expected with IEEE float32); the shared memory of at least one autotune config of each
+Checks (exit status 1 when one fails): every variant compiles; no spills (for every kernel with
+a local-memory instruction, ``ptxas -v`` on its PTX must report 0 bytes of spill stores and
+loads); every kernel with a matrix product uses tensor cores in 16-bit and TF32
+(HGMMA on sm_90a, HMMA on sm_80; on sm_90a the sampler's small row blocks and TF32 products with a
+transposed operand may use HMMA; none are expected with IEEE float32); the shared memory of at least one autotune config of each
 variant fits the target (an autotuner skips configs that do not).
 """
 
@@ -70,29 +72,33 @@ def modes() -> dict[str, dict[str, Any]]:
     }
 
 
-# (mode, dtype, D, B): every mode in bfloat16 at D = 768; six modes (the heaviest among them)
-# in the other dtypes; the tile shapes of small D and a ragged shape in every dtype.
+# (mode, dtype, D, B, every autotune config?). Every autotune config of every kernel for the
+# plain loss and the two modes with most live tiles in every dtype; the first config elsewhere:
+# every other mode in bfloat16, two in every dtype, the tile shapes of small D and a ragged shape.
 DTYPES = ("float16", "bfloat16", "float32", "tf32")
-PER_DTYPE = ("plain", "labels2+relative+max_score", "SimANS", "HCL+DCL", "soft labels+SimANS",
-             "symmetric labels+SimANS+guide")
+HEAVIEST = ("plain", "symmetric labels+SimANS+guide", "soft labels+SimANS")
 
 
-def cases() -> list[tuple[str, str, int, int]]:
-    out = [(mode, "bfloat16", 768, 256) for mode in modes()]
-    out += [(mode, dtype, 768, 256) for dtype in DTYPES if dtype != "bfloat16" for mode in PER_DTYPE]
-    out += [("plain", dtype, D, B) for dtype in DTYPES for D, B in ((16, 256), (64, 256), (100, 100))]
-    out += [("symmetric labels+SimANS+guide", "bfloat16", 64, 256)]
+def cases() -> list[tuple[str, str, int, int, bool]]:
+    out = [(mode, dtype, 768, 256, True) for dtype in DTYPES for mode in HEAVIEST]
+    out += [(mode, "bfloat16", 768, 256, False) for mode in modes() if mode not in HEAVIEST]
+    out += [(mode, dtype, 768, 256, False) for dtype in DTYPES if dtype != "bfloat16"
+            for mode in ("labels2+relative+max_score", "HCL+DCL")]
+    out += [("plain", dtype, D, B, False) for dtype in DTYPES for D, B in ((16, 256), (64, 256), (100, 100))]
     return out
 
 
-SAMPLER_CASES = [(strategy, dtype, k) for strategy in ("top", "simans", "uniform") for dtype in ("float16", "float32")
-                 for k in (8, 256)] + [("top", "bfloat16", 64)]
+SAMPLER_CASES = [(strategy, "float16", 8) for strategy in ("top", "simans", "uniform")] + [
+    (strategy, "float32", 256) for strategy in ("top", "simans", "uniform")] + [("top", "bfloat16", 64)]
+# (kernel, dtype, k) whose spills are reported but not failures: none today.
+KNOWN_SPILLS: set[tuple[str, str, int]] = set()
 
 
 class _Recorder:
     def __init__(self) -> None:
         self.kernels: dict[int, tuple[str, Any, dict[str, Any]]] = {}
         self.case = ""
+        self.every_config = True
 
 
 def _install(arch: int) -> _Recorder:
@@ -143,7 +149,9 @@ def _install(arch: int) -> _Recorder:
         return kernel
 
     def run_every_config(self: Any, *args: Any, **kwargs: Any) -> None:
-        for config in self.configs:
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)  # what the autotuner would try on this call
+        for config in configs if recorder.every_config else configs[:1]:
             self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
     JITFunction.run = run
@@ -162,8 +170,9 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
     os.environ["FASTNEG_TRITON_WORKSPACE_MB"] = "0"  # one row block per backward panel: every panel variant
     errors = []
     table = modes()
-    for mode, dtype_name, D, B in cases():
+    for mode, dtype_name, D, B, every_config in cases():
         recorder.case = f"{mode} | {dtype_name} | D={D} B=N={B}"
+        recorder.every_config = every_config
         options = dict(table[mode])
         dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
         torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
@@ -172,7 +181,7 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
         k = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
         levels = options.pop("labels", 0)
         if levels:
-            shape = (B,) if levels == 1 else (levels, B)
+            shape = (B,) if levels == 1 else (B, levels)
             options["query_labels"] = torch.randint(0, 9, shape, generator=gen)
             options["key_labels"] = torch.randint(0, 9, shape, generator=gen)
         if options.pop("guide", False):
@@ -185,6 +194,7 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
                 loss.backward()
         except Exception as exc:  # noqa: BLE001 - reported, and the tier fails
             errors.append(f"{recorder.case}: {type(exc).__name__}: {exc}")
+    recorder.every_config = True
     for strategy, dtype_name, num in SAMPLER_CASES:
         recorder.case = f"sampler {strategy} k={num} | {dtype_name} | D=768 B=N=512"
         gen = torch.Generator().manual_seed(0)
@@ -214,6 +224,17 @@ def _inspect(arch: int, recorder: _Recorder) -> list[dict[str, Any]]:
             sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True, text=True,
                                   check=True).stdout
             fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+            local_ops = len(re.findall(r"\b(?:LDL|STL)\b", sass))
+            spill_bytes = 0
+            if local_ops or int(fields.get("LOCAL", 0)):
+                # local-memory instructions: register spills, or a local array? ptxas -v counts spills
+                ptx = os.path.join(tmp, f"{index}.ptx")
+                with open(ptx, "w") as f:
+                    f.write(kernel.asm["ptx"])
+                report = subprocess.run([os.path.join(tools, "ptxas"), "-v", "--regAllocOptLevel", "2", "--gpu-name",
+                                         ARCH_NAME[arch], ptx, "-o", os.devnull], capture_output=True, text=True,
+                                        check=True).stderr
+                spill_bytes = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
             case = info.pop("case")
             mode, dtype, shape = (part.strip() for part in case.split("|"))
             rows.append(dict(
@@ -221,7 +242,7 @@ def _inspect(arch: int, recorder: _Recorder) -> list[dict[str, Any]]:
                 num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
                 registers=int(fields.get("REG", -1)), local=int(fields.get("LOCAL", -1)),
                 stack=int(fields.get("STACK", -1)), shared=int(kernel.metadata.shared),
-                spill_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+                spill_instructions=local_ops, spill_bytes=spill_bytes,
                 hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
                 ffma=len(re.findall(r"\bFFMA\b", sass)),
                 constexprs=";".join(f"{k}={v}" for k, v in sorted(info.items())),
@@ -236,14 +257,18 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         arch = 90 if r["arch"] == "sm_90a" else 80
         where = f'{r["arch"]} {r["kernel"]} [{r["mode"]} | {r["dtype"]} | {r["shape"]}] w{r["num_warps"]}s{r["num_stages"]}'
-        if r["local"] != 0 or r["spill_instructions"]:  # a stack frame without LDL/STL is no spill
-            failures.append(f"{where}: spills: local memory {r['local']} B, stack {r['stack']} B, "
-                            f"{r['spill_instructions']} LDL/STL")
+        k = int(r["mode"].split("k=")[1].split()[0]) if "k=" in r["mode"] else 0
+        known = (r["kernel"], r["dtype"], k) in KNOWN_SPILLS
+        if r["spill_bytes"] and not known:
+            failures.append(f"{where}: spills {r['spill_bytes']} B (ptxas), local memory {r['local']} B, "
+                            f"stack {r['stack']} B, {r['spill_instructions']} LDL/STL")
         if r["kernel"] in DOT_KERNELS and r["dtype"] != "float32":
             # the loss kernels' 128-row tiles take the warpgroup MMA on sm_90a; the sampler's
             # row blocks (16 to 64 rows for a register top-k) may take the warp-level one
+            # likewise TF32 products with a transposed operand (dk = dS^T q), which the warpgroup
+            # MMA takes only K-major
             mma = r["hgmma"] if arch == 90 else r["hmma"]
-            if arch == 90 and r["kernel"] == "_sample_negatives_kernel":
+            if arch == 90 and (r["kernel"] == "_sample_negatives_kernel" or r["dtype"] == "tf32"):
                 mma += r["hmma"]
             if mma == 0:
                 failures.append(f"{where}: no {MMA[arch]} (tensor-core) instruction")
@@ -272,7 +297,8 @@ def summary(results: list[dict[str, Any]]) -> str:
              "One row per kernel, over all its compiled variants (mode x dtype x shape x autotune config); "
              "the full list is `kernels.csv` beside this file.", "",
              "| target | kernel | variants | registers (min / median / max) | at 255 | shared KiB (max) | "
-             "over the target's shared memory | local / spill instr. | tensor-core instr. per variant (min) | "
+             "over the target's shared memory | spill bytes (ptxas) / LDL+STL (max) | tensor-core instr. per variant (min; "
+             "16-bit, and tf32 counting HGMMA + HMMA) | "
              "compile s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
@@ -281,17 +307,25 @@ def summary(results: list[dict[str, Any]]) -> str:
             mine = [r for r in rows if r["kernel"] == name]
             regs = sorted(r["registers"] for r in mine)
             mma_key = "hgmma" if arch == 90 else "hmma"
-            mma16 = [r[mma_key] for r in mine if r["dtype"] != "float32"]
+            mma16 = [r[mma_key] for r in mine if r["dtype"] in ("float16", "bfloat16")]
+            tf32 = [r["hgmma"] + r["hmma"] for r in mine if r["dtype"] == "tf32"]
             lines.append(
                 f"| {ARCH_NAME[arch]} | `{name}` | {len(mine)} | {regs[0]} / {regs[len(regs) // 2]} / {regs[-1]} | "
                 f"{sum(r == 255 for r in regs)} | {max(r['shared'] for r in mine) / 1024:.0f} | "
                 f"{sum(r['shared'] > SHARED_LIMIT[arch] for r in mine)} | "
-                f"{max(r['local'] for r in mine)} / {max(r['spill_instructions'] for r in mine)} | "
-                f"{MMA[arch]} {min(mma16) if mma16 else '-'} | |")
+                f"{max(r['spill_bytes'] for r in mine)} / {max(r['spill_instructions'] for r in mine)} | "
+                f"{MMA[arch]} {min(mma16) if mma16 else '-'}; tf32 {min(tf32) if tf32 else '-'} | |")
         lines.append(f"| {ARCH_NAME[arch]} | all | {len(rows)} | | {sum(r['registers'] == 255 for r in rows)} | | | | | "
                      f"{res['seconds']:.0f} |")
+    known = [r for res in results for r in res["rows"] if r["spill_bytes"]]
     lines += ["", "float32 rows with IEEE products use FFMA (no tensor cores, by design); `tf32` rows are float32 "
-              "inputs with `torch.set_float32_matmul_precision('high')`.", ""]
+              "inputs with `torch.set_float32_matmul_precision('high')`. Spills are what ptxas -v reports as spill stores "
+              "and loads, for every kernel with a local-memory instruction (LDL/STL); the others have none by "
+              "construction. A kernel can use local memory without spilling (a small local array: the stack "
+              "column).", ""]
+    if known:
+        lines += ["Known spills (reported, not failures):", ""] + [f"- {r['arch']} `{r['kernel']}` {r['mode']} {r['dtype']}: "
+                                      f"{r['spill_bytes']} B of spill stores and loads" for r in known] + [""]
     return "\n".join(lines)
 
 

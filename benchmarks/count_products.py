@@ -71,8 +71,9 @@ def main() -> None:
              f"torch {torch.__version__}, triton {triton.__version__} interpreter; B = {args.rows}, "
              f"N = {args.keys}, tile shape of a compute-capability-9 GPU (`cuda_block_config(D, dtype, 9)`). "
              "Each cell: products excluding the positives' gathered tiles (units of B x N x D); "
-             f"in brackets the gathered tiles (BLOCK_M / N = {128 / args.keys:.2f} here, "
-             "1.6 % of a product at N = 8192) and, for modes with a guide, its products in units of B x N x DG "
+             f"in brackets the gathered tiles (BLOCK_M / N: {128 / args.keys:.3f} here with 128-row tiles, "
+             f"{64 / args.keys:.3f} with 64-row tiles (float32, heavy modes); 1.6 % or 0.8 % of a product at "
+             "N = 8192) and, for modes with a guide, its products in units of B x N x DG "
              f"(DG = {GUIDE_WIDTH}).", ""]
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

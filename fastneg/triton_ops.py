@@ -27,26 +27,38 @@ from .triton_kernels import (
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tuned(kernel, restore_value: Optional[list[str]] = None, warps: tuple[int, ...] = (4, 8)):  # noqa: ANN001, ANN202
+def _tuned(kernel, restore_value: Optional[list[str]] = None, warps: tuple[int, ...] = (4, 8),  # noqa: ANN001, ANN202
+           float32_stages: tuple[int, ...] = (2, 3, 4)):
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
     outputs, except the forward's column partials (symmetric loss), which the autotuner
-    restores between its trial runs."""
+    restores between its trial runs. ``float32_stages``: the pipeline depths tried with float32
+    inputs (the others spill on sm_90a in the compile tier)."""
     if INTERPRET:
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (2, 3, 4)]
     key = [name for name in ("D", "DG", "SYMMETRIC") if name in kernel.arg_names]
-    return triton.autotune(configs=configs, key=key, restore_value=restore_value)(kernel)
+    first = kernel.arg_names[0]
+
+    def prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        if getattr(named_args.get(first), "dtype", None) != torch.float32:
+            return configs
+        return [c for c in configs if c.num_stages in float32_stages]
+
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _COLUMN_PARTIALS = ["cmax_ptr", "csum_ptr", "cwmax_ptr", "cwsum_ptr", "cneg_ptr"]
 # 8 warps for the fused kernels: with 4, the modes with most live tiles spill (compile tier)
 _FUSED_WARPS = (8,)
-_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS, _FUSED_WARPS)
+_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS, _FUSED_WARPS, float32_stages=(2, 3))
 _bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel, warps=_FUSED_WARPS)
-_dq_kernel = _tuned(_panel_dq_kernel)
-_dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"])  # reads and writes the float32 sum of earlier panels
+# 8 warps for the products too: with 4, 128 x 128 tiles with masked edges and float32 tiles spill
+_dq_kernel = _tuned(_panel_dq_kernel, warps=(8,))
+# dk reads and writes the float32 sum of earlier panels: restored between trial runs
+_dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"], warps=(8,), float32_stages=(3, 4))
 
 
 @dataclass(frozen=True)
@@ -62,16 +74,18 @@ class BlockConfig:
 
 def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False) -> BlockConfig:
     """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
-    the product count in the tests use, the latter under the interpreter). ``heavy``: the modes
-    that hold more [BLOCK_M, BLOCK_N] tiles live (a guide, soft labels, the symmetric loss's
-    column direction) and float32 take 32 keys per tile on 128-row tiles, so that no variant
-    spills (benchmarks/compile_tier.py)."""
+    the product count in the tests use, the latter under the interpreter). 128 x 64 tiles on
+    Hopper for 16-bit inputs, 64 x 64 on Ampere; the ``heavy`` modes, which hold more tiles live
+    (a guide, soft labels, the symmetric loss's column direction), take 64 x 32 (on Ampere too:
+    Triton 3.6 spills there with 64 x 64), and float32 takes 64 x 32 with 16-wide D chunks; a D that is not a multiple of 16 takes
+    half-width output tiles in the backward's products. Chosen so that no variant spills at
+    8 warps (benchmarks/compile_tier.py)."""
     wide = dtype in (torch.float16, torch.bfloat16)
-    block_d = max(16, min(64 if wide else 32, triton.next_power_of_2(D)))  # no padded products at small D
-    block_do = max(16, min(128 if wide else 64, triton.next_power_of_2(D)))
-    block_m = 128 if major >= 9 else 64
-    narrow = block_m == 128 and (heavy or not wide)  # float32 tiles hold twice the registers
-    return BlockConfig(block_m, 32 if narrow else 64, block_d, block_do)
+    block_d = max(16, min(64 if wide else 16, triton.next_power_of_2(D)))  # no padded products at small D
+    block_do = max(16, min((128 if wide else 64) // (1 if D % 16 == 0 else 2), triton.next_power_of_2(D)))
+    block_m = 128 if major >= 9 and wide and not heavy else 64
+    block_n = 32 if not wide or heavy else 64
+    return BlockConfig(block_m, block_n, block_d, block_do)
 
 
 _FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
@@ -290,8 +304,9 @@ def info_nce_bwd_triton(
         acc = torch.empty(N, D, dtype=torch.float32, device=q.device)
     sums = []
     # the two products read dS from memory: their tiles need not be the score tiles'
-    mm = dict(PRECISION=flags["PRECISION"], BLOCK_M=min(cfg.block_m, 64 if q.dtype == torch.float32 else 128),
-              BLOCK_N=64, BLOCK_DO=cfg.block_do)
+    fp32 = q.dtype == torch.float32  # smaller float32 tiles, which do not spill
+    mm = dict(PRECISION=flags["PRECISION"], BLOCK_M=min(cfg.block_m, 64 if fp32 else 128), BLOCK_N=32 if fp32 else 64,
+              BLOCK_DO=cfg.block_do)
     d_blocks = triton.cdiv(D, cfg.block_do)
     for i, row0 in enumerate(starts):
         r = min(R, B - row0)
@@ -307,7 +322,7 @@ def info_nce_bwd_triton(
                 panel, k, dq, row0, r, B, N, D, panel.stride(0), k.stride(0), dq.stride(0), **mm)
         if keys_grad and N > 0 and D > 0:
             out = dk if i == len(starts) - 1 else acc
-            wrap_triton(_dk_kernel)[(triton.cdiv(N, 64), d_blocks)](
+            wrap_triton(_dk_kernel)[(triton.cdiv(N, mm["BLOCK_N"]), d_blocks)](
                 panel, q, acc, out, row0, r, B, N, D, panel.stride(0), q.stride(0), acc.stride(0), out.stride(0),
                 LOAD_ACC=i > 0, **mm)
     if keys_grad and not starts:
@@ -334,8 +349,10 @@ def _mix32(x: int) -> int:
 
 def _sampler_tiles(k_pad: int, dtype: torch.dtype) -> tuple[int, int]:
     """(rows per program, warps) of the sampler on a GPU: the running top-k lives in registers,
-    so fewer rows for a larger k."""
-    return (64 if k_pad <= 32 else 32 if k_pad <= 128 else 16), 8
+    so fewer rows for a larger k (and for float32 tiles); chosen with the compile tier."""
+    if k_pad <= 32:
+        return (64 if dtype != torch.float32 else 32), 8
+    return 16, 8
 
 
 @triton_op("fastneg::sample_negatives_triton", mutates_args={})

@@ -65,3 +65,29 @@ def test_fit_exponent() -> None:
     assert abs(fit_exponent([1, 2, 4, 8], [3, 12, 48, 192]) - 2.0) < 1e-12
     assert abs(fit_exponent([10, 100], [5, 50]) - 1.0) < 1e-12
     assert fit_exponent([10], [5]) is None
+
+
+def test_naive_compile_is_compiled_for_every_case_past_the_recompile_limit() -> None:
+    """A shared torch.compile falls back to eager once dynamo's recompile limit is hit (8 by
+    default: part-way through a sweep). Here the limit is 4, which one case's graphs fit in (with
+    and without gradient) but three cases do not: each must still be compiled."""
+    import torch
+
+    from fastneg.benchmark import Case, CompiledPerCase, Measurement, measure
+
+    fn = CompiledPerCase()
+    with torch._dynamo.config.patch(recompile_limit=4):
+        for B in (8, 12, 16):
+            case = Case(B, 4, torch.float32, torch.device("cpu"), "masked")
+            m = measure(fn, case, rounds=1, budget_bytes=None)
+            assert isinstance(m, Measurement) and m.status == "ok"
+            assert fn.graphs > 0, f"B={B} ran no compiled graph"
+            q, k, opts = case.inputs()
+            want = torch.as_tensor(fastneg_reference(q, k, opts))
+            assert torch.allclose(fn(q, k, opts), want, rtol=1e-5, atol=1e-6)
+
+
+def fastneg_reference(q, k, opts):
+    import fastneg
+
+    return fastneg.info_nce(q, k, backend="reference", **opts)

@@ -10,12 +10,13 @@ import torch
 
 import fastneg
 from fastneg.profiling import count_matmul_work, triton_products
+from fastneg.triton_ops import cuda_block_config
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts tl.dot under the Triton interpreter")
 
 B = N = 256
 GUIDE_WIDTH = 192
-BLOCK_M = 128  # the row block on compute capability 9
+BLOCK_M = cuda_block_config(64, torch.float32, 9).block_m  # the row block of float32 on compute capability 9
 
 MODES = {
     "plain": {},
