@@ -27,17 +27,19 @@ from .triton_kernels import (
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tuned(kernel, restore_value: Optional[list[str]] = None, warps: tuple[int, ...] = (4, 8),  # noqa: ANN001, ANN202
+def _tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, ANN202
            float32_stages: tuple[int, ...] = (2, 3, 4)):
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
     outputs, except the forward's column partials (symmetric loss), which the autotuner
-    restores between its trial runs. ``float32_stages``: the pipeline depths tried with float32
-    inputs (the others spill on sm_90a in the compile tier)."""
+    restores between its trial runs. 8 warps for every kernel: with 4, the modes with most live
+    tiles, float32 tiles and products with masked edges spill (compile tier).
+    ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
+    sm_90a in the compile tier)."""
     if INTERPRET:
         return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (2, 3, 4)]
+    configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3, 4)]
     key = [name for name in ("D", "DG", "SYMMETRIC") if name in kernel.arg_names]
     first = kernel.arg_names[0]
 
@@ -51,14 +53,11 @@ def _tuned(kernel, restore_value: Optional[list[str]] = None, warps: tuple[int, 
 
 
 _COLUMN_PARTIALS = ["cmax_ptr", "csum_ptr", "cwmax_ptr", "cwsum_ptr", "cneg_ptr"]
-# 8 warps for the fused kernels: with 4, the modes with most live tiles spill (compile tier)
-_FUSED_WARPS = (8,)
-_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS, _FUSED_WARPS, float32_stages=(2, 3))
-_bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel, warps=_FUSED_WARPS)
-# 8 warps for the products too: with 4, 128 x 128 tiles with masked edges and float32 tiles spill
-_dq_kernel = _tuned(_panel_dq_kernel, warps=(8,))
+_fwd_kernel = _tuned(_info_nce_fwd_kernel, _COLUMN_PARTIALS, float32_stages=(2, 3))
+_bwd_ds_kernel = _tuned(_info_nce_bwd_ds_kernel)
+_dq_kernel = _tuned(_panel_dq_kernel)
 # dk reads and writes the float32 sum of earlier panels: restored between trial runs
-_dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"], warps=(8,), float32_stages=(3, 4))
+_dk_kernel = _tuned(_panel_dk_kernel, ["out_ptr"], float32_stages=(3, 4))
 
 
 @dataclass(frozen=True)
