@@ -1,4 +1,4 @@
-"""The precision figures quoted in the README and in the HCL / GCSE docstrings, recomputed.
+"""The precision figures quoted in docs/reference.md and in the HCL / GCSE docstrings, recomputed.
 
     python benchmarks/precision_cases.py
 

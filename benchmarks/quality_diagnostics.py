@@ -1,4 +1,4 @@
-"""Two diagnostics behind the quality benchmark's README discussion, on its task (fastneg.quality):
+"""Two diagnostics behind the quality benchmark's discussion (docs/quality.md), on its task (fastneg.quality):
 
 1. DCL's clamp: for ``DCL (tau+ 0.1)`` at a planted rate, the share of rows whose debiased
    negative term sits at the floor ``n e^{-1/t}`` (and so gives their negatives no gradient), per

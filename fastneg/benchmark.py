@@ -23,7 +23,8 @@ Each implementation is measured for the forward alone (no graph), and for forwar
 from which the backward alone is the time after the forward returned. Rule sets: ``plain``
 InfoNCE, ``masked``: margin 0.1 + SimANS(0.5, 0) + duplicate labels (one key in 16 shares
 its label with another), and ``symmetric``: the plain CLIP loss, both directions.
-Time: device-synchronised wall clock, best of the timed rounds after
+Time: device-synchronised wall clock, best and median of the timed rounds (at least ``rounds``, more
+until ``min_time_s`` of them) after
 a warm-up round (which covers Triton compilation and autotuning and torch.compile).
 Peak memory: :func:`fastneg.profiling.peak_memory`. A call that exceeds the memory budget
 (CPU: the address-space limit is set to the budget above current use; CUDA: the allocator's
@@ -228,13 +229,27 @@ def _is_oom(exc: BaseException) -> bool:
 
 @dataclass
 class Measurement:
-    ms: dict[str, Optional[float]] = field(default_factory=dict)  # op -> ms (None: not run)
+    ms: dict[str, Optional[float]] = field(default_factory=dict)  # op -> best ms (None: not run)
+    median_ms: dict[str, Optional[float]] = field(default_factory=dict)  # op -> median of the timed rounds
+    rounds: int = 0  # timed rounds per op
     peak_mib: dict[str, Optional[float]] = field(default_factory=dict)
     status: str = "ok"
 
 
-def measure(fn: LossFn, case: Case, rounds: int, budget_bytes: Optional[int], floor: bool = False) -> Measurement:
-    """Time forward, backward and forward+backward of one implementation on one case."""
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
+
+
+def measure(fn: LossFn, case: Case, rounds: int, budget_bytes: Optional[int], floor: bool = False,
+            min_time_s: float = 0.0, max_rounds: int = 50) -> Measurement:
+    """Time forward, backward and forward+backward of one implementation on one case.
+
+    After one warm-up call per op, at least ``rounds`` timed rounds, and more (up to ``max_rounds``)
+    until the timed rounds of the op add up to ``min_time_s``: a small case gets enough rounds for a
+    stable best and median on a loaded machine, a large one is not repeated needlessly. Records the
+    best and the median round of each op."""
     q, k, opts = case.inputs()
     out = Measurement()
     device = case.device
@@ -271,25 +286,28 @@ def measure(fn: LossFn, case: Case, rounds: int, budget_bytes: Optional[int], fl
         with memory_budget(device, budget_bytes):
             for op, call in (("forward", forward_only), ("forward+backward", forward_backward)):
                 call()  # warm-up: compilation, autotuning, first-touch allocations
-                best = best_bwd = float("inf")
+                totals: list[float] = []
+                bwds: list[float] = []
                 out.peak_mib[op] = 0.0
-                for _ in range(rounds):
+                while len(totals) < rounds or (sum(totals) < min_time_s and len(totals) < max_rounds):
                     _sync(device)
                     with peak_memory(device) as peak:
                         start = time.perf_counter()
                         res = call()
                         _sync(device)
+                    elapsed = time.perf_counter() - start
                     out.peak_mib[op] = max(out.peak_mib[op] or 0.0, peak.mib)
                     if op == "forward":
-                        best = min(best, time.perf_counter() - start)
+                        totals.append(elapsed)
                     else:
                         assert res is not None
                         fwd_t, total = res
-                        best = min(best, total)
-                        best_bwd = min(best_bwd, total - fwd_t)
-                out.ms[op] = 1e3 * best
+                        totals.append(total)
+                        bwds.append(total - fwd_t)
+                out.rounds = len(totals)
+                out.ms[op], out.median_ms[op] = 1e3 * min(totals), 1e3 * _median(totals)
                 if op == "forward+backward":
-                    out.ms["backward"] = 1e3 * best_bwd
+                    out.ms["backward"], out.median_ms["backward"] = 1e3 * min(bwds), 1e3 * _median(bwds)
                     out.peak_mib["backward"] = out.peak_mib[op]
     except (RuntimeError, MemoryError) as exc:
         if not _is_oom(exc):
@@ -327,6 +345,8 @@ class Row:
     peak_mib: Optional[float]
     tflops: Optional[float]
     status: str
+    median_ms: Optional[float] = None
+    rounds: int = 0
 
 
 def device_name(device: torch.device) -> str:
@@ -358,6 +378,7 @@ class SweepConfig:
     rules: list[str]
     device: str
     rounds: int = 2
+    min_time_s: float = 0.0
     memory_budget_gib: Optional[float] = 8.0
     chunk: int = 1024
     impls: Optional[list[str]] = None
@@ -408,7 +429,7 @@ def sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None,
                         if key in failed_at and B > failed_at[key]:
                             m = Measurement(status="oom")
                         else:
-                            m = measure(fn, case, cfg.rounds, budget, floor=is_floor)
+                            m = measure(fn, case, cfg.rounds, budget, floor=is_floor, min_time_s=cfg.min_time_s)
                             if m.status == "oom":
                                 failed_at[key] = B
                             elif isinstance(fn, CompiledPerCase) and fn.graphs == 0:
@@ -418,7 +439,7 @@ def sweep(cfg: SweepConfig, progress: Optional[Callable[[str], None]] = None,
                             rows.append(Row(**meta, impl=name, op=op, rules=rules, dtype=dtype_name, B=B, N=B, D=D,
                                             ms=ms, peak_mib=m.peak_mib.get(op),
                                             tflops=flops(case, op) / (ms * 1e-3) / 1e12 if ms else None,
-                                            status=m.status))
+                                            status=m.status, median_ms=m.median_ms.get(op), rounds=m.rounds))
     return rows
 
 
@@ -445,12 +466,38 @@ def _fmt(v: Optional[float], spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _rounds_text(rows: list[Row]) -> str:
+    counts = [r.rounds for r in rows if r.rounds]
+    if not counts:
+        return "no timed rounds"
+    lo, hi = min(counts), max(counts)
+    return f"{lo} timed rounds" if lo == hi else f"{lo} to {hi} timed rounds"
+
+
+def _time_cell(r: Row) -> str:
+    if r.ms is None:
+        return "-"
+    if r.median_ms is None or r.rounds < 2:
+        return _fmt(r.ms)
+    return f"{_fmt(r.ms)} (+{100 * (r.median_ms / r.ms - 1):.0f}%)"
+
+
+def _ratio_cell(mine: Row, other: Row) -> str:
+    assert mine.ms and other.ms
+    text = f"{mine.ms / other.ms:.2f}"
+    if mine.median_ms and other.median_ms and min(mine.rounds, other.rounds) >= 2:
+        text += f" ({mine.median_ms / other.median_ms:.2f})"
+    return text
+
+
 def markdown(rows: list[Row], memory_budget_gib: Optional[float]) -> str:
     first = rows[0]
     out = [f"# fastneg benchmark: {first.device_name}", "",
            f"{first.date}; torch {first.torch_version}, triton {first.triton_version}, fastneg {first.fastneg_version}. "
-           "Times in ms (best of the timed rounds), peak = extra memory of the call in MiB, "
-           "`oom` = over the memory budget. Ratios are fastneg's time over the other's.", ""]
+           f"Times in ms: the best timed round, and in brackets how much slower the median round was "
+           f"({_rounds_text(rows)} after a warm-up); peak = extra memory of the call in MiB, "
+           "`oom` = over the memory budget. Ratios are fastneg's time over the other's: of the best rounds, "
+           "and in brackets of the medians (two numbers far apart: a noisy measurement).", ""]
     fast = "fastneg-triton" if first.device == "cuda" else "fastneg-cpu"
     impl_names = list(dict.fromkeys(r.impl for r in rows))
     by = {(r.impl, r.op, r.rules, r.dtype, r.B, r.D): r for r in rows}
@@ -464,7 +511,7 @@ def markdown(rows: list[Row], memory_budget_gib: Optional[float]) -> str:
             cells = []
             for n in impl_names:
                 r = by.get((n, op, rules, dtype, B, D))
-                cells.append("n/a" if r is None else ("oom" if r.status == "oom" else _fmt(r.ms)
+                cells.append("n/a" if r is None else ("oom" if r.status == "oom" else _time_cell(r)
                                                       + (" (not compiled)" if r.status == "not-compiled" else "")))
             mine = by.get((fast, op, rules, dtype, B, D))
             naive = by.get(("naive", op, rules, dtype, B, D))
@@ -477,10 +524,8 @@ def markdown(rows: list[Row], memory_budget_gib: Optional[float]) -> str:
                     ratios.append("n/a")
                 elif other.status == "oom":
                     ratios.append("other oom")
-                elif other.status == "not-compiled" and mine and mine.ms and other.ms:
-                    ratios.append(f"{mine.ms / other.ms:.2f} (eager)")
                 elif mine and mine.ms and other.ms:
-                    ratios.append(f"{mine.ms / other.ms:.2f}")
+                    ratios.append(_ratio_cell(mine, other) + (" eager" if other.status == "not-compiled" else ""))
                 else:
                     ratios.append("-")
             out.append(f"| {B} | " + " | ".join(cells) + f" | {_fmt(mine.peak_mib if mine else None)} | "
@@ -511,33 +556,97 @@ def scaling_table(rows: list[Row], memory_budget_gib: Optional[float]) -> list[s
     return out + [""]
 
 
-def plot(rows: list[Row], path_prefix: str) -> list[str]:
-    """PNG plots of time and peak memory against B (log axes, one line per implementation),
-    for each (rules, dtype, D) at forward+backward. Returns the files written."""
+# one colour per implementation in every plot (matplotlib's tab10, in this order)
+IMPL_ORDER = ("fastneg-triton", "fastneg-cpu", "naive", "naive-compile", "chunked", "st-mnrl", "inf-cl",
+              "fastneg-two-calls", "floor")
+RULE_TEXT = {
+    "plain": "plain rules: InfoNCE, positives on the diagonal, every other key a negative",
+    "masked": "masked rules: margin 0.1 (keys scoring above the positive - 0.1 masked) + SimANS(a=0.5, b=0) "
+              "weights + duplicate labels (1 key in 16 shares a label; masked)",
+    "symmetric": "symmetric rules: the CLIP loss, query-to-key and key-to-query, plain",
+}
+
+
+def impl_color(name: str) -> str:
+    """The implementation's colour, the same in every plot."""
+    palette = [f"C{i}" for i in range(10)]
+    if name in IMPL_ORDER:
+        return palette[IMPL_ORDER.index(name) % 10]
+    return palette[(len(IMPL_ORDER) + sum(map(ord, name))) % 10]
+
+
+def plot(rows: list[Row], path_prefix: str, memory_budget_gib: Optional[float] = None) -> list[str]:
+    """PNG plots of time and peak memory against B (log axes, one line per implementation, one colour
+    per implementation in every plot), for each (rules, dtype, D) at forward+backward. Returns the files
+    written.
+
+    An implementation that ran out of the memory budget ends in an ``x`` at the first B it failed at
+    (on the memory panel at the budget line, on the time panel at the top edge); a row that ran eager
+    code under ``naive-compile`` is drawn hollow. The floor (bare matrix products) is on the time panel
+    only: it materialises S, so its memory is no floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    budget_mib = memory_budget_gib * 1024 if memory_budget_gib else None
     written = []
+    impls = sorted(dict.fromkeys(r.impl for r in rows), key=lambda n: (IMPL_ORDER.index(n) if n in IMPL_ORDER else 99, n))
     for rules, dtype, D in sorted({(r.rules, r.dtype, r.D) for r in rows}):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, metric, label in ((axes[0], "ms", "time (ms)"), (axes[1], "peak_mib", "peak extra memory (MiB)")):
-            for impl in dict.fromkeys(r.impl for r in rows):
-                pts = sorted((r.B, getattr(r, metric)) for r in rows
-                             if (r.impl, r.rules, r.dtype, r.D, r.op) == (impl, rules, dtype, D, "forward+backward")
-                             and r.status == "ok" and getattr(r, metric))
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        handles: dict[str, Line2D] = {}
+        any_oom = any_eager = False
+        for ax, metric, label in ((axes[0], "ms", "time (ms), best round"), (axes[1], "peak_mib", "peak extra memory (MiB)")):
+            for impl in impls:
+                if metric == "peak_mib" and impl == "floor":
+                    continue
+                sel = sorted((r for r in rows
+                              if (r.impl, r.rules, r.dtype, r.D, r.op) == (impl, rules, dtype, D, "forward+backward")),
+                             key=lambda r: r.B)
+                color = impl_color(impl)
+                ran = [r for r in sel if r.status in ("ok", "not-compiled") and getattr(r, metric)]
+                if ran:
+                    (line,) = ax.plot([r.B for r in ran], [getattr(r, metric) for r in ran], color=color, marker="o",
+                                      label="floor (bare q k^T, dS k, dS^T q)" if impl == "floor" else impl)
+                    handles.setdefault(impl, line)
+                    eager = [r for r in ran if r.status == "not-compiled"]
+                    if eager:
+                        any_eager = True
+                        ax.plot([r.B for r in eager], [getattr(r, metric) for r in eager], linestyle="none", marker="o",
+                                markerfacecolor="white", markeredgecolor=color, markersize=8)
+                oom = [r for r in sel if r.status == "oom"]
+                if oom:
+                    any_oom = True
+                    first = oom[0].B
+                    if metric == "peak_mib" and budget_mib:
+                        ax.plot([first], [budget_mib], linestyle="none", marker="x", color=color, markersize=10,
+                                markeredgewidth=2.5)
+                    else:
+                        ax.plot([first], [1.0], linestyle="none", marker="x", color=color, markersize=10,
+                                markeredgewidth=2.5, transform=ax.get_xaxis_transform(), clip_on=False)
+                    handles.setdefault(impl, Line2D([], [], color=color, marker="x", label=impl))
+            if metric == "peak_mib" and budget_mib and any_oom:
+                ax.axhline(budget_mib, color="0.3", linestyle="--", linewidth=1)
+                ax.annotate(f"memory budget {memory_budget_gib:g} GiB", (0.02, budget_mib), xycoords=("axes fraction", "data"),
+                            xytext=(0, 3), textcoords="offset points", fontsize=8, color="0.3")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("B = N")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=8)
-        first = rows[0]
-        fig.suptitle(f"forward+backward, {rules} rules, {dtype}, D={D} — {first.device_name}, {first.date}", fontsize=9)
-        fig.tight_layout()
+        notes = [RULE_TEXT.get(rules, f"{rules} rules")]
+        if any_oom:
+            notes.append("x: out of the memory budget at that B (and every larger B)")
+        if any_eager:
+            notes.append("hollow: naive-compile ran eager code (not compiled)")
+        notes.append("memory panel: the floor is left off (it materialises S)")
+        axes[1].legend(handles=[handles[n] for n in impls if n in handles], fontsize=8, loc="upper left")
+        first_row = rows[0]
+        fig.suptitle(f"forward+backward, {rules} rules, {dtype}, D={D}: {first_row.device_name}, {first_row.date}",
+                     fontsize=9)
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7.5, va="bottom")
+        fig.tight_layout(rect=(0, 0.03 + 0.035 * len(notes), 1, 0.96))
         path = f"{path_prefix}_{rules}_{dtype}_D{D}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -8,8 +8,10 @@ import os
 import sys
 from typing import Optional
 
-QUICK = dict(sizes=[512, 1024, 2048], dims=[64], dtypes=["float32"], rules=["plain", "masked"], rounds=1)
-FULL = dict(sizes=[2048, 8192, 32768], dims=[128], dtypes=["float32"], rules=["plain", "masked"], rounds=2)
+# quick: at least 3 timed rounds, more until 0.5 s of them per measurement (small cases are noisy)
+QUICK = dict(sizes=[512, 1024, 2048], dims=[64], dtypes=["float32"], rules=["plain", "masked"], rounds=3, min_time_s=0.5)
+FULL = dict(sizes=[2048, 8192, 32768], dims=[128], dtypes=["float32"], rules=["plain", "masked"], rounds=3,
+            min_time_s=1.0)
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +24,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtypes", nargs="+", help="float32 float16 bfloat16 (float64 on CPU)")
     p.add_argument("--rules", nargs="+", choices=["plain", "masked", "symmetric"], help="rule sets")
     p.add_argument("--impls", nargs="+", help="only these implementations (default: every one available)")
-    p.add_argument("--rounds", type=int, help="timed rounds per measurement (after one warm-up)")
+    p.add_argument("--rounds", type=int, help="timed rounds per measurement, exactly (after one warm-up; "
+                   "default: at least 3, more until 0.5 s (--quick) or 1 s of timed rounds)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--memory-budget", type=float, default=8.0,
                    help="GiB an implementation may use beyond the inputs; over it counts as oom (default 8)")
@@ -98,6 +101,7 @@ def bench(args: argparse.Namespace) -> int:
     cfg = benchmark.SweepConfig(
         sizes=args.sizes or preset["sizes"], dims=args.dims or preset["dims"], dtypes=args.dtypes or preset["dtypes"],
         rules=args.rules or preset["rules"], device=device, rounds=args.rounds or preset["rounds"],
+        min_time_s=0.0 if args.rounds else preset["min_time_s"],
         memory_budget_gib=args.memory_budget if args.memory_budget > 0 else None, chunk=args.chunk, impls=args.impls)
     try:
         impls = benchmark.selected_implementations(cfg)
@@ -118,7 +122,7 @@ def bench(args: argparse.Namespace) -> int:
         f.write(text)
     written = [csv_path, md_path]
     if not args.no_plots:
-        written += benchmark.plot(rows, os.path.join(args.out, "bench"))
+        written += benchmark.plot(rows, os.path.join(args.out, "bench"), cfg.memory_budget_gib)
     print(text)
     print("wrote " + ", ".join(written))
     return 0

@@ -108,7 +108,7 @@ def info_nce(
         max_score: mask ``s_ij > max_score``. All comparisons on raw scores, strict. At a margin of
             exactly 0, an exact copy of the positive key may score a few ulps either side of
             ``s_i+`` (the matrix product's rounding depends on the position in the tile), so it may
-            be masked or not; use ``key_labels`` to mask duplicates exactly (README, "Ties").
+            be masked or not; use ``key_labels`` to mask duplicates exactly (docs/reference.md, "Ties at a threshold").
         guide_query, guide_keys, guide_margin, guide_strategy: GISTEmbed-style mask from a guide
             model's scores ``t_ij`` (``"absolute"``: ``t_ij > t_i+ - g``; ``"relative"``:
             ``t_ij > t_i+ - |t_i+| g``). No gradient reaches the guide. Guide embeddings are

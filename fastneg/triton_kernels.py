@@ -70,7 +70,7 @@ def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, 
     """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
     positives' rows of ``b`` are gathered into key tiles and the diagonal is read off. (A product
     may still round an element by its position in the tile, so an exact duplicate of the positive
-    key is not guaranteed to score bit-identically to it: README, "Ties at a threshold".)"""
+    key is not guaranteed to score bit-identically to it: docs/reference.md, "Ties at a threshold".)"""
     local = tl.arange(0, BLOCK_M)
     out = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for sub in tl.static_range(0, BLOCK_M, BLOCK_N):

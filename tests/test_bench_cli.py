@@ -91,3 +91,38 @@ def fastneg_reference(q, k, opts):
     import fastneg
 
     return fastneg.info_nce(q, k, backend="reference", **opts)
+
+
+def test_measure_takes_more_rounds_until_min_time_and_records_the_median() -> None:
+    import torch
+
+    from fastneg.benchmark import Case, _naive, measure
+
+    case = Case(32, 8, torch.float32, torch.device("cpu"), "plain")
+    exact = measure(_naive, case, rounds=3, budget_bytes=None)
+    assert exact.rounds == 3
+    longer = measure(_naive, case, rounds=2, budget_bytes=None, min_time_s=0.05, max_rounds=40)
+    assert 2 < longer.rounds <= 40
+    for m in (exact, longer):
+        for op in ("forward", "backward", "forward+backward"):
+            assert 0 < m.ms[op] <= m.median_ms[op], (op, m)
+
+
+def test_plots_mark_out_of_memory_and_keep_one_colour_per_implementation(tmp_path) -> None:
+    from fastneg.benchmark import Row, impl_color, plot
+
+    meta = dict(date="2026-12-03", device="cpu", device_name="test cpu", torch_version="x", triton_version="x",
+                fastneg_version="x", op="forward+backward", rules="masked", dtype="float32", N=0, D=8)
+
+    def row(impl, B, status="ok"):
+        ok = status == "ok"
+        return Row(**meta, impl=impl, B=B, ms=B / 10 if ok else None, peak_mib=B / 100 if ok else None,
+                   tflops=1.0 if ok else None, status=status, median_ms=B / 9 if ok else None, rounds=3)
+
+    rows = [row("fastneg-cpu", 64), row("fastneg-cpu", 128), row("naive", 64), row("naive", 128, "oom"),
+            row("floor", 64), row("floor", 128)]
+    written = plot(rows, str(tmp_path / "bench"), memory_budget_gib=0.001)
+    assert len(written) == 1 and os.path.getsize(written[0]) > 10_000
+    colours = {name: impl_color(name) for name in ("fastneg-cpu", "naive", "floor", "naive-compile", "chunked")}
+    assert len(set(colours.values())) == len(colours)
+    assert impl_color("naive") == colours["naive"]  # stable across calls and plots

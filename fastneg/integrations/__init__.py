@@ -1,2 +1,4 @@
-"""Integrations with training libraries. Each submodule imports its library lazily:
-``fastneg.integrations.sentence_transformers`` needs ``pip install fastneg[sentence-transformers]``."""
+"""Integrations with training libraries.
+
+``fastneg.integrations.sentence_transformers`` needs the ``sentence-transformers`` extra
+(``pip install --no-build-isolation '.[sentence-transformers]'`` from a clone)."""
