@@ -24,7 +24,7 @@ extra all-reduces (not done here: the encoders are plain callables).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Union
@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["cached_loss", "RandState", "batch_rows", "chunk_ranges", "slice_rows"]
 
-Batch = Union[Tensor, dict, list, tuple]
+Batch = Union[Tensor, Mapping, list, tuple]
 
 
 class RandState:
@@ -60,10 +60,11 @@ class RandState:
 
 
 def batch_rows(batch: Batch) -> int:
-    """Rows of a tensor, of a dict of tensors (input_ids / attention_mask first) or of a list."""
+    """Rows of a tensor, of a dict-like batch of tensors (a ``dict``, a tokenizer's ``BatchEncoding``:
+    any ``Mapping``; input_ids / attention_mask first) or of a list."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0])
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         for key in ("input_ids", "attention_mask"):  # tokenizer output: these are always batch-first
             if isinstance(batch.get(key), Tensor):
                 return int(batch[key].shape[0])
@@ -74,17 +75,18 @@ def batch_rows(batch: Batch) -> int:
 def _tensors(batch: Batch) -> list[Tensor]:
     if isinstance(batch, Tensor):
         return [batch]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return [v for v in batch.values() if isinstance(v, Tensor)]
     return [v for v in batch if isinstance(v, Tensor)]
 
 
 def slice_rows(batch: Batch, begin: int, end: int) -> Batch:
-    """Rows ``begin:end`` of a tensor, a dict of tensors (tensors whose first dim is the batch are
-    sliced, other values passed through) or a list of examples."""
+    """Rows ``begin:end`` of a tensor, a dict-like batch (any ``Mapping``, e.g. a ``BatchEncoding``;
+    tensors whose first dim is the batch are sliced, other values passed through; a plain ``dict``
+    comes back) or a list of examples."""
     if isinstance(batch, Tensor):
         return batch[begin:end]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         n = batch_rows(batch)
         return {k: (v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v)
                 for k, v in batch.items()}

@@ -69,7 +69,8 @@ def test_trainer_runs_twenty_steps(name: str, tmp_path: Path) -> None:
     card = (path / "README.md").read_text()
     assert name in card
     # the loss config as sentence-transformers writes it into the card (indented JSON)
-    assert '"implementation": "fastneg"' in card
+    assert f"fastneg.integrations.sentence_transformers.{name}" in card  # the loss, by its full name
+    assert f"https://sbert.net/docs/package_reference/sentence_transformer/losses.html#{name.lower()}" in card  # the original
     key, value = {"MultipleNegativesRankingLoss": ("mask_duplicates", True),
                   "CachedMultipleNegativesRankingLoss": ("hardness_strength", 3.0)}.get(name, ("margin", 0.05))
     assert f'"{key}": {json.dumps(value)}' in card

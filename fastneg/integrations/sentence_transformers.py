@@ -7,13 +7,23 @@
     loss = MultipleNegativesRankingLoss(model, mask_duplicates=True,  # and what it lacks
                                         margin=0.05, weighting=fastneg.SimANS())
 
-Each class takes the constructor arguments of the sentence-transformers (5.x / 6.x) loss of the
-same name, plus fastneg's own keyword arguments:
+Each class **is** the sentence-transformers (6.x) loss of the same name (a subclass of it): the
+constructor, the attributes (assignable after construction, as in the original), the error
+messages, the merged column forward, the gradient cache with its ``embed_minibatch`` /
+``embed_minibatch_iter`` / ``calculate_loss`` / ``calculate_loss_and_cache_gradients`` contract,
+``sim_matrix`` / ``similarity_fct`` / ``cross_entropy_loss`` on the GIST classes, the refusal of
+a ``StaticEmbedding`` behind a router, and the model-card config are the original's. What fastneg
+replaces is the score-matrix stage: every score block of a row (query -> documents, -> queries,
+document -> queries, -> documents; GIST's anchor-anchor and positive-positive) is **one** call of
+the fused op (see ``fastneg/integrations/_losses.py``), so the loss needs memory linear in the
+batch instead of the originals' B x N matrices (per mini-batch in the cached ones).
+
+fastneg's own keyword arguments, on every class:
 
 - ``mask_duplicates``: hash each column's token ids before embedding and mask keys whose text is
   identical to the row's positive (document columns) or to the row's query (query columns), so
   batches need no de-duplicating sampler. Needs ``forward`` (the hashes come from the features);
-  ``compute_loss_from_embeddings`` has no texts to hash.
+  ``compute_loss_from_embeddings`` takes them as ``hashes=``.
 - ``margin``, ``relative_margin``, ``max_score`` (SPEC section 2; on GIST the first is called
   ``score_margin``, since GIST's ``margin`` is the guide's): compared with each row's positive
   score in every block, raw similarities (cosine by default).
@@ -21,38 +31,59 @@ same name, plus fastneg's own keyword arguments:
   over every block (not together with ``hardness_mode``, which is itself a weighting).
 - ``backend``: as in :func:`fastneg.info_nce`.
 
-The loss is computed by the fused op (memory linear in the batch); all score blocks of a row
-are one fused call (see ``fastneg/integrations/_losses.py``). The cached variants implement the
-gradient-cache contract sentence-transformers uses (``calculate_loss(reps, ..., with_backward=)``,
-``uses_gradient_cache``), so they also work inside ``MatryoshkaLoss``; their loss stage is not
-chunked since it needs no B x N memory.
+``get_config_dict()`` returns the original's keys, plus those of these five that differ from
+their defaults (``mask_duplicates``, ``margin`` / ``score_margin``, ``relative_margin``,
+``max_score``, ``weighting``), so a model card records them; with fastneg's defaults it is the
+original's dict. ``citation`` is the original's BibTeX plus an entry naming fastneg's class and the
+original loss it replaces, with the original's documentation link.
 
-Nothing here imports a sentence-transformers module path: the model is used through
-``model(features)["sentence_embedding"]``, ``model.tokenizer`` and ``model.preprocess`` /
-``model.tokenize``, which both major versions provide.
+When the fused op is used, and when not: the fused op computes dot products, so
+``similarity_fct`` ``util.cos_sim`` / ``pytorch_cos_sim`` (on normalised embeddings) and
+``util.dot_score`` (and ``functools.partial`` of them without arguments) are fused; on the GIST
+classes, the default ``nn.CosineSimilarity(dim=-1)``, ``sim_matrix`` and
+``nn.CrossEntropyLoss()``. Any other similarity (``util.euclidean_sim``, ``util.manhattan_sim``,
+a lambda; none of sentence-transformers' others is a dot product after a transform of each side),
+a ``sim_matrix`` or ``cross_entropy_loss`` replaced on the instance or in a subclass, or a GIST
+``temperature <= 0`` run the original's own dense computation, with a one-time warning that its
+memory is quadratic in the batch. fastneg's rules need the fused op: with a non-fused similarity
+they raise a ``ValueError`` naming ``similarity_fct``.
+
+Gathering across devices uses the original modules' ``all_gather_with_grad`` / ``get_rank``, as
+the originals do. Needs sentence-transformers >= 6 (the ``sentence_transformers.sentence_transformer``
+package layout).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, Optional, Union
+from types import ModuleType
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..cached import RandState, batch_rows, chunk_ranges, slice_rows
 from ..options import Hardness, SimANS, check_backend
-from ._losses import DIRECTIONS, HARDNESS_MODES, BlockRules, gist_loss, ranking_loss
+from ._losses import BlockRules, gist_loss, ranking_loss
 from ._mining import mine_hard_negatives
+
+try:
+    from sentence_transformers import util as _st_util
+    from sentence_transformers.sentence_transformer import losses as _st_losses
+except ImportError as exc:  # pragma: no cover - explained to the user
+    raise ImportError(
+        "fastneg.integrations.sentence_transformers needs sentence-transformers >= 6: install the "
+        "'sentence-transformers' extra (pip install --no-build-isolation '.[sentence-transformers]' from a clone)"
+    ) from exc
 
 __all__ = [
     "mine_hard_negatives",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
     "CachedMultipleNegativesRankingLoss",
+    "CachedMultipleNegativesSymmetricRankingLoss",
     "GISTEmbedLoss",
     "CachedGISTEmbedLoss",
     "text_hashes",
@@ -61,6 +92,7 @@ __all__ = [
 _HASH_BASE = 1_000_003
 _HASH_MASK = (1 << 63) - 1
 _HASH_LENGTH = 0x9E3779B97F4A7C15 % (1 << 62)
+_DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.html#"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -84,310 +116,160 @@ def text_hashes(features: dict[str, Tensor]) -> Tensor:
     return h & _HASH_MASK
 
 
-def _similarity_kind(similarity_fct: Union[Callable, str]) -> str:
-    """"cos" or "dot": the fused op computes dot products of (optionally normalised) embeddings."""
+_BY_NAME = {"cos_sim": _st_util.cos_sim, "cos": _st_util.cos_sim, "dot_score": _st_util.dot_score,
+            "dot": _st_util.dot_score}
+
+
+def _similarity_argument(similarity_fct: Any) -> Any:
+    """The callable for ``similarity_fct`` ('cos_sim' / 'dot_score' as names are accepted too)."""
     if isinstance(similarity_fct, str):
-        name = similarity_fct
-    elif isinstance(similarity_fct, partial):
-        name = getattr(similarity_fct.func, "__name__", "")
-    else:
-        name = getattr(similarity_fct, "__name__", type(similarity_fct).__name__)
-    name = name.lower()
-    if name in ("cos_sim", "cosine", "cos", "cosinesimilarity"):
+        if similarity_fct not in _BY_NAME:
+            raise ValueError(f"similarity_fct: unknown name {similarity_fct!r}; pass a callable such as "
+                             "sentence_transformers.util.cos_sim, or 'cos_sim' / 'dot_score'")
+        return _BY_NAME[similarity_fct]
+    return similarity_fct
+
+
+def fused_similarity(similarity_fct: Any) -> Optional[str]:
+    """"cos" or "dot" when the fused op computes ``similarity_fct``'s scores (dot products of
+    normalised or raw embeddings), else None."""
+    fn = similarity_fct
+    while isinstance(fn, partial) and not fn.args and not fn.keywords:
+        fn = fn.func
+    if fn is _st_util.cos_sim or fn is getattr(_st_util, "pytorch_cos_sim", None):
         return "cos"
-    if name in ("dot_score", "dot", "dot_product", "mm"):
+    if fn is _st_util.dot_score:
         return "dot"
-    raise ValueError(
-        f"similarity_fct must be sentence_transformers.util.cos_sim or dot_score (or 'cos' / 'dot'), got {name!r}: "
-        "the fused op computes dot products of the (normalised, for cosine) embeddings")
+    return None
 
 
 def _prepare(x: Tensor, kind: str) -> Tensor:
     return torch.nn.functional.normalize(x, p=2, dim=-1) if kind == "cos" else x
 
 
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather(t: Tensor, with_grad: bool = True) -> Tensor:
-    """All-gather along dim 0 across the default process group (autograd-aware), identity when
-    not distributed. Every rank must hold the same number of rows, as in sentence-transformers."""
-    if not _is_distributed():
-        return t
-    if with_grad and t.requires_grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(t))
-    out = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(out, t.contiguous())
-    return torch.cat(out)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _is_distributed() else 0
-
-
-def _embed(model: Any, features: dict[str, Tensor]) -> Tensor:
-    return model(features)["sentence_embedding"]
-
-
-def _similarity_name(kind: str) -> str:
-    return "cos_sim" if kind == "cos" else "dot_score"
+def _module_of(cls: type) -> ModuleType:
+    return sys.modules[cls.__module__]
 
 
 def _weighting_repr(w: object) -> object:
-    if isinstance(w, (SimANS, Hardness)):
-        return repr(w)
-    return w
+    return repr(w) if isinstance(w, (SimANS, Hardness)) else w
 
 
-# --- gradient cache (GradCache, Gao et al. 2021) ---------------------------------------------------
-
-def _ranges(features: dict[str, Any], mini_batch_size: int, mini_batch_num_tokens: Optional[int]) -> list[tuple[int, int]]:
-    """Mini-batch row ranges: ``mini_batch_size`` rows each, or greedily packed to at most
-    ``mini_batch_num_tokens`` attended tokens (a longer single row gets a range of its own)."""
-    n = batch_rows(features)
-    if mini_batch_num_tokens is None:
-        return chunk_ranges(n, mini_batch_size)
-    if not isinstance(features.get("attention_mask"), Tensor):
-        raise ValueError("mini_batch_num_tokens needs an 'attention_mask' in the features")
-    cumulative = features["attention_mask"].sum(1).cumsum(0).tolist()
-    out, begin = [], 0
-    while begin < n:
-        before = cumulative[begin - 1] if begin else 0
-        end = max(bisect.bisect_right(cumulative, before + mini_batch_num_tokens), begin + 1)
-        out.append((begin, end))
-        begin = end
-    return out
+_warned: set[str] = set()
 
 
-def _slice(features: dict[str, Any], begin: int, end: int) -> dict[str, Any]:
-    if "cu_seq_lens_q" in features:
-        raise ValueError("the cached fastneg losses take padded features, not flattened (cu_seq_lens) batches")
-    out = slice_rows(features, begin, end)
-    assert isinstance(out, dict)
-    mask = out.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] > 0:
-        # drop the trailing padding columns this mini-batch does not use (leading padding is kept)
-        width = mask.shape[1]
-        active = mask.bool().any(0).nonzero()
-        end_col = int(active.max()) + 1 if len(active) else width
-        if end_col < width:
-            out = {k: (v[:, :end_col] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v)
-                   for k, v in out.items()}
-    return out
+def _warn_dense(loss: nn.Module, why: str) -> None:
+    key = f"{type(loss).__name__}:{why}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{type(loss).__name__}: {why}, so the loss runs sentence-transformers' dense computation "
+                      "(memory quadratic in the batch) instead of fastneg's fused op", stacklevel=3)
 
 
-class _GradientCache:
-    """The three GradCache steps for a loss with ``model``, ``mini_batch_size``,
-    ``mini_batch_num_tokens``, ``show_progress_bar`` and ``calculate_loss``."""
+def _gather_hashes(hashes: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
+    """Every rank's hashes (integers, no gradient); the local ones when not distributed."""
+    if hashes is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return hashes
+    return [_st_util.all_gather(h.contiguous()) for h in hashes]
 
-    model: Any
-    mini_batch_size: int
-    mini_batch_num_tokens: Optional[int]
-    show_progress_bar: bool
-    uses_gradient_cache = True  # read by sentence-transformers' MatryoshkaLoss
 
-    def _init_cache(self, mini_batch_size: int, mini_batch_num_tokens: Optional[int], show_progress_bar: bool) -> None:
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        if mini_batch_num_tokens is not None and mini_batch_num_tokens <= 0:
-            raise ValueError(f"mini_batch_num_tokens must be a positive integer or None, got {mini_batch_num_tokens}")
-        self.mini_batch_size = int(mini_batch_size)
-        self.mini_batch_num_tokens = mini_batch_num_tokens
-        self.show_progress_bar = bool(show_progress_bar)
-        self._pending_hashes: Optional[list[Tensor]] = None
+class _FastnegRules:
+    """fastneg's keyword arguments, validated once; the rules reach the fused op as a BlockRules.
 
-    def _progress(self, items: Sequence[Any], desc: str) -> Iterable[Any]:
-        if not self.show_progress_bar:
-            return items
-        from tqdm.auto import tqdm
+    Defaults live on the class, so an instance built without ``__init__`` (``cls.__new__`` and
+    attributes set by hand, as some tests of the originals do) computes the original loss."""
 
-        return tqdm(items, desc=desc)
+    mask_duplicates: bool = False
+    rules: BlockRules = BlockRules()
+    backend: str = "auto"
+    _pending_hashes: Optional[list[Tensor]] = None
+    _margin_key = "margin"
 
-    def _embed_iter(self, model: Any, features: dict[str, Any], ranges: list[tuple[int, int]], with_grad: bool,
-                    states: Optional[list[RandState]] = None, save_states: bool = False
-                    ) -> Iterator[tuple[Tensor, Optional[RandState]]]:
-        for index, (begin, end) in enumerate(self._progress(ranges, "Embed mini-batches")):
-            mb = _slice(features, begin, end)
-            replay = states[index] if states is not None else nullcontext()
-            with replay, (nullcontext() if with_grad else torch.no_grad()):
-                state = RandState(*mb.values()) if save_states else None
-                yield _embed(model, mb), state
+    def _init_fastneg(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
+                      max_score: Optional[float], weighting: object, backend: str) -> None:
+        rules = BlockRules(margin, relative_margin, max_score, weighting)
+        rules.rules()  # validates the values now
+        check_backend(backend)
+        # plain attributes: nn.Module's __setattr__ would take a BlockRules for a non-module value anyway
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "mask_duplicates", bool(mask_duplicates))
 
-    def _cached_forward(self, sentence_features: list[dict[str, Any]], extra: Any) -> Tensor:
-        grad_enabled = torch.is_grad_enabled()
-        ranges = [_ranges(f, self.mini_batch_size, self.mini_batch_num_tokens) for f in sentence_features]
-        reps: list[list[Tensor]] = []
-        states: list[list[RandState]] = []
-        for features, column_ranges in zip(sentence_features, ranges):
-            column, column_states = [], []
-            for rep, state in self._embed_iter(self.model, features, column_ranges, False, save_states=grad_enabled):
-                column.append(rep.detach().requires_grad_(grad_enabled))
-                column_states.append(state)
-            reps.append(column)
-            states.append(column_states)
-        if not grad_enabled:
-            return self.calculate_loss(reps, extra)  # type: ignore[attr-defined]
-        loss = self.calculate_loss(reps, extra, with_backward=True)  # type: ignore[attr-defined]
-        cache = [[r.grad if r.grad is not None else torch.zeros_like(r) for r in column] for column in reps]
-        loss = loss.detach().requires_grad_()
-        loss.register_hook(partial(self._replay, sentence_features=sentence_features, ranges=ranges, cache=cache,
-                                   states=states))
-        return loss
+    def _has_rules(self) -> bool:
+        r = self.rules
+        return self.mask_duplicates or any(v is not None for v in (r.margin, r.relative_margin, r.max_score, r.weighting))
 
-    def _replay(self, grad_output: Tensor, *, sentence_features: list[dict[str, Any]],
-                ranges: list[list[tuple[int, int]]], cache: list[list[Tensor]], states: list[list[RandState]]) -> None:
-        """Backward hook: re-embed each mini-batch with a graph, RNG replayed, and back-propagate
-        its cached embedding gradient (scaled by the outer gradient of the loss)."""
-        with torch.enable_grad():
-            for features, column_ranges, grads, column_states in zip(sentence_features, ranges, cache, states):
-                it = self._embed_iter(self.model, features, column_ranges, True, states=column_states)
-                for (rep, _), grad in zip(it, grads):
-                    if rep.requires_grad:
-                        surrogate = torch.dot(rep.flatten().float(), grad.flatten().float()) * grad_output
-                        surrogate.backward()
+    def _hashes(self, sentence_features: Sequence[dict[str, Tensor]]) -> Optional[list[Tensor]]:
+        return [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
+
+    def _refuse_rules(self, why: str) -> None:
+        if self._has_rules():
+            raise ValueError(f"{type(self).__name__}: {why}; fastneg's rules (mask_duplicates, margins, weighting) "
+                             "need the fused op, which computes cos_sim or dot_score (similarity_fct)")
+
+    def _fastneg_config(self) -> dict[str, Any]:
+        r = self.rules
+        extra = {"mask_duplicates": self.mask_duplicates, self._margin_key: r.margin,
+                 "relative_margin": r.relative_margin, "max_score": r.max_score, "weighting": _weighting_repr(r.weighting)}
+        defaults = {"mask_duplicates": False}
+        return {k: v for k, v in extra.items() if v != defaults.get(k)}
+
+    def _fastneg_citation(self, original: type) -> str:
+        name = original.__name__
+        return (f"\n@misc{{fastneg,\n    title={{fastneg: fused contrastive losses with false-negative masking}},\n"
+                f"    note={{fastneg.integrations.sentence_transformers.{type(self).__name__}, a drop-in for "
+                f"sentence-transformers' {name} ({_DOCS}{name.lower()})}}\n}}\n")
 
 
 # --- MultipleNegativesRankingLoss -------------------------------------------------------------------
 
-class _RankingOptions:
-    """Validation and config shared by the (cached) ranking losses."""
+class _RankingMixin(_FastnegRules):
+    scale: float
+    similarity_fct: Any
+    gather_across_devices: bool
+    directions: tuple[str, ...]
+    partition_mode: str
+    hardness_mode: Optional[str]
+    hardness_strength: float
 
-    def _init_ranking(self, scale: float, similarity_fct: Union[Callable, str], gather_across_devices: bool,
-                      directions: Sequence[str], partition_mode: str, hardness_mode: Optional[str],
-                      hardness_strength: float, mask_duplicates: bool, margin: Optional[float],
-                      relative_margin: Optional[float], max_score: Optional[float], weighting: object,
-                      backend: str) -> None:
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        self.scale = float(scale)
-        self.similarity_fct = similarity_fct
-        self._kind = _similarity_kind(similarity_fct)
-        self.gather_across_devices = bool(gather_across_devices)
-        directions = tuple(directions)
-        if not directions:
-            raise ValueError("directions must name at least one direction")
-        unknown = set(directions) - set(DIRECTIONS)
-        if unknown:
-            raise ValueError(f"directions: unknown {sorted(unknown)}; valid: {DIRECTIONS}")
-        if "query_to_doc" not in directions:
-            raise ValueError("directions must include 'query_to_doc' (it holds the positive pair)")
-        self.directions = directions
-        if partition_mode not in ("joint", "per_direction"):
-            raise ValueError(f"partition_mode must be 'joint' or 'per_direction', got {partition_mode!r}")
-        if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
-            raise ValueError("partition_mode='per_direction' needs every direction to contain the positive pair: "
-                             "'query_to_query' and 'doc_to_doc' do not; use partition_mode='joint'")
-        self.partition_mode = partition_mode
-        if hardness_mode not in HARDNESS_MODES:
-            raise ValueError(f"hardness_mode must be one of {HARDNESS_MODES}, got {hardness_mode!r}")
-        if hardness_strength < 0:
-            raise ValueError(f"hardness_strength must be >= 0, got {hardness_strength}")
-        self.hardness_mode = hardness_mode
-        self.hardness_strength = float(hardness_strength)
-        self.mask_duplicates = bool(mask_duplicates)
-        self.rules = BlockRules(margin, relative_margin, max_score, weighting)
-        self.rules.rules()  # validates the values now
-        if hardness_mode is not None and hardness_strength > 0 and weighting is not None:
-            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
-        check_backend(backend)
-        self.backend = backend
-
-    @property
-    def temperature(self) -> float:
-        return 1.0 / self.scale
-
-    def _ranking_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]]) -> Tensor:
+    def _fused_ranking_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]], kind: str,
+                            module: ModuleType) -> Tensor:
+        """The original's loss (a mean over the local rows) through the fused op."""
         if len(embeddings) < 2:
-            raise ValueError(f"expected at least 2 embedding columns (anchor, positive, ...), got {len(embeddings)}")
-        queries, docs = _prepare(embeddings[0], self._kind), [_prepare(e, self._kind) for e in embeddings[1:]]
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        if self.hardness_mode is not None and self.hardness_strength > 0 and self.rules.weighting is not None:
+            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
+        queries, docs = _prepare(embeddings[0], kind), [_prepare(e, kind) for e in embeddings[1:]]
         local = queries.shape[0]
         offset = 0
-        if self.gather_across_devices and _is_distributed():
-            queries = _gather(queries)
-            docs = [_gather(d) for d in docs]
-            hashes = [_gather(h, with_grad=False) for h in hashes] if hashes is not None else None
-            offset = _rank() * local
+        if self.gather_across_devices:
+            queries = module.all_gather_with_grad(queries)
+            docs = [module.all_gather_with_grad(d) for d in docs]
+            hashes = _gather_hashes(hashes)
+            offset = module.get_rank() * local
         loss = ranking_loss(
-            queries, docs, offset=offset, local=local, temperature=self.temperature, directions=self.directions,
+            queries, docs, offset=offset, local=local, temperature=1.0 / self.scale, directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, rules=self.rules,
             query_hashes=hashes[0] if hashes is not None else None,
             doc_hashes=hashes[1:] if hashes is not None else None, backend=self.backend)
         return loss.mean().to(embeddings[0].dtype)
 
-    def _ranking_config(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "similarity_fct": _similarity_name(self._kind),
-            "gather_across_devices": self.gather_across_devices,
-            "directions": self.directions,
-            "partition_mode": self.partition_mode,
-            "hardness_mode": self.hardness_mode,
-            "hardness_strength": self.hardness_strength,
-            "mask_duplicates": self.mask_duplicates,
-            "margin": self.rules.margin,
-            "relative_margin": self.rules.relative_margin,
-            "max_score": self.rules.max_score,
-            "weighting": _weighting_repr(self.rules.weighting),
-            "implementation": "fastneg",
-        }
-
-    def _hashes(self, sentence_features: Sequence[dict[str, Tensor]]) -> Optional[list[Tensor]]:
-        return [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
+    def _fused_kind(self) -> Optional[str]:
+        kind = fused_similarity(self.similarity_fct)
+        if kind is None:
+            self._refuse_rules(f"similarity_fct {_st_util.similarity_fct_name(self.similarity_fct)!r} is not fused")
+            _warn_dense(self, f"similarity_fct {_st_util.similarity_fct_name(self.similarity_fct)!r} is not a dot product")
+        return kind
 
 
-_MNRL_CITATION = """
-@misc{oord2019representationlearningcontrastivepredictive,
-      title={Representation Learning with Contrastive Predictive Coding},
-      author={Aaron van den Oord and Yazhe Li and Oriol Vinyals},
-      year={2019},
-      eprint={1807.03748},
-      archivePrefix={arXiv},
-      primaryClass={cs.LG},
-      url={https://arxiv.org/abs/1807.03748},
-}
-"""
-
-_GTE_CITATION = """
-@misc{li2023generaltextembeddingsmultistage,
-      title={Towards General Text Embeddings with Multi-stage Contrastive Learning},
-      author={Zehan Li and Xin Zhang and Yanzhao Zhang and Dingkun Long and Pengjun Xie and Meishan Zhang},
-      year={2023},
-      eprint={2308.03281},
-      archivePrefix={arXiv},
-      primaryClass={cs.CL},
-      url={https://arxiv.org/abs/2308.03281},
-}
-"""
-
-_GRADCACHE_CITATION = """
-@misc{gao2021scaling,
-    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
-    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
-    year={2021},
-    eprint={2101.06983},
-    archivePrefix={arXiv},
-    primaryClass={cs.LG}
-}
-"""
-
-_GIST_CITATION = """
-@misc{solatorio2024gistembed,
-    title={GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
-    author={Aivin V. Solatorio},
-    year={2024},
-    eprint={2402.16829},
-    archivePrefix={arXiv},
-    primaryClass={cs.LG}
-}
-"""
+_MNRL = _st_losses.MultipleNegativesRankingLoss
 
 
-class MultipleNegativesRankingLoss(_RankingOptions, nn.Module):
+class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
     """sentence-transformers' ``MultipleNegativesRankingLoss`` (InfoNCE with in-batch negatives),
-    computed by fastneg's fused op. Same arguments and numbers; see the module docstring for
-    fastneg's extra keyword arguments.
+    its score stage computed by fastneg's fused op. Same arguments and numbers; see the module
+    docstring for fastneg's extra keyword arguments.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples;
     labels are unused.
@@ -397,7 +279,7 @@ class MultipleNegativesRankingLoss(_RankingOptions, nn.Module):
         self,
         model: Any,
         scale: float = 20.0,
-        similarity_fct: Union[Callable, str] = "cos_sim",
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = _st_util.cos_sim,
         gather_across_devices: bool = False,
         directions: Sequence[str] = ("query_to_doc",),
         partition_mode: str = "joint",
@@ -411,54 +293,61 @@ class MultipleNegativesRankingLoss(_RankingOptions, nn.Module):
         weighting: object = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.model = model
-        self._init_ranking(scale, similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
-                           hardness_strength, mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        super().__init__(model, scale, _similarity_argument(similarity_fct), gather_across_devices, tuple(directions),
+                         partition_mode, hardness_mode, hardness_strength)
+        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        if hardness_mode is not None and hardness_strength > 0 and weighting is not None:
+            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
-        hashes = self._hashes(sentence_features)
-        embeddings = [_embed(self.model, f) for f in sentence_features]
-        return self._ranking_loss(embeddings, hashes)
+        hashes = self._hashes(sentence_features)  # before the model sees (and may edit) the features
+        embeddings = _module_of(_MNRL).embed_columns(self.model, sentence_features)
+        return self.compute_loss_from_embeddings(embeddings, labels, hashes=hashes)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None, *,
                                      hashes: Optional[list[Tensor]] = None) -> Tensor:
         """The loss from each column's embeddings. ``hashes`` (one [B] int64 per column, e.g. from
         :func:`text_hashes`) masks duplicates as ``mask_duplicates`` does in ``forward``."""
-        return self._ranking_loss(embeddings, hashes)
+        kind = self._fused_kind()
+        if kind is None:
+            return super().compute_loss_from_embeddings(embeddings, labels)
+        return self._fused_ranking_loss(embeddings, hashes, kind, _module_of(_MNRL))
 
     def get_config_dict(self) -> dict[str, Any]:
-        return self._ranking_config()
+        return {**super().get_config_dict(), **self._fastneg_config()}
 
     @property
     def citation(self) -> str:
-        if set(self.directions) == set(DIRECTIONS) and self.partition_mode == "joint":
-            return _GTE_CITATION
-        return _MNRL_CITATION
+        return super().citation + self._fastneg_citation(_MNRL)
 
 
 class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
     """sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``: query -> documents and
     document -> queries, one softmax each, averaged (``directions=("query_to_doc", "doc_to_query"),
-    partition_mode="per_direction"``)."""
+    partition_mode="per_direction"``). Not deprecated here: it is a name for that configuration."""
 
-    def __init__(self, model: Any, scale: float = 20.0, similarity_fct: Union[Callable, str] = "cos_sim",
+    def __init__(self, model: Any, scale: float = 20.0,
+                 similarity_fct: Callable[[Tensor, Tensor], Tensor] = _st_util.cos_sim,
                  gather_across_devices: bool = False, **fastneg_options: Any) -> None:
         super().__init__(model, scale, similarity_fct, gather_across_devices,
                          directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction", **fastneg_options)
 
 
-class CachedMultipleNegativesRankingLoss(_GradientCache, _RankingOptions, nn.Module):
+_CMNRL = _st_losses.CachedMultipleNegativesRankingLoss
+
+
+class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss``: the same loss with a gradient
-    cache, so the batch size is bounded by the loss (linear in the batch here) rather than by the
-    encoder's activations, which live for one mini-batch at a time."""
+    cache (the original's), so the batch size is bounded by the loss rather than by the encoder's
+    activations. ``calculate_loss`` computes the whole batch in one fused call (linear memory)
+    instead of the original's mini-batch chunks of B x N scores; its gradients are the same."""
 
     def __init__(
         self,
         model: Any,
         scale: float = 20.0,
-        similarity_fct: Union[Callable, str] = "cos_sim",
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = _st_util.cos_sim,
         mini_batch_size: int = 32,
         mini_batch_num_tokens: Optional[int] = None,
         gather_across_devices: bool = False,
@@ -475,17 +364,24 @@ class CachedMultipleNegativesRankingLoss(_GradientCache, _RankingOptions, nn.Mod
         weighting: object = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.model = model
-        self._init_cache(mini_batch_size, mini_batch_num_tokens, show_progress_bar)
-        self._init_ranking(scale, similarity_fct, gather_across_devices, directions, partition_mode, hardness_mode,
-                           hardness_strength, mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        super().__init__(model, scale, _similarity_argument(similarity_fct), mini_batch_size, mini_batch_num_tokens,
+                         gather_across_devices, tuple(directions), partition_mode, show_progress_bar, hardness_mode,
+                         hardness_strength)
+        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        if hardness_mode is not None and hardness_strength > 0 and weighting is not None:
+            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
         """The loss over the whole batch from per-mini-batch embeddings; with ``with_backward``,
         back-propagates it to the embeddings and returns it detached."""
-        loss = self._ranking_loss([torch.cat(column) for column in reps], self._pending_hashes)
+        kind = self._fused_kind()
+        if kind is None:
+            return super().calculate_loss(reps, labels, with_backward=with_backward)
+        loss = self._fused_ranking_loss([torch.cat(column) for column in reps], self._pending_hashes, kind,
+                                        _module_of(_CMNRL))
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -493,76 +389,84 @@ class CachedMultipleNegativesRankingLoss(_GradientCache, _RankingOptions, nn.Mod
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
-        if len(sentence_features) < 2:
-            raise ValueError(f"expected at least 2 input columns, got {len(sentence_features)}")
-        self._pending_hashes = self._hashes(sentence_features)
+        object.__setattr__(self, "_pending_hashes", self._hashes(sentence_features))
         try:
-            return self._cached_forward(sentence_features, labels)
+            return super().forward(sentence_features, labels)
         finally:
-            self._pending_hashes = None
+            object.__setattr__(self, "_pending_hashes", None)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None, *,
                                      hashes: Optional[list[Tensor]] = None) -> Tensor:
-        """The loss from each column's embeddings. ``hashes`` (one [B] int64 per column, e.g. from
-        :func:`text_hashes`) masks duplicates as ``mask_duplicates`` does in ``forward``."""
-        return self._ranking_loss(embeddings, hashes)
+        """The loss from each column's full embeddings (no gradient cache), as ``calculate_loss``
+        computes it; ``hashes`` as in :meth:`MultipleNegativesRankingLoss.compute_loss_from_embeddings`."""
+        object.__setattr__(self, "_pending_hashes", hashes)
+        try:
+            return self.calculate_loss([[e] for e in embeddings], labels)
+        finally:
+            object.__setattr__(self, "_pending_hashes", None)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self._ranking_config(), "mini_batch_size": self.mini_batch_size,
-                "mini_batch_num_tokens": self.mini_batch_num_tokens}
+        return {**super().get_config_dict(), **self._fastneg_config()}
 
     @property
     def citation(self) -> str:
-        return _GRADCACHE_CITATION
+        return super().citation + self._fastneg_citation(_CMNRL)
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesSymmetricRankingLoss``: the cached loss with
+    ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``."""
+
+    def __init__(self, model: Any, scale: float = 20.0,
+                 similarity_fct: Callable[[Tensor, Tensor], Tensor] = _st_util.cos_sim, mini_batch_size: int = 32,
+                 mini_batch_num_tokens: Optional[int] = None, gather_across_devices: bool = False,
+                 show_progress_bar: bool = False, **fastneg_options: Any) -> None:
+        super().__init__(model, scale, similarity_fct, mini_batch_size, mini_batch_num_tokens, gather_across_devices,
+                         directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                         show_progress_bar=show_progress_bar, **fastneg_options)
+
+    @property
+    def citation(self) -> str:
+        return _st_losses.CachedMultipleNegativesSymmetricRankingLoss.citation.fget(self) + \
+            self._fastneg_citation(_st_losses.CachedMultipleNegativesSymmetricRankingLoss)
 
 
 # --- GISTEmbedLoss -----------------------------------------------------------------------------------
 
-class _GistOptions:
-    model: Any
-    guide: Any
+class _GistMixin(_FastnegRules):
+    _margin_key = "score_margin"
+    temperature: float
+    margin_strategy: str
+    margin: float
+    contrast_anchors: bool
+    contrast_positives: bool
+    gather_across_devices: bool
 
-    def _init_gist(self, guide: Any, temperature: float, margin_strategy: str, margin: float,
-                   contrast_anchors: bool, contrast_positives: bool, gather_across_devices: bool,
-                   mask_duplicates: bool, score_margin: Optional[float], relative_margin: Optional[float],
-                   max_score: Optional[float], weighting: object, backend: str) -> None:
-        self.guide = guide
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        if margin_strategy not in ("absolute", "relative"):
-            raise ValueError(f"margin_strategy must be 'absolute' or 'relative', got {margin_strategy!r}")
-        self.margin_strategy = margin_strategy
-        self.margin = float(margin)
-        self.contrast_anchors = bool(contrast_anchors)
-        self.contrast_positives = bool(contrast_positives)
-        self.gather_across_devices = bool(gather_across_devices)
-        self.mask_duplicates = bool(mask_duplicates)
-        self.rules = BlockRules(score_margin, relative_margin, max_score, weighting)
-        self.rules.rules()
-        check_backend(backend)
-        self.backend = backend
-        model_tok, guide_tok = getattr(self.model, "tokenizer", None), getattr(guide, "tokenizer", None)
-        if model_tok is None or guide_tok is None:
-            raise ValueError("GISTEmbedLoss: the model and the guide must both have a tokenizer attribute")
-        self.must_retokenize = (
-            model_tok.get_vocab() != guide_tok.get_vocab()
-            or getattr(guide, "max_seq_length", 0) < getattr(self.model, "max_seq_length", 0))
-
-    def _guide_features(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The features the guide sees: the model's own when the tokenizers agree, else the
-        decoded texts tokenized by the guide (``preprocess`` in sentence-transformers 6, ``tokenize`` in 5)."""
-        if not self.must_retokenize:
-            return dict(features)
-        texts = self.model.tokenizer.batch_decode(features["input_ids"], skip_special_tokens=True)
-        tokenize = getattr(self.guide, "preprocess", None) or self.guide.tokenize
-        device = next(self.guide.parameters()).device
-        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in tokenize(texts).items()}
+    def _fused_gist(self, original: type) -> bool:
+        """Whether the fused op computes what this instance's original would: cosine scores through
+        the class's own ``sim_matrix`` and a default cross-entropy, at a positive temperature."""
+        reasons = []
+        sim = getattr(self, "similarity_fct", None)
+        if not (type(sim) is nn.CosineSimilarity and sim.dim == -1):
+            reasons.append("similarity_fct is not nn.CosineSimilarity(dim=-1)")
+        if "sim_matrix" in self.__dict__ or type(self).sim_matrix is not original.sim_matrix:  # type: ignore[attr-defined]
+            reasons.append("sim_matrix is overridden")
+        ce = getattr(self, "cross_entropy_loss", None)
+        if not (type(ce) is nn.CrossEntropyLoss and ce.weight is None and ce.label_smoothing == 0.0
+                and ce.reduction == "mean"):
+            reasons.append("cross_entropy_loss is not the default nn.CrossEntropyLoss()")
+        if not self.temperature > 0:
+            reasons.append(f"temperature {self.temperature} is not positive")
+        if not reasons:
+            return True
+        self._refuse_rules("; ".join(reasons))
+        _warn_dense(self, "; ".join(reasons))  # type: ignore[arg-type]
+        return False
 
     def _gist_loss(self, embeddings: Sequence[Tensor], guide_embeddings: Sequence[Tensor],
-                   hashes: Optional[list[Tensor]]) -> Tensor:
+                   hashes: Optional[list[Tensor]], module: ModuleType) -> Tensor:
         if len(embeddings) < 2:
-            raise ValueError(f"expected at least 2 embedding columns (anchor, positive, ...), got {len(embeddings)}")
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         anchors = _prepare(embeddings[0], "cos")
         candidates = [_prepare(e, "cos") for e in embeddings[1:]]
         anchors_guide = _prepare(guide_embeddings[0].detach(), "cos")
@@ -570,12 +474,11 @@ class _GistOptions:
         offset = 0
         anchor_hashes = hashes[0] if hashes is not None else None
         candidate_hashes = hashes[1:] if hashes is not None else None
-        if self.gather_across_devices and _is_distributed():
-            offset = _rank() * anchors.shape[0]
-            candidates = [_gather(c) for c in candidates]
-            candidates_guide = [_gather(c, with_grad=False) for c in candidates_guide]
-            if candidate_hashes is not None:
-                candidate_hashes = [_gather(h, with_grad=False) for h in candidate_hashes]
+        if self.gather_across_devices:
+            offset = module.get_rank() * anchors.shape[0]
+            candidates = [module.all_gather_with_grad(c) for c in candidates]
+            candidates_guide = [module.all_gather_with_grad(c).detach() for c in candidates_guide]
+            candidate_hashes = _gather_hashes(candidate_hashes)  # type: ignore[arg-type]
         loss = gist_loss(anchors, candidates, anchors_guide, candidates_guide, offset=offset,
                          temperature=self.temperature, margin_strategy=self.margin_strategy, margin=self.margin,
                          contrast_anchors=self.contrast_anchors, contrast_positives=self.contrast_positives,
@@ -583,29 +486,11 @@ class _GistOptions:
                          backend=self.backend)
         return loss.mean().to(embeddings[0].dtype)
 
-    def _gist_config(self) -> dict[str, Any]:
-        return {
-            "guide": self.guide,
-            "temperature": self.temperature,
-            "margin_strategy": self.margin_strategy,
-            "margin": self.margin,
-            "contrast_anchors": self.contrast_anchors,
-            "contrast_positives": self.contrast_positives,
-            "gather_across_devices": self.gather_across_devices,
-            "mask_duplicates": self.mask_duplicates,
-            "score_margin": self.rules.margin,
-            "relative_margin": self.rules.relative_margin,
-            "max_score": self.rules.max_score,
-            "weighting": _weighting_repr(self.rules.weighting),
-            "implementation": "fastneg",
-        }
 
-    @property
-    def citation(self) -> str:
-        return _GIST_CITATION
+_GIST = _st_losses.GISTEmbedLoss
 
 
-class GISTEmbedLoss(_GistOptions, nn.Module):
+class GISTEmbedLoss(_GistMixin, _GIST):
     """sentence-transformers' ``GISTEmbedLoss``: in-batch negatives that a guide model scores above
     the positive (minus ``margin``) are masked; anchor-positive, anchor-anchor, positive-positive and
     anchor-negative blocks share one softmax. The guide mask is computed inside the fused op.
@@ -629,28 +514,53 @@ class GISTEmbedLoss(_GistOptions, nn.Module):
         weighting: object = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.model = model
-        self._init_gist(guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
-                        gather_across_devices, mask_duplicates, score_margin, relative_margin, max_score, weighting,
-                        backend)
+        super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
+                         gather_across_devices)
+        self._init_fastneg(mask_duplicates, score_margin, relative_margin, max_score, weighting, backend)
+
+    def _guide_features(self, sentence_features: list[dict[str, Tensor]]) -> list[dict[str, Any]]:
+        """The guide's features, as the original builds them: the model's own (copied before the
+        model's forward may edit them) or the decoded texts preprocessed by the guide."""
+        if not self.must_retokenize:
+            return [dict(f) for f in sentence_features]
+        out = []
+        for features in sentence_features:
+            input_ids = features["input_ids"]
+            if "cu_seq_lens_q" in features:
+                flat, cu = input_ids[0].tolist(), features["cu_seq_lens_q"].tolist()
+                input_ids = [flat[b:e] for b, e in zip(cu[:-1], cu[1:])]
+            decoded = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+            out.append(_st_util.batch_to_device(self.guide.preprocess(decoded), self.guide.device))
+        return out
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
+        if not self._fused_gist(_GIST):
+            return super().forward(sentence_features, labels)
         sentence_features = list(sentence_features)
-        hashes = [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
-        guide_features = [self._guide_features(f) for f in sentence_features]
-        embeddings = [_embed(self.model, f) for f in sentence_features]
+        module = _module_of(_GIST)
+        hashes = self._hashes(sentence_features)
         with torch.no_grad():
-            guide_embeddings = [_embed(self.guide, f) for f in guide_features]
-        return self._gist_loss(embeddings, guide_embeddings, hashes)
+            guide_features = self._guide_features(sentence_features)
+        embeddings = module.embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            guide_embeddings = module.embed_columns(self.guide, guide_features)
+        return self._gist_loss(embeddings, guide_embeddings, hashes, module)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return self._gist_config()
+        return {**super().get_config_dict(), **self._fastneg_config()}
+
+    @property
+    def citation(self) -> str:
+        return super().citation + self._fastneg_citation(_GIST)
 
 
-class CachedGISTEmbedLoss(_GradientCache, _GistOptions, nn.Module):
-    """sentence-transformers' ``CachedGISTEmbedLoss``: :class:`GISTEmbedLoss` with a gradient cache.
-    ``calculate_loss(reps, reps_guided, with_backward=...)`` as in sentence-transformers."""
+_CGIST = _st_losses.CachedGISTEmbedLoss
+
+
+class CachedGISTEmbedLoss(_GistMixin, _CGIST):
+    """sentence-transformers' ``CachedGISTEmbedLoss``: :class:`GISTEmbedLoss` with the original's
+    gradient cache; ``calculate_loss(reps, reps_guided, with_backward=...)`` computes the whole batch
+    in one fused call."""
 
     def __init__(
         self,
@@ -673,17 +583,20 @@ class CachedGISTEmbedLoss(_GradientCache, _GistOptions, nn.Module):
         weighting: object = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
-        self.model = model
-        self._init_cache(mini_batch_size, mini_batch_num_tokens, show_progress_bar)
-        self._init_gist(guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
-                        gather_across_devices, mask_duplicates, score_margin, relative_margin, max_score, weighting,
-                        backend)
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        super().__init__(model, guide, temperature, mini_batch_size, mini_batch_num_tokens, show_progress_bar,
+                         margin_strategy, margin, contrast_anchors, contrast_positives, gather_across_devices)
+        self._init_fastneg(mask_duplicates, score_margin, relative_margin, max_score, weighting, backend)
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:
+        if not self._fused_gist(_CGIST):
+            return super().calculate_loss(reps, reps_guided, with_backward=with_backward)
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
         loss = self._gist_loss([torch.cat(c) for c in reps], [torch.cat(c) for c in reps_guided],
-                               self._pending_hashes)
+                               self._pending_hashes, _module_of(_CGIST))
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -691,24 +604,15 @@ class CachedGISTEmbedLoss(_GradientCache, _GistOptions, nn.Module):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
-        if len(sentence_features) < 2:
-            raise ValueError(f"expected at least 2 input columns, got {len(sentence_features)}")
-        self._pending_hashes = [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
-        guided: list[list[Tensor]] = []
-        with torch.no_grad():  # the guide embeddings, mini-batch by mini-batch, once
-            for features in sentence_features:
-                gf = self._guide_features(features)
-                guided.append([_embed(self.guide, _slice(gf, b, e))
-                               for b, e in _ranges(gf, self.mini_batch_size, None)])
+        object.__setattr__(self, "_pending_hashes", self._hashes(sentence_features))
         try:
-            return self._cached_forward(sentence_features, guided)
+            return super().forward(sentence_features, labels)
         finally:
-            self._pending_hashes = None
+            object.__setattr__(self, "_pending_hashes", None)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self._gist_config(), "mini_batch_size": self.mini_batch_size,
-                "mini_batch_num_tokens": self.mini_batch_num_tokens}
+        return {**super().get_config_dict(), **self._fastneg_config()}
 
     @property
     def citation(self) -> str:
-        return _GIST_CITATION + _GRADCACHE_CITATION
+        return _GIST.citation.fget(self) + _CMNRL.citation.fget(self) + self._fastneg_citation(_CGIST)
