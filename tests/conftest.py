@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# sentence-transformers' own tests (vendored) run in a subprocess of their own, twice:
+# tests/test_sentence_transformers_upstream.py
+collect_ignore = ["upstream"]
+
 
 try:  # the property tests' profiles: `ci` by default, `--hypothesis-profile=long` on demand
     from hypothesis import HealthCheck, settings

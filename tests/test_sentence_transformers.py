@@ -310,3 +310,96 @@ def test_fastneg_rules_change_the_loss(tiny) -> None:
     for kw in (dict(margin=0.0), dict(weighting=fastneg.SimANS(a=1e4, b=0.05)), dict(max_score=0.5)):
         value = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, **kw), tiny, feats)[0]
         assert value != pytest.approx(plain, rel=1e-4), kw
+
+
+# --- compatibility with the originals' interface ----------------------------------------------------
+
+def test_assigned_attributes_take_effect(tiny) -> None:
+    util = importlib.import_module("sentence_transformers.util")
+    feats = features(tiny, 6, 3)
+    for name, kw in (("MultipleNegativesRankingLoss", {}), ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4})):
+        ours = getattr(fst, name)(tiny, **kw)
+        ours.similarity_fct, ours.scale = util.dot_score, 3.0
+        assert ours.get_config_dict()["similarity_fct"] == "dot_score" and ours.scale == 3.0
+        theirs = getattr(st_losses, name)(tiny, similarity_fct=util.dot_score, scale=3.0, **kw)
+        assert_same(loss_and_grads(ours, tiny, feats), loss_and_grads(theirs, tiny, feats))
+    gist = fst.GISTEmbedLoss(tiny, tiny)
+    gist.temperature, gist.margin = 0.05, 0.1
+    assert_same(loss_and_grads(gist, tiny, feats),
+                loss_and_grads(st_losses.GISTEmbedLoss(tiny, tiny, temperature=0.05, margin=0.1), tiny, feats))
+
+
+@pytest.mark.parametrize("similarity", ["euclidean_sim", "manhattan_sim", "lambda"])
+def test_unfused_similarities_run_the_originals_computation(tiny, similarity) -> None:
+    util = importlib.import_module("sentence_transformers.util")
+    fn = (lambda a, b: util.cos_sim(a, b) ** 3) if similarity == "lambda" else getattr(util, similarity)
+    feats = features(tiny, 6, 2)
+    fst._warned.clear()
+    with pytest.warns(UserWarning, match="quadratic"):
+        ours = loss_and_grads(fst.MultipleNegativesRankingLoss(tiny, similarity_fct=fn, scale=1.0), tiny, feats)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(tiny, similarity_fct=fn, scale=1.0), tiny, feats)
+    assert_same(ours, theirs, rtol=1e-6)
+    cached = loss_and_grads(fst.CachedMultipleNegativesRankingLoss(tiny, similarity_fct=fn, scale=1.0,
+                                                                    mini_batch_size=4), tiny, feats)
+    assert_same(cached, theirs)
+
+
+def test_gist_spied_parts_and_temperatures_run_the_originals_computation(tiny, tiny_guide) -> None:
+    feats = features(tiny, 6, 2)
+    seen = []
+    ours = fst.GISTEmbedLoss(tiny, tiny_guide)
+    real = ours.cross_entropy_loss
+    del ours.cross_entropy_loss
+    ours.cross_entropy_loss = lambda scores, labels: seen.append(scores.shape) or real(scores, labels)
+    with pytest.warns(UserWarning, match="cross_entropy_loss"):
+        value = loss_and_grads(ours, tiny, feats)
+    assert seen == [(6, 18)]
+    assert_same(value, loss_and_grads(st_losses.GISTEmbedLoss(tiny, tiny_guide), tiny, feats))
+    # a temperature the fused op refuses is accepted, as the original accepts it, and computed by the
+    # original (its masked -inf logits over a negative temperature give NaN there too)
+    ours_value = loss_and_grads(fst.GISTEmbedLoss(tiny, tiny_guide, temperature=-0.5), tiny, feats)[0]
+    theirs_value = loss_and_grads(st_losses.GISTEmbedLoss(tiny, tiny_guide, temperature=-0.5), tiny, feats)[0]
+    assert ours_value == theirs_value or (ours_value != ours_value and theirs_value != theirs_value)
+
+
+def test_cached_symmetric_matches_the_original(tiny) -> None:
+    feats = features(tiny, 7, 2)
+    with pytest.warns(DeprecationWarning):  # the original is deprecated upstream; fastneg's class is not
+        original = st_losses.CachedMultipleNegativesSymmetricRankingLoss(tiny, mini_batch_size=3)
+    assert_same(loss_and_grads(fst.CachedMultipleNegativesSymmetricRankingLoss(tiny, mini_batch_size=3), tiny, feats),
+                loss_and_grads(original, tiny, feats))
+
+
+def test_tokenizer_output_features_and_float64_gradients(tmp_path_factory) -> None:
+    """Features as model.preprocess returns them (a BatchEncoding, not a dict), and float64 end to
+    end: the cached loss equals the plain original to float64 precision (no float32 surrogate)."""
+    model = _tiny_bert(tmp_path_factory.mktemp("f64"), 3).double().eval()
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    feats = [tokenize(TEXTS[c * 7:(c + 1) * 7]) for c in range(3)]
+    assert not isinstance(feats[0], dict)
+
+    def run(loss):
+        model.zero_grad(set_to_none=True)
+        value = loss(feats, None)
+        value.backward()
+        return float(value), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    reference = run(st_losses.MultipleNegativesRankingLoss(model))
+    for loss in (fst.MultipleNegativesRankingLoss(model), fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2),
+                 fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=5, mini_batch_num_tokens=20)):
+        value, grads = run(loss)
+        assert value == pytest.approx(reference[0], rel=1e-13)
+        scale = max(float(g.abs().max()) for g in reference[1])
+        worst = max(float((a - b).abs().max()) for a, b in zip(grads, reference[1]))
+        assert worst <= 1e-12 * scale, (type(loss).__name__, worst / scale)
+
+
+def test_config_keys_beyond_the_originals_only_when_set(tiny, tiny_guide) -> None:
+    assert fst.MultipleNegativesRankingLoss(tiny).get_config_dict() == st_losses.MultipleNegativesRankingLoss(
+        tiny).get_config_dict()
+    assert fst.CachedGISTEmbedLoss(tiny, tiny_guide).get_config_dict() == st_losses.CachedGISTEmbedLoss(
+        tiny, tiny_guide).get_config_dict()
+    config = fst.GISTEmbedLoss(tiny, tiny_guide, score_margin=0.1, mask_duplicates=True).get_config_dict()
+    assert config["score_margin"] == 0.1 and config["mask_duplicates"] is True
+    citation = fst.CachedGISTEmbedLoss(tiny, tiny_guide).citation
+    assert "2402.16829" in citation and "2101.06983" in citation and "losses.html#cachedgistembedloss" in citation
