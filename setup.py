@@ -50,7 +50,7 @@ setup(
         "mining": ["faiss-cpu", "pyarrow", "tqdm"],
         "faiss-gpu": ["faiss-gpu", "pyarrow", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        "sentence-transformers": ["sentence-transformers>=5.0", "datasets", "accelerate"],
+        "sentence-transformers": ["sentence-transformers>=6.0", "datasets", "accelerate"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "ruff"],
         "parquet": ["pyarrow"],
         "faiss": ["faiss-cpu"],

@@ -151,6 +151,15 @@ def _module_of(cls: type) -> ModuleType:
     return sys.modules[cls.__module__]
 
 
+def _embed_columns(module: ModuleType, model: Any, features: list[dict[str, Any]]) -> list[Tensor]:
+    """The original's column forward (merged where it merges), or one forward per column where
+    the installed version has none."""
+    embed = getattr(module, "embed_columns", None)
+    if embed is not None:
+        return embed(model, features)
+    return [model(f)["sentence_embedding"] for f in features]
+
+
 def _weighting_repr(w: object) -> object:
     return repr(w) if isinstance(w, (SimANS, Hardness)) else w
 
@@ -302,7 +311,7 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
         hashes = self._hashes(sentence_features)  # before the model sees (and may edit) the features
-        embeddings = _module_of(_MNRL).embed_columns(self.model, sentence_features)
+        embeddings = _embed_columns(_module_of(_MNRL), self.model, sentence_features)
         return self.compute_loss_from_embeddings(embeddings, labels, hashes=hashes)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Optional[Tensor] = None, *,
@@ -541,9 +550,9 @@ class GISTEmbedLoss(_GistMixin, _GIST):
         hashes = self._hashes(sentence_features)
         with torch.no_grad():
             guide_features = self._guide_features(sentence_features)
-        embeddings = module.embed_columns(self.model, sentence_features)
+        embeddings = _embed_columns(module, self.model, sentence_features)
         with torch.no_grad():
-            guide_embeddings = module.embed_columns(self.guide, guide_features)
+            guide_embeddings = _embed_columns(module, self.guide, guide_features)
         return self._gist_loss(embeddings, guide_embeddings, hashes, module)
 
     def get_config_dict(self) -> dict[str, Any]:
