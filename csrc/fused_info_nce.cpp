@@ -59,6 +59,7 @@ constexpr T neg_inf() {
 template <typename T>
 struct RowView {
   int64_t positive;
+  int64_t exclude;  // a column removed from this view entirely (neither positive, masked nor negative), or -1
   T positive_score, threshold, guide_threshold, inv_temp, soft_inv_temp;
   int64_t query_label[kMaxLabelLevels];  // one label per level (levels are OR-ed)
 };
@@ -124,6 +125,7 @@ namespace avx2 {
 namespace {
 
 struct RuleArgs {
+  bool attract = false;  // flagged keys join the positives (SupCon's outside form) instead of leaving the row
   std::optional<double> margin, relative_margin, max_score;
   double guide_margin = 0.0;
   bool guide_relative = false;
@@ -214,6 +216,7 @@ struct KeyTiles {
 
 struct Inputs {
   at::Tensor query, keys, positives, query_labels, key_labels, guide_query, guide_keys;
+  at::Tensor exclude;  // [B] int64, -1 = none (undefined: no exclusions)
   bool labels() const { return key_labels.defined(); }
   int64_t label_levels() const { return labels() ? key_labels.size(0) : 0; }
   bool guide() const { return guide_query.defined(); }
@@ -221,7 +224,8 @@ struct Inputs {
 
 Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
                    const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& key_labels,
-                   const std::optional<at::Tensor>& guide_query, const std::optional<at::Tensor>& guide_keys) {
+                   const std::optional<at::Tensor>& guide_query, const std::optional<at::Tensor>& guide_keys,
+                   const std::optional<at::Tensor>& exclude = std::nullopt) {
   TORCH_CHECK(query.device().is_cpu(), "fastneg cpu backend: query must be a CPU tensor");
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
               "fastneg cpu backend: query must be float32 or float64");
@@ -257,6 +261,15 @@ Inputs make_inputs(const at::Tensor& query, const at::Tensor& keys, const at::Te
     TORCH_CHECK_VALUE(in.key_labels.size(0) >= 1 && in.key_labels.size(0) <= kMaxLabelLevels,
                       "fastneg cpu backend: at most ", kMaxLabelLevels, " label levels");
   }
+  if (exclude.has_value() && exclude->defined()) {
+    in.exclude = exclude->to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(in.exclude.numel() == query.size(0), "fastneg cpu backend: exclude must have B entries");
+    const int64_t* e = in.exclude.data_ptr<int64_t>();
+    const int64_t* p = in.positives.data_ptr<int64_t>();
+    for (int64_t i = 0; i < in.exclude.numel(); ++i)
+      TORCH_CHECK_VALUE(e[i] >= -1 && e[i] < keys.size(0) && e[i] != p[i], "exclude must be in [-1, N) = [-1, ",
+                        keys.size(0), ") and not the row's positive, got ", e[i], " at row ", i);
+  }
   if (guide_query.has_value() && guide_query->defined()) {
     TORCH_CHECK(guide_keys.has_value() && guide_keys->defined(), "guide_query and guide_keys go together");
     in.guide_query = guide_query->detach().to(query.scalar_type()).contiguous();
@@ -273,6 +286,7 @@ struct Shared {
   const int64_t* positives;
   const int64_t* key_labels;    // nullptr without labels
   const int64_t* query_labels;  // nullptr without labels
+  const int64_t* exclude;       // nullptr without exclusions
   int64_t levels, B, N;
   T inv_temp, a, b, soft_inv;
   bool soft;
@@ -281,6 +295,7 @@ struct Shared {
         positives(in.positives.data_ptr<int64_t>()),
         key_labels(in.labels() ? in.key_labels.data_ptr<int64_t>() : nullptr),
         query_labels(in.labels() ? in.query_labels.data_ptr<int64_t>() : nullptr),
+        exclude(in.exclude.defined() ? in.exclude.data_ptr<int64_t>() : nullptr),
         levels(in.label_levels()),
         B(in.query.size(0)),
         N(in.keys.size(0)),
@@ -297,8 +312,8 @@ struct Shared {
 // rules' thresholds, and its own labels, read at `at` from a [levels, stride] label table.
 template <typename T>
 RowView<T> make_view(const Shared<T>& sh, int64_t positive, T positive_score, T threshold, T guide_threshold,
-                     const int64_t* labels, int64_t stride, int64_t at) {
-  RowView<T> view{positive, positive_score, threshold, guide_threshold, sh.inv_temp, sh.soft_inv, {}};
+                     const int64_t* labels, int64_t stride, int64_t at, int64_t exclude = -1) {
+  RowView<T> view{positive, exclude, positive_score, threshold, guide_threshold, sh.inv_temp, sh.soft_inv, {}};
   for (int64_t l = 0; l < sh.levels; ++l) view.query_label[l] = labels[l * stride + at];
   return view;
 }
@@ -312,7 +327,8 @@ TileView<T> make_candidates(const Shared<T>& sh, const T* scores, const T* guide
 
 template <typename T>
 RowView<T> make_row(const Shared<T>& sh, int64_t i, T positive_score, T threshold, T guide_threshold) {
-  return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i);
+  return make_view<T>(sh, sh.positives[i], positive_score, threshold, guide_threshold, sh.query_labels, sh.B, i,
+                      sh.exclude ? sh.exclude[i] : -1);
 }
 
 template <typename T>
@@ -523,9 +539,10 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
   dispatch_flags(rules.weighting, in.labels(), in.guide(), [&]<int W, bool LABELS, bool GUIDE>() {
     at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
       BlockTiles<T> blk(in, g, opts);
-      std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
+      std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0), xf(rules.attract ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
-      std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock);
+      std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock), acc_f(rules.attract ? kRowBlock : 0);
+      std::vector<T> sum_f(rules.attract ? kRowBlock : 0);
       std::vector<SoftAcc<T>> acc_soft(sh.soft ? kRowBlock : 0);
       std::vector<T> t_pos(kRowBlock);
       std::vector<int64_t> cnt_neg(kRowBlock), cnt_masked(kRowBlock);
@@ -545,6 +562,10 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             rows[r] = make_row<T>(sh, r0 + r, spos_p[r0 + r], thr_p[r0 + r], gthr_p[r0 + r]);
             acc[r] = OnlineLSE<T>();
             acc_w[r] = OnlineLSE<T>();
+            if (rules.attract) {
+              acc_f[r] = OnlineLSE<T>();
+              sum_f[r] = T(0);
+            }
             if (sh.soft) acc_soft[r] = SoftAcc<T>();
             t_pos[r] = neg_inf<T>();
             cnt_neg[r] = cnt_masked[r] = 0;
@@ -557,11 +578,18 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             for (int64_t r = 0; r < nr; ++r) {
               const TileView<T> tile = blk.row_tile(sh, r, j0, nc);
               const int64_t masked = K::template logits<T, W, LABELS, GUIDE>(
-                  rows[r], tile, a, b, x.data(), log_w.data(), sh.soft ? tx.data() : nullptr);
+                  rows[r], tile, a, b, x.data(), log_w.data(), sh.soft ? tx.data() : nullptr,
+                  rules.attract ? xf.data() : nullptr);
               const bool has_pos = rows[r].positive >= j0 && rows[r].positive < j0 + nc;
+              const bool has_excl = rows[r].exclude >= j0 && rows[r].exclude < j0 + nc;
               cnt_masked[r] += masked;
-              cnt_neg[r] += nc - masked - (has_pos ? 1 : 0);
+              cnt_neg[r] += nc - masked - (has_pos ? 1 : 0) - (has_excl ? 1 : 0);
               K::lse_add(acc[r], x.data(), nc);
+              if (rules.attract) {  // the flagged keys' logits: their logsumexp and their sum
+                K::lse_add(acc_f[r], xf.data(), nc);
+                for (int64_t c = 0; c < nc; ++c)
+                  if (xf[c] > neg_inf<T>()) sum_f[r] += xf[c];
+              }
               if (W == kWeightSimANS || W == kWeightHCL) K::lse_add(acc_w[r], log_w.data(), nc);
               if (sh.soft) {
                 if (W == kWeightSimANS)  // the student's logits without the log-weights (kept apart, see SoftAcc)
@@ -612,6 +640,13 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               total = logaddexp(l_pos, acc[r].value() + row_off);
             }
             loss_p[i] = total - l_pos;
+            if (rules.attract) {
+              // P_i = {p_i} U flagged: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip
+              const T positives = T(1 + cnt_masked[r]);
+              total = logaddexp(total, acc_f[r].value());
+              loss_p[i] = total - (l_pos + sum_f[r]) / positives;
+              coef_p[g.B + i] = T(1) / positives;
+            }
             if (W == kWeightHCL && cnt_neg[r] > 0) {
               // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = sum_j P_ij over negatives
               coef_p[g.B + i] = a * std::exp(acc[r].value() + row_off - total);
@@ -719,6 +754,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
       BlockTiles<T> blk(in, g, opts);
       at::Tensor dq_blk = at::empty({kRowBlock, g.D}, opts);
       std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0);
+      std::vector<T> xf(rules.attract ? g.key_tile : 0), dsf(rules.attract ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       for (int64_t grp = g_begin; grp < g_end; ++grp) {
         at::Tensor dk_part;
@@ -766,11 +802,21 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               const RowView<T> row = make_row<T>(sh, i, spos_p[i], thr_p[i], gthr_p[i]);
               const TileView<T> tile = blk.row_tile(sh, r, j0, nc);
               K::template logits<T, W, LABELS, GUIDE>(row, tile, a, b, x.data(), log_w.data(),
-                                                      sh.soft ? tx.data() : nullptr);
+                                                      sh.soft ? tx.data() : nullptr, rules.attract ? xf.data() : nullptr);
               // dL_i/ds_ij = g_i / tau * (P_ij - [j == p_i]); P_ij = exp(x_ij + offset_i - lse_i)
               const T shift = offset.data_ptr<T>()[i] - lse.data_ptr<T>()[i];
               const T scale = grad_p[i] * half * inv_temp;
               const T w = T(rules.soft_weight);
+              T acc_f = T(0);
+              if (rules.attract) {
+                // flagged keys are positives: dL_i/ds_ij = g_i / tau * (e^{l_ij - lse_i} - 1 / |P_i|)
+                const T inv_p = coef_p[g.B + i], row_lse = lse.data_ptr<T>()[i];
+                for (int64_t c = 0; c < nc; ++c) {
+                  if (!(xf[c] > neg_inf<T>())) continue;
+                  dsf[c] = scale * (std::exp(xf[c] - row_lse) - inv_p);
+                  acc_f += dsf[c] * (srow[c] - row.positive_score);
+                }
+              }
               // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
               T acc;
@@ -783,12 +829,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               else
                 acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
               std::fill(srow + nc, srow + g.key_tile, T(0));
+              if (rules.attract) {
+                for (int64_t c = 0; c < nc; ++c)
+                  if (xf[c] > neg_inf<T>()) srow[c] = dsf[c];
+                acc += acc_f;
+              }
               const int64_t pc = row.positive - j0;
               if (pc >= 0 && pc < nc) {
                 // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing); soft labels:
                 // e^{l+ - lse} - (1 - w) - w p+
                 const T d = row.positive_score * inv_temp - lse.data_ptr<T>()[i];
                 srow[pc] = scale * (coef_p[i] == T(1) ? std::expm1(d) : coef_p[i] * std::exp(d) - T(1));
+                if (rules.attract) srow[pc] = scale * (std::exp(d) - coef_p[g.B + i]);
                 if (sh.soft) srow[pc] += scale * w * (T(1) - std::exp(tx[pc] - coef_p[3 * g.B + i]));
               }
               rowsum[r] += acc;
@@ -826,8 +878,10 @@ decltype(auto) with_row_kernels(F&& f) {
 RuleArgs make_rules(std::optional<double> margin, std::optional<double> relative_margin,
                     std::optional<double> max_score, double guide_margin, bool guide_relative, int64_t weighting,
                     double weight_a, double weight_b, std::optional<double> debias = std::nullopt,
-                    std::optional<double> soft_temperature = std::nullopt, double soft_weight = 1.0) {
+                    std::optional<double> soft_temperature = std::nullopt, double soft_weight = 1.0,
+                    bool attract = false) {
   RuleArgs r;
+  r.attract = attract;
   r.debias = debias;
   r.soft_temperature = soft_temperature;
   r.soft_weight = soft_weight;
@@ -851,6 +905,9 @@ void check_rule_use(const RuleArgs& rules, const Inputs& in, bool symmetric) {
   TORCH_CHECK_VALUE(weighting != kWeightGCSE || in.guide(), "GCSE needs a guide (the reference model)");
   TORCH_CHECK_VALUE(weighting != kWeightGCSE || rules.weight_a > 0.0, "GCSE alpha must be > 0");
   TORCH_CHECK_VALUE(weighting != kWeightHCL || !symmetric, "HCL cannot be combined with symmetric");
+  TORCH_CHECK_VALUE(!rules.attract || (!symmetric && !rules.debias && !rules.soft_temperature && weighting != kWeightHCL),
+                    "attraction (false_negatives='attract') cannot be combined with symmetric, debias, soft labels or HCL");
+  TORCH_CHECK_VALUE(!in.exclude.defined() || !symmetric, "exclude cannot be combined with symmetric");
   if (rules.soft_temperature) {
     TORCH_CHECK_VALUE(in.guide(), "soft labels need a guide (the teacher)");
     TORCH_CHECK_VALUE(*rules.soft_temperature > 0.0, "soft-label temperature must be > 0");
@@ -867,11 +924,12 @@ info_nce_fwd_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tens
                  const std::optional<at::Tensor>& guide_keys, std::optional<double> margin,
                  std::optional<double> relative_margin, std::optional<double> max_score, double guide_margin,
                  bool guide_relative, int64_t weighting, double weight_a, double weight_b, bool symmetric,
-                 std::optional<double> debias, std::optional<double> soft_temperature, double soft_weight) {
+                 std::optional<double> debias, std::optional<double> soft_temperature, double soft_weight,
+                 const std::optional<at::Tensor>& exclude, bool attract) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
+  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys, exclude);
   const RuleArgs rules = make_rules(margin, relative_margin, max_score, guide_margin, guide_relative, weighting,
-                                    weight_a, weight_b, debias, soft_temperature, soft_weight);
+                                    weight_a, weight_b, debias, soft_temperature, soft_weight, attract);
   check_rule_use(rules, in, symmetric);
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
@@ -889,11 +947,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const at::Tensor& row_offset, const at::Tensor& threshold, const at::Tensor& guide_threshold,
     const at::Tensor& col_lse, const at::Tensor& col_offset, const at::Tensor& positive_coef, int64_t weighting,
     double weight_a, double weight_b, bool symmetric, std::optional<double> soft_temperature, double soft_weight,
-    bool query_grad, bool keys_grad) {
+    const std::optional<at::Tensor>& exclude, bool attract, bool query_grad, bool keys_grad) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
+  const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys, exclude);
   const RuleArgs rules = make_rules(std::nullopt, std::nullopt, std::nullopt, 0.0, false, weighting, weight_a, weight_b,
-                                    std::nullopt, soft_temperature, soft_weight);
+                                    std::nullopt, soft_temperature, soft_weight, attract);
   check_rule_use(rules, in, symmetric);
   const double tau = temperature.item<double>();
   std::vector<at::Tensor> out = with_row_kernels([&]<typename K>() {
@@ -1048,14 +1106,16 @@ TORCH_LIBRARY(fastneg, m) {
       "info_nce_fwd_cpu(Tensor query, Tensor keys, Tensor positives, Tensor temperature, Tensor? query_labels, "
       "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, "
       "float? max_score, float guide_margin, bool guide_relative, int weighting, float weight_a, float weight_b, "
-      "bool symmetric, float? debias, float? soft_temperature, float soft_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "bool symmetric, float? debias, float? soft_temperature, float soft_weight, Tensor? exclude, bool attract) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
   m.def(
       "info_nce_bwd_cpu(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
       "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor lse, "
       "Tensor positive_score, Tensor row_offset, Tensor threshold, Tensor guide_threshold, Tensor col_lse, "
       "Tensor col_offset, Tensor positive_coef, int weighting, float weight_a, float weight_b, bool symmetric, "
-      "float? soft_temperature, float soft_weight, bool query_grad, bool keys_grad) -> (Tensor, Tensor, Tensor)");
+      "float? soft_temperature, float soft_weight, Tensor? exclude, bool attract, bool query_grad, bool keys_grad) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "sample_negatives_cpu(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, Tensor? key_labels, "
       "Tensor? guide_query, Tensor? guide_keys, float? margin, float? relative_margin, float? max_score, "

@@ -63,11 +63,13 @@ inline Vec<double>::type exp_shifted(Vec<double>::type x) {
 
 // x_ij = l_ij + u_ij over the row's negatives (-inf for masked keys and the positive), where u
 // is the per-key part of beta (SimANS log w_ij, or the hardness bias); the SimANS per-row
-// normaliser is added by the caller. log_w gets SimANS's log w_ij (-inf off the negatives).
+// normaliser is added by the caller. log_w gets SimANS's log w_ij (-inf off the negatives). The
+// row's excluded column (ec) is neither masked nor a negative; xf (when given) gets l_ij of the
+// masked keys and -inf elsewhere (attraction: the flagged keys are positives).
 // Returns the number of masked keys in the tile (the positive never counts).
 template <typename T, int W, bool LABELS, bool GUIDE, bool FULL>
 inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
-                                          T* tx, int32_t c, int32_t count, int32_t pc) {
+                                          T* tx, T* xf, int32_t c, int32_t count, int32_t pc, int32_t ec) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::mask M;
   const V s = load<V, FULL>(tile.scores + c, count);
@@ -87,7 +89,9 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   for (int32_t l = 0; l < Vec<T>::kWidth; ++l) column[l] = c + l;
   const M valid = column < count + c;
   const M positive = column == pc;
-  const M off = m | positive | ~valid;
+  const M excluded = column == ec;
+  m &= ~excluded;
+  const M off = m | positive | excluded | ~valid;
   const V ninf = V{} + neg_inf<T>();
   V u = {};
   if constexpr (W == kWeightSimANS) {
@@ -113,22 +117,27 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   }
   if constexpr (GUIDE) {
     // soft labels: the teacher's logits over the positive and the unmasked negatives
-    if (tx != nullptr) store<FULL>(tx + c, ((m & ~positive) | ~valid) ? ninf : tg * row.soft_inv_temp, count);
+    if (tx != nullptr)
+      store<FULL>(tx + c, ((m & ~positive) | excluded | ~valid) ? ninf : tg * row.soft_inv_temp, count);
   }
+  if (xf != nullptr) store<FULL>(xf + c, (m & ~positive & valid) ? s * row.inv_temp : ninf, count);
   store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
   return m & ~positive & valid;  // -1 where masked
 }
 
 template <typename T, int W, bool LABELS, bool GUIDE>
-int64_t biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w, T* tx) {
+int64_t biased_logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w, T* tx, T* xf) {
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t nc = static_cast<int32_t>(tile.cols);
   const int64_t rel = row.positive - tile.first_key;
   const int32_t pc = (rel >= 0 && rel < nc) ? static_cast<int32_t>(rel) : -1;
+  const int64_t rel_ex = row.exclude - tile.first_key;
+  const int32_t ec = (row.exclude >= 0 && rel_ex >= 0 && rel_ex < nc) ? static_cast<int32_t>(rel_ex) : -1;
   typename Vec<T>::mask masked = {};
   int32_t c = 0;
-  for (; c + kW <= nc; c += kW) masked += logits_chunk<T, W, LABELS, GUIDE, true>(row, tile, a, b, x, log_w, tx, c, kW, pc);
-  if (c < nc) masked += logits_chunk<T, W, LABELS, GUIDE, false>(row, tile, a, b, x, log_w, tx, c, nc - c, pc);
+  for (; c + kW <= nc; c += kW)
+    masked += logits_chunk<T, W, LABELS, GUIDE, true>(row, tile, a, b, x, log_w, tx, xf, c, kW, pc, ec);
+  if (c < nc) masked += logits_chunk<T, W, LABELS, GUIDE, false>(row, tile, a, b, x, log_w, tx, xf, c, nc - c, pc, ec);
   return -static_cast<int64_t>(horizontal_sum(masked));
 }
 
@@ -256,8 +265,8 @@ void soft_add(SoftAcc<T>& acc, const T* tx, const T* x, const T* u, int64_t n_) 
 struct RowKernels {
   template <typename T, int W, bool LABELS, bool GUIDE>
   static int64_t logits(const RowView<T>& row, const TileView<T>& tile, T a, T b, T* x, T* log_w,
-                        T* tx = nullptr) {
-    return biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x, log_w, tx);
+                        T* tx = nullptr, T* xf = nullptr) {
+    return biased_logits<T, W, LABELS, GUIDE>(row, tile, a, b, x, log_w, tx, xf);
   }
   template <typename T>
   static void soft(SoftAcc<T>& acc, const T* tx, const T* x, const T* u, int64_t n) {

@@ -87,6 +87,8 @@ def info_nce(
     key_blocks: int = 1,
     debias: Optional[float] = None,
     soft_labels: Optional[SoftLabels] = None,
+    false_negatives: str = "mask",
+    exclude: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
     r"""InfoNCE with false-negative masking and negative weighting, fused (SPEC sections 1-4).
 
@@ -146,6 +148,20 @@ def info_nce(
             full estimator).
         soft_labels: :class:`SoftLabels`: distil from the guide model as teacher, ``(1 - w) CE + w
             KL(teacher softmax || student softmax)`` over each row's positive and unmasked negatives.
+        false_negatives: what the rules' flagged keys become. ``"mask"`` (default): they leave the
+            row (the formula above). ``"attract"``: they join the positives (supervised contrastive
+            learning's "outside" form, Khosla et al. 2020; false-negative cancellation's attraction,
+            Huynh et al. 2022): with ``P_i`` the positive plus every flagged key and ``N_i`` the
+            unflagged negatives, ``L_i = logsumexp_{j in P_i U N_i}(l_ij + beta_ij) - 1/|P_i|
+            sum_{p in P_i} l_ip``, ``beta = 0`` on ``P_i`` (weightings normalise over ``N_i``). Every
+            rule and the SimANS, Hardness and GCSE weightings apply; not with ``symmetric``,
+            ``debias``, ``soft_labels``, ``HCL`` or ``negatives=`` (each changes what a positive's
+            term is). Stats: ``num_masked`` counts the flagged keys, so ``|P_i| = 1 + num_masked``.
+            A row without negatives still has a loss (it pulls its positives together); a row whose
+            only key is its positive has loss 0.
+        exclude: ``[B]`` int64 (-1 = none): a key column removed from row i entirely, neither
+            positive, flagged nor negative (e.g. the anchor itself when the keys are the queries, as
+            in SupCon). Never row i's positive. Not with ``symmetric``.
 
     Returns:
         The loss (float32 for float16/bfloat16 inputs, else the input dtype; ``backend="reference"``,
@@ -162,13 +178,15 @@ def info_nce(
             relative_margin=relative_margin, max_score=max_score, guide_query=guide_query, guide_keys=guide_keys,
             guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting, negatives=negatives,
             reduction=reduction, return_stats=return_stats, backend=backend, debias=debias,
-            soft_labels=soft_labels))
+            soft_labels=soft_labels, false_negatives=false_negatives, exclude=exclude))
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
     rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
-                        soft_labels, temperature)
+                        soft_labels, temperature, false_negatives)
     _check_guide_weighting(rules, guide_query)
     _check_rule_combinations(rules, symmetric, temperature)
+    _check_attract_and_exclude(rules, symmetric, negatives, exclude, positives, query.shape[0], keys.shape[0],
+                               query.device)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
@@ -180,10 +198,11 @@ def info_nce(
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
         query, positives, query_labels, key_labels, guide_query, guide_keys)
 
+    exclude = exclude.reshape(-1).long() if exclude is not None else None
     if chosen == "reference":
         loss, lse, pos_logit, n_masked, n_neg = info_nce_reference(
             query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
-            negatives=negatives.long() if negatives is not None else None)
+            negatives=negatives.long() if negatives is not None else None, exclude=exclude)
     elif negatives is not None:
         loss, lse, pos_logit, n_masked, n_neg = info_nce_gathered(
             query, keys, positives, negatives.long(), temperature, rules, query_labels, key_labels, guide_query,
@@ -191,7 +210,7 @@ def info_nce(
     else:
         loss, lse, pos_logit, n_masked, n_neg = _fused(
             chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
-            symmetric=symmetric)
+            symmetric=symmetric, exclude=exclude)
     if symmetric and chosen == "reference":
         # dense check: key p_i against every query, i.e. the transposed problem on the positive columns
         col_loss = info_nce_reference(
@@ -239,6 +258,41 @@ def _check_rule_combinations(rules: Rules, symmetric: bool, temperature: Union[f
                          "pass a float or a tensor without gradient")
 
 
+def _check_attract_and_exclude(rules: Rules, symmetric: bool, negatives: Optional[torch.Tensor],
+                               exclude: Optional[torch.Tensor], positives: Optional[torch.Tensor], B: int, N: int,
+                               device: torch.device) -> None:
+    if rules.attract:
+        if symmetric:
+            raise ValueError("false_negatives='attract' cannot be combined with symmetric=True")
+        if rules.debias is not None:
+            raise ValueError("false_negatives='attract' cannot be combined with debias (DCL re-estimates the negatives)")
+        if rules.soft_temperature is not None:
+            raise ValueError("false_negatives='attract' cannot be combined with soft_labels")
+        if rules.weighting == WEIGHTING_HCL:
+            raise ValueError("false_negatives='attract' cannot be combined with weighting=HCL")
+        if negatives is not None:
+            raise ValueError("false_negatives='attract' cannot be combined with negatives=")
+    if exclude is None:
+        return
+    if not isinstance(exclude, torch.Tensor):
+        raise TypeError(f"exclude must be a LongTensor [B], got {type(exclude).__name__}")
+    if exclude.dtype not in (torch.int64, torch.int32) or exclude.reshape(-1).shape[0] != B or exclude.dim() > 2:
+        raise ValueError(f"exclude must be an int64 tensor of shape [B] = [{B}], got {exclude.dtype} {tuple(exclude.shape)}")
+    if exclude.device != device:
+        raise ValueError(f"exclude must be on {device}, got {exclude.device}")
+    if symmetric:
+        raise ValueError("exclude cannot be combined with symmetric=True")
+    if negatives is not None:
+        raise ValueError("exclude cannot be combined with negatives= (list only the keys the row should see)")
+    if not torch.compiler.is_compiling() and B:
+        ex = exclude.reshape(-1).long()
+        if bool(((ex < -1) | (ex >= N)).any()):
+            raise ValueError(f"exclude must hold key columns in [0, {N}) or -1 (none)")
+        pos = torch.arange(B, device=device) if positives is None else positives.reshape(-1).long()
+        if bool((ex == pos).any()):
+            raise ValueError("exclude must not name a row's own positive")
+
+
 def _check_symmetric(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
     if negatives is not None:
         raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
@@ -257,7 +311,12 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         kw["guide_query"], kw["guide_keys"], allow_empty=True)
         check_reduction(kw["reduction"])
         rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
-                            kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"])
+                            kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"],
+                            kw["false_negatives"])
+        _check_attract_and_exclude(rules, kw["symmetric"], kw["negatives"], None, positives, query.shape[0],
+                                   keys.shape[0], query.device)
+        if kw["exclude"] is not None:
+            raise ValueError("exclude cannot be combined with process_group (its columns would name local keys)")
         _check_guide_weighting(rules, kw["guide_query"])
         _check_rule_combinations(rules, kw["symmetric"], kw["temperature"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
@@ -284,7 +343,8 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
                         relative_margin=kw["relative_margin"], max_score=kw["max_score"], guide_query=gq,
                         guide_keys=gk, guide_margin=kw["guide_margin"], guide_strategy=kw["guide_strategy"],
                         weighting=kw["weighting"], negatives=neg, reduction="none", return_stats=True,
-                        backend=kw["backend"], debias=kw["debias"], soft_labels=kw["soft_labels"])
+                        backend=kw["backend"], debias=kw["debias"], soft_labels=kw["soft_labels"],
+                        false_negatives=kw["false_negatives"])
 
     out, stats = distributed.distributed_info_nce(
         query, keys, positives, group=group, key_blocks=key_blocks, key_labels=kw["key_labels"],
@@ -349,6 +409,7 @@ def _fused(
     guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor],
     symmetric: bool = False,
+    exclude: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ...]:
     query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
         backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
@@ -361,7 +422,7 @@ def _fused(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
         rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
         rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias, rules.soft_temperature,
-        rules.soft_weight)
+        rules.soft_weight, exclude, rules.attract)
     # the stats are documented as carrying no gradient: detached, so that back-propagating through them
     # fails loudly instead of giving silent zeros
     return loss, lse.detach(), (pos_score / temp).detach(), n_masked, n_neg
@@ -388,7 +449,7 @@ class InfoNCE(torch.nn.Module):
         Rules.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
                     options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"),
                     options.get("weighting"), options.get("debias"), options.get("soft_labels"),  # type: ignore[arg-type]
-                    self.temperature)  # type: ignore[arg-type]
+                    self.temperature, options.get("false_negatives", "mask"))  # type: ignore[arg-type]
         check_reduction(options.get("reduction", "mean"))
         check_backend(options.get("backend", "auto"))
 

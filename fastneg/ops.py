@@ -12,7 +12,8 @@ symmetric loss the logsumexp and SimANS offset of the row's positive column (zer
 with ``symmetric`` the loss is already ``(row + column) / 2``), and the positive's coefficient
 ``c+`` in ``dL/dl+ = c+ e^{l+ - lse} - 1`` (1 but with DCL's ``debias``) stacked [4, B] with HCL's
 negative mass ``beta R`` and ``-logsumexp_k(beta l_ik)`` and the soft labels' teacher logsumexp
-(zeros when unused). Backward recomputes the score
+(zeros when unused; with ``attract``, row 1 holds ``1 / |P_i|``). ``exclude`` [B] (or None) names a
+column removed from each row entirely. Backward recomputes the score
 tiles from the saved per-row values, so nothing of size B x N is kept.
 """
 
@@ -59,11 +60,12 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         (query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
          _margin, _relative_margin, _max_score, _guide_margin, _guide_relative,
-         weighting, weight_a, weight_b, symmetric, _debias, soft_temperature, soft_weight) = inputs
+         weighting, weight_a, weight_b, symmetric, _debias, soft_temperature, soft_weight, exclude, attract) = inputs
         _, lse, positive_score, row_offset, threshold, guide_threshold, _, _, col_lse, col_offset, pos_coef = output
         ctx.save_for_backward(query, keys, positives, temperature, query_labels, key_labels, guide_query,
                               guide_keys, lse, positive_score, row_offset, threshold, guide_threshold, col_lse,
-                              col_offset, pos_coef)
+                              col_offset, pos_coef, exclude)
+        ctx.attract = attract
         ctx.weighting = (weighting, weight_a, weight_b)
         ctx.soft = (soft_temperature, soft_weight)
         ctx.symmetric = symmetric
@@ -73,21 +75,21 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
     def autograd_backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads: Any) -> tuple[Optional[torch.Tensor], ...]:
         (query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
          lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset,
-         pos_coef) = ctx.saved_tensors
+         pos_coef, exclude) = ctx.saved_tensors
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
-        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 20
+        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * 22
         if grad_loss is None or not (need_q or need_k or need_t):
             return no_grads
         weighting, weight_a, weight_b = ctx.weighting
         dq, dk, tau_rowsum = backward(
             grad_loss, query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys,
             lse, positive_score, row_offset, threshold, guide_threshold, col_lse, col_offset, pos_coef, weighting,
-            weight_a, weight_b, ctx.symmetric, *ctx.soft, bool(need_q), bool(need_k))
+            weight_a, weight_b, ctx.symmetric, *ctx.soft, exclude, ctx.attract, bool(need_q), bool(need_k))
         # L depends on tau through l = s / tau: dL/dtau = -(1 / tau) * sum_ij dL/ds_ij * s_ij
         d_temp = None
         if need_t:
             d_temp = (-(tau_rowsum.sum()) / temperature.to(tau_rowsum.dtype)).to(temperature.dtype).reshape(temperature.shape)
-        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 16
+        return (dq if need_q else None, dk if need_k else None, None, d_temp) + (None,) * 18
 
     torch.library.register_fake(forward)(_fake_forward)
     torch.library.register_fake(backward)(_fake_backward)

@@ -28,6 +28,8 @@ MAX_LABEL_LEVELS = 8
 
 _REDUCTIONS = ("mean", "sum", "none")
 _GUIDE_STRATEGIES = ("absolute", "relative")
+# what the rules' flagged keys become: removed from the row ("mask", SPEC section 2) or positives ("attract")
+FALSE_NEGATIVES = ("mask", "attract")
 _BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
@@ -197,6 +199,7 @@ class Rules:
     debias: Optional[float] = None  # DCL's tau_plus (Chuang et al. 2020); None: off
     soft_temperature: Optional[float] = None  # SoftLabels: the teacher's temperature; None: off
     soft_weight: float = 1.0
+    attract: bool = False  # false_negatives="attract": flagged keys join the positives
 
     @staticmethod
     def build(
@@ -209,7 +212,10 @@ class Rules:
         debias: object = None,
         soft_labels: object = None,
         temperature: Union[float, torch.Tensor, None] = None,
+        false_negatives: object = "mask",
     ) -> Rules:
+        if false_negatives not in FALSE_NEGATIVES:
+            raise ValueError(f"false_negatives must be one of {FALSE_NEGATIVES}, got {false_negatives!r}")
         if guide_strategy not in _GUIDE_STRATEGIES:
             raise ValueError(f"guide_strategy must be one of {_GUIDE_STRATEGIES}, got {guide_strategy!r}")
         if guide_margin is None:  # the guide does not mask (it may still weight: Hardness(on="guide"))
@@ -256,6 +262,7 @@ class Rules:
             debias=_check_debias(debias),
             soft_temperature=soft_temperature,
             soft_weight=soft_weight,
+            attract=false_negatives == "attract",
         )
 
 

@@ -66,10 +66,12 @@ def info_nce_reference(
     guide_query: Optional[torch.Tensor] = None,
     guide_keys: Optional[torch.Tensor] = None,
     negatives: Optional[torch.Tensor] = None,
+    exclude: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss and stats, densely. Returns ``(loss [B], logsumexp [B], positive_logit [B],
     num_masked [B], num_negatives [B])``; only ``loss`` carries gradient. ``negatives`` [B, K]
-    (-1 = none) restricts each row's candidates to those keys (SPEC section 5)."""
+    (-1 = none) restricts each row's candidates to those keys (SPEC section 5); ``exclude`` [B]
+    (-1 = none) removes one key from each row."""
     B, N = query.shape[0], keys.shape[0]
     cols = positives.view(B, 1)
     scores = query @ keys.T
@@ -81,6 +83,10 @@ def info_nce_reference(
         candidates = torch.zeros(B, N + 1, dtype=torch.bool, device=query.device)
         candidates.scatter_(1, torch.where(negatives >= 0, negatives, N), True)
         candidates = candidates[:, :N]
+    if exclude is not None:
+        keep = torch.ones(B, N + 1, dtype=torch.bool, device=query.device)
+        keep.scatter_(1, torch.where(exclude >= 0, exclude, N).view(B, 1), False)
+        candidates = keep[:, :N] if candidates is None else candidates & keep[:, :N]
     return rows_from_scores(scores, cols, temperature, rules, query_labels,
                             key_labels[None, :] if key_labels is not None else None, guide_scores, candidates)
 
@@ -139,6 +145,14 @@ def rows_from_scores(
         bias = torch.where(negative & ~(detached > guide_scores), decayed, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)
+    if rules.attract:
+        # the flagged keys are positives: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip (beta = 0 on P_i)
+        attracted = masked | is_positive
+        x = torch.where(masked, logits, x)
+        lse = torch.logsumexp(x, dim=1)
+        zero = torch.zeros_like(logits)
+        loss = lse - torch.where(attracted, logits, zero).sum(1) / attracted.sum(1).to(scores.dtype)
+        return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
     if rules.debias is not None:
         lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
                             rules.debias, temperature)

@@ -240,7 +240,7 @@ def tl_column_logits(s, t, rows, row_valid, cols, col_valid, owner_ptr, spos_ptr
 
 @triton.jit
 def _info_nce_fwd_kernel(
-    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr,
+    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, excl_ptr,
     loss_ptr, lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, nmask_ptr, nneg_ptr,
     cmax_ptr, csum_ptr, cwmax_ptr, cwsum_ptr, cneg_ptr, coef_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
@@ -248,7 +248,7 @@ def _info_nce_fwd_kernel(
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RELATIVE: tl.constexpr,
     HAS_MARGIN: tl.constexpr, HAS_RELATIVE_MARGIN: tl.constexpr, HAS_MAX_SCORE: tl.constexpr,
     WEIGHTING: tl.constexpr, SYMMETRIC: tl.constexpr, DEBIAS: tl.constexpr, SOFT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr, ATTRACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     part = tl.program_id(0)
@@ -282,6 +282,13 @@ def _info_nce_fwd_kernel(
         # t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max), t_nsum = sum_neg e^{t'_j - t_max}
         t_wgap = tl.zeros((BLOCK_M,), tl.float32)
         t_nsum = tl.zeros((BLOCK_M,), tl.float32)
+        # attraction: the flagged keys' online logsumexp and the sum of their logits
+        f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        f_sum = tl.zeros((BLOCK_M,), tl.float32)
+        f_logits = tl.zeros((BLOCK_M,), tl.float32)
+        exclude = tl.full((BLOCK_M,), -1, tl.int64)
+        if HAS_EXCLUDE:
+            exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             col_valid = cols < N
@@ -293,6 +300,13 @@ def _info_nce_fwd_kernel(
                                    BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
             is_pos, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
                                                    guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+            if HAS_EXCLUDE:  # the row's excluded column is neither masked nor a negative
+                kept = cols[None, :] != exclude[:, None]
+                masked = masked & kept
+                negative = negative & kept
+            if ATTRACT:
+                f_max, f_sum = tl_online_lse(f_max, f_sum, tl.where(masked, s * inv_temp, float("-inf")))
+                f_logits += tl.sum(tl.where(masked, s * inv_temp, 0.0), axis=1)
             n_neg += tl.sum(negative.to(tl.int64), axis=1)
             n_masked += tl.sum(masked.to(tl.int64), axis=1)
             x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
@@ -361,6 +375,11 @@ def _info_nce_fwd_kernel(
         else:
             lse = tl_logaddexp(l_pos, neg_lse + offset)
         loss = lse - l_pos
+        if ATTRACT:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
+            n_pos = 1.0 + n_masked.to(tl.float32)
+            lse = tl_logaddexp(lse, tl.where(n_masked > 0, f_max + tl.log(f_sum), float("-inf")))
+            loss = lse - (l_pos + f_logits) / n_pos
+            tl.store(coef_ptr + B + rows, 1.0 / n_pos, mask=row_valid)
         if WEIGHTING == WEIGHT_HCL:
             # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
             hcl_mass = tl.where(has_neg, weight_a * tl.exp(neg_lse + offset - lse), 0.0)
@@ -429,12 +448,12 @@ def _info_nce_columns_kernel(
 @triton.jit
 def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher,
+                  hcl_mass, hcl_shift, teacher, exclude, inv_p,
                   owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
                   stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
-                  SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_EXCLUDE: tl.constexpr, ATTRACT: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(dS, tau) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
     tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
     gradient (each direction's dS sums to 0 over its row or column, so this equals
@@ -445,13 +464,20 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
     if HAS_GUIDE:
         t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    is_pos, _, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold, guide_threshold,
-                                      qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+    is_pos, masked, negative = tl_classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                           guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+    if HAS_EXCLUDE:
+        kept = cols[None, :] != exclude[:, None]
+        masked = masked & kept
+        negative = negative & kept
     x, log_w = tl_biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
     p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
     if WEIGHTING == WEIGHT_HCL:
         p = p * (1.0 + weight_a) - hcl_mass[:, None] * tl.exp2((log_w + hcl_shift[:, None]) * LOG2E)
     p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
+    if ATTRACT:  # the flagged keys are positives: e^{l_ij - lse} - 1 / |P_i|, the positive's -1 too
+        p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - inv_p
+        p = tl.where(masked, tl.exp2((s * inv_temp - lse[:, None]) * LOG2E) - inv_p[:, None], p)
     p = tl.where(is_pos, p_pos[:, None], p)
     if SOFT:  # minus w times the teacher's softmax; the positive's -1 becomes -(1 - w)
         tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
@@ -478,8 +504,8 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
 
 @triton.jit
 def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr,
-                    grad_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
-                    WEIGHTING: tl.constexpr, SOFT: tl.constexpr):
+                    grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    WEIGHTING: tl.constexpr, SOFT: tl.constexpr, HAS_EXCLUDE: tl.constexpr, ATTRACT: tl.constexpr):
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(spos_ptr + rows, mask=row_valid, other=0.0)
     threshold = tl.load(thr_ptr + rows, mask=row_valid, other=0.0)
@@ -501,17 +527,24 @@ def _load_row_state(rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_p
         hcl_shift = tl.load(coef_ptr + 2 * B + rows, mask=row_valid, other=0.0)
     if SOFT:
         teacher = tl.load(coef_ptr + 3 * B + rows, mask=row_valid, other=0.0)
+    exclude = tl.full((rows.shape[0],), -1, tl.int64)
+    if HAS_EXCLUDE:
+        exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+    inv_p = tl.zeros_like(s_pos)
+    if ATTRACT:  # row 1 holds 1 / |P_i| with attraction (HCL, which also uses it, is not combined with it)
+        inv_p = tl.load(coef_ptr + B + rows, mask=row_valid, other=0.0)
     return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-            hcl_mass, hcl_shift, teacher)
+            hcl_mass, hcl_shift, teacher, exclude, inv_p)
 
 
 @triton.jit
 def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr,
-    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, ds_ptr, part_ptr,
-    row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, weight_a, weight_b, soft_inv,
+    lse_ptr, spos_ptr, offset_ptr, thr_ptr, gthr_ptr, owner_ptr, clse_ptr, coff_ptr, coef_ptr, excl_ptr, ds_ptr,
+    part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, weight_a, weight_b, soft_inv,
     soft_weight, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, WEIGHTING: tl.constexpr,
-    SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SOFT: tl.constexpr, HAS_EXCLUDE: tl.constexpr, ATTRACT: tl.constexpr,
+    PRECISION: tl.constexpr, STORE_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One (row block, key block) tile of the panel of rows [row0, row0 + R): recomputes the
@@ -524,16 +557,16 @@ def _info_nce_bwd_ds_kernel(
     col_valid = cols < N
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-     hcl_mass, hcl_shift, teacher) = _load_row_state(
-        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr,
-        inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT)
+     hcl_mass, hcl_shift, teacher, exclude, inv_p) = _load_row_state(
+        rows, row_valid, pos_ptr, spos_ptr, thr_ptr, gthr_ptr, lse_ptr, offset_ptr, coef_ptr, grad_ptr, excl_ptr,
+        inv_temp, B, HAS_GUIDE, SYMMETRIC, WEIGHTING, SOFT, HAS_EXCLUDE, ATTRACT)
     ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
                             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                            hcl_mass, hcl_shift, teacher,
+                            hcl_mass, hcl_shift, teacher, exclude, inv_p,
                             owner_ptr, spos_ptr, thr_ptr, gthr_ptr, clse_ptr, coff_ptr, grad_ptr,
                             inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
-                            stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, PRECISION,
-                            BLOCK_M, BLOCK_N, BLOCK_D)
+                            stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, WEIGHTING, SYMMETRIC, SOFT, HAS_EXCLUDE,
+                            ATTRACT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(part_ptr + tl.program_id(1).to(tl.int64) * R + local, tl.sum(tau, axis=1), mask=row_valid)
     if STORE_DS:
         tl.store(ds_ptr + local[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty),

@@ -225,7 +225,8 @@ def info_nce_fwd_triton(
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
     margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
     guide_margin: float, guide_relative: bool, weighting: int, weight_a: float, weight_b: float, symmetric: bool,
-    debias: Optional[float], soft_temperature: Optional[float], soft_weight: float,
+    debias: Optional[float], soft_temperature: Optional[float], soft_weight: float, exclude: Optional[torch.Tensor],
+    attract: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys, symmetric or soft_temperature is not None)
@@ -253,12 +254,14 @@ def info_nce_fwd_triton(
         cmax, cwmax = torch.full((parts, B), float("-inf"), **f32), torch.full((parts, B), float("-inf"), **f32)
         csum, cwsum = torch.zeros(parts, B, **f32), torch.zeros(parts, B, **f32)
         cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
+    excl = positives if exclude is None else exclude.reshape(-1).long().contiguous()
     wrap_triton(_fwd_kernel)[(parts,)](
-        q, k, positives, temperature, qlab, klab, gq, gk, owner,
+        q, k, positives, temperature, qlab, klab, gq, gk, owner, excl,
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg, pos_coef,
         B, N, D, DG, *p.strides, *scalars, weight_a, weight_b, 0.0 if debias is None else debias,
         *_soft_scalars(soft_temperature, soft_weight), NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric,
-        DEBIAS=debias is not None, SOFT=soft_temperature is not None, **rules,
+        DEBIAS=debias is not None, SOFT=soft_temperature is not None, HAS_EXCLUDE=exclude is not None,
+        ATTRACT=attract, **rules,
     )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
@@ -275,7 +278,7 @@ def info_nce_bwd_triton(
     positive_score: torch.Tensor, row_offset: torch.Tensor, threshold: torch.Tensor,
     guide_threshold: torch.Tensor, col_lse: torch.Tensor, col_offset: torch.Tensor, positive_coef: torch.Tensor,
     weighting: int, weight_a: float, weight_b: float, symmetric: bool, soft_temperature: Optional[float],
-    soft_weight: float, query_grad: bool, keys_grad: bool,
+    soft_weight: float, exclude: Optional[torch.Tensor], attract: bool, query_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _Problem.of(query, keys, guide_query, guide_keys, symmetric or soft_temperature is not None)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
@@ -285,9 +288,11 @@ def info_nce_bwd_triton(
     soft = _soft_scalars(soft_temperature, soft_weight)
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
                  guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous(),
-                 positive_coef.float().contiguous())
+                 positive_coef.float().contiguous(),
+                 positives if exclude is None else exclude.reshape(-1).long().contiguous())
     flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
-                 SOFT=soft_temperature is not None, PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
+                 SOFT=soft_temperature is not None, HAS_EXCLUDE=exclude is not None, ATTRACT=attract,
+                 PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)

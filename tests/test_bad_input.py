@@ -120,7 +120,10 @@ def test_cpu_op_checks_positives_itself() -> None:
     op = torch.ops.fastneg.info_nce_fwd_cpu.default
     with pytest.raises(ValueError, match="positives"):
         op(q, k, torch.tensor([0, 1, 2, 99]), torch.tensor(0.1), None, None, None, None,
-           None, None, None, 0.0, False, 0, 0.0, 0.0, False, None, None, 1.0)
+           None, None, None, 0.0, False, 0, 0.0, 0.0, False, None, None, 1.0, None, False)
+    with pytest.raises(ValueError, match="exclude"):
+        op(q, k, torch.tensor([0, 1, 2, 3]), torch.tensor(0.1), None, None, None, None,
+           None, None, None, 0.0, False, 0, 0.0, 0.0, False, None, None, 1.0, torch.tensor([1, 1, 2, 0]), True)
 
 
 def test_hardness_on_the_guide_needs_a_guide() -> None:
