@@ -12,6 +12,7 @@ $(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp csrc/row_kernels
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "[2/3] installing the pinned dependencies (torch CPU build, triton, test tools; about 1 min)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0
 	@echo "[3/3] building fastneg's C++ kernels (about 3.5 min on 2 cores; a line every 30 s)"
 	@start=$$(date +%s); $(PY) -m pip install --quiet --no-build-isolation -e . & pid=$$!; \
 		while kill -0 $$pid 2>/dev/null; do sleep 5; elapsed=$$(( $$(date +%s) - start )); \

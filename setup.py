@@ -51,6 +51,8 @@ setup(
         "faiss-gpu": ["faiss-gpu", "pyarrow", "tqdm"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "sentence-transformers": ["sentence-transformers>=6.0", "datasets", "accelerate"],
+        "pytorch-metric-learning": ["pytorch-metric-learning>=2.0"],
+        "open-clip": ["open-clip-torch>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "ruff"],
         "parquet": ["pyarrow"],
         "faiss": ["faiss-cpu"],

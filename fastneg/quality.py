@@ -32,6 +32,10 @@ scoring above the positive's (the guide sees the true latent vectors plus noise)
 ``GCSE (noisy reference)`` (the guide as reference model, alpha 0.17, the authors' BERT value);
 ``soft labels (noisy teacher)`` (KL to the guide's softmax at the loss's temperature);
 ``oracle (topic labels)``: every key of the query's topic masked (the truth, as a bound).
+Attraction beside elimination (``false_negatives="attract"``: the flagged keys become positives,
+SupCon's outside form): ``labels, attract``, ``relative_margin 0.05, attract``, ``GIST (noisy
+guide), attract`` and ``oracle (topic labels), attract`` (every same-topic key a positive:
+supervised contrastive learning with the true topics).
 
 Metrics on held-out queries against the whole corpus: recall@10 (share of the query's relevant
 documents in the top 10, out of at most 10) and nDCG@10 (binary relevance), mean and standard
@@ -139,6 +143,16 @@ def methods(temperature: float) -> dict[str, LossFn]:
             q, k, temperature=t, guide_query=b["guide_query"], guide_keys=b["guide_keys"], guide_margin=None,
             soft_labels=fastneg.SoftLabels()),
         "oracle (topic labels)": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, key_labels=b["groups"]),
+        # attraction: the same flags, the flagged keys as positives instead of removed
+        "labels, attract": lambda q, k, b: fastneg.info_nce(q, k, temperature=t, key_labels=b["doc_ids"],
+                                                            false_negatives="attract"),
+        "relative_margin 0.05, attract": lambda q, k, b: fastneg.info_nce(
+            q, k, temperature=t, relative_margin=0.05, false_negatives="attract"),
+        "GIST (noisy guide), attract": lambda q, k, b: fastneg.info_nce(
+            q, k, temperature=t, guide_query=b["guide_query"], guide_keys=b["guide_keys"], guide_margin=0.0,
+            false_negatives="attract"),
+        "oracle (topic labels), attract": lambda q, k, b: fastneg.info_nce(
+            q, k, temperature=t, key_labels=b["groups"], false_negatives="attract"),
     }
 
 

@@ -152,4 +152,11 @@ def test_memory_stays_linear_at_batch_8192(name) -> None:
         warnings.simplefilter("error")  # the fused path, not a fallback
         with peak_memory("cpu") as peak:
             getattr(fpml, name)()(emb, labels).backward()
-    assert peak.mib < 64, peak.mib
+    try:  # the measure can fail: the original's peak, same call (NT-Xent's pair masks need 512 GB here)
+        with peak_memory("cpu") as original:
+            getattr(pml_losses, name)()(emb, labels).backward()
+        original_mib = original.mib
+    except RuntimeError as exc:
+        assert "allocate" in str(exc)
+        original_mib = float("inf")
+    assert peak.mib < 64 < 256 < original_mib, (peak.mib, original_mib)
