@@ -49,8 +49,12 @@ def worker(impl: str, loss_name: str, B: int, dim: int, budget_gib: float) -> di
             seconds = time.perf_counter() - t0
         return {"impl": impl, "loss": loss_name, "B": B, "seconds": seconds, "peak_mib": peak.mib, "status": "ok"}
     except (RuntimeError, MemoryError) as exc:
+        import re
+
+        asked = re.search(r"allocate (\d+) bytes", str(exc))
+        what = f"an allocation of {int(asked.group(1)) / 2**30:.1f} GiB refused" if asked else str(exc).splitlines()[0][:80]
         return {"impl": impl, "loss": loss_name, "B": B, "seconds": None, "peak_mib": None,
-                "status": "over budget: " + str(exc).splitlines()[0][:120]}
+                "status": f"over budget ({what})"}
 
 
 def main() -> None:

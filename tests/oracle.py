@@ -40,6 +40,8 @@ class Case:
     soft: Optional[tuple] = None  # (teacher temperature, weight)
     symmetric: bool = False
     negatives: Optional[torch.Tensor] = None  # [B, K], -1 = none
+    attract: bool = False  # flagged keys are positives (P_i = {p_i} U flagged) instead of removed
+    exclude: Optional[torch.Tensor] = None  # [B], a key removed from row i entirely, -1 = none
     row_weights: torch.Tensor = field(default_factory=lambda: torch.ones(0))
 
 
@@ -98,7 +100,8 @@ def _direction(s_row: torch.Tensor, t_row: Optional[torch.Tensor], pos: int, mem
         a, b = c.weighting[1], c.weighting[2]
         w = torch.exp(-a * (s_row.detach()[neg] - s_pos - b) ** 2)
         beta = torch.log(n * w / w.sum()) if n else w
-        if n and not bool(torch.isfinite(beta).all()):  # all weights underflowed: the log-space form
+        # a weight that underflowed, or became subnormal (too few bits to be the truth): the log-space form
+        if n and not (bool(torch.isfinite(beta).all()) and bool((w >= torch.finfo(w.dtype).tiny).all())):
             logw = -a * (s_row.detach()[neg] - s_pos - b) ** 2
             beta = logw + torch.log(torch.tensor(float(n), dtype=logw.dtype)) - torch.logsumexp(logw, 0)
         x_neg = l_neg + beta
@@ -117,6 +120,18 @@ def _direction(s_row: torch.Tensor, t_row: Optional[torch.Tensor], pos: int, mem
     else:
         x_neg = l_neg
 
+    if c.attract:  # L_i = log(sum over P_i U N_i of e^{l + beta}) - mean over P_i of l (beta = 0 on P_i)
+        att = cand[flagged]
+        l_att = l_row[att]
+        neg_sum = torch.exp(x_neg).sum() if n else l_row.new_zeros(())
+        lse = torch.log(torch.exp(l_pos) + torch.exp(l_att).sum() + neg_sum)
+        loss = lse - (l_pos + l_att.sum()) / (1 + len(att))
+        with torch.no_grad():
+            probs = torch.exp(torch.cat([l_pos.reshape(1), l_att, x_neg]).detach() - lse.detach())
+            probs[:1 + len(att)] += 1.0 / (1 + len(att))
+            terms = torch.zeros_like(s_row.detach())
+            terms[torch.cat([torch.tensor([pos]), att, neg])] = probs / tau.detach()
+        return loss, lse, l_pos, int(flagged.sum()), n, float("inf"), terms
     if kind == "hcl":
         beta_h = c.weighting[1]
         if n:
@@ -190,6 +205,8 @@ def evaluate(c: Case, dtype: torch.dtype, grads: bool = True) -> Out:
             members = sorted({int(j) for j in c.negatives[i].tolist() if j >= 0 and j != p})
         else:
             members = [j for j in range(N) if j != p]
+        if c.exclude is not None:
+            members = [j for j in members if j != int(c.exclude[i])]
         out = _direction(s[i], None if t is None else t[i], p, members, c,
                          None if ql is None else ql[i], kl, tau)
         loss = out[0]

@@ -129,6 +129,12 @@ def cases(draw: Any, symmetric_ok: bool = True, max_b: int = 10, max_n: int = 30
     if not symmetric and draw(st.integers(0, 3)) == 0:
         K = draw(st.integers(0, N + 2))
         c.negatives = torch.randint(-1, N, (B, K), generator=g)
+    if not symmetric and c.negatives is None:
+        # attraction: the flagged keys as positives (not with DCL, soft labels or HCL)
+        c.attract = estimator == "none" and kind != "hcl" and draw(st.booleans())
+        if draw(st.integers(0, 3)) == 0:  # one key removed from each row (-1: none; never the positive)
+            ex = torch.randint(-1, N, (B,), generator=g)
+            c.exclude = torch.where(ex == positives, torch.full_like(ex, -1), ex)
     return c
 
 
@@ -167,6 +173,10 @@ def kwargs_of(c: Case, dtype: torch.dtype, device: str, noncontiguous: bool = Fa
     kw["weighting"] = None if kind == "none" else WEIGHTINGS[kind](*params)
     if c.soft is not None:
         kw["soft_labels"] = fastneg.SoftLabels(temperature=c.soft[0], weight=c.soft[1])
+    if c.attract:
+        kw["false_negatives"] = "attract"
+    if c.exclude is not None:
+        kw["exclude"] = c.exclude.to(device)
     return kw
 
 
@@ -352,7 +362,8 @@ def test_batch_permutation(c: Case) -> None:
         c, query=c.query[perm], positives=c.positives[perm], row_weights=c.row_weights[perm],
         query_labels=None if c.query_labels is None else c.query_labels[perm],
         guide_query=None if c.guide_query is None else c.guide_query[perm],
-        negatives=None if c.negatives is None else c.negatives[perm])
+        negatives=None if c.negatives is None else c.negatives[perm],
+        exclude=None if c.exclude is None else c.exclude[perm])
     a, b = fastneg_out(c, torch.float64, "cpu"), fastneg_out(pc, torch.float64, "cpu")
     torch.testing.assert_close(b.loss, a.loss[perm], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(b.dq, a.dq[perm], rtol=1e-9, atol=1e-9)
@@ -374,6 +385,7 @@ def test_deterministic(c: Case) -> None:
 def test_fully_masked_rows_are_exactly_zero(c: Case) -> None:
     """max_score below every score masks every negative: loss exactly 0, gradients exactly 0."""
     c.max_score = -2.0  # unit vectors: every score is >= -1 > -2
+    c.attract = False  # with attraction every key would be a positive: a loss, by design
     c.learn_temperature = c.learn_temperature and c.debias is None
     out = fastneg_out(c, torch.float32, "cpu")
     assert torch.equal(out.num_negatives, torch.zeros_like(out.num_negatives)) or c.negatives is not None
