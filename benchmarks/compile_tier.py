@@ -14,7 +14,7 @@ tensor-core instructions: HGMMA, the warpgroup MMA, on sm_90a; HMMA on sm_80), b
 
 The variants (``cases()``): each weighting (none, SimANS, Hardness on scores and on the guide,
 HCL, GCSE), each estimator (DCL, soft labels), symmetric, label levels 0/1/2, each margin rule,
-guide absolute and relative, all in bfloat16 at D = 768; five of them, the two heaviest
+guide absolute and relative, attraction with an excluded key, all in bfloat16 at D = 768; six of them, the two heaviest
 included, in float16, float32 (IEEE) and float32 with TF32 products; the tile shapes of D = 16,
 64 and a ragged shape (B = N = D = 100, which Triton specialises differently) in every dtype; the
 backward with several panels (first and later panels); the sampler's three strategies at k = 8
@@ -69,6 +69,8 @@ def modes() -> dict[str, dict[str, Any]]:
         "symmetric": dict(symmetric=True),
         "symmetric labels+SimANS+guide": dict(symmetric=True, labels=1, weighting=fastneg.SimANS(), guide=True,
                                               guide_margin=0.0),
+        "attract+exclude labels+margin+SimANS": dict(false_negatives="attract", exclude=True, labels=1, margin=0.1,
+                                                     weighting=fastneg.SimANS()),
     }
 
 
@@ -83,7 +85,7 @@ def cases() -> list[tuple[str, str, int, int, bool]]:
     out = [(mode, dtype, 768, 256, True) for dtype in DTYPES for mode in HEAVIEST]
     out += [(mode, "bfloat16", 768, 256, False) for mode in modes() if mode not in HEAVIEST]
     out += [(mode, dtype, 768, 256, False) for dtype in DTYPES if dtype != "bfloat16"
-            for mode in ("labels2+relative+max_score", "HCL+DCL")]
+            for mode in ("labels2+relative+max_score", "HCL+DCL", "attract+exclude labels+margin+SimANS")]
     out += [("plain", dtype, D, B, False) for dtype in DTYPES for D, B in ((16, 256), (64, 256), (100, 100))]
     return out
 
@@ -184,6 +186,8 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
             shape = (B,) if levels == 1 else (B, levels)
             options["query_labels"] = torch.randint(0, 9, shape, generator=gen)
             options["key_labels"] = torch.randint(0, 9, shape, generator=gen)
+        if options.pop("exclude", False):  # the next key: never the row's own positive (arange)
+            options["exclude"] = (torch.arange(B) + 1) % B
         if options.pop("guide", False):
             options["guide_query"] = torch.randn(B, 48, generator=gen).to(dtype)
             options["guide_keys"] = torch.randn(B, 48, generator=gen).to(dtype)

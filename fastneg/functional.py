@@ -28,10 +28,12 @@ __all__ = ["info_nce", "InfoNCE", "InfoNCEStats"]
 class InfoNCEStats(NamedTuple):
     """Per-row statistics returned with ``return_stats=True`` (no gradient)."""
 
-    logsumexp: torch.Tensor  # [B] logsumexp over the positive and the unmasked, biased negatives
+    logsumexp: torch.Tensor  # [B] logsumexp over the positive and the unmasked, biased negatives (with
+    # false_negatives="attract": over the positives, the flagged keys included, and the negatives)
     positive_logit: torch.Tensor  # [B] s_i+ / temperature
-    num_masked: torch.Tensor  # [B] int64, keys removed by the false-negative rules
+    num_masked: torch.Tensor  # [B] int64, keys the false-negative rules flagged (removed, or attracted)
     num_negatives: torch.Tensor  # [B] int64, negatives left in the denominator
+    num_positives: Optional[torch.Tensor] = None  # [B] int64, |P_i|: 1, or 1 + num_masked with attraction
 
 
 def _triton_available() -> bool:
@@ -226,7 +228,8 @@ def info_nce(
     else:
         out = loss
     if return_stats:
-        return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg)
+        n_pos = n_masked + 1 if rules.attract else torch.ones_like(n_masked)
+        return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg, n_pos)
     return out
 
 

@@ -129,6 +129,7 @@ def test_attract_loss_and_gradients_match_the_oracle(backend, case) -> None:
         assert float((got.double().cpu() - exp).abs().max()) <= (1e-9 if dtype == torch.float64 else 1e-4) * scale
     excluded = torch.zeros(q.shape[0], dtype=torch.long) if exclude is None else (exclude >= 0).long()
     assert torch.equal(stats.num_masked.cpu() + stats.num_negatives.cpu(), k.shape[0] - 1 - excluded)
+    assert torch.equal(stats.num_positives, stats.num_masked + 1)
 
 
 def _dense_attract(q, k, pos, tau, spec, labels, qlabels, exclude):
