@@ -228,3 +228,22 @@ def test_bad_attract_and_exclude_arguments(bad, match) -> None:
     q, k = torch.randn(4, 3), torch.randn(6, 3)
     with pytest.raises((ValueError, TypeError), match=match):
         fastneg.info_nce(q, k, **bad)
+
+
+def test_attract_and_exclude_under_torch_compile_fullgraph() -> None:
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(16, 8, generator=g), torch.randn(24, 8, generator=g)
+    labels, exclude = torch.randint(0, 4, (24,), generator=g), (torch.arange(16) + 1) % 24
+
+    def loss(q, k):  # noqa: ANN001, ANN202
+        return fastneg.info_nce(q, k, key_labels=labels, false_negatives="attract", exclude=exclude,
+                                weighting=fastneg.SimANS(), backend="cpu")
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, q, k)]
+    eager = loss(leaves[0], leaves[1])
+    compiled = torch.compile(loss, fullgraph=True)(leaves[2], leaves[3])
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    (eager + compiled).backward()
+    for a, b in ((leaves[0], leaves[2]), (leaves[1], leaves[3])):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
