@@ -191,7 +191,7 @@ def fastneg_out(c: Case, dtype: torch.dtype, backend: str, noncontiguous: bool =
     t = kw["temperature"]
     loss, stats = fastneg.info_nce(qin, kin, backend=backend, **kw)
     (loss * c.row_weights.to(device, loss.dtype)).sum().backward()
-    return Out(*(v.detach().cpu() for v in (loss, *stats)), q.grad.cpu(), k.grad.cpu(),
+    return Out(*(v.detach().cpu() for v in (loss, *stats[:4])), q.grad.cpu(), k.grad.cpu(),
                t.grad.cpu() if c.learn_temperature else None)
 
 
