@@ -292,9 +292,10 @@ def test_bad_arguments(tiny) -> None:
     with pytest.raises(ValueError, match="weighting"):
         fst.MultipleNegativesRankingLoss(tiny, hardness_mode="all_negatives", hardness_strength=1.0,
                                          weighting=fastneg.SimANS())
-    with pytest.raises(ValueError, match="similarity_fct"):  # fastneg's rules need the fused op
+    with pytest.raises(ValueError, match="similarity_fct"):  # rules on an unfused similarity: one direction only
         manhattan = importlib.import_module("sentence_transformers.util").manhattan_sim
-        fst.MultipleNegativesRankingLoss(tiny, similarity_fct=manhattan, margin=0.1).compute_loss_from_embeddings(
+        fst.MultipleNegativesRankingLoss(tiny, similarity_fct=manhattan, margin=0.1,
+                                         directions=("query_to_doc", "doc_to_query")).compute_loss_from_embeddings(
             [torch.randn(3, 4), torch.randn(3, 4)])
     with pytest.raises(ValueError, match="margin_strategy"):
         fst.GISTEmbedLoss(tiny, tiny, margin_strategy="median")
@@ -403,3 +404,30 @@ def test_config_keys_beyond_the_originals_only_when_set(tiny, tiny_guide) -> Non
     assert config["score_margin"] == 0.1 and config["mask_duplicates"] is True
     citation = fst.CachedGISTEmbedLoss(tiny, tiny_guide).citation
     assert "2402.16829" in citation and "2101.06983" in citation and "losses.html#cachedgistembedloss" in citation
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+def test_rules_on_an_unfused_similarity_are_applied_densely(tiny, name) -> None:
+    """euclidean_sim with a margin and duplicate masking: the masked cross-entropy, written here."""
+    util = importlib.import_module("sentence_transformers.util")
+    feats = features(tiny, 6, 3)
+    feats[1]["input_ids"][4] = feats[1]["input_ids"][1]  # a duplicate of row 1's positive text
+    feats[1]["attention_mask"][4] = feats[1]["attention_mask"][1]
+    kw = {"mini_batch_size": 4} if name.startswith("Cached") else {}
+    fst._warned.clear()
+    with pytest.warns(UserWarning, match="quadratic"):
+        ours = loss_and_grads(getattr(fst, name)(tiny, similarity_fct=util.euclidean_sim, scale=2.0, margin=0.3,
+                                                 mask_duplicates=True, **kw), tiny, feats)
+
+    def by_hand(sentence_features, labels):
+        emb = [tiny(dict(f))["sentence_embedding"] for f in sentence_features]
+        scores = util.euclidean_sim(emb[0], torch.cat(emb[1:]))
+        pos = scores.diagonal()[:, None]
+        hashes = torch.cat([fst.text_hashes(f) for f in sentence_features[1:]])
+        masked = (scores.detach() > pos.detach() - 0.3) | (hashes[None, :] == hashes[:6, None])
+        masked[torch.arange(6), torch.arange(6)] = False
+        logits = (2.0 * scores).masked_fill(masked, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, torch.arange(6))
+
+    theirs = loss_and_grads(by_hand, tiny, feats)
+    assert_same(ours, theirs, rtol=1e-5)

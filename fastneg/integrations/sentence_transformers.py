@@ -45,8 +45,10 @@ classes, the default ``nn.CosineSimilarity(dim=-1)``, ``sim_matrix`` and
 a lambda; none of sentence-transformers' others is a dot product after a transform of each side),
 a ``sim_matrix`` or ``cross_entropy_loss`` replaced on the instance or in a subclass, or a GIST
 ``temperature <= 0`` run the original's own dense computation, with a one-time warning that its
-memory is quadratic in the batch. fastneg's rules need the fused op: with a non-fused similarity
-they raise a ``ValueError`` naming ``similarity_fct``.
+memory is quadratic in the batch. With fastneg's rules and an unfused similarity, the ranking
+losses apply the rules densely to ``similarity_fct``'s scores (fastneg's dense reference) for
+``directions=("query_to_doc",)`` without ``hardness_mode``; other layouts, and the GIST classes,
+raise a ``ValueError`` naming ``similarity_fct``.
 
 Gathering across devices uses the original modules' ``all_gather_with_grad`` / ``get_rank``, as
 the originals do. Needs sentence-transformers >= 6 (the ``sentence_transformers.sentence_transformer``
@@ -267,9 +269,37 @@ class _RankingMixin(_FastnegRules):
     def _fused_kind(self) -> Optional[str]:
         kind = fused_similarity(self.similarity_fct)
         if kind is None:
-            self._refuse_rules(f"similarity_fct {_st_util.similarity_fct_name(self.similarity_fct)!r} is not fused")
-            _warn_dense(self, f"similarity_fct {_st_util.similarity_fct_name(self.similarity_fct)!r} is not a dot product")
+            name = _st_util.similarity_fct_name(self.similarity_fct)
+            if self._has_rules() and (tuple(self.directions) != ("query_to_doc",)
+                                      or (self.hardness_mode is not None and self.hardness_strength > 0)):
+                self._refuse_rules(f"similarity_fct {name!r} is not fused and fastneg's dense form of the rules "
+                                   "covers directions=('query_to_doc',) without hardness_mode only")
+            _warn_dense(self, f"similarity_fct {name!r} is not a dot product")
         return kind
+
+    def _dense_rules_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]],
+                          module: ModuleType) -> Tensor:
+        """fastneg's rules on the original's dense scores (``similarity_fct`` not fused; query -> documents
+        only): the dense reference's masks and weights over ``similarity_fct(queries, documents)``."""
+        from ..reference import rows_from_scores
+
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        queries, docs = embeddings[0], list(embeddings[1:])
+        local = queries.shape[0]
+        offset = 0
+        if self.gather_across_devices:
+            docs = [module.all_gather_with_grad(d) for d in docs]
+            hashes = _gather_hashes(hashes)
+            offset = module.get_rank() * local
+        scores = self.similarity_fct(queries, torch.cat(docs))  # [B, B_world x columns]
+        rows = torch.arange(offset, offset + local, device=queries.device)
+        query_labels = key_labels = None
+        if hashes is not None:  # keys whose text is the row's positive's
+            query_labels, key_labels = hashes[1][rows], torch.cat(hashes[1:])[None, :]
+        loss = rows_from_scores(scores, rows[:, None], 1.0 / self.scale, self.rules.rules(), query_labels, key_labels,
+                                None)[0]
+        return loss.mean().to(embeddings[0].dtype)
 
 
 _MNRL = _st_losses.MultipleNegativesRankingLoss
@@ -320,6 +350,8 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
         :func:`text_hashes`) masks duplicates as ``mask_duplicates`` does in ``forward``."""
         kind = self._fused_kind()
         if kind is None:
+            if self._has_rules():
+                return self._dense_rules_loss(embeddings, hashes, _module_of(_MNRL))
             return super().compute_loss_from_embeddings(embeddings, labels)
         return self._fused_ranking_loss(embeddings, hashes, kind, _module_of(_MNRL))
 
@@ -387,10 +419,13 @@ class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
         """The loss over the whole batch from per-mini-batch embeddings; with ``with_backward``,
         back-propagates it to the embeddings and returns it detached."""
         kind = self._fused_kind()
-        if kind is None:
+        if kind is None and not self._has_rules():
             return super().calculate_loss(reps, labels, with_backward=with_backward)
-        loss = self._fused_ranking_loss([torch.cat(column) for column in reps], self._pending_hashes, kind,
-                                        _module_of(_CMNRL))
+        embeddings = [torch.cat(column) for column in reps]
+        if kind is None:
+            loss = self._dense_rules_loss(embeddings, self._pending_hashes, _module_of(_CMNRL))
+        else:
+            loss = self._fused_ranking_loss(embeddings, self._pending_hashes, kind, _module_of(_CMNRL))
         if with_backward:
             loss.backward()
             loss = loss.detach()
