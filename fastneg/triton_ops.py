@@ -218,6 +218,11 @@ def _soft_scalars(soft_temperature: Optional[float], soft_weight: float) -> tupl
     return (0.0, 0.0) if soft_temperature is None else (1.0 / soft_temperature, soft_weight)
 
 
+def _exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:
+    """The kernels' [B] int64 ``exclude`` pointer; without exclusions any [B] tensor (never read)."""
+    return positives if exclude is None else exclude.reshape(-1).long().contiguous()
+
+
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
 def info_nce_fwd_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
@@ -254,9 +259,8 @@ def info_nce_fwd_triton(
         cmax, cwmax = torch.full((parts, B), float("-inf"), **f32), torch.full((parts, B), float("-inf"), **f32)
         csum, cwsum = torch.zeros(parts, B, **f32), torch.zeros(parts, B, **f32)
         cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
-    excl = positives if exclude is None else exclude.reshape(-1).long().contiguous()
     wrap_triton(_fwd_kernel)[(parts,)](
-        q, k, positives, temperature, qlab, klab, gq, gk, owner, excl,
+        q, k, positives, temperature, qlab, klab, gq, gk, owner, _exclude_operand(exclude, positives),
         loss, lse, s_pos, offset, thr, gthr, n_masked, n_neg, cmax, csum, cwmax, cwsum, cneg, pos_coef,
         B, N, D, DG, *p.strides, *scalars, weight_a, weight_b, 0.0 if debias is None else debias,
         *_soft_scalars(soft_temperature, soft_weight), NUM_LABELS=levels, WEIGHTING=weighting, SYMMETRIC=symmetric,
@@ -288,8 +292,7 @@ def info_nce_bwd_triton(
     soft = _soft_scalars(soft_temperature, soft_weight)
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, lse, positive_score, row_offset, threshold,
                  guide_threshold, owner, col_lse.float().contiguous(), col_offset.float().contiguous(),
-                 positive_coef.float().contiguous(),
-                 positives if exclude is None else exclude.reshape(-1).long().contiguous())
+                 positive_coef.float().contiguous(), _exclude_operand(exclude, positives))
     flags = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, WEIGHTING=weighting, SYMMETRIC=symmetric,
                  SOFT=soft_temperature is not None, HAS_EXCLUDE=exclude is not None, ATTRACT=attract,
                  PRECISION=_precision(q.dtype), BLOCK_M=cfg.block_m,

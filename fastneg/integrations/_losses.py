@@ -33,9 +33,6 @@ __all__ = ["BlockRules", "ranking_loss", "gist_loss", "NO_LABEL"]
 
 NO_LABEL = -1  # a key label no query label ever equals (hashes and row ids are >= 0)
 
-DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-HARDNESS_MODES = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
-
 
 @dataclass(frozen=True)
 class BlockRules:

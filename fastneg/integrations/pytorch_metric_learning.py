@@ -118,7 +118,7 @@ class NTXentLoss(_Fused, _pml_losses.NTXentLoss):
             return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         assert labels is not None and ref_labels is not None
         a1, p = same_label_pairs(labels, ref_labels, exclude_self=ref_labels is labels)
-        negative_pairs = labels.numel() * ref_labels.numel() - _match_count(labels, ref_labels)
+        negative_pairs = _negative_pairs(labels, ref_labels, a1)
         if len(a1) == 0 or negative_pairs == 0 or (len(a1) <= 1 and negative_pairs <= 1):
             return self.zero_losses()
         q, k = self._prepared(embeddings), self._prepared(ref_emb)
@@ -138,9 +138,8 @@ class SupConLoss(_Fused, _pml_losses.SupConLoss):
         assert labels is not None and ref_labels is not None
         exclude_self = ref_labels is labels
         a1, p = same_label_pairs(labels, ref_labels, exclude_self)
-        matches = _match_count(labels, ref_labels) - (labels.numel() if exclude_self else 0)
-        negative_pairs = labels.numel() * ref_labels.numel() - _match_count(labels, ref_labels)
-        if matches <= 0 or negative_pairs == 0 or (len(a1) <= 1 and negative_pairs <= 1):
+        negative_pairs = _negative_pairs(labels, ref_labels, a1)
+        if len(a1) == 0 or negative_pairs == 0 or (len(a1) <= 1 and negative_pairs <= 1):
             return self.zero_losses()
         B = labels.numel()
         # one designated positive per anchor (its first same-label key); the others are attracted
@@ -156,11 +155,8 @@ class SupConLoss(_Fused, _pml_losses.SupConLoss):
                          "reduction_type": "element"}}
 
 
-def _match_count(labels: Tensor, ref_labels: Tensor) -> int:
-    """Number of (a, j) with labels[a] == ref_labels[j], without a B x N matrix."""
-    both = torch.cat([labels.reshape(-1), ref_labels.reshape(-1)])
-    _, ids = torch.unique(both, return_inverse=True)
-    size = int(ids.max()) + 1 if ids.numel() else 0
-    q = torch.bincount(ids[:labels.numel()], minlength=size)
-    r = torch.bincount(ids[labels.numel():], minlength=size)
-    return int((q * r).sum())
+def _negative_pairs(labels: Tensor, ref_labels: Tensor, anchors: Tensor) -> int:
+    """Number of (a, j) with different labels: all pairs but the same-label ones (the positive pairs
+    ``anchors`` lists, and each anchor with itself when the reference set is the batch)."""
+    same = anchors.numel() + (labels.numel() if ref_labels is labels else 0)
+    return labels.numel() * ref_labels.numel() - same

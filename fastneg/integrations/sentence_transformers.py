@@ -243,13 +243,17 @@ class _RankingMixin(_FastnegRules):
     hardness_mode: Optional[str]
     hardness_strength: float
 
+    def _init_ranking_rules(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
+                            max_score: Optional[float], weighting: object, backend: str) -> None:
+        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        if self.hardness_mode is not None and self.hardness_strength > 0 and weighting is not None:
+            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
+
     def _fused_ranking_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]], kind: str,
                             module: ModuleType) -> Tensor:
         """The original's loss (a mean over the local rows) through the fused op."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
-        if self.hardness_mode is not None and self.hardness_strength > 0 and self.rules.weighting is not None:
-            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
         queries, docs = _prepare(embeddings[0], kind), [_prepare(e, kind) for e in embeddings[1:]]
         local = queries.shape[0]
         offset = 0
@@ -334,9 +338,7 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
     ) -> None:
         super().__init__(model, scale, _similarity_argument(similarity_fct), gather_across_devices, tuple(directions),
                          partition_mode, hardness_mode, hardness_strength)
-        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
-        if hardness_mode is not None and hardness_strength > 0 and weighting is not None:
-            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
+        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -410,9 +412,7 @@ class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
         super().__init__(model, scale, _similarity_argument(similarity_fct), mini_batch_size, mini_batch_num_tokens,
                          gather_across_devices, tuple(directions), partition_mode, show_progress_bar, hardness_mode,
                          hardness_strength)
-        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
-        if hardness_mode is not None and hardness_strength > 0 and weighting is not None:
-            raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
+        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
