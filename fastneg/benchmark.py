@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -236,12 +237,6 @@ class Measurement:
     status: str = "ok"
 
 
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    mid = len(ys) // 2
-    return ys[mid] if len(ys) % 2 else (ys[mid - 1] + ys[mid]) / 2
-
-
 def measure(fn: LossFn, case: Case, rounds: int, budget_bytes: Optional[int], floor: bool = False,
             min_time_s: float = 0.0, max_rounds: int = 50) -> Measurement:
     """Time forward, backward and forward+backward of one implementation on one case.
@@ -305,9 +300,9 @@ def measure(fn: LossFn, case: Case, rounds: int, budget_bytes: Optional[int], fl
                         totals.append(total)
                         bwds.append(total - fwd_t)
                 out.rounds = len(totals)
-                out.ms[op], out.median_ms[op] = 1e3 * min(totals), 1e3 * _median(totals)
+                out.ms[op], out.median_ms[op] = 1e3 * min(totals), 1e3 * statistics.median(totals)
                 if op == "forward+backward":
-                    out.ms["backward"], out.median_ms["backward"] = 1e3 * min(bwds), 1e3 * _median(bwds)
+                    out.ms["backward"], out.median_ms["backward"] = 1e3 * min(bwds), 1e3 * statistics.median(bwds)
                     out.peak_mib["backward"] = out.peak_mib[op]
     except (RuntimeError, MemoryError) as exc:
         if not _is_oom(exc):
