@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fastneg-installed
 
 .PHONY: demo test test-long bench lint clean
 
-$(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp csrc/row_kernels.h
+$(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@echo "[1/3] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -21,8 +21,8 @@ $(STAMP): requirements-dev.txt setup.py csrc/fused_info_nce.cpp csrc/row_kernels
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@echo "running the demo (python -m fastneg.demo): four trainings of 80 steps, a progress bar each"
-	$(PY) -m fastneg.demo
+	@echo "running the demo (python -m fastneg.tools.demo): four trainings of 80 steps, a progress bar each"
+	$(PY) -m fastneg.tools.demo
 
 test: $(STAMP)
 	@echo "running the test suite (python -m pytest tests -q)"

@@ -4,6 +4,7 @@ The extension is compiled against the torch already installed, so install with
 ``pip install --no-build-isolation .`` (see README).
 """
 
+import glob
 import os
 
 from setuptools import find_packages, setup
@@ -36,13 +37,14 @@ setup(
     ext_modules=[
         CppExtension(
             "fastneg._C",
-            ["csrc/fused_info_nce.cpp"],
+            sorted(glob.glob("csrc/*.cpp", root_dir=HERE)),
+            depends=sorted(glob.glob("csrc/*.h", root_dir=HERE)),
             extra_compile_args=["-O3", "-std=c++20", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={"console_scripts": ["fastneg = fastneg.cli:main"]},
+    entry_points={"console_scripts": ["fastneg = fastneg.tools.cli:main"]},
     install_requires=["torch>=2.6", "numpy"],
     # the optional features and what each needs (README, "Install")
     extras_require={

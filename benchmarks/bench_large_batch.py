@@ -27,8 +27,9 @@ import torch
 def worker(variant: str, batch: int, chunk: int, budget_gib: float) -> dict:
     import fastneg
     from fastneg.cached import cached_loss
-    from fastneg.options import Rules, SimANS
-    from fastneg.profiling import peak_memory
+    from fastneg.options import SimANS
+    from fastneg.plan import Plan
+    from fastneg.tools.profiling import peak_memory
     from fastneg.reference import info_nce_reference
 
     torch.manual_seed(0)
@@ -50,7 +51,7 @@ def worker(variant: str, batch: int, chunk: int, budget_gib: float) -> dict:
     def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if variant == "fastneg":
             return fastneg.info_nce(q, d, temperature=0.05, margin=0.1, weighting=fastneg.SimANS())
-        rules = Rules.build(0.1, None, None, 0.0, "absolute", SimANS())
+        rules = Plan.build(0.1, None, None, 0.0, "absolute", SimANS())
         return info_nce_reference(q, d, torch.arange(len(q)), 0.05, rules)[0].mean()
 
     current = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -92,7 +93,7 @@ def main() -> None:
             "variant": variant, "status": f"failed (exit {out.returncode})", "error": out.stderr[-300:]}
         rows.append(row)
         print(row, flush=True)
-    from fastneg.benchmark import device_name
+    from fastneg.tools.benchmark import device_name
 
     dense_gib = args.batch * 2 * args.batch * 4 / 2**30
     text = "\n".join([

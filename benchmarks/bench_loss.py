@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 
 import fastneg
-from fastneg.benchmark import device_name, triton_version
-from fastneg.profiling import peak_memory
+from fastneg.tools.benchmark import device_name, triton_version
+from fastneg.tools.profiling import peak_memory
 
 OPTIONS = dict(temperature=0.05, margin=0.1, weighting=fastneg.SimANS(0.5, 0.0))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +93,7 @@ MEMORY_CHILD = """
 import sys, torch
 sys.path.insert(0, {here!r})
 from bench_loss import floor_call, loss_call, make_inputs
-from fastneg.profiling import peak_memory
+from fastneg.tools.profiling import peak_memory
 impl, B, D, backward, products = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 q, k = make_inputs(B, D, torch.float32, "cpu", grad=backward)
 if backward:

@@ -116,7 +116,7 @@ def run_one(name: str, args: argparse.Namespace, work: str) -> dict:
     if args.memory_cap_gib:
         cap = int(args.memory_cap_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    from fastneg.profiling import peak_memory
+    from fastneg.tools.profiling import peak_memory
 
     status, rows, negatives, out = "ok", None, None, None
     start = time.perf_counter()
@@ -189,7 +189,7 @@ def main() -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import torch
 
-    from fastneg.benchmark import device_name
+    from fastneg.tools.benchmark import device_name
     lines = [f"# Hard-negative mining: {args.queries} queries x {args.corpus} corpus x {args.dim}, "
              f"{args.num_negatives} negatives", "",
              f"{date}; {device_name(torch.device('cpu'))}; torch {torch.__version__}. "

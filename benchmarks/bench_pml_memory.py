@@ -28,7 +28,7 @@ LOSSES = ("NTXentLoss", "SupConLoss")
 def worker(impl: str, loss_name: str, B: int, dim: int, budget_gib: float) -> dict:
     import resource
 
-    from fastneg.profiling import _status_kib, peak_memory
+    from fastneg.tools.profiling import _status_kib, peak_memory
 
     if impl == "fastneg":
         from fastneg.integrations import pytorch_metric_learning as module
@@ -85,7 +85,7 @@ def main() -> None:
                     row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    from fastneg.benchmark import device_name
+    from fastneg.tools.benchmark import device_name
 
     lines = [f"# pytorch-metric-learning losses at large batches ({date.today().isoformat()})", "",
              f"{device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}; "

@@ -5,7 +5,7 @@
 
 import sys
 
-from fastneg.quality import main
+from fastneg.tools.quality import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,7 @@ def worker(impl: str, loss_name: str, what: str, batch: int, mini_batch: int) ->
     from sentence_transformers import SentenceTransformer
 
     from fastneg.integrations import sentence_transformers as fst
-    from fastneg.profiling import peak_memory
+    from fastneg.tools.profiling import peak_memory
 
     module = fst if impl == "fastneg" else importlib.import_module("sentence_transformers.losses")
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def main() -> None:
                       flush=True)
     import sentence_transformers
 
-    from fastneg.benchmark import device_name
+    from fastneg.tools.benchmark import device_name
     lines = [f"## Batch {args.batch}", "",
              f"{date.today().isoformat()}, {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, sentence-transformers {sentence_transformers.__version__}; "

@@ -5,7 +5,7 @@
 
 How: a stand-in driver (a ``CudaDriver`` that loads no CUDA library and reports a
 ``GPUTarget("cuda", 90 or 80, 32)``) is made active; fastneg's host code then runs on CPU tensors
-with the GPU's tile shape (``triton_ops.cuda_tiles``), every launch becomes
+with the GPU's tile shape (``fastneg.backends.triton.cuda_tiles``), every launch becomes
 ``JITFunction.run(..., warmup=True)`` (compile, no launch) and every autotuned kernel is compiled
 for each of its configs. Each compiled kernel's cubin is read with ``cuobjdump -res-usage``
 (registers, local memory, stack) and ``cuobjdump -sass`` (spill instructions LDL/STL;
@@ -166,9 +166,11 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
     import torch
 
     import fastneg
-    from fastneg import functional, triton_ops
+    from fastneg import functional, sampling
+    from fastneg.backends import triton as triton_ops
 
-    functional._resolve_backend = lambda backend, device: "triton"  # CPU tensors, compiled not interpreted
+    # CPU tensors, compiled not interpreted
+    functional.resolve_backend = sampling.resolve_backend = lambda backend, device: "triton"
     os.environ["FASTNEG_TRITON_WORKSPACE_MB"] = "0"  # one row block per backward panel: every panel variant
     errors = []
     table = modes()

@@ -1,6 +1,6 @@
 """How many B x N x D matrix products one forward+backward of the Triton op costs, per mode,
 dtype and D, with the tile shape the host picks on a compute-capability-9 GPU, counted under
-the Triton interpreter (``fastneg.profiling.triton_products``; no GPU needed).
+the Triton interpreter (``fastneg.tools.profiling.triton_products``; no GPU needed).
 
     python benchmarks/count_products.py --out benchmarks/results/products_<date>.md
 
@@ -22,8 +22,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import fastneg  # noqa: E402
-from fastneg.benchmark import device_name  # noqa: E402
-from fastneg.profiling import triton_products  # noqa: E402
+from fastneg.tools.benchmark import device_name  # noqa: E402
+from fastneg.tools.profiling import triton_products  # noqa: E402
 
 GUIDE_WIDTH = 192  # not one of the D below, so the guide's products are told apart by width
 

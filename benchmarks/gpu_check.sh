@@ -28,7 +28,7 @@ timeout 300 $PY benchmarks/bench_loss.py --device cuda --sizes 8192 32768 131072
 { echo; echo "## GPU test tier"; echo; echo '```'; cat /tmp/fastneg_gpu_tests.txt; echo '```'; } >> "$OUTFILE"
 
 echo "== peers sweep (fastneg bench: naive, compiled, chunked, sentence-transformers, Inf-CL, floor)"
-timeout 200 $PY -m fastneg.cli bench --device cuda --sizes 8192 32768 131072 --dims 768 --dtypes bfloat16 \
+timeout 200 $PY -m fastneg.tools.cli bench --device cuda --sizes 8192 32768 131072 --dims 768 --dtypes bfloat16 \
   --rules plain masked --rounds 1 --memory-budget 120 --out "benchmarks/results/cuda_sweep_${DATE}" \
   || echo "peers sweep stopped early (time limit)"
 if [ -n "${OUT:-}" ] && [ -d "benchmarks/results/cuda_sweep_${DATE}" ]; then cp -r "benchmarks/results/cuda_sweep_${DATE}" "$OUT/"; fi

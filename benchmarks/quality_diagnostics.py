@@ -1,4 +1,4 @@
-"""Two diagnostics behind the quality benchmark's discussion (docs/quality.md), on its task (fastneg.quality):
+"""Two diagnostics behind the quality benchmark's discussion (docs/quality.md), on its task (fastneg.tools.quality):
 
 1. DCL's clamp: for ``DCL (tau+ 0.1)`` at a planted rate, the share of rows whose debiased
    negative term sits at the floor ``n e^{-1/t}`` (and so gives their negatives no gradient), per
@@ -20,8 +20,8 @@ import sys
 import torch
 
 import fastneg
-import fastneg.quality as quality
-from fastneg.benchmark import device_name
+import fastneg.tools.quality as quality
+from fastneg.tools.benchmark import device_name
 
 
 def dcl_clamped_share(rate: float, seed: int, cfg: quality.QualityConfig) -> tuple[list[float], dict]:
@@ -69,7 +69,7 @@ def main() -> None:
     cfg = quality.QualityConfig()
     lines = [f"# Quality benchmark diagnostics ({datetime.date.today().isoformat()}, "
              f"{device_name(torch.device('cpu'))}, torch {torch.__version__})", "",
-             f"Task: `fastneg.quality` defaults (planting `{cfg.planting}`, batch {cfg.batch_size}, {cfg.steps} steps), "
+             f"Task: `fastneg.tools.quality` defaults (planting `{cfg.planting}`, batch {cfg.batch_size}, {cfg.steps} steps), "
              f"seed {args.seed}.", "", "## DCL (tau+ 0.1): share of rows at the clamp's floor", "",
              "| planted rate | first step | step 75 | last step | recall@10 |", "|---|---|---|---|---|"]
     for rate in quality.RATES:

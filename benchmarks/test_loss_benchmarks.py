@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from fastneg.benchmark import Case, device_name, flops, implementations
-from fastneg.profiling import peak_memory
+from fastneg.tools.benchmark import Case, device_name, flops, implementations
+from fastneg.tools.profiling import peak_memory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = [int(s) for s in os.environ.get("FASTNEG_BENCH_SIZES", "8192 32768" if DEVICE.type == "cuda"

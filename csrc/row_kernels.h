@@ -1,7 +1,7 @@
 // The element-wise part of the CPU kernels: one row of one score tile at a time.
 //
-// No includes and no ATen here (the types it uses, RowView, TileView, OnlineLSE and SoftAcc,
-// are defined once in fused_info_nce.cpp): that file includes this one twice, once as plain
+// No includes and no ATen here (the types it uses, RowView, TileView, OnlineLSE and SoftAcc, are
+// defined once in common.h, the rules in rules.h): tiles.h includes this one twice, once as plain
 // x86-64 (or whatever the target is) and once under `#pragma GCC target("avx2,fma")`, and picks
 // the build the processor supports at run time. The loops work on fixed-width vectors.
 
@@ -73,18 +73,17 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::mask M;
   const V s = load<V, FULL>(tile.scores + c, count);
-  M m = s > row.threshold;
+  M label_match = {};
   if constexpr (LABELS) {
     typedef typename Vec<T>::labels L;
     for (int64_t level = 0; level < tile.label_levels; ++level)
-      m |= __builtin_convertvector(
+      label_match |= __builtin_convertvector(
           load<L, FULL>(tile.key_labels + level * tile.label_stride + c, count) == row.query_label[level], M);
   }
   V tg = {};
-  if constexpr (GUIDE) {
-    tg = load<V, FULL>(tile.guide_scores + c, count);
-    m |= tg > row.guide_threshold;
-  }
+  if constexpr (GUIDE) tg = load<V, FULL>(tile.guide_scores + c, count);
+  M m = false_negative_mask<M>(s, row.threshold, label_match, tg,
+                               GUIDE ? row.guide_threshold : std::numeric_limits<T>::infinity());
   M column = {};
   for (int32_t l = 0; l < Vec<T>::kWidth; ++l) column[l] = c + l;
   const M valid = column < count + c;
@@ -94,18 +93,17 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
   const M off = m | positive | excluded | ~valid;
   const V ninf = V{} + neg_inf<T>();
   V u = {};
-  if constexpr (W == kWeightSimANS) {
-    const V d = s - row.positive_score - b;
-    u = -a * d * d;
+  if constexpr (W == Weighting::SIMANS) {
+    u = simans_log_weight(s, row.positive_score, a, b);
     store<FULL>(log_w + c, off ? ninf : u, count);
-  } else if constexpr (W == kWeightHardness) {
+  } else if constexpr (W == Weighting::HARDNESS) {
     u = a * s;
-  } else if constexpr (W == kWeightGuideHardness) {
+  } else if constexpr (W == Weighting::GUIDE_HARDNESS) {
     u = a * tg;
-  } else if constexpr (W == kWeightHCL) {
+  } else if constexpr (W == Weighting::HCL) {
     u = a * s * row.inv_temp;  // HCL: log of the importance weight e^{beta l_ij}
     store<FULL>(log_w + c, off ? ninf : u, count);
-  } else if constexpr (W == kWeightGCSE) {
+  } else if constexpr (W == Weighting::GCSE) {
     // GCSE: u = -l exp(-(l - r)^2 / (2 alpha^2)) where l <= r (r: the reference model's logit), else 0.
     // The tie is decided on the raw scores (s <= t) and the gap is (s - t) / temperature: one rounding
     // of an exact difference, never contracted with a product, so a reference that scores a key

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import ops
-from .options import (
-    WEIGHTING_GCSE,
-    WEIGHTING_GUIDE_HARDNESS,
-    WEIGHTING_HCL,
-    Rules,
-    SoftLabels,
-    Weighting,
+from .backends import forward_op, resolve_backend
+from .backends.operands import kernel_operands, normalized_operands
+from .options import SoftLabels, WeightingOption
+from .plan import Plan, RowState
+from .reference import info_nce_gathered, info_nce_reference
+from .validation import (
+    check_attract_inputs,
     check_backend,
+    check_loss_exclude,
     check_negatives,
     check_reduction,
+    check_symmetric_inputs,
     validate_inputs,
 )
-from .reference import info_nce_gathered, info_nce_reference
 
 __all__ = ["info_nce", "InfoNCE", "InfoNCEStats"]
 
@@ -34,34 +33,6 @@ class InfoNCEStats(NamedTuple):
     num_masked: torch.Tensor  # [B] int64, keys the false-negative rules flagged (removed, or attracted)
     num_negatives: torch.Tensor  # [B] int64, negatives left in the denominator
     num_positives: Optional[torch.Tensor] = None  # [B] int64, |P_i|: 1, or 1 + num_masked with attraction
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    check_backend(backend)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got query on {device}")
-    if backend == "triton":
-        if not _triton_available():
-            raise ValueError("backend='triton' needs the triton package: pip install triton")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing fastneg")
-    return backend
-
-
-def _forward_op(backend: str):  # noqa: ANN202 - an OpOverloadPacket
-    if backend == "triton" and "triton" not in ops.FORWARD_OPS:
-        from . import triton_ops  # noqa: F401  (registers the Triton op pair)
-    return ops.FORWARD_OPS[backend]
 
 
 def info_nce(
@@ -79,7 +50,7 @@ def info_nce(
     guide_keys: Optional[torch.Tensor] = None,
     guide_margin: Optional[float] = 0.0,
     guide_strategy: str = "absolute",
-    weighting: Weighting = None,
+    weighting: WeightingOption = None,
     negatives: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     return_stats: bool = False,
@@ -137,7 +108,7 @@ def info_nce(
             ``return_stats`` reports the query-to-key direction.
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): keys,
             key labels and guide keys are gathered from every rank with gradient and this rank's rows
-            are computed against all of them; see :mod:`fastneg.distributed` for the layout, uneven
+            are computed against all of them; see :mod:`fastneg.parallel.gather` for the layout, uneven
             batches and the reduction's scaling. ``None``: local only.
         key_blocks: with ``process_group``, ``keys`` is this many equal column blocks (positives,
             then each hard-negative column), gathered block by block.
@@ -183,18 +154,17 @@ def info_nce(
             soft_labels=soft_labels, false_negatives=false_negatives, exclude=exclude))
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
-    rules = Rules.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
-                        soft_labels, temperature, false_negatives)
-    _check_guide_weighting(rules, guide_query)
-    _check_rule_combinations(rules, symmetric, temperature)
-    _check_attract_and_exclude(rules, symmetric, negatives, exclude, positives, query.shape[0], keys.shape[0],
-                               query.device)
+    plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
+                      soft_labels, temperature, false_negatives)
+    plan.check(symmetric, guide_query is not None, temperature)
+    check_attract_inputs(plan, negatives)
+    check_loss_exclude(exclude, symmetric, negatives, positives, query.shape[0], keys.shape[0], query.device)
     if negatives is not None:
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
-        _check_symmetric(positives, negatives, query.shape[0])
+        check_symmetric_inputs(positives, negatives, query.shape[0])
     device = query.device
-    chosen = _resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device)
 
     B = query.shape[0]
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
@@ -203,20 +173,20 @@ def info_nce(
     exclude = exclude.reshape(-1).long() if exclude is not None else None
     if chosen == "reference":
         loss, lse, pos_logit, n_masked, n_neg = info_nce_reference(
-            query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
+            query, keys, positives, temperature, plan, query_labels, key_labels, guide_query, guide_keys,
             negatives=negatives.long() if negatives is not None else None, exclude=exclude)
     elif negatives is not None:
         loss, lse, pos_logit, n_masked, n_neg = info_nce_gathered(
-            query, keys, positives, negatives.long(), temperature, rules, query_labels, key_labels, guide_query,
+            query, keys, positives, negatives.long(), temperature, plan, query_labels, key_labels, guide_query,
             guide_keys)
     else:
         loss, lse, pos_logit, n_masked, n_neg = _fused(
-            chosen, query, keys, positives, temperature, rules, query_labels, key_labels, guide_query, guide_keys,
+            chosen, query, keys, positives, temperature, plan, query_labels, key_labels, guide_query, guide_keys,
             symmetric=symmetric, exclude=exclude)
     if symmetric and chosen == "reference":
         # dense check: key p_i against every query, i.e. the transposed problem on the positive columns
         col_loss = info_nce_reference(
-            keys[positives], query, torch.arange(B, device=device), temperature, rules,
+            keys[positives], query, torch.arange(B, device=device), temperature, plan,
             key_labels[positives] if key_labels is not None else None, query_labels,
             guide_keys[positives] if guide_keys is not None else None, guide_query)[0]
         loss = (loss + col_loss) / 2
@@ -228,100 +198,28 @@ def info_nce(
     else:
         out = loss
     if return_stats:
-        n_pos = n_masked + 1 if rules.attract else torch.ones_like(n_masked)
+        n_pos = n_masked + 1 if plan.attract else torch.ones_like(n_masked)
         return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg, n_pos)
     return out
 
 
-def _check_guide_weighting(rules: Rules, guide_query: Optional[torch.Tensor]) -> None:
-    if rules.weighting == WEIGHTING_GUIDE_HARDNESS and guide_query is None:
-        raise ValueError("weighting=Hardness(on='guide') needs guide_query and guide_keys")
-    if rules.weighting == WEIGHTING_GCSE and guide_query is None:
-        raise ValueError("weighting=GCSE needs guide_query and guide_keys (the reference model's embeddings)")
-    if rules.soft_temperature is not None and guide_query is None:
-        raise ValueError("soft_labels needs guide_query and guide_keys (the teacher's embeddings)")
-
-
-def _check_rule_combinations(rules: Rules, symmetric: bool, temperature: Union[float, torch.Tensor]) -> None:
-    if rules.weighting == WEIGHTING_HCL and symmetric:
-        raise ValueError("weighting=HCL cannot be combined with symmetric=True")
-    if rules.soft_temperature is not None:
-        if symmetric:
-            raise ValueError("soft_labels cannot be combined with symmetric=True")
-        if rules.debias is not None:
-            raise ValueError("soft_labels cannot be combined with debias (DCL's estimator is for hard labels)")
-        if rules.weighting == WEIGHTING_HCL:
-            raise ValueError("soft_labels cannot be combined with weighting=HCL")
-    if rules.debias is None:
-        return
-    if symmetric:
-        raise ValueError("debias cannot be combined with symmetric=True")
-    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
-        raise ValueError("debias: a learned temperature is not supported (the clamp's floor depends on it); "
-                         "pass a float or a tensor without gradient")
-
-
-def _check_attract_and_exclude(rules: Rules, symmetric: bool, negatives: Optional[torch.Tensor],
-                               exclude: Optional[torch.Tensor], positives: Optional[torch.Tensor], B: int, N: int,
-                               device: torch.device) -> None:
-    if rules.attract:
-        if symmetric:
-            raise ValueError("false_negatives='attract' cannot be combined with symmetric=True")
-        if rules.debias is not None:
-            raise ValueError("false_negatives='attract' cannot be combined with debias (DCL re-estimates the negatives)")
-        if rules.soft_temperature is not None:
-            raise ValueError("false_negatives='attract' cannot be combined with soft_labels")
-        if rules.weighting == WEIGHTING_HCL:
-            raise ValueError("false_negatives='attract' cannot be combined with weighting=HCL")
-        if negatives is not None:
-            raise ValueError("false_negatives='attract' cannot be combined with negatives=")
-    if exclude is None:
-        return
-    if not isinstance(exclude, torch.Tensor):
-        raise TypeError(f"exclude must be a LongTensor [B], got {type(exclude).__name__}")
-    if exclude.dtype not in (torch.int64, torch.int32) or exclude.reshape(-1).shape[0] != B or exclude.dim() > 2:
-        raise ValueError(f"exclude must be an int64 tensor of shape [B] = [{B}], got {exclude.dtype} {tuple(exclude.shape)}")
-    if exclude.device != device:
-        raise ValueError(f"exclude must be on {device}, got {exclude.device}")
-    if symmetric:
-        raise ValueError("exclude cannot be combined with symmetric=True")
-    if negatives is not None:
-        raise ValueError("exclude cannot be combined with negatives= (list only the keys the row should see)")
-    if not torch.compiler.is_compiling() and B:
-        ex = exclude.reshape(-1).long()
-        if bool(((ex < -1) | (ex >= N)).any()):
-            raise ValueError(f"exclude must hold key columns in [0, {N}) or -1 (none)")
-        pos = torch.arange(B, device=device) if positives is None else positives.reshape(-1).long()
-        if bool((ex == pos).any()):
-            raise ValueError("exclude must not name a row's own positive")
-
-
-def _check_symmetric(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
-    if negatives is not None:
-        raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
-    if positives is not None and not torch.compiler.is_compiling() and B and int(positives.unique().numel()) != B:
-        raise ValueError("symmetric=True needs distinct positives: each key may be the positive of one query only")
-
-
 def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], group: object,
                        key_blocks: int, kw: dict) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
-    """info_nce over keys gathered from every rank of ``group`` (:mod:`fastneg.distributed`)."""
-    from . import distributed
+    """info_nce over keys gathered from every rank of ``group`` (:mod:`fastneg.parallel.gather`)."""
+    from .parallel import gather as distributed
 
     error: Optional[BaseException] = None
     try:  # a rank that rejects its inputs must not leave the others waiting in a collective
         validate_inputs(query, keys, positives, kw["temperature"], kw["query_labels"], kw["key_labels"],
                         kw["guide_query"], kw["guide_keys"], allow_empty=True)
         check_reduction(kw["reduction"])
-        rules = Rules.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
-                            kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"],
-                            kw["false_negatives"])
-        _check_attract_and_exclude(rules, kw["symmetric"], kw["negatives"], None, positives, query.shape[0],
-                                   keys.shape[0], query.device)
+        plan = Plan.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
+                          kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"],
+                          kw["false_negatives"])
+        plan.check(kw["symmetric"], kw["guide_query"] is not None, kw["temperature"])
+        check_attract_inputs(plan, kw["negatives"])
         if kw["exclude"] is not None:
             raise ValueError("exclude cannot be combined with process_group (its columns would name local keys)")
-        _check_guide_weighting(rules, kw["guide_query"])
-        _check_rule_combinations(rules, kw["symmetric"], kw["temperature"])
         if isinstance(key_blocks, bool) or not isinstance(key_blocks, int):
             raise TypeError(f"key_blocks must be an int, got {type(key_blocks).__name__}")
         if key_blocks < 1 or keys.shape[0] % key_blocks:
@@ -329,7 +227,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
         if kw["negatives"] is not None:
             check_negatives(kw["negatives"], query.shape[0], keys.shape[0], query.device)
         if kw["symmetric"]:
-            _check_symmetric(positives, kw["negatives"], query.shape[0])
+            check_symmetric_inputs(positives, kw["negatives"], query.shape[0])
         if positives is None and keys.shape[0] < query.shape[0]:
             raise ValueError("positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; "
                              f"got N={keys.shape[0]} < B={query.shape[0]}")
@@ -338,7 +236,7 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
     distributed.raise_if_any_rank_failed(error, group)
     temperature = kw["temperature"]
     tau = float(temperature.detach().reshape(())) if isinstance(temperature, torch.Tensor) else float(temperature)
-    options = repr((rules, tau, kw["reduction"], kw["backend"], kw["query_labels"] is not None,
+    options = repr((plan, tau, kw["reduction"], kw["backend"], kw["query_labels"] is not None,
                     kw["guide_query"] is not None, kw["symmetric"]))
 
     def compute(q, k, pos, kl, ql, gq, gk, neg):  # noqa: ANN001, ANN202
@@ -359,54 +257,13 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
     return out
 
 
-def normalized_operands(
-    query: torch.Tensor,
-    positives: Optional[torch.Tensor],
-    query_labels: Optional[torch.Tensor],
-    key_labels: Optional[torch.Tensor],
-    guide_query: Optional[torch.Tensor],
-    guide_keys: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Validated inputs in the form every backend takes: positives int64 (default ``arange(B)``),
-    labels int64 with ``query_labels`` defaulting to ``key_labels[positives]``, guide embeddings
-    detached in ``query``'s dtype."""
-    positives = torch.arange(query.shape[0], device=query.device) if positives is None else positives.long()
-    if key_labels is not None:
-        key_labels = key_labels.long()
-        query_labels = key_labels[positives] if query_labels is None else query_labels.long()
-    if guide_query is not None and guide_keys is not None:
-        guide_query, guide_keys = guide_query.detach().to(query.dtype), guide_keys.detach().to(query.dtype)
-    return positives, query_labels, key_labels, guide_query, guide_keys
-
-
-def kernel_operands(
-    backend: str,
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    query_labels: Optional[torch.Tensor],
-    key_labels: Optional[torch.Tensor],
-    guide_query: Optional[torch.Tensor],
-    guide_keys: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor],
-           Optional[torch.Tensor]]:
-    """The fused ops' layout: float16/bfloat16 computed in float32 on the cpu backend, several
-    label levels as [levels, rows]."""
-    if backend == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
-        query, keys = query.float(), keys.float()
-        if guide_query is not None and guide_keys is not None:
-            guide_query, guide_keys = guide_query.float(), guide_keys.float()
-    if key_labels is not None and query_labels is not None and key_labels.dim() == 2:
-        query_labels, key_labels = query_labels.T.contiguous(), key_labels.T.contiguous()
-    return query, keys, query_labels, key_labels, guide_query, guide_keys
-
-
 def _fused(
     backend: str,
     query: torch.Tensor,
     keys: torch.Tensor,
     positives: torch.Tensor,
     temperature: Union[float, torch.Tensor],
-    rules: Rules,
+    plan: Plan,
     query_labels: Optional[torch.Tensor],
     key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor],
@@ -421,13 +278,12 @@ def _fused(
         temp = temperature.reshape(()).to(device=query.device if backend == "triton" else "cpu", dtype=acc)
     else:
         temp = torch.tensor(float(temperature), dtype=acc, device=query.device if backend == "triton" else "cpu")
-    loss, lse, pos_score, *_, n_masked, n_neg, _col_lse, _col_offset, _pos_coef = _forward_op(backend)(
-        query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys,
-        rules.margin, rules.relative_margin, rules.max_score, rules.guide_margin, rules.guide_relative,
-        rules.weighting, rules.weight_a, rules.weight_b, symmetric, rules.debias, rules.soft_temperature,
-        rules.soft_weight, exclude, rules.attract)
+    loss, state, n_masked, n_neg = forward_op(backend)(
+        query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys, exclude, plan.scalars(),
+        plan.flags(symmetric=symmetric))
     # the stats are documented as carrying no gradient: detached, so that back-propagating through them
     # fails loudly instead of giving silent zeros
+    lse, pos_score = state[RowState.LOGSUMEXP], state[RowState.POSITIVE_SCORE]
     return loss, lse.detach(), (pos_score / temp).detach(), n_masked, n_neg
 
 
@@ -449,7 +305,7 @@ class InfoNCE(torch.nn.Module):
         self.gather = bool(options.pop("gather", False))
         self.options = options
         # validate the scalar options once, so a bad argument fails at construction time
-        Rules.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
+        Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
                     options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"),
                     options.get("weighting"), options.get("debias"), options.get("soft_labels"),  # type: ignore[arg-type]
                     self.temperature, options.get("false_negatives", "mask"))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastneg
+from fastneg.plan import Plan
 
 q = torch.randn(4, 8)
 k = torch.randn(6, 8)
@@ -118,12 +119,15 @@ def test_inputs_are_not_modified() -> None:
 def test_cpu_op_checks_positives_itself() -> None:
     # torch.compile skips the Python range check (it would sync); the C++ op checks again
     op = torch.ops.fastneg.info_nce_fwd_cpu.default
+    plain, attract = Plan(), Plan(attract=True)
     with pytest.raises(ValueError, match="positives"):
-        op(q, k, torch.tensor([0, 1, 2, 99]), torch.tensor(0.1), None, None, None, None,
-           None, None, None, 0.0, False, 0, 0.0, 0.0, False, None, None, 1.0, None, False)
+        op(q, k, torch.tensor([0, 1, 2, 99]), torch.tensor(0.1), None, None, None, None, None, plain.scalars(),
+           plain.flags())
     with pytest.raises(ValueError, match="exclude"):
-        op(q, k, torch.tensor([0, 1, 2, 3]), torch.tensor(0.1), None, None, None, None,
-           None, None, None, 0.0, False, 0, 0.0, 0.0, False, None, None, 1.0, torch.tensor([1, 1, 2, 0]), True)
+        op(q, k, torch.tensor([0, 1, 2, 3]), torch.tensor(0.1), None, None, None, None, torch.tensor([1, 1, 2, 0]),
+           attract.scalars(), attract.flags())
+    with pytest.raises(ValueError, match="scalars"):  # a packed block of the wrong length names the argument
+        op(q, k, torch.tensor([0, 1, 2, 3]), torch.tensor(0.1), None, None, None, None, None, [0.0] * 3, 0)
 
 
 def test_hardness_on_the_guide_needs_a_guide() -> None:

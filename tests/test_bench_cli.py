@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from fastneg.benchmark import fit_exponent
+from fastneg.tools.report import fit_exponent
 
 COLUMNS = {"date", "device", "device_name", "torch_version", "triton_version", "fastneg_version", "impl", "op",
            "rules", "dtype", "B", "N", "D", "ms", "peak_mib", "tflops", "status"}
@@ -16,7 +16,7 @@ COLUMNS = {"date", "device", "device_name", "torch_version", "triton_version", "
 
 def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "fastneg.cli", "bench", "--sizes", "64", "128", "--dims", "8", "--rules", "plain",
+    cmd = [sys.executable, "-m", "fastneg.tools.cli", "bench", "--sizes", "64", "128", "--dims", "8", "--rules", "plain",
            "masked", "symmetric", "--rounds", "1", "--device", "cpu", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
@@ -49,7 +49,7 @@ def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
 def test_bench_reports_out_of_memory_under_a_budget(tmp_path) -> None:
     # 256 MiB cannot hold the naive loss's 4096 x 4096 matrices (64 MiB each); fastneg's O(B + N) fits
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "fastneg.cli", "bench", "--sizes", "4096", "--dims", "8", "--rules", "plain",
+    cmd = [sys.executable, "-m", "fastneg.tools.cli", "bench", "--sizes", "4096", "--dims", "8", "--rules", "plain",
            "--impls", "fastneg-cpu", "naive", "--rounds", "1", "--device", "cpu", "--memory-budget", "0.25",
            "--no-plots", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -73,7 +73,7 @@ def test_naive_compile_is_compiled_for_every_case_past_the_recompile_limit() -> 
     and without gradient) but three cases do not: each must still be compiled."""
     import torch
 
-    from fastneg.benchmark import Case, CompiledPerCase, Measurement, measure
+    from fastneg.tools.benchmark import Case, CompiledPerCase, Measurement, measure
 
     fn = CompiledPerCase()
     with torch._dynamo.config.patch(recompile_limit=4):
@@ -96,7 +96,7 @@ def fastneg_reference(q, k, opts):
 def test_measure_takes_more_rounds_until_min_time_and_records_the_median() -> None:
     import torch
 
-    from fastneg.benchmark import Case, _naive, measure
+    from fastneg.tools.benchmark import Case, _naive, measure
 
     case = Case(32, 8, torch.float32, torch.device("cpu"), "plain")
     exact = measure(_naive, case, rounds=3, budget_bytes=None)
@@ -109,7 +109,8 @@ def test_measure_takes_more_rounds_until_min_time_and_records_the_median() -> No
 
 
 def test_plots_mark_out_of_memory_and_keep_one_colour_per_implementation(tmp_path) -> None:
-    from fastneg.benchmark import Row, impl_color, plot
+    from fastneg.tools.benchmark import Row
+    from fastneg.tools.report import impl_color, plot
 
     meta = dict(date="2026-12-03", device="cpu", device_name="test cpu", torch_version="x", triton_version="x",
                 fastneg_version="x", op="forward+backward", rules="masked", dtype="float32", N=0, D=8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastneg
-from fastneg.cached import RandState, cached_loss
+from fastneg.parallel.cached import RandState, cached_loss
 
 
 def encoder(seed: int = 0, hidden: int = 256) -> torch.nn.Module:
@@ -101,7 +101,7 @@ def test_bad_arguments() -> None:
 MEMORY_SCRIPT = textwrap.dedent("""
     import sys, torch, fastneg
     from fastneg.cached import cached_loss
-    from fastneg.profiling import peak_memory
+    from fastneg.tools.profiling import peak_memory
     torch.set_num_threads(1)
     torch.manual_seed(0)
     enc = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(1024, 1024), torch.nn.ReLU(),

@@ -39,7 +39,7 @@ def fastneg(*argv: str, cwd: str, site: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # `fastneg bench` would re-exec itself to set this
     env["PYTHONPATH"] = os.pathsep.join([REPO, site])
-    code = f"import sys; from fastneg.cli import main; sys.argv = ['fastneg', *{list(argv)!r}]; sys.exit(main())"
+    code = f"import sys; from fastneg.tools.cli import main; sys.argv = ['fastneg', *{list(argv)!r}]; sys.exit(main())"
     return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=600)
 

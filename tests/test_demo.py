@@ -6,7 +6,7 @@ import sys
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastneg.demo", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "fastneg.tools.demo", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_tiny_demo_reports_every_method():

@@ -82,7 +82,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], mode: str, out_d
             dist.all_reduce(total)
             result = {"loss": float(total) / world, "grads": [p.grad.clone() for p in model.parameters()]}
         elif mode == "compile":  # the gather and the fused op in one compiled graph, equal sizes given
-            from fastneg.distributed import all_gather_with_grad
+            from fastneg.parallel.gather import all_gather_with_grad
 
             def step(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
                 gathered = all_gather_with_grad(k, sizes=[k.shape[0]] * world)
@@ -170,7 +170,7 @@ def test_a_rank_that_rejects_its_inputs_does_not_hang_the_others() -> None:
 
 
 def test_all_gather_with_grad_is_the_identity_without_a_process_group() -> None:
-    from fastneg.distributed import all_gather_with_grad
+    from fastneg.parallel.gather import all_gather_with_grad
 
     x = torch.randn(3, 4, requires_grad=True)
     assert all_gather_with_grad(x) is x

@@ -10,7 +10,7 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import json, sys, torch, fastneg
-    from fastneg.profiling import peak_memory
+    from fastneg.tools.profiling import peak_memory
     B = N = 16384
     D = 64
     backend = sys.argv[1]

@@ -22,7 +22,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "fastneg.cli", "mine", "--no-progress", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fastneg.tools.cli", "mine", "--no-progress", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
@@ -82,7 +82,7 @@ def test_killed_run_leaves_no_output(tmp_path: Path) -> None:
     out = tmp_path / "mined.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for sig in (signal.SIGKILL, signal.SIGTERM):
-        proc = subprocess.Popen([sys.executable, "-m", "fastneg.cli", "mine", "--no-progress", "--queries", q,
+        proc = subprocess.Popen([sys.executable, "-m", "fastneg.tools.cli", "mine", "--no-progress", "--queries", q,
                                  "--corpus", c, "--positives", p, "--out", str(out), "--num-negatives", "10",
                                  "--batch-size", "256"], env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120

@@ -2,15 +2,15 @@
 products (q k^T in the forward; in the backward one recomputation of the score tiles and the two
 products dS k, dS^T q), plus the positives' gathered tiles (B x BLOCK_M x D), at every D, for
 every mode. Counted under the interpreter with a compute-capability-9 GPU's tile shape
-(``fastneg.profiling.triton_products``), with a workspace that forces several backward panels.
+(``fastneg.tools.profiling.triton_products``), with a workspace that forces several backward panels.
 benchmarks/count_products.py writes the full table."""
 
 import pytest
 import torch
 
 import fastneg
-from fastneg.profiling import count_matmul_work, triton_products
-from fastneg.triton_ops import cuda_block_config
+from fastneg.tools.profiling import count_matmul_work, triton_products
+from fastneg.backends.triton import cuda_block_config
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts tl.dot under the Triton interpreter")
 

@@ -143,7 +143,7 @@ def test_a_training_step_of_a_small_model(name) -> None:
 def test_memory_stays_linear_at_batch_8192(name) -> None:
     """Batch 8192, 2 views per class: the fused loss allocates no B x B matrix (the original's
     float32 distance matrix alone is 256 MiB, its pair masks as much again)."""
-    from fastneg.profiling import peak_memory
+    from fastneg.tools.profiling import peak_memory
 
     g = torch.Generator().manual_seed(6)
     emb = torch.randn(8192, 32, generator=g).requires_grad_()

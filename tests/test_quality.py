@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from fastneg.demo import SyntheticRetrieval
-from fastneg.quality import PlantedBatches, QualityConfig, evaluate
+from fastneg.tools.demo import SyntheticRetrieval
+from fastneg.tools.quality import PlantedBatches, QualityConfig, evaluate
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
@@ -79,7 +79,7 @@ def test_metrics_by_hand() -> None:
 
 
 def test_tiny_run_of_the_command(tmp_path) -> None:
-    res = subprocess.run([sys.executable, "-m", "fastneg.cli", "quality", "--groups", "300", "--batch-size", "64",
+    res = subprocess.run([sys.executable, "-m", "fastneg.tools.cli", "quality", "--groups", "300", "--batch-size", "64",
                           "--steps", "3", "--seeds", "0", "1", "--rates", "0", "0.3", "--held-out", "50",
                           "--methods", "InfoNCE", "SimANS", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
@@ -89,6 +89,6 @@ def test_tiny_run_of_the_command(tmp_path) -> None:
     text = (tmp_path / "quality.md").read_text()
     assert "| SimANS |" in text and "delta at 30%" in text
     assert (tmp_path / "quality.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "fastneg.cli", "quality", "--methods", "DCL?"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "fastneg.tools.cli", "quality", "--methods", "DCL?"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "unknown method" in bad.stderr

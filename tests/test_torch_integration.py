@@ -8,19 +8,26 @@ import pytest
 import torch
 
 import fastneg
+from fastneg.plan import Flag, Plan, Weighting
 from helpers import TRITON_DEVICE, make_problem, max_error
 
 # the op's rule modes: (weighting, weight_a, weight_b, debias, soft_temperature, soft_weight, exclude, attract)
 MODES = {
-    "one-way": (1, 0.5, 0.1, None, None, 1.0, False, False),
-    "symmetric": (1, 0.5, 0.1, None, None, 1.0, False, False),
-    "debias": (1, 0.5, 0.1, 0.1, None, 1.0, False, False),
-    "hcl": (4, 1.0, 0.0, 0.1, None, 1.0, False, False),
-    "gcse": (5, 2.0, 0.0, None, None, 1.0, False, False),
-    "soft": (1, 0.5, 0.1, None, 0.1, 0.5, False, False),
-    "exclude": (1, 0.5, 0.1, None, None, 1.0, True, False),
-    "attract": (1, 0.5, 0.1, None, None, 1.0, True, True),
+    "one-way": (Weighting.SIMANS, 0.5, 0.1, None, None, 1.0, False, False),
+    "symmetric": (Weighting.SIMANS, 0.5, 0.1, None, None, 1.0, False, False),
+    "debias": (Weighting.SIMANS, 0.5, 0.1, 0.1, None, 1.0, False, False),
+    "hcl": (Weighting.HCL, 1.0, 0.0, 0.1, None, 1.0, False, False),
+    "gcse": (Weighting.GCSE, 2.0, 0.0, None, None, 1.0, False, False),
+    "soft": (Weighting.SIMANS, 0.5, 0.1, None, 0.1, 0.5, False, False),
+    "exclude": (Weighting.SIMANS, 0.5, 0.1, None, None, 1.0, True, False),
+    "attract": (Weighting.SIMANS, 0.5, 0.1, None, None, 1.0, True, True),
 }
+
+
+def mode_plan(mode: str) -> Plan:
+    weighting, a, b, debias, soft_t, soft_w, _, attract = MODES[mode]
+    return Plan(margin=0.1, relative_margin=0.05, max_score=2.0, guide_margin=0.0, weighting=weighting, weight_a=a,
+                weight_b=b, debias=debias, soft_temperature=soft_t, soft_weight=soft_w, attract=attract)
 
 
 def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, labels=True, mode="one-way"):
@@ -34,10 +41,9 @@ def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, lab
     qlab = klab[pos] if labels else None
     gq = torch.randn(B, 4, generator=g, dtype=dtype).to(device) if guide else None
     gk = torch.randn(N, 4, generator=g, dtype=dtype).to(device) if guide else None
-    weighting, a, b, debias, soft_t, soft_w, exclude, attract = MODES[mode]
-    excl = (pos + 1) % N if exclude else None  # never the row's own positive
-    return (q, k, pos, temp, qlab, klab, gq, gk, 0.1, 0.05, 2.0, 0.0, False, weighting, a, b, mode == "symmetric",
-            debias, soft_t, soft_w, excl, attract)
+    excl = (pos + 1) % N if MODES[mode][6] else None  # never the row's own positive
+    plan = mode_plan(mode)
+    return (q, k, pos, temp, qlab, klab, gq, gk, excl, plan.scalars(), plan.flags(symmetric=mode == "symmetric"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -55,17 +61,15 @@ def test_opcheck_cpu_backward(mode) -> None:
     args = fwd_args(mode=mode)
     with torch.no_grad():
         out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
-    q, k, pos, temp, qlab, klab, gq, gk = args[:8]
-    weighting, a, b, _, soft_t, soft_w, _, attract = MODES[mode]
-    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk,
-                out[1], out[2], out[3], out[4], out[5], out[8], out[9], out[10], weighting, a, b, mode == "symmetric",
-                soft_t, soft_w, args[20], attract, True, True)
+    q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
+    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1], scalars,
+                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD)
     torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
 
 
 @pytest.mark.gpu
 def test_opcheck_triton() -> None:
-    import fastneg.triton_ops  # noqa: F401
+    import fastneg.backends.triton  # noqa: F401
 
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda"))
     for mode in ("symmetric", "hcl", "soft", "attract"):

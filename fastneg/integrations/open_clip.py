@@ -36,7 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import info_nce
-from ..options import Rules, check_backend
+from ..parallel import all_gather
+from ..plan import Plan
+from ..validation import check_backend
 
 __all__ = ["ClipLoss", "gather_features"]
 
@@ -60,14 +62,6 @@ def gather_features(image_features: Tensor, text_features: Tensor, local_loss: b
         images[rank] = image_features
         texts[rank] = text_features
     return torch.cat(images, 0), torch.cat(texts, 0)
-
-
-def _gather_labels(labels: Tensor, world_size: int) -> Tensor:
-    import torch.distributed as dist
-
-    out = [torch.empty_like(labels) for _ in range(world_size)]
-    dist.all_gather(out, labels.contiguous())
-    return torch.cat(out)
 
 
 class ClipLoss(nn.Module):
@@ -97,7 +91,7 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        Rules.build(margin, relative_margin, max_score, 0.0, "absolute", weighting)  # validates now
+        Plan.build(margin, relative_margin, max_score, 0.0, "absolute", weighting)  # validates now
         check_backend(backend)
         self.rules = dict(margin=margin, relative_margin=relative_margin, max_score=max_score, weighting=weighting)
         self.backend = backend
@@ -112,7 +106,7 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             images, texts = gather_features(image_features, text_features, self.local_loss, self.gather_with_grad,
                                             self.rank, self.world_size)
-            all_labels = _gather_labels(labels, self.world_size) if labels is not None else None
+            all_labels = all_gather(labels) if labels is not None else None
             if self.local_loss:
                 positives = torch.arange(B, device=image_features.device) + B * self.rank
                 lab = dict(query_labels=labels, key_labels=all_labels) if labels is not None else {}

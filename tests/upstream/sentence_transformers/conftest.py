@@ -60,8 +60,11 @@ if IMPLEMENTATION == "fastneg":
             return fn(*args, **kwargs)
         return wrapper
 
-    for _fn in FUSED_CALLS:
-        setattr(_fastneg_st, _fn, _counting(_fn, getattr(_fastneg_st, _fn)))
+    from fastneg.integrations.sentence_transformers import gist as _fastneg_gist
+    from fastneg.integrations.sentence_transformers import ranking as _fastneg_ranking
+
+    for _module, _fn in ((_fastneg_ranking, "ranking_loss"), (_fastneg_gist, "gist_loss")):
+        setattr(_module, _fn, _counting(_fn, getattr(_module, _fn)))
 
     def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("fastneg fused calls: " + ", ".join(f"{k}={v}" for k, v in FUSED_CALLS.items()))

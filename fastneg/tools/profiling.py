@@ -149,7 +149,7 @@ def triton_products(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, 
     when ``guide_width`` is given (an int: its D)."""
     import fastneg
 
-    from . import triton_ops
+    from ..backends import triton as triton_backend
 
     gen = torch.Generator().manual_seed(seed)
     q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1).to(dtype).requires_grad_()
@@ -163,7 +163,7 @@ def triton_products(B: int, N: int, D: int, dtype: torch.dtype = torch.float32, 
     if options.get("query_labels") == "random":
         options["query_labels"] = torch.randint(0, max(2, B // 8), (B,), generator=gen)
         options["key_labels"] = torch.randint(0, max(2, B // 8), (N,), generator=gen)
-    with triton_ops.cuda_tiles(major), count_matmul_work() as work:
+    with triton_backend.cuda_tiles(major), count_matmul_work() as work:
         loss = fastneg.info_nce(q, k, torch.arange(B), temperature=temperature, backend="triton", **options)
         loss.backward()
     return work

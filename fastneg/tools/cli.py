@@ -94,7 +94,7 @@ def _checked_bench_device(args: argparse.Namespace) -> str:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from . import benchmark
+    from . import benchmark, report
 
     device = _checked_bench_device(args)
     preset = QUICK if args.quick else FULL
@@ -115,14 +115,14 @@ def bench(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench.csv")
     md_path = os.path.join(args.out, "bench.md")
-    benchmark.write_csv(rows, csv_path)
-    text = benchmark.markdown(rows, cfg.memory_budget_gib)
+    report.write_csv(rows, csv_path)
+    text = report.markdown(rows, cfg.memory_budget_gib)
     text += f"\nReproduce: `fastneg bench {' '.join(args.argv)}`\n"
     with open(md_path, "w") as f:
         f.write(text)
     written = [csv_path, md_path]
     if not args.no_plots:
-        written += benchmark.plot(rows, os.path.join(args.out, "bench"), cfg.memory_budget_gib)
+        written += report.plot(rows, os.path.join(args.out, "bench"), cfg.memory_budget_gib)
     print(text)
     print("wrote " + ", ".join(written))
     return 0
@@ -134,16 +134,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     # readings (resident-set peak) see every buffer a call allocates
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv[:1] == ["bench"]:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, "-m", "fastneg.cli", *argv], env)
-    from .version import __version__
+        os.execve(sys.executable, [sys.executable, "-m", "fastneg.tools.cli", *argv], env)
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="fastneg", description="fastneg command-line tools")
     parser.add_argument("--version", action="version", version=f"fastneg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
-    from . import mine_cli
+    from ..mining import cli as mine_cli
     mine_cli.add_parser(sub)
-    if argv[:1] == ["quality"]:  # its own parser (fastneg.quality)
+    if argv[:1] == ["quality"]:  # its own parser (fastneg.tools.quality)
         from . import quality
         return quality.main(argv[1:])
     sub.add_parser("quality", help="training-quality benchmark with planted false negatives (fastneg quality --help)")

@@ -32,8 +32,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .options import check_num_negatives
-from .sampling import STRATEGY_SIMANS, STRATEGY_TOP, Strategy, _seed, _strategy, gumbel_noise, sample_negatives
+from ..plan import Plan, Strategy
+from ..reference import gumbel_noise, score_threshold, simans_log_weight
+from ..sampling import StrategyOption, draw_seed, parse_strategy, sample_negatives
+from ..validation import check_num_negatives
 
 __all__ = ["MinedNegatives", "mine_hard_negatives", "build_index", "INDEX_KINDS"]
 
@@ -130,7 +132,7 @@ def mine_hard_negatives(
     positives: Any,
     num_negatives: int,
     *,
-    strategy: Strategy = "top",
+    strategy: StrategyOption = "top",
     query_labels: Optional[torch.Tensor] = None,
     corpus_labels: Optional[torch.Tensor] = None,
     margin: Optional[float] = None,
@@ -175,7 +177,8 @@ def mine_hard_negatives(
     check_num_negatives(num_negatives)
     if strategy == "random":
         strategy = "uniform"
-    code, a, b = _strategy(strategy)
+    code, simans = parse_strategy(strategy)
+    a, b = (simans.a, simans.b) if simans is not None else (0.0, 0.0)
     Q, N = q.shape[0], corpus.shape[0]
     pos = _positives_matrix(positives, Q, N, q.device)
     if (query_labels is None) != (corpus_labels is None):
@@ -202,7 +205,7 @@ def mine_hard_negatives(
     use_faiss = not (isinstance(index, str) and index == "exact")
     if isinstance(index, str) and index not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS} or a faiss.Index, got {index!r}")
-    base_seed = 0 if code == STRATEGY_TOP else _seed(seed, generator)
+    base_seed = 0 if code == Strategy.TOP else draw_seed(seed, generator)
     windowed = range_min > 0 or range_max is not None or min_score is not None
     P = pos.shape[1]
     filters = margin is not None or relative_margin is not None or max_score is not None or min_score is not None
@@ -273,7 +276,7 @@ def _faiss_candidates(index: Any, qb: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 def _select(qb: torch.Tensor, corpus: torch.Tensor, cand: torch.Tensor, pb: torch.Tensor, ref_score: torch.Tensor,
-            k: int, code: int, a: float, b: float, seed: int, query_labels: Optional[torch.Tensor],
+            k: int, code: Strategy, a: float, b: float, seed: int, query_labels: Optional[torch.Tensor],
             corpus_labels: Optional[torch.Tensor], margin: Optional[float], relative_margin: Optional[float],
             max_score: Optional[float], min_score: Optional[float], range_min: int, window_end: int,
             first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,24 +286,19 @@ def _select(qb: torch.Tensor, corpus: torch.Tensor, cand: torch.Tensor, pb: torc
     if query_labels is not None and corpus_labels is not None:
         drop |= corpus_labels[cand.clamp(min=0)] == query_labels[:, None]
     ref = ref_score[:, None]
-    if margin is not None:
-        drop |= scores > ref - margin
-    if relative_margin is not None:
-        drop |= scores > ref - ref.abs() * relative_margin
-    if max_score is not None:
-        drop |= scores > max_score
+    drop |= scores > score_threshold(ref, Plan(margin=margin, relative_margin=relative_margin, max_score=max_score))
     if min_score is not None:
         drop |= scores < min_score
     # rank what is left by score (ties: smaller corpus id), keep ranks [range_min, window_end)
     ranked = torch.sort(torch.where(drop, float("-inf"), scores), dim=1, descending=True, stable=True).indices
     cand, scores, drop = cand.gather(1, ranked), scores.gather(1, ranked), drop.gather(1, ranked)
     cand, scores, drop = (t[:, range_min:window_end] for t in (cand, scores, drop))
-    if code == STRATEGY_TOP:
+    if code == Strategy.TOP:
         values = scores
     else:
         rows = torch.arange(first_row, first_row + qb.shape[0], device=qb.device)
         noise = gumbel_noise(seed, rows[:, None], cand.clamp(min=0))
-        values = noise if code != STRATEGY_SIMANS else -a * (scores - ref - b) ** 2 + noise
+        values = noise if code != Strategy.SIMANS else simans_log_weight(scores, ref, a, b) + noise
     values = values.masked_fill(drop, float("-inf"))
     order = torch.sort(values, dim=1, descending=True, stable=True)
     pick = order.indices[:, :k]

@@ -1,4 +1,4 @@
-"""The dense reference: SPEC sections 2-4 written out with a materialised [B, N] matrix.
+"""The dense reference loss: SPEC sections 2-4 written out with a materialised [B, N] matrix.
 
 Obviously correct, memory O(B * N), differentiable through plain autograd. The fused
 backends are tested against it (run in float64), and it doubles as the "naive PyTorch
@@ -11,48 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from .options import (
-    WEIGHTING_GCSE,
-    WEIGHTING_GUIDE_HARDNESS,
-    WEIGHTING_HARDNESS,
-    WEIGHTING_HCL,
-    WEIGHTING_SIMANS,
-    Rules,
-)
-
-
-def false_negative_mask(
-    scores: torch.Tensor,
-    positive_columns: torch.Tensor,
-    rules: Rules,
-    query_labels: Optional[torch.Tensor] = None,
-    key_labels: Optional[torch.Tensor] = None,
-    guide_scores: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """M_ij of SPEC section 2 (True = key j leaves query i's denominator), positive column
-    not yet excluded. ``scores`` [B, M] raw scores; ``positive_columns`` [B, 1]; ``key_labels``
-    [1 or B, M] (the labels of each row's columns), or [1 or B, M, levels] with ``query_labels``
-    [B, levels] (any matching level masks)."""
-    positive_score = scores.gather(1, positive_columns)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if key_labels is not None and query_labels is not None:
-        if key_labels.dim() == 3:  # several label levels, OR-ed
-            mask |= (query_labels[:, None, :] == key_labels).any(-1)
-        else:
-            mask |= query_labels[:, None] == key_labels  # key_labels [1 or B, M]
-    if rules.margin is not None:
-        mask |= scores > positive_score - rules.margin
-    if rules.relative_margin is not None:
-        mask |= scores > positive_score - positive_score.abs() * rules.relative_margin
-    if rules.max_score is not None:
-        mask |= scores > rules.max_score
-    if guide_scores is not None:
-        guide_positive = guide_scores.gather(1, positive_columns)
-        if rules.guide_relative:
-            mask |= guide_scores > guide_positive - guide_positive.abs() * rules.guide_margin
-        else:
-            mask |= guide_scores > guide_positive - rules.guide_margin
-    return mask
+from ..plan import Plan, Weighting
+from .rules import false_negative_mask, simans_log_weight
 
 
 def info_nce_reference(
@@ -60,7 +20,7 @@ def info_nce_reference(
     keys: torch.Tensor,
     positives: torch.Tensor,
     temperature: Union[float, torch.Tensor],
-    rules: Rules,
+    plan: Plan,
     query_labels: Optional[torch.Tensor] = None,
     key_labels: Optional[torch.Tensor] = None,
     guide_query: Optional[torch.Tensor] = None,
@@ -87,7 +47,7 @@ def info_nce_reference(
         keep = torch.ones(B, N + 1, dtype=torch.bool, device=query.device)
         keep.scatter_(1, torch.where(exclude >= 0, exclude, N).view(B, 1), False)
         candidates = keep[:, :N] if candidates is None else candidates & keep[:, :N]
-    return rows_from_scores(scores, cols, temperature, rules, query_labels,
+    return rows_from_scores(scores, cols, temperature, plan, query_labels,
                             key_labels[None, :] if key_labels is not None else None, guide_scores, candidates)
 
 
@@ -95,7 +55,7 @@ def rows_from_scores(
     scores: torch.Tensor,
     positive_columns: torch.Tensor,
     temperature: Union[float, torch.Tensor],
-    rules: Rules,
+    plan: Plan,
     query_labels: Optional[torch.Tensor],
     key_labels: Optional[torch.Tensor],
     guide_scores: Optional[torch.Tensor],
@@ -112,40 +72,40 @@ def rows_from_scores(
     is_positive = torch.zeros(B, M, dtype=torch.bool, device=scores.device)
     is_positive.scatter_(1, positive_columns, True)
     considered = ~is_positive if candidates is None else candidates & ~is_positive
-    masked = false_negative_mask(detached, positive_columns, rules, query_labels, key_labels, guide_scores) & considered
+    masked = false_negative_mask(detached, positive_columns, plan, query_labels, key_labels, guide_scores) & considered
     negative = considered & ~masked
 
     logits = scores / temperature
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     bias = torch.zeros_like(detached)
-    if rules.weighting == WEIGHTING_SIMANS:
-        log_w = -rules.weight_a * (detached - positive_score - rules.weight_b) ** 2
+    if plan.weighting == Weighting.SIMANS:
+        log_w = simans_log_weight(detached, positive_score, plan.weight_a, plan.weight_b)
         log_w = torch.where(negative, log_w, neg_inf)
         count = negative.sum(1, keepdim=True)
         offset = torch.log(count.to(scores.dtype)) - torch.logsumexp(log_w, 1, keepdim=True)
         bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
-    elif rules.weighting == WEIGHTING_HARDNESS:
-        bias = torch.where(negative, rules.weight_a * detached, torch.zeros_like(detached))
-    elif rules.weighting == WEIGHTING_GUIDE_HARDNESS:
+    elif plan.weighting == Weighting.HARDNESS:
+        bias = torch.where(negative, plan.weight_a * detached, torch.zeros_like(detached))
+    elif plan.weighting == Weighting.GUIDE_HARDNESS:
         assert guide_scores is not None, "guide-score hardness needs guide scores"
-        bias = torch.where(negative, rules.weight_a * guide_scores, torch.zeros_like(detached))
-    elif rules.weighting == WEIGHTING_HCL:
+        bias = torch.where(negative, plan.weight_a * guide_scores, torch.zeros_like(detached))
+    elif plan.weighting == Weighting.HCL:
         # importance weights e^{beta l}, normalised over the row's negatives, with gradient
-        log_w = torch.where(negative, rules.weight_a * logits, neg_inf)
+        log_w = torch.where(negative, plan.weight_a * logits, neg_inf)
         count = negative.sum(1, keepdim=True)
         offset = torch.log(count.to(scores.dtype)) - torch.logsumexp(log_w, 1, keepdim=True)
         bias = torch.where(negative, log_w + offset, torch.zeros_like(log_w))
-    elif rules.weighting == WEIGHTING_GCSE:
+    elif plan.weighting == Weighting.GCSE:
         assert guide_scores is not None, "GCSE needs the reference model's scores"
         # the tie l == r is decided on the raw scores (s_ij <= t_ij), and the gap is (s - t) / temperature,
         # so a reference model scoring a key exactly like the student gives gap 0 on every backend
         tau = temperature.detach() if isinstance(temperature, torch.Tensor) else temperature
         gap = (detached - guide_scores) / tau
-        decayed = -(detached / tau) * torch.exp(-gap * gap / (2.0 * rules.weight_a ** 2))
+        decayed = -(detached / tau) * torch.exp(-gap * gap / (2.0 * plan.weight_a ** 2))
         bias = torch.where(negative & ~(detached > guide_scores), decayed, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
     positive_logit = logits.gather(1, positive_columns).squeeze(1)
-    if rules.attract:
+    if plan.attract:
         # the flagged keys are positives: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip (beta = 0 on P_i)
         attracted = masked | is_positive
         x = torch.where(masked, logits, x)
@@ -153,16 +113,16 @@ def rows_from_scores(
         zero = torch.zeros_like(logits)
         loss = lse - torch.where(attracted, logits, zero).sum(1) / attracted.sum(1).to(scores.dtype)
         return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
-    if rules.debias is not None:
+    if plan.debias is not None:
         lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
-                            rules.debias, temperature)
+                            plan.debias, temperature)
     else:
         lse = torch.logsumexp(x, dim=1)
     loss = lse - positive_logit
-    if rules.soft_temperature is not None:
+    if plan.soft_temperature is not None:
         assert guide_scores is not None, "soft labels need the teacher's scores"
-        loss = (1.0 - rules.soft_weight) * loss + rules.soft_weight * _soft_label_kl(
-            x, lse, torch.where(negative | is_positive, guide_scores / rules.soft_temperature, neg_inf))
+        loss = (1.0 - plan.soft_weight) * loss + plan.soft_weight * _soft_label_kl(
+            x, lse, torch.where(negative | is_positive, guide_scores / plan.soft_temperature, neg_inf))
     # a row without negatives: loss exactly 0 and gradient exactly 0 (SPEC), not autograd's rounding residue
     loss = torch.where(negative.any(1), loss, torch.zeros_like(loss))
     return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
@@ -200,7 +160,7 @@ def info_nce_gathered(
     positives: torch.Tensor,
     negatives: torch.Tensor,
     temperature: Union[float, torch.Tensor],
-    rules: Rules,
+    plan: Plan,
     query_labels: Optional[torch.Tensor] = None,
     key_labels: Optional[torch.Tensor] = None,
     guide_query: Optional[torch.Tensor] = None,
@@ -223,6 +183,6 @@ def info_nce_gathered(
     if guide_query is not None and guide_keys is not None:
         guide_scores = torch.einsum("bd,bkd->bk", guide_query.detach().to(acc), guide_keys.detach()[columns].to(acc))
     candidates = torch.cat([candidates.new_zeros(B, 1), candidates], dim=1)
-    return rows_from_scores(scores, torch.zeros(B, 1, dtype=torch.long, device=query.device), temperature, rules,
+    return rows_from_scores(scores, torch.zeros(B, 1, dtype=torch.long, device=query.device), temperature, plan,
                             query_labels, key_labels[columns] if key_labels is not None else None, guide_scores,
                             candidates)

@@ -31,8 +31,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ..mining import mine_hard_negatives as _mine
-from ..options import SimANS
+from ...mining import mine_hard_negatives as _mine
+from ...options import SimANS
 
 _FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 

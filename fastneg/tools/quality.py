@@ -1,7 +1,7 @@
 """``fastneg quality``: does masking or weighting recover retrieval quality when batches hold
 false negatives? A synthetic task where the truth is known.
 
-The task (the demo's, :class:`fastneg.demo.SyntheticRetrieval`): documents come in topic groups
+The task (the demo's, :class:`fastneg.tools.demo.SyntheticRetrieval`): documents come in topic groups
 (an original plus exact duplicates, which share a document id, and near-duplicates, which do
 not); every member of a group is relevant to a query about the group. Queries and documents are
 two noisy views of the group's latent vector, encoded by two small MLP towers trained from
@@ -60,7 +60,7 @@ from typing import Optional
 import torch
 
 import fastneg
-from fastneg.demo import SyntheticRetrieval, TaskConfig, tower
+from fastneg.tools.demo import SyntheticRetrieval, TaskConfig, tower
 
 RATES = (0.0, 0.1, 0.3)
 PLANTINGS = ("per-query", "pairs")
@@ -236,7 +236,7 @@ def markdown(results: list[dict], cfg: QualityConfig) -> str:
     names = list(dict.fromkeys(r["method"] for r in results))
     rates = list(dict.fromkeys(r["rate"] for r in results))
     lines = [f"# Training quality with planted false negatives ({datetime.date.today().isoformat()})", "",
-             f"Synthetic retrieval task (`fastneg.quality`, planting `{cfg.planting}`): {cfg.num_groups} topic "
+             f"Synthetic retrieval task (`fastneg.tools.quality`, planting `{cfg.planting}`): {cfg.num_groups} topic "
              f"groups, batch {cfg.batch_size}, "
              f"{cfg.steps} steps, seeds {list(cfg.seeds)}, {cfg.held_out_queries} held-out queries against the whole "
              "corpus. Mean +- standard deviation over seeds; delta = method minus plain InfoNCE at the same rate "

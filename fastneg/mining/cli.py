@@ -177,7 +177,7 @@ def _output_format(path: str) -> str:
 
 
 def _strategy(args: argparse.Namespace) -> Any:
-    from .options import SimANS
+    from ..options import SimANS
     if args.strategy == "simans":
         return SimANS(args.simans_a, args.simans_b)
     return args.strategy
@@ -186,7 +186,7 @@ def _strategy(args: argparse.Namespace) -> Any:
 def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
     import torch
 
-    from .mining import mine_hard_negatives
+    from .miner import mine_hard_negatives
 
     queries = _load_npy(args.queries, "queries", "float")
     corpus = _load_npy(args.corpus, "corpus", "float")
@@ -209,7 +209,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     c_all = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
     p_all = torch.from_numpy(positives.astype(np.int64))
-    from .cli import progress_bar
+    from ..tools.cli import progress_bar
 
     starts = range(0, q_all.shape[0], args.batch_size)
     advance, close = progress_bar(len(starts), unit="batch") if not args.no_progress else (None, lambda: None)
@@ -304,7 +304,7 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
 
-    from .integrations.sentence_transformers import mine_hard_negatives
+    from ..integrations.sentence_transformers import mine_hard_negatives
 
     try:
         model = SentenceTransformer(args.model, device=args.device)

@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_with_grad", "gather_sizes", "world_size", "rank", "raise_if_any_rank_failed"]
+__all__ = ["all_gather", "all_gather_with_grad", "gather_sizes", "world_size", "rank", "raise_if_any_rank_failed",
+           "distributed_info_nce"]
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -99,7 +100,7 @@ def raise_if_any_rank_failed(error: Optional[BaseException], group: Any = None) 
     """Collective: every rank learns whether some rank rejected its inputs, and all raise (the
     failing ranks their own error, the others a ValueError naming them) instead of leaving the
     healthy ranks waiting in a collective the failing ones never reach."""
-    flags = _all_gather_plain(torch.tensor([[0 if error is None else 1]], device=_collective_device(group)), group,
+    flags = all_gather(torch.tensor([[0 if error is None else 1]], device=_collective_device(group)), group,
                               [1] * world_size(group))
     failed = [r for r, f in enumerate(flags[:, 0].tolist()) if f]
     if error is not None:
@@ -108,8 +109,11 @@ def raise_if_any_rank_failed(error: Optional[BaseException], group: Any = None) 
         raise ValueError(f"process_group: rank(s) {failed} rejected their inputs (their error says why)")
 
 
-def _all_gather_plain(t: Tensor, group: Any, sizes: Sequence[int]) -> Tensor:
-    """Gather without gradient (labels, guide embeddings), uneven sizes."""
+def all_gather(t: Tensor, group: Any = None, sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """Every rank's rows of ``t`` concatenated in rank order, without gradient (labels, guide
+    embeddings); ``sizes``: each rank's row count when they differ (default: all equal)."""
+    if sizes is None:
+        sizes = [t.shape[0]] * world_size(group)
     longest = max(sizes)
     padded = t if t.shape[0] == longest else torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))])
     out = [torch.empty_like(padded) for _ in sizes]
@@ -155,7 +159,7 @@ def distributed_info_nce(query: Tensor, keys: Tensor, positives: Optional[Tensor
     if key_blocks < 1 or keys.shape[0] % key_blocks:
         raise ValueError(f"key_blocks must divide keys.shape[0] = {keys.shape[0]}, got {key_blocks}")
     descriptor = _descriptor(query, keys, key_blocks, key_labels, guide_keys, negatives, options)
-    table = _all_gather_plain(descriptor.to(_collective_device(group))[None], group, [1] * world).cpu()
+    table = all_gather(descriptor.to(_collective_device(group))[None], group, [1] * world).cpu()
     _check_agreement(table)
     rows = table[:, 0].tolist()
     block = [n // key_blocks for n in table[:, 1].tolist()]
@@ -176,7 +180,7 @@ def distributed_info_nce(query: Tensor, keys: Tensor, positives: Optional[Tensor
         parts = []
         for c in range(key_blocks):
             piece = t[c * mine:(c + 1) * mine]
-            parts.append(all_gather_with_grad(piece, group, block) if with_grad else _all_gather_plain(piece, group, block))
+            parts.append(all_gather_with_grad(piece, group, block) if with_grad else all_gather(piece, group, block))
         return torch.cat(parts)
 
     B = query.shape[0]
@@ -194,9 +198,9 @@ def distributed_info_nce(query: Tensor, keys: Tensor, positives: Optional[Tensor
     if symmetric:
         all_queries = all_gather_with_grad(query, group, rows)
         if query_labels is not None:
-            all_query_labels = _all_gather_plain(query_labels, group, rows)
+            all_query_labels = all_gather(query_labels, group, rows)
         if guide_query is not None:
-            all_guide_queries = _all_gather_plain(guide_query.detach(), group, rows)
+            all_guide_queries = all_gather(guide_query.detach(), group, rows)
     if B == 0:
         if all_queries is not None:
             all_keys = all_keys + 0.0 * all_queries.sum()

@@ -25,9 +25,10 @@ from typing import Optional
 
 import torch
 
-from ..functional import info_nce
-from ..options import Hardness, Rules
-from ..reference import false_negative_mask
+from ...functional import info_nce
+from ...options import Hardness
+from ...plan import Plan
+from ...reference import false_negative_mask
 
 __all__ = ["BlockRules", "ranking_loss", "gist_loss", "NO_LABEL"]
 
@@ -43,9 +44,9 @@ class BlockRules:
     max_score: Optional[float] = None
     weighting: object = None  # None, "simans", SimANS or Hardness
 
-    def rules(self) -> Rules:
-        """The rules as the dense helpers take them (validates the values)."""
-        return Rules.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting)  # type: ignore[arg-type]
+    def plan(self) -> Plan:
+        """The rules as the plan the dense helpers take (validates the values)."""
+        return Plan.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting)  # type: ignore[arg-type]
 
     def options(self, **overrides: object) -> dict[str, object]:
         """Keyword arguments of :func:`fastneg.info_nce`."""
@@ -80,7 +81,7 @@ def _pad(blocks: list[tuple[torch.Tensor, int]], halves: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _own_negatives(q_loc: torch.Tensor, own: torch.Tensor, s_pos: torch.Tensor, temperature: float, rules: Rules,
+def _own_negatives(q_loc: torch.Tensor, own: torch.Tensor, s_pos: torch.Tensor, temperature: float, rules: Plan,
                    bias_strength: float, pos_hash: Optional[torch.Tensor], own_hash: Optional[torch.Tensor]
                    ) -> torch.Tensor:
     """log sum_c exp(x_ic - l_i+) over row i's own hard negatives ``own`` [B, C, D] (-inf when none
@@ -145,7 +146,7 @@ def ranking_loss(
     split_own = strength > 0.0 and n_cols > 1 and hardness_mode in ("in_batch_negatives", "hard_negatives")
     own_bias = strength if hardness_mode == "hard_negatives" else 0.0
     fused_bias = strength if hardness_mode in ("in_batch_negatives", "all_negatives") else 0.0
-    base = rules.rules()
+    base = rules.plan()
     if strength > 0.0 and rules.weighting is not None:
         raise ValueError("hardness_mode and fastneg's weighting are both negative weightings: use one of them")
 

@@ -1,4 +1,4 @@
-"""``python -m fastneg.demo``: train a small dual encoder on a synthetic retrieval task with
+"""``python -m fastneg.tools.demo``: train a small dual encoder on a synthetic retrieval task with
 planted false negatives, with plain InfoNCE and with fastneg's masking + SimANS weighting.
 
 The task. Each document is a latent topic vector seen through a fixed random "document view";
@@ -22,7 +22,7 @@ Runs compared, each on the same data, initialisation and number of steps:
 Each run reports recall@10 on held-out queries (fraction of the query's relevant documents
 found in the top 10, over the whole corpus), the time spent in the loss (forward + backward,
 measured around the loss alone) and the peak memory of the loss step (CUDA: allocator peak;
-CPU: peak resident-set growth, see ``fastneg.profiling``; each method runs in a fresh process).
+CPU: peak resident-set growth, see ``fastneg.tools.profiling``; each method runs in a fresh process).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import fastneg
-from fastneg.profiling import peak_memory
+from fastneg.tools.profiling import peak_memory
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class DemoError(Exception):
 
 
 def _run_method(ctx, method: str, cfg: TaskConfig, device: str) -> dict:  # noqa: ANN001
-    from fastneg.cli import progress_bar
+    from fastneg.tools.cli import progress_bar
 
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(method, cfg, device, queue))

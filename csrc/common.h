@@ -1,0 +1,107 @@
+// What every C++ kernel shares beyond ATen: the tile geometry's constants, the views one row
+// pass reads (RowView, TileView), the online accumulators (OnlineLSE, SoftAcc) and the
+// row-level estimator math (logaddexp, DCL's debiased row). row_kernels.h is written against
+// these types and includes nothing itself.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "plan.h"
+
+namespace fastneg {
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kMaxKeyTile = 256;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// What one tile-row pass needs to classify key j of row i as the positive, a masked false
+// negative or a weighted negative.
+template <typename T>
+struct RowView {
+  int64_t positive;
+  int64_t exclude;  // a column removed from this view entirely (neither positive, masked nor negative), or -1
+  T positive_score, threshold, guide_threshold, inv_temp, soft_inv_temp;
+  int64_t query_label[kMaxLabelLevels];  // one label per level (levels are OR-ed)
+};
+
+template <typename T>
+struct TileView {
+  const T* scores;            // [cols] this row's scores
+  const T* guide_scores;      // [cols] or nullptr
+  const int64_t* key_labels;  // [levels, N] at this tile's first column, or nullptr
+  int64_t first_key, cols;
+  int64_t label_levels, label_stride;  // levels and the row stride (N) of key_labels
+};
+
+// Online logsumexp of one row's values across tiles (merged by online_lse_add).
+template <typename T>
+struct OnlineLSE {
+  T max = neg_inf<T>();
+  T sum = T(0);
+  bool nan = false;
+
+  T value() const {
+    if (nan) return std::numeric_limits<T>::quiet_NaN();
+    if (max == neg_inf<T>()) return neg_inf<T>();
+    return max + std::log(sum);
+  }
+};
+
+// Soft labels, per row: the teacher's online logsumexp (max, z) and a = sum_j e^{t'_j - max} (t'_j - x_j).
+// With SimANS, x_j is the student's logit without its log-weight, and the negatives' log-weights u_j
+// are kept apart, relative to their running maximum um: b = sum_neg e^{t'_j - max} (u_j - um) and
+// zn = sum_neg e^{t'_j - max} (so that u_j + offset never meets a cancellation of two large terms).
+template <typename T>
+struct SoftAcc {
+  T max = neg_inf<T>();
+  T z = T(0), a = T(0);
+  T b = T(0), zn = T(0), um = neg_inf<T>();
+  bool nan = false;
+
+  T lse() const {
+    if (nan) return std::numeric_limits<T>::quiet_NaN();
+    if (max == neg_inf<T>()) return neg_inf<T>();
+    return max + std::log(z);
+  }
+  T mean_gap() const { return nan ? std::numeric_limits<T>::quiet_NaN() : a / z; }  // sum_j p_j (t'_j - x_j)
+};
+
+// DCL (Chuang et al. 2020): the row's negative term becomes
+// Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), computed after a shift c.
+// Returns log(e^{l+} + Ng), the shift to add to the negatives' offset (their dL/dl carries a
+// factor 1 / (1 - tau+), or nothing when the floor is active) and the positive's coefficient c+
+// in dL/dl+ = c+ e^{l+ - lse} - 1.
+template <typename T>
+struct DebiasedRow {
+  T lse, offset_shift, positive_coef;
+};
+
+template <typename T>
+DebiasedRow<T> debiased_row(T l_pos, T neg_lse, int64_t count, T tau_plus, T inv_temp) {
+  const T n = T(count);
+  const T log_floor = std::log(n) - inv_temp;  // -inf without negatives
+  T c = l_pos > neg_lse ? l_pos : neg_lse;
+  c = log_floor > c ? log_floor : c;
+  const T raw = (std::exp(neg_lse - c) - n * tau_plus * std::exp(l_pos - c)) / (T(1) - tau_plus);
+  const T floor = n * std::exp(-inv_temp - c);
+  const bool clamped = raw < floor;
+  const T lse = c + std::log(std::exp(l_pos - c) + (clamped ? floor : raw));
+  if (clamped) return {lse, neg_inf<T>(), T(1)};
+  return {lse, -std::log1p(-tau_plus), T(1) - n * tau_plus / (T(1) - tau_plus)};
+}
+
+template <typename T>
+T logaddexp(T a, T b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
+  const T m = a > b ? a : b;
+  if (m == neg_inf<T>()) return m;
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+}  // namespace fastneg

@@ -1,0 +1,209 @@
+"""Host side of the Triton backend shared by its ops: the tile shape (which decides the bits of
+every score, so forward, backward and sampler use one), autotuning of warps and stages, the
+backward's workspace, and the contiguous operands of one call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, ANN202
+           float32_stages: tuple[int, ...] = (2, 3, 4)):
+    """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
+    tuned here: it decides the bits of every score and must be identical in forward and both
+    backward kernels, so the host picks it (``block_config``). The kernels only write their
+    outputs, except the forward's column partials (symmetric loss), which the autotuner
+    restores between its trial runs. 8 warps for every kernel: with 4, the modes with most live
+    tiles, float32 tiles and products with masked edges spill (compile tier).
+    ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
+    sm_90a in the compile tier)."""
+    if INTERPRET:
+        return kernel
+    configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3, 4)]
+    key = [name for name in ("D", "DG", "FLAGS") if name in kernel.arg_names]
+    first = kernel.arg_names[0]
+
+    def prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        if getattr(named_args.get(first), "dtype", None) != torch.float32:
+            return configs
+        return [c for c in configs if c.num_stages in float32_stages]
+
+    return triton.autotune(configs=configs, key=key, restore_value=restore_value,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile shape shared by forward and both backward kernels (it decides the bits of every
+    score, so it must not differ between passes). Warps and stages are autotuned per kernel."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    block_do: int
+
+
+def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False) -> BlockConfig:
+    """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
+    the product count in the tests use, the latter under the interpreter). 128 x 64 tiles on
+    Hopper for 16-bit inputs, 64 x 64 on Ampere; the ``heavy`` modes, which hold more tiles live
+    (a guide, soft labels, the symmetric loss's column direction), take 64 x 32 (on Ampere too:
+    Triton 3.6 spills there with 64 x 64), and float32 takes 64 x 32 with 16-wide D chunks; a D that is not a multiple of 16 takes
+    half-width output tiles in the backward's products. Chosen so that no variant spills at
+    8 warps (benchmarks/compile_tier.py)."""
+    wide = dtype in (torch.float16, torch.bfloat16)
+    block_d = max(16, min(64 if wide else 16, triton.next_power_of_2(D)))  # no padded products at small D
+    block_do = max(16, min((128 if wide else 64) // (1 if D % 16 == 0 else 2), triton.next_power_of_2(D)))
+    block_m = 128 if major >= 9 and wide and not heavy else 64
+    block_n = 32 if not wide or heavy else 64
+    return BlockConfig(block_m, block_n, block_d, block_do)
+
+
+_FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
+
+
+def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> BlockConfig:
+    if _FORCED_MAJOR is not None:
+        return cuda_block_config(D, dtype, _FORCED_MAJOR, heavy)
+    if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
+        return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
+    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0], heavy)
+
+
+def gpu_tiles(device: torch.device) -> bool:
+    """Whether launches on ``device`` take a GPU's tile shape (on a GPU, or within ``cuda_tiles``)."""
+    return device.type == "cuda" or _FORCED_MAJOR is not None
+
+
+@contextmanager
+def cuda_tiles(major: int = 9) -> Iterator[None]:
+    """Within the block every launch uses the tile shape of a compute-capability ``major`` GPU,
+    also under the interpreter (how the tests count the work of the GPU's tile shape)."""
+    global _FORCED_MAJOR
+    previous, _FORCED_MAJOR = _FORCED_MAJOR, major
+    try:
+        yield
+    finally:
+        _FORCED_MAJOR = previous
+
+
+#: Bytes of the backward's dS panel (plus its [key blocks, rows] partial sums) on a GPU; the
+#: environment variable ``FASTNEG_TRITON_WORKSPACE_MB`` overrides it. A panel holds at least one
+#: row block (BLOCK_M x N), so the bound is max(this, BLOCK_M x N x element size): it does not
+#: grow with B.
+DEFAULT_WORKSPACE_BYTES = 512 << 20
+
+
+def workspace_bytes() -> int:
+    value = os.environ.get("FASTNEG_TRITON_WORKSPACE_MB")
+    if value is not None:
+        try:
+            return max(0, int(float(value) * (1 << 20)))
+        except ValueError:
+            raise ValueError(f"FASTNEG_TRITON_WORKSPACE_MB must be a number of MiB, got {value!r}") from None
+    return DEFAULT_WORKSPACE_BYTES
+
+
+def panel_rows(B: int, N: int, element_size: int, cfg: BlockConfig, budget: Optional[int] = None,
+               interpret: bool = INTERPRET) -> int:
+    """Rows of one backward panel: a multiple of the row block (so the panel's tiles are the
+    forward's tiles), as many as the workspace budget holds, at least one block, at most B
+    rounded up. Under the interpreter without an explicit budget: two row blocks, so that
+    small tests cross panel boundaries."""
+    whole = triton.cdiv(max(B, 1), cfg.block_m) * cfg.block_m
+    if budget is None and interpret and "FASTNEG_TRITON_WORKSPACE_MB" not in os.environ:
+        return min(whole, 2 * cfg.block_m)
+    budget = workspace_bytes() if budget is None else budget
+    per_row = panel_stride(N) * element_size + triton.cdiv(N, cfg.block_n) * 4
+    rows = budget // per_row // cfg.block_m * cfg.block_m
+    return min(whole, max(cfg.block_m, rows))
+
+
+def panel_stride(N: int) -> int:
+    return triton.cdiv(max(N, 1), 16) * 16  # 16-element aligned rows of the dS panel
+
+
+def precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def optional_operand(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # the kernels never read a disabled input; a 1-element tensor stands in for the pointer
+    return t.contiguous() if t is not None else like.new_zeros(1)
+
+
+def label_operands(query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+            like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Labels as contiguous [levels, B] / [levels, N] int64 (the op takes [B]/[N] or 2-D)."""
+    if key_labels is None or query_labels is None:
+        return like.new_zeros(1), like.new_zeros(1), 0
+    ql = query_labels.long().reshape(-1, query_labels.shape[-1]).contiguous()
+    kl = key_labels.long().reshape(-1, key_labels.shape[-1]).contiguous()
+    return ql, kl, kl.shape[0]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Contiguous inputs, sizes, row strides and the tile shape of one call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    gq: torch.Tensor
+    gk: torch.Tensor
+    B: int
+    N: int
+    D: int
+    DG: int
+    cfg: BlockConfig
+
+    @staticmethod
+    def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
+           guide_keys: Optional[torch.Tensor], heavy: bool = False) -> Problem:
+        """``heavy``: symmetric or soft labels (a guide makes it heavy too); the forward and
+        the backward of one call must pass the same value (it decides the tile shape)."""
+        q, k = query.contiguous(), keys.contiguous()
+        gq, gk = optional_operand(guide_query, q), optional_operand(guide_keys, q)
+        DG = guide_query.shape[1] if guide_query is not None else 1
+        cfg = block_config(q.shape[1], q.dtype, q.device, heavy or guide_query is not None)
+        return Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, cfg)
+
+    @property
+    def strides(self) -> tuple[int, int, int, int]:
+        return (self.q.stride(0), self.k.stride(0), self.gq.stride(0) if self.gq.dim() == 2 else 0,
+                self.gk.stride(0) if self.gk.dim() == 2 else 0)
+
+
+def column_owners(positives: torch.Tensor, N: int) -> torch.Tensor:
+    """owner[j] = the row whose positive is key j, -1 for keys that are nobody's positive."""
+    owner = torch.full((N,), -1, dtype=torch.int64, device=positives.device)
+    return owner.scatter_(0, positives.long(), torch.arange(positives.shape[0], device=positives.device))
+
+
+def column_parts(row_blocks: int, device: torch.device) -> int:
+    """Programs of the symmetric forward, each with its own [B] partial logsumexp per quantity:
+    one per SM on a GPU (so 20 * SMs * B bytes of partials), two in the interpreter (so that
+    small tests merge partials of several programs, each over several row blocks)."""
+    if device.type != "cuda":
+        return min(row_blocks, 2)
+    return min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def soft_scalars(soft_temperature: Optional[float], soft_weight: float) -> tuple[float, float]:
+    """(1 / teacher temperature, weight) of the soft labels; (0, 0) when off."""
+    return (0.0, 0.0) if soft_temperature is None else (1.0 / soft_temperature, soft_weight)
+
+
+def exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:
+    """The kernels' [B] int64 ``exclude`` pointer; without exclusions any [B] tensor (never read)."""
+    return positives if exclude is None else exclude.reshape(-1).long().contiguous()

@@ -1,0 +1,349 @@
+"""The fused forward on Triton (SPEC sections 2-4): kernels and the ``fastneg::info_nce_fwd_triton`` op.
+
+``_info_nce_fwd_kernel``: each program takes blocks of query rows (one block each, or, for the
+symmetric loss, every G-th block); one pass over key tiles with an online logsumexp (and, for
+SimANS, an online logsumexp of the log-weights for the normaliser). Writes O(B) per-row results
+only: the loss, the counts and the per-row state the backward reads ([len(RowState), B]).
+Symmetric loss: the same tile is also read by columns (``tl.trans``): each positive column j
+(owned by row o) merges the tile into the program's own partial logsumexp of column j, kept in a
+[G, B] buffer indexed by o (G = programs, a fixed count), and ``_info_nce_columns_kernel`` merges
+the G partials in program order. The thresholds of every row come first from
+``_info_nce_row_state_kernel``, since column j needs row o's.
+
+No atomics: every sum has a fixed order, so results are deterministic run to run. Offsets are
+int64 throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ...plan import Flag, Plan, RowState
+from .config import (
+    Problem,
+    column_owners,
+    column_parts,
+    exclude_operand,
+    label_operands,
+    precision,
+    soft_scalars,
+    tuned,
+)
+from .rules import (
+    ATTRACT,
+    DEBIAS,
+    KIND,
+    ROW_COLUMN_LOGSUMEXP,
+    ROW_COLUMN_OFFSET,
+    ROW_GUIDE_THRESHOLD,
+    ROW_HCL_MASS,
+    ROW_HCL_SHIFT,
+    ROW_INV_NUM_POSITIVES,
+    ROW_LOGSUMEXP,
+    ROW_OFFSET,
+    ROW_POSITIVE_COEF,
+    ROW_POSITIVE_SCORE,
+    ROW_TEACHER_LOGSUMEXP,
+    ROW_THRESHOLD,
+    SOFT,
+    SYMMETRIC,
+    WEIGHT_HCL,
+    WEIGHT_SIMANS,
+    biased_logits,
+    classify,
+    column_logits,
+    row_thresholds,
+)
+from .tiles import LOG2E, tl_logaddexp, tl_merge_lse, tl_online_lse, tl_tile_scores
+
+__all__ = ["info_nce_fwd_triton"]
+
+
+@triton.jit
+def _info_nce_row_state_kernel(
+    q_ptr, k_ptr, pos_ptr, gq_ptr, gk_ptr, state_ptr,
+    B, D, DG, stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
+    HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Symmetric loss: every row's positive score and thresholds first (columns need other blocks' rows)."""
+    row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    s_pos, threshold, g_threshold = row_thresholds(
+        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
+        stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_D)
+    tl.store(state_ptr + ROW_POSITIVE_SCORE * B + rows, s_pos, mask=row_valid)
+    tl.store(state_ptr + ROW_THRESHOLD * B + rows, threshold, mask=row_valid)
+    tl.store(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, g_threshold, mask=row_valid)
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, excl_ptr,
+    loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Each program takes blocks of query rows (one block each, or, for the symmetric loss,
+    every G-th block); one pass over key tiles with an online logsumexp per row. Writes the
+    loss, the counts and the per-row state (``state_ptr``, [len(RowState), B])."""
+    WEIGHTING: tl.constexpr = FLAGS // KIND
+    part = tl.program_id(0)
+    # the symmetric loss's column partials, [4, programs, B]: max and sum of the logits, of the log-weights
+    per_part = tl.num_programs(0).to(tl.int64) * B
+    cmax_ptr = cpart_ptr
+    csum_ptr = cpart_ptr + per_part
+    cwmax_ptr = cpart_ptr + 2 * per_part
+    cwsum_ptr = cpart_ptr + 3 * per_part
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    for rb in range(part, tl.cdiv(B, BLOCK_M), tl.num_programs(0)):
+        row_start = tl.cast(rb, tl.int64) * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_valid = rows < B
+        positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+        if SYMMETRIC & FLAGS:  # every row's state was computed first (columns need other blocks' rows)
+            s_pos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + rows, mask=row_valid, other=0.0)
+            threshold = tl.load(state_ptr + ROW_THRESHOLD * B + rows, mask=row_valid, other=0.0)
+            guide_threshold = tl.load(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, mask=row_valid, other=0.0)
+        else:
+            s_pos, threshold, guide_threshold = row_thresholds(
+                q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
+                stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_D)
+
+        x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), tl.float32)
+        w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        w_sum = tl.zeros((BLOCK_M,), tl.float32)
+        n_neg = tl.zeros((BLOCK_M,), tl.int64)
+        n_masked = tl.zeros((BLOCK_M,), tl.int64)
+        t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # soft labels: the teacher's online logsumexp
+        t_sum = tl.zeros((BLOCK_M,), tl.float32)
+        t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j)
+        t_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        # SimANS with soft labels: the negatives' log-weights kept apart from t_gap, relative to w_max:
+        # t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max), t_nsum = sum_neg e^{t'_j - t_max}
+        t_wgap = tl.zeros((BLOCK_M,), tl.float32)
+        t_nsum = tl.zeros((BLOCK_M,), tl.float32)
+        # attraction: the flagged keys' online logsumexp and the sum of their logits
+        f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        f_sum = tl.zeros((BLOCK_M,), tl.float32)
+        f_logits = tl.zeros((BLOCK_M,), tl.float32)
+        exclude = tl.full((BLOCK_M,), -1, tl.int64)
+        if HAS_EXCLUDE:
+            exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_valid = cols < N
+            s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            t = s  # stands in for the guide tile when there is no guide
+            if HAS_GUIDE:
+                t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+            is_pos, masked, negative = classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
+                                                guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
+            if HAS_EXCLUDE:  # the row's excluded column is neither masked nor a negative
+                kept = cols[None, :] != exclude[:, None]
+                masked = masked & kept
+                negative = negative & kept
+            if ATTRACT & FLAGS:
+                f_max, f_sum = tl_online_lse(f_max, f_sum, tl.where(masked, s * inv_temp, float("-inf")))
+                f_logits += tl.sum(tl.where(masked, s * inv_temp, 0.0), axis=1)
+            n_neg += tl.sum(negative.to(tl.int64), axis=1)
+            n_masked += tl.sum(masked.to(tl.int64), axis=1)
+            x, log_w = biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
+            x_max, x_sum = tl_online_lse(x_max, x_sum, x)
+            w_prev = w_max
+            if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+                w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
+            if SOFT & FLAGS:
+                tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
+                if WEIGHTING == WEIGHT_SIMANS:
+                    student = s * inv_temp  # the log-weights go to t_wgap
+                else:
+                    student = tl.where(is_pos, s * inv_temp, x)
+                t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
+                new_max = tl.maximum(t_max, tl.max(tx, axis=1))
+                safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+                carried = tl.exp2((t_max - safe) * LOG2E)
+                e = tl.exp2((tx - safe[:, None]) * LOG2E)
+                t_sum = t_sum * carried + tl.sum(e, axis=1)
+                t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
+                if WEIGHTING == WEIGHT_SIMANS:
+                    w_shift = tl.where(w_prev == float("-inf"), 0.0, w_max - w_prev)
+                    w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
+                    e_neg = tl.where(negative, e, 0.0)
+                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
+                        tl.where(negative, e_neg * (log_w - w_safe[:, None]), 0.0), axis=1)
+                    t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
+                t_max = new_max
+            if SYMMETRIC & FLAGS:
+                # this program's partial logsumexp of each owned column, slot [part, owner]
+                _, _, c_neg, c_x, c_log_w, has_owner, o, _ = column_logits(
+                    s, t, rows, row_valid, cols, col_valid, owner_ptr, state_ptr, qlab_ptr, klab_ptr, inv_temp,
+                    weight_a, weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
+                slot = part.to(tl.int64) * B + o
+                c_max, c_sum = tl_online_lse(tl.load(cmax_ptr + slot, mask=has_owner, other=float("-inf")),
+                                             tl.load(csum_ptr + slot, mask=has_owner, other=0.0), c_x)
+                tl.store(cmax_ptr + slot, c_max, mask=has_owner)
+                tl.store(csum_ptr + slot, c_sum, mask=has_owner)
+                if WEIGHTING == WEIGHT_SIMANS:
+                    c_wmax, c_wsum = tl_online_lse(tl.load(cwmax_ptr + slot, mask=has_owner, other=float("-inf")),
+                                                   tl.load(cwsum_ptr + slot, mask=has_owner, other=0.0), c_log_w)
+                    tl.store(cwmax_ptr + slot, c_wmax, mask=has_owner)
+                    tl.store(cwsum_ptr + slot, c_wsum, mask=has_owner)
+                c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=1)
+                tl.store(cneg_ptr + slot, c_count, mask=has_owner)
+                tl.debug_barrier()  # the next row block of this program reads these slots back
+
+        has_neg = n_neg > 0
+        neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+        offset = tl.zeros((BLOCK_M,), tl.float32)
+        if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+            offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+        weight_offset = offset
+        l_pos = s_pos * inv_temp
+        coef = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if DEBIAS & FLAGS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
+            n = n_neg.to(tl.float32)
+            log_floor = tl.where(has_neg, tl.log(n) - inv_temp, float("-inf"))
+            c = tl.maximum(tl.maximum(neg_lse + offset, l_pos), log_floor)
+            raw = (tl.exp(neg_lse + offset - c) - n * tau_plus * tl.exp(l_pos - c)) / (1.0 - tau_plus)
+            floor = n * tl.exp(-inv_temp - c)
+            clamped = raw < floor
+            lse = c + tl.log(tl.exp(l_pos - c) + tl.where(clamped, floor, raw))
+            offset = tl.where(clamped, float("-inf"), offset - tl.log(1.0 - tau_plus))
+            coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
+        else:
+            lse = tl_logaddexp(l_pos, neg_lse + offset)
+        loss = lse - l_pos
+        if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
+            n_pos = 1.0 + n_masked.to(tl.float32)
+            lse = tl_logaddexp(lse, tl.where(n_masked > 0, f_max + tl.log(f_sum), float("-inf")))
+            loss = lse - (l_pos + f_logits) / n_pos
+            tl.store(state_ptr + ROW_INV_NUM_POSITIVES * B + rows, 1.0 / n_pos, mask=row_valid)
+        if WEIGHTING == WEIGHT_HCL:
+            # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
+            hcl_mass = tl.where(has_neg, weight_a * tl.exp(neg_lse + offset - lse), 0.0)
+            hcl_shift = tl.where(has_neg, weight_offset - tl.log(n_neg.to(tl.float32)), 0.0)
+            tl.store(state_ptr + ROW_HCL_MASS * B + rows, hcl_mass, mask=row_valid)
+            tl.store(state_ptr + ROW_HCL_SHIFT * B + rows, hcl_shift, mask=row_valid)
+        if SOFT & FLAGS:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
+            teacher = t_max + tl.log(t_sum)
+            p_pos = tl.exp(t_pos - teacher)
+            if WEIGHTING == WEIGHT_SIMANS:
+                # sum_neg p_j (u_j + offset), offset = log n - w_max - log w_sum: no large terms cancel
+                spread = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - tl.log(w_sum), 0.0)
+                kl = lse - teacher + (t_gap - t_wgap - spread * t_nsum) / t_sum
+            else:
+                kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
+            loss = (1.0 - soft_weight) * loss + soft_weight * kl
+            tl.store(state_ptr + ROW_TEACHER_LOGSUMEXP * B + rows, teacher, mask=row_valid)
+        tl.store(state_ptr + ROW_POSITIVE_COEF * B + rows, coef, mask=row_valid)
+        tl.store(loss_ptr + rows, loss, mask=row_valid)
+        tl.store(state_ptr + ROW_LOGSUMEXP * B + rows, lse, mask=row_valid)
+        tl.store(state_ptr + ROW_OFFSET * B + rows, offset, mask=row_valid)
+        tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
+        tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
+        if not (SYMMETRIC & FLAGS):
+            tl.store(state_ptr + ROW_POSITIVE_SCORE * B + rows, s_pos, mask=row_valid)
+            tl.store(state_ptr + ROW_THRESHOLD * B + rows, threshold, mask=row_valid)
+            tl.store(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, guide_threshold, mask=row_valid)
+
+
+@triton.jit
+def _info_nce_columns_kernel(
+    loss_ptr, state_ptr, temp_ptr, cpart_ptr, cneg_ptr, B, PARTS, WEIGHTING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Symmetric loss: merge the PARTS partial logsumexps of each positive column in program
+    order (deterministic) and set loss_o = (row o + column p_o) / 2."""
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = o < B
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    per_part = tl.cast(PARTS, tl.int64) * B
+    cmax_ptr = cpart_ptr
+    csum_ptr = cpart_ptr + per_part
+    cwmax_ptr = cpart_ptr + 2 * per_part
+    cwsum_ptr = cpart_ptr + 3 * per_part
+    x_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    x_sum = tl.zeros((BLOCK,), tl.float32)
+    w_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    w_sum = tl.zeros((BLOCK,), tl.float32)
+    n_neg = tl.zeros((BLOCK,), tl.int32)
+    for part in range(0, PARTS):
+        slot = part * B + o
+        x_max, x_sum = tl_merge_lse(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
+                                    tl.load(csum_ptr + slot, mask=valid, other=0.0))
+        if WEIGHTING == WEIGHT_SIMANS:
+            w_max, w_sum = tl_merge_lse(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
+                                        tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
+        n_neg += tl.load(cneg_ptr + slot, mask=valid, other=0)
+    has_neg = n_neg > 0
+    neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+    offset = tl.zeros((BLOCK,), tl.float32)
+    if WEIGHTING == WEIGHT_SIMANS:
+        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+    l_pos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + o, mask=valid, other=0.0) * inv_temp
+    lse = tl_logaddexp(l_pos, neg_lse + offset)
+    row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
+    tl.store(loss_ptr + o, (row_loss + (lse - l_pos)) * 0.5, mask=valid)
+    tl.store(state_ptr + ROW_COLUMN_LOGSUMEXP * B + o, lse, mask=valid)
+    tl.store(state_ptr + ROW_COLUMN_OFFSET * B + o, offset, mask=valid)
+
+
+_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3))
+
+
+@triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
+def info_nce_fwd_triton(
+    query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
+    query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
+    guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor], scalars: list[float], flags: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = Plan.decode(scalars, flags)
+    symmetric = bool(flags & Flag.SYMMETRIC)
+    p = Problem.of(query, keys, guide_query, guide_keys, symmetric or plan.soft_temperature is not None)
+    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
+    f32 = dict(dtype=torch.float32, device=q.device)
+    loss = torch.empty(B, **f32)
+    state = torch.zeros(len(RowState), B, **f32)
+    n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
+    n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
+    qlab, klab, levels = label_operands(query_labels, key_labels, positives)
+    rules = (plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin)
+    word = int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
+    tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=word, PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    row_blocks = triton.cdiv(B, cfg.block_m)
+    parts = row_blocks
+    owner = cpart = cneg = positives  # not read unless symmetric
+    if symmetric:
+        wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
+            q, k, positives, gq, gk, state, B, D, DG, *p.strides, *rules, **tiles)
+        owner = column_owners(positives, N)
+        parts = column_parts(row_blocks, q.device)
+        # per program: the running max and sum of each owned column's logits and log-weights
+        cpart = torch.zeros(4, parts, B, **f32)
+        cpart[0].fill_(float("-inf"))
+        cpart[2].fill_(float("-inf"))
+        cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
+    wrap_triton(_fwd_kernel)[(parts,)](
+        q, k, positives, temperature, qlab, klab, gq, gk, owner, exclude_operand(exclude, positives),
+        loss, state, n_masked, n_neg, cpart, cneg, B, N, D, DG, *p.strides, *rules, plan.weight_a, plan.weight_b,
+        plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
+        HAS_EXCLUDE=exclude is not None, **tiles,
+    )
+    if symmetric:
+        wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
+            loss, state, temperature, cpart, cneg, B, parts, WEIGHTING=int(plan.weighting), BLOCK=256)
+    return loss, state, n_masked, n_neg

@@ -1,0 +1,74 @@
+"""Device helpers every Triton kernel shares: score tiles, positive scores and online logsumexps.
+
+One tile shape and one D chunking per call (:mod:`.config`), so a score is computed with the
+same bits in the forward, the backward and the sampler. Accumulation is in float32, with
+``exp2`` and log2(e) folded into the scale; a row of all ``-inf`` never makes NaN.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def tl_tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, stride_b,
+                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """[BLOCK_A, BLOCK_B] fp32 tile of a[a_rows] @ b[b_rows]^T, summed over D in BLOCK_D chunks."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_valid = d < D
+        a = tl.load(a_ptr + a_rows[:, None] * stride_a + d[None, :], mask=a_valid[:, None] & d_valid[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + d[None, :], mask=b_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_a, stride_b,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
+    positives' rows of ``b`` are gathered into key tiles and the diagonal is read off. (A product
+    may still round an element by its position in the tile, so an exact duplicate of the positive
+    key is not guaranteed to score bit-identically to it: docs/reference.md, "Ties at a threshold".)"""
+    local = tl.arange(0, BLOCK_M)
+    out = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for sub in tl.static_range(0, BLOCK_M, BLOCK_N):
+        g_local = sub + tl.arange(0, BLOCK_N)
+        g_rows = row_start + g_local
+        g_valid = (g_local < BLOCK_M) & (g_rows < B)
+        g_cols = tl.load(pos_ptr + g_rows, mask=g_valid, other=0).to(tl.int64)
+        s = tl_tile_scores(a_ptr, b_ptr, rows, g_cols, row_valid, g_valid, D, stride_a, stride_b,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+        out += tl.sum(tl.where(local[:, None] == g_local[None, :], s, 0.0), axis=1)
+    return out
+
+
+@triton.jit
+def tl_online_lse(running_max, running_sum, x):
+    """Merge a tile of values into a per-row online logsumexp (exp2 with log2(e) folded in)."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=1))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2((running_max - safe) * LOG2E) + tl.sum(
+        tl.exp2((x - safe[:, None]) * LOG2E), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
+def tl_merge_lse(max_a, sum_a, max_b, sum_b):
+    """Merge two partial logsumexps given as (max, sum of exp(x - max))."""
+    new_max = tl.maximum(max_a, max_b)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, sum_a * tl.exp2((max_a - safe) * LOG2E) + sum_b * tl.exp2((max_b - safe) * LOG2E)
+
+
+@triton.jit
+def tl_logaddexp(a, b):
+    m = tl.maximum(a, b)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe))

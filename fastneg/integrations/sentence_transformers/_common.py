@@ -1,0 +1,169 @@
+"""What the sentence-transformers drop-ins share: text hashes (``mask_duplicates``), the fusable
+similarities, the merged column forward, one-time warnings, and fastneg's keyword arguments."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...options import Hardness, SimANS
+from ...validation import check_backend
+from .scores import BlockRules
+
+try:
+    from sentence_transformers import util as _st_util
+    from sentence_transformers.sentence_transformer import losses as _st_losses
+except ImportError as exc:  # pragma: no cover - explained to the user
+    raise ImportError(
+        "fastneg.integrations.sentence_transformers needs sentence-transformers >= 6: install the "
+        "'sentence-transformers' extra (pip install --no-build-isolation '.[sentence-transformers]' from a clone)"
+    ) from exc
+
+__all__ = ["text_hashes", "fused_similarity", "_st_losses", "_st_util"]
+
+_HASH_BASE = 1_000_003
+_HASH_MASK = (1 << 63) - 1
+_HASH_LENGTH = 0x9E3779B97F4A7C15 % (1 << 62)
+_DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.html#"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def text_hashes(features: dict[str, Tensor]) -> Tensor:
+    """[B] int64 hash (>= 0) of each row's token ids, attention-masked and position-compacted,
+    so left and right padding and different padded widths give the same value for the same text."""
+    if "input_ids" not in features or not isinstance(features["input_ids"], Tensor) or features["input_ids"].dim() != 2:
+        raise ValueError("mask_duplicates needs padded token features with a 2-D 'input_ids' tensor")
+    ids = features["input_ids"].long()
+    mask = features.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.long()
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    T = ids.shape[1]
+    powers, p = [], 1
+    for _ in range(T):  # base^t mod 2^64, as signed int64 (the products wrap around)
+        powers.append(p - (1 << 64) if p >= (1 << 63) else p)
+        p = (p * _HASH_BASE) % (1 << 64)
+    power = torch.tensor(powers, dtype=torch.long, device=ids.device)[position]
+    h = ((ids + 1) * mask * power).sum(1) + mask.sum(1) * _HASH_LENGTH
+    return h & _HASH_MASK
+
+
+_BY_NAME = {"cos_sim": _st_util.cos_sim, "cos": _st_util.cos_sim, "dot_score": _st_util.dot_score,
+            "dot": _st_util.dot_score}
+
+
+def _similarity_argument(similarity_fct: Any) -> Any:
+    """The callable for ``similarity_fct`` ('cos_sim' / 'dot_score' as names are accepted too)."""
+    if isinstance(similarity_fct, str):
+        if similarity_fct not in _BY_NAME:
+            raise ValueError(f"similarity_fct: unknown name {similarity_fct!r}; pass a callable such as "
+                             "sentence_transformers.util.cos_sim, or 'cos_sim' / 'dot_score'")
+        return _BY_NAME[similarity_fct]
+    return similarity_fct
+
+
+def fused_similarity(similarity_fct: Any) -> Optional[str]:
+    """"cos" or "dot" when the fused op computes ``similarity_fct``'s scores (dot products of
+    normalised or raw embeddings), else None."""
+    fn = similarity_fct
+    while isinstance(fn, partial) and not fn.args and not fn.keywords:
+        fn = fn.func
+    if fn is _st_util.cos_sim or fn is getattr(_st_util, "pytorch_cos_sim", None):
+        return "cos"
+    if fn is _st_util.dot_score:
+        return "dot"
+    return None
+
+
+def _prepare(x: Tensor, kind: str) -> Tensor:
+    return torch.nn.functional.normalize(x, p=2, dim=-1) if kind == "cos" else x
+
+
+def _module_of(cls: type) -> ModuleType:
+    return sys.modules[cls.__module__]
+
+
+def _embed_columns(module: ModuleType, model: Any, features: list[dict[str, Any]]) -> list[Tensor]:
+    """The original's column forward (merged where it merges), or one forward per column where
+    the installed version has none."""
+    embed = getattr(module, "embed_columns", None)
+    if embed is not None:
+        return embed(model, features)
+    return [model(f)["sentence_embedding"] for f in features]
+
+
+def _weighting_repr(w: object) -> object:
+    return repr(w) if isinstance(w, (SimANS, Hardness)) else w
+
+
+_warned: set[str] = set()
+
+
+def _warn_dense(loss: nn.Module, why: str) -> None:
+    key = f"{type(loss).__name__}:{why}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{type(loss).__name__}: {why}, so the loss runs sentence-transformers' dense computation "
+                      "(memory quadratic in the batch) instead of fastneg's fused op", stacklevel=3)
+
+
+def _gather_hashes(hashes: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
+    """Every rank's hashes (integers, no gradient); the local ones when not distributed."""
+    if hashes is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return hashes
+    return [_st_util.all_gather(h.contiguous()) for h in hashes]
+
+
+class _FastnegRules:
+    """fastneg's keyword arguments, validated once; the rules reach the fused op as a BlockRules.
+
+    Defaults live on the class, so an instance built without ``__init__`` (``cls.__new__`` and
+    attributes set by hand, as some tests of the originals do) computes the original loss."""
+
+    mask_duplicates: bool = False
+    rules: BlockRules = BlockRules()
+    backend: str = "auto"
+    _pending_hashes: Optional[list[Tensor]] = None
+    _margin_key = "margin"
+
+    def _init_fastneg(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
+                      max_score: Optional[float], weighting: object, backend: str) -> None:
+        rules = BlockRules(margin, relative_margin, max_score, weighting)
+        rules.plan()  # validates the values now
+        check_backend(backend)
+        # plain attributes: nn.Module's __setattr__ would take a BlockRules for a non-module value anyway
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "mask_duplicates", bool(mask_duplicates))
+
+    def _has_rules(self) -> bool:
+        r = self.rules
+        return self.mask_duplicates or any(v is not None for v in (r.margin, r.relative_margin, r.max_score, r.weighting))
+
+    def _hashes(self, sentence_features: Sequence[dict[str, Tensor]]) -> Optional[list[Tensor]]:
+        return [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
+
+    def _refuse_rules(self, why: str) -> None:
+        if self._has_rules():
+            raise ValueError(f"{type(self).__name__}: {why}; fastneg's rules (mask_duplicates, margins, weighting) "
+                             "need the fused op, which computes cos_sim or dot_score (similarity_fct)")
+
+    def _fastneg_config(self) -> dict[str, Any]:
+        r = self.rules
+        extra = {"mask_duplicates": self.mask_duplicates, self._margin_key: r.margin,
+                 "relative_margin": r.relative_margin, "max_score": r.max_score, "weighting": _weighting_repr(r.weighting)}
+        defaults = {"mask_duplicates": False}
+        return {k: v for k, v in extra.items() if v != defaults.get(k)}
+
+    def _fastneg_citation(self, original: type) -> str:
+        name = original.__name__
+        return (f"\n@misc{{fastneg,\n    title={{fastneg: fused contrastive losses with false-negative masking}},\n"
+                f"    note={{fastneg.integrations.sentence_transformers.{type(self).__name__}, a drop-in for "
+                f"sentence-transformers' {name} ({_DOCS}{name.lower()})}}\n}}\n")
