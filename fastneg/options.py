@@ -81,7 +81,7 @@ class HCL:
     entry keeps about ``1 / (1 + 2 beta)`` of the relative precision plain PyTorch's autograd gets
     (``python benchmarks/precision_cases.py``, 2026-12-02, AMD EPYC: at worst 7.6x dense float32's
     query-gradient error, at beta 3, temperature 0.005, with unmasked exact duplicates;
-    tests/test_regressions.py holds the bound). Mask duplicates (labels) or
+    tests/functional/test_regressions.py holds the bound). Mask duplicates (labels) or
     use float64 where that matters.
     """
 

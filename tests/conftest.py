@@ -4,9 +4,13 @@ TRITON_INTERPRET must be set before triton (imported lazily by fastneg) is first
 """
 
 import os
+import sys
 
 import pytest
 import torch
+
+# the tests mirror the package's folders; their shared helpers (helpers.py, oracle.py) live here
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,8 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # sentence-transformers' own tests (vendored) run in a subprocess of their own, twice:
-# tests/test_sentence_transformers_upstream.py
-collect_ignore = ["upstream"]
+# tests/integrations/test_sentence_transformers_upstream.py
+collect_ignore = ["integrations/upstream"]
 
 
 try:  # the property tests' profiles: `ci` by default, `--hypothesis-profile=long` on demand
@@ -28,7 +32,7 @@ try:  # the property tests' profiles: `ci` by default, `--hypothesis-profile=lon
     settings.register_profile("ci", max_examples=120, derandomize=True, **_quiet)
     settings.register_profile("long", max_examples=4000, **_quiet)
     settings.load_profile("ci")
-except ImportError:  # a core install without hypothesis: tests/test_properties.py skips itself
+except ImportError:  # a core install without hypothesis: tests/functional/test_properties.py skips itself
     pass
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..plan import Plan, Strategy
-from ..reference import gumbel_noise, score_threshold, simans_log_weight
+from ..reference import gumbel_noise, label_match, score_threshold, simans_log_weight
 from ..sampling import StrategyOption, draw_seed, parse_strategy, sample_negatives
 from ..validation import check_num_negatives
 
@@ -284,7 +284,7 @@ def _select(qb: torch.Tensor, corpus: torch.Tensor, cand: torch.Tensor, pb: torc
     scores = _scores_of(qb, corpus, cand)
     drop = (cand < 0) | (cand[:, :, None] == pb[:, None, :]).any(-1) | torch.isnan(scores)
     if query_labels is not None and corpus_labels is not None:
-        drop |= corpus_labels[cand.clamp(min=0)] == query_labels[:, None]
+        drop |= label_match(query_labels, corpus_labels[cand.clamp(min=0)])
     ref = ref_score[:, None]
     drop |= scores > score_threshold(ref, Plan(margin=margin, relative_margin=relative_margin, max_score=max_score))
     if min_score is not None:

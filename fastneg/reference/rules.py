@@ -11,7 +11,7 @@ import torch
 
 from ..plan import Plan
 
-__all__ = ["score_threshold", "guide_threshold", "false_negative_mask", "simans_log_weight"]
+__all__ = ["score_threshold", "guide_threshold", "label_match", "false_negative_mask", "simans_log_weight"]
 
 
 def score_threshold(positive_score: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -34,6 +34,14 @@ def guide_threshold(guide_positive: torch.Tensor, plan: Plan) -> torch.Tensor:
     return guide_positive - plan.guide_margin
 
 
+def label_match(query_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """[B, M] bool, a label shared with the row's query: ``key_labels`` [1 or B, M] against
+    ``query_labels`` [B], or [1 or B, M, levels] against [B, levels] (any level)."""
+    if key_labels.dim() == 3:  # several label levels, OR-ed
+        return (query_labels[:, None, :] == key_labels).any(-1)
+    return query_labels[:, None] == key_labels
+
+
 def false_negative_mask(
     scores: torch.Tensor,
     positive_columns: torch.Tensor,
@@ -48,10 +56,7 @@ def false_negative_mask(
     [B, levels] (any matching level masks)."""
     mask = scores > score_threshold(scores.gather(1, positive_columns), plan)
     if key_labels is not None and query_labels is not None:
-        if key_labels.dim() == 3:  # several label levels, OR-ed
-            mask |= (query_labels[:, None, :] == key_labels).any(-1)
-        else:
-            mask |= query_labels[:, None] == key_labels  # key_labels [1 or B, M]
+        mask |= label_match(query_labels, key_labels)
     if guide_scores is not None:
         mask |= guide_scores > guide_threshold(guide_scores.gather(1, positive_columns), plan)
     return mask

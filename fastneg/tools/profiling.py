@@ -111,7 +111,7 @@ def count_matmul_work() -> Iterator[MatmulWork]:
     """Count the multiply-adds of every matrix product run in the block: each ``tl.dot`` the
     Triton interpreter executes (``TRITON_INTERPRET=1``, tensors on the CPU) at its tile's full
     shape (padding included), and each aten product (``torch.utils.flop_counter``). This is how
-    the cost of the Triton design is a number without a GPU (tests/test_product_count.py,
+    the cost of the Triton design is a number without a GPU (tests/backends/test_product_count.py,
     benchmarks/count_products.py)."""
     import sys
 

@@ -44,7 +44,7 @@ def fastneg(*argv: str, cwd: str, site: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastneg
-from fastneg.tools.profiling import count_matmul_work, triton_products
 from fastneg.backends.triton import cuda_block_config
+from fastneg.tools.profiling import count_matmul_work, triton_products
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts tl.dot under the Triton interpreter")
 

@@ -1,7 +1,7 @@
 """sentence-transformers' own tests for the losses fastneg replaces, run against the originals and
 against fastneg's classes (substituted for the originals by the vendored suite's conftest).
 
-The suite lives in ``tests/upstream/sentence_transformers`` (Apache-2.0, commit and changes in its
+The suite lives in ``tests/integrations/upstream/sentence_transformers`` (Apache-2.0, commit and changes in its
 NOTICE.md); it builds its small models locally and fetches nothing. Every test that passes with the
 originals must pass with fastneg's classes, except those listed in ``DIFFERS_BY_DESIGN`` with the
 reason; and the fastneg run must actually compute losses with the fused op.

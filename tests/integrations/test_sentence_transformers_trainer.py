@@ -81,7 +81,7 @@ def test_example_script_runs() -> None:
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "train_sentence_transformers.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "train_sentence_transformers.py"
     out = subprocess.run([sys.executable, str(script), "--steps", "2", "--batch-size", "16", "--loss", "mnrl"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
