@@ -35,13 +35,13 @@ adds ``finfo.tiny`` inside a log (NT-Xent) and to a divisor (SupCon); the fused 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..functional import info_nce
+from ._fallback import _warned, warn_dense_once  # noqa: F401  (_warned: cleared by tests)
 
 try:
     from pytorch_metric_learning import losses as _pml_losses
@@ -52,15 +52,10 @@ except ImportError as exc:  # pragma: no cover - explained to the user
 
 __all__ = ["NTXentLoss", "SupConLoss", "same_label_pairs"]
 
-_warned: set[str] = set()
 
 
 def _warn_dense(loss: Any, why: str) -> None:
-    key = f"{type(loss).__name__}:{why}"
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"{type(loss).__name__}: {why}, so the loss runs pytorch-metric-learning's computation "
-                      "(memory quadratic in the batch) instead of fastneg's fused op", stacklevel=3)
+    warn_dense_once(loss, why, "pytorch-metric-learning's computation")
 
 
 def same_label_pairs(labels: Tensor, ref_labels: Tensor, exclude_self: bool) -> tuple[Tensor, Tensor]:

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import fastneg
-from helpers import make_problem, run
-from test_correctness import build, check
+from helpers import build, check, make_problem, run
 
 pytestmark = pytest.mark.gpu
 

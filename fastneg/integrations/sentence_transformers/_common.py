@@ -4,7 +4,6 @@ similarities, the merged column forward, one-time warnings, and fastneg's keywor
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from ...options import Hardness, SimANS
 from ...validation import check_backend
+from .._fallback import _warned, warn_dense_once  # noqa: F401  (_warned: cleared by tests)
 from .scores import BlockRules
 
 try:
@@ -103,15 +103,8 @@ def _weighting_repr(w: object) -> object:
     return repr(w) if isinstance(w, (SimANS, Hardness)) else w
 
 
-_warned: set[str] = set()
-
-
 def _warn_dense(loss: nn.Module, why: str) -> None:
-    key = f"{type(loss).__name__}:{why}"
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"{type(loss).__name__}: {why}, so the loss runs sentence-transformers' dense computation "
-                      "(memory quadratic in the batch) instead of fastneg's fused op", stacklevel=3)
+    warn_dense_once(loss, why, "sentence-transformers' dense computation")
 
 
 def _gather_hashes(hashes: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
