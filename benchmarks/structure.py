@@ -47,7 +47,8 @@ def line_counts(root: Path) -> list[tuple[str, int]]:
 
 
 def triton_kernels(root: Path) -> list[tuple[str, str, int]]:
-    """(file, kernel, parameters) of every ``@triton.jit`` function that is launched (name ends in _kernel)."""
+    """(file, function, parameters) of every ``@triton.jit`` function: the launched kernels (names
+    ending in _kernel) and the device functions they call."""
     out = []
     for p in source_files(root):
         if p.suffix != ".py":
@@ -55,8 +56,7 @@ def triton_kernels(root: Path) -> list[tuple[str, str, int]]:
         tree = ast.parse(p.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
-                if node.name.endswith("_kernel"):
-                    out.append((str(p.relative_to(root)), node.name, len(node.args.args)))
+                out.append((str(p.relative_to(root)), node.name, len(node.args.args)))
     return out
 
 
@@ -125,8 +125,9 @@ def main() -> None:
     largest = max(counts, key=lambda c: c[1])
     print(f"\nlargest: {largest[0]}, {largest[1]} lines; files over 500 lines: "
           f"{sum(1 for _, n in counts if n > 500)}\n")
-    print("## Triton kernels (parameters, constexpr flags included)\n")
-    for f, k, n in triton_kernels(root):
+    print("## Triton kernels and device functions (parameters, constexpr flags included)\n")
+    jit = triton_kernels(root)
+    for f, k, n in sorted(jit, key=lambda x: (not x[1].endswith("_kernel"), -x[2])):
         print(f"    {n:3d}  {k}  ({f})")
     print("\n## Op schemas (arguments)\n")
     sys.path.insert(0, str(root))

@@ -107,8 +107,8 @@ def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, 
         s_t, c_is_pos, _, c_x, _, has_owner, o, c_spos = column_logits(
             s, t, rows, row_valid, cols, col_valid, owner_ptr, state_ptr, qlab_ptr, klab_ptr, inv_temp, weight_a,
             weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
-        c_lse = tl.load(state_ptr + ROW_COLUMN_LOGSUMEXP * B + o, mask=has_owner, other=0.0)
-        c_off = tl.load(state_ptr + ROW_COLUMN_OFFSET * B + o, mask=has_owner, other=0.0)
+        c_lse = tl.load(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), mask=has_owner, other=0.0)
+        c_off = tl.load(state_ptr + (ROW_COLUMN_OFFSET * B + o), mask=has_owner, other=0.0)
         c_scale = tl.load(grad_ptr + o, mask=has_owner, other=0.0).to(tl.float32) * (0.5 * inv_temp)
         c_p = tl.exp2((c_x + (c_off - c_lse)[:, None]) * LOG2E)
         c_p_pos = tl.exp2((c_spos * inv_temp - c_lse) * LOG2E) - 1.0
@@ -125,31 +125,31 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
     """The forward's per-row state of a block of rows (each quantity read only by the modes that use it)."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
-    s_pos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + rows, mask=row_valid, other=0.0)
-    threshold = tl.load(state_ptr + ROW_THRESHOLD * B + rows, mask=row_valid, other=0.0)
+    s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=row_valid, other=0.0)
+    threshold = tl.load(state_ptr + (ROW_THRESHOLD * B + rows), mask=row_valid, other=0.0)
     guide_threshold = tl.zeros_like(s_pos)
     if HAS_GUIDE:
-        guide_threshold = tl.load(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, mask=row_valid, other=0.0)
-    lse = tl.load(state_ptr + ROW_LOGSUMEXP * B + rows, mask=row_valid, other=0.0)
-    offset = tl.load(state_ptr + ROW_OFFSET * B + rows, mask=row_valid, other=0.0)
+        guide_threshold = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), mask=row_valid, other=0.0)
+    lse = tl.load(state_ptr + (ROW_LOGSUMEXP * B + rows), mask=row_valid, other=0.0)
+    offset = tl.load(state_ptr + (ROW_OFFSET * B + rows), mask=row_valid, other=0.0)
     grad_scale = tl.load(grad_ptr + rows, mask=row_valid, other=0.0).to(tl.float32) * inv_temp
     if SYMMETRIC & FLAGS:  # loss_i = (row_i + column_{p_i}) / 2
         grad_scale = grad_scale * 0.5
-    coef = tl.load(state_ptr + ROW_POSITIVE_COEF * B + rows, mask=row_valid, other=1.0)
+    coef = tl.load(state_ptr + (ROW_POSITIVE_COEF * B + rows), mask=row_valid, other=1.0)
     hcl_mass = tl.zeros_like(s_pos)
     hcl_shift = tl.zeros_like(s_pos)
     teacher = tl.zeros_like(s_pos)
     if WEIGHTING == WEIGHT_HCL:
-        hcl_mass = tl.load(state_ptr + ROW_HCL_MASS * B + rows, mask=row_valid, other=0.0)
-        hcl_shift = tl.load(state_ptr + ROW_HCL_SHIFT * B + rows, mask=row_valid, other=0.0)
+        hcl_mass = tl.load(state_ptr + (ROW_HCL_MASS * B + rows), mask=row_valid, other=0.0)
+        hcl_shift = tl.load(state_ptr + (ROW_HCL_SHIFT * B + rows), mask=row_valid, other=0.0)
     if SOFT & FLAGS:
-        teacher = tl.load(state_ptr + ROW_TEACHER_LOGSUMEXP * B + rows, mask=row_valid, other=0.0)
+        teacher = tl.load(state_ptr + (ROW_TEACHER_LOGSUMEXP * B + rows), mask=row_valid, other=0.0)
     exclude = tl.full((rows.shape[0],), -1, tl.int64)
     if HAS_EXCLUDE:
         exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     inv_p = tl.zeros_like(s_pos)
     if ATTRACT & FLAGS:
-        inv_p = tl.load(state_ptr + ROW_INV_NUM_POSITIVES * B + rows, mask=row_valid, other=0.0)
+        inv_p = tl.load(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), mask=row_valid, other=0.0)
     return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
             hcl_mass, hcl_shift, teacher, exclude, inv_p)
 

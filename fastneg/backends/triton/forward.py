@@ -79,9 +79,9 @@ def _info_nce_row_state_kernel(
         q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
         stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_D)
-    tl.store(state_ptr + ROW_POSITIVE_SCORE * B + rows, s_pos, mask=row_valid)
-    tl.store(state_ptr + ROW_THRESHOLD * B + rows, threshold, mask=row_valid)
-    tl.store(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, g_threshold, mask=row_valid)
+    tl.store(state_ptr + (ROW_POSITIVE_SCORE * B + rows), s_pos, mask=row_valid)
+    tl.store(state_ptr + (ROW_THRESHOLD * B + rows), threshold, mask=row_valid)
+    tl.store(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), g_threshold, mask=row_valid)
 
 
 @triton.jit
@@ -111,9 +111,9 @@ def _info_nce_fwd_kernel(
         row_valid = rows < B
         positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         if SYMMETRIC & FLAGS:  # every row's state was computed first (columns need other blocks' rows)
-            s_pos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + rows, mask=row_valid, other=0.0)
-            threshold = tl.load(state_ptr + ROW_THRESHOLD * B + rows, mask=row_valid, other=0.0)
-            guide_threshold = tl.load(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, mask=row_valid, other=0.0)
+            s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=row_valid, other=0.0)
+            threshold = tl.load(state_ptr + (ROW_THRESHOLD * B + rows), mask=row_valid, other=0.0)
+            guide_threshold = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), mask=row_valid, other=0.0)
         else:
             s_pos, threshold, guide_threshold = row_thresholds(
                 q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
@@ -231,13 +231,13 @@ def _info_nce_fwd_kernel(
             n_pos = 1.0 + n_masked.to(tl.float32)
             lse = tl_logaddexp(lse, tl.where(n_masked > 0, f_max + tl.log(f_sum), float("-inf")))
             loss = lse - (l_pos + f_logits) / n_pos
-            tl.store(state_ptr + ROW_INV_NUM_POSITIVES * B + rows, 1.0 / n_pos, mask=row_valid)
+            tl.store(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), 1.0 / n_pos, mask=row_valid)
         if WEIGHTING == WEIGHT_HCL:
             # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
             hcl_mass = tl.where(has_neg, weight_a * tl.exp(neg_lse + offset - lse), 0.0)
             hcl_shift = tl.where(has_neg, weight_offset - tl.log(n_neg.to(tl.float32)), 0.0)
-            tl.store(state_ptr + ROW_HCL_MASS * B + rows, hcl_mass, mask=row_valid)
-            tl.store(state_ptr + ROW_HCL_SHIFT * B + rows, hcl_shift, mask=row_valid)
+            tl.store(state_ptr + (ROW_HCL_MASS * B + rows), hcl_mass, mask=row_valid)
+            tl.store(state_ptr + (ROW_HCL_SHIFT * B + rows), hcl_shift, mask=row_valid)
         if SOFT & FLAGS:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
             teacher = t_max + tl.log(t_sum)
             p_pos = tl.exp(t_pos - teacher)
@@ -248,17 +248,17 @@ def _info_nce_fwd_kernel(
             else:
                 kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
             loss = (1.0 - soft_weight) * loss + soft_weight * kl
-            tl.store(state_ptr + ROW_TEACHER_LOGSUMEXP * B + rows, teacher, mask=row_valid)
-        tl.store(state_ptr + ROW_POSITIVE_COEF * B + rows, coef, mask=row_valid)
+            tl.store(state_ptr + (ROW_TEACHER_LOGSUMEXP * B + rows), teacher, mask=row_valid)
+        tl.store(state_ptr + (ROW_POSITIVE_COEF * B + rows), coef, mask=row_valid)
         tl.store(loss_ptr + rows, loss, mask=row_valid)
-        tl.store(state_ptr + ROW_LOGSUMEXP * B + rows, lse, mask=row_valid)
-        tl.store(state_ptr + ROW_OFFSET * B + rows, offset, mask=row_valid)
+        tl.store(state_ptr + (ROW_LOGSUMEXP * B + rows), lse, mask=row_valid)
+        tl.store(state_ptr + (ROW_OFFSET * B + rows), offset, mask=row_valid)
         tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
         tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
         if not (SYMMETRIC & FLAGS):
-            tl.store(state_ptr + ROW_POSITIVE_SCORE * B + rows, s_pos, mask=row_valid)
-            tl.store(state_ptr + ROW_THRESHOLD * B + rows, threshold, mask=row_valid)
-            tl.store(state_ptr + ROW_GUIDE_THRESHOLD * B + rows, guide_threshold, mask=row_valid)
+            tl.store(state_ptr + (ROW_POSITIVE_SCORE * B + rows), s_pos, mask=row_valid)
+            tl.store(state_ptr + (ROW_THRESHOLD * B + rows), threshold, mask=row_valid)
+            tl.store(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), guide_threshold, mask=row_valid)
 
 
 @triton.jit
@@ -293,12 +293,12 @@ def _info_nce_columns_kernel(
     offset = tl.zeros((BLOCK,), tl.float32)
     if WEIGHTING == WEIGHT_SIMANS:
         offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
-    l_pos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + o, mask=valid, other=0.0) * inv_temp
+    l_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + o), mask=valid, other=0.0) * inv_temp
     lse = tl_logaddexp(l_pos, neg_lse + offset)
     row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
     tl.store(loss_ptr + o, (row_loss + (lse - l_pos)) * 0.5, mask=valid)
-    tl.store(state_ptr + ROW_COLUMN_LOGSUMEXP * B + o, lse, mask=valid)
-    tl.store(state_ptr + ROW_COLUMN_OFFSET * B + o, offset, mask=valid)
+    tl.store(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), lse, mask=valid)
+    tl.store(state_ptr + (ROW_COLUMN_OFFSET * B + o), offset, mask=valid)
 
 
 _fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3))

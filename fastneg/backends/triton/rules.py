@@ -162,11 +162,11 @@ def column_state(cols, col_valid, owner_ptr, state_ptr, B, HAS_GUIDE: tl.constex
     owner = tl.load(owner_ptr + cols, mask=col_valid, other=-1)
     has_owner = owner >= 0
     o = tl.where(has_owner, owner, 0)
-    c_spos = tl.load(state_ptr + ROW_POSITIVE_SCORE * B + o, mask=has_owner, other=0.0)
-    c_thr = tl.load(state_ptr + ROW_THRESHOLD * B + o, mask=has_owner, other=0.0)
+    c_spos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + o), mask=has_owner, other=0.0)
+    c_thr = tl.load(state_ptr + (ROW_THRESHOLD * B + o), mask=has_owner, other=0.0)
     c_gthr = tl.zeros_like(c_spos)
     if HAS_GUIDE:
-        c_gthr = tl.load(state_ptr + ROW_GUIDE_THRESHOLD * B + o, mask=has_owner, other=0.0)
+        c_gthr = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + o), mask=has_owner, other=0.0)
     return owner, has_owner, o, c_spos, c_thr, c_gthr
 
 
