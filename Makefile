@@ -13,7 +13,7 @@ $(STAMP): requirements-dev.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@echo "[2/3] installing the pinned dependencies (torch CPU build, triton, test tools; about 1 min)"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0
-	@echo "[3/3] building fastneg's C++ kernels (about 3.5 min on 2 cores; a line every 30 s)"
+	@echo "[3/3] building fastneg's C++ kernels (about 2.5 min on 2 cores; a line every 30 s)"
 	@start=$$(date +%s); PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install --quiet --no-build-isolation -e . & pid=$$!; \
 		while kill -0 $$pid 2>/dev/null; do sleep 5; elapsed=$$(( $$(date +%s) - start )); \
 			if kill -0 $$pid 2>/dev/null && [ $$(( elapsed % 30 )) -lt 5 ]; then echo "      still building ($$elapsed s)"; fi; done; \
