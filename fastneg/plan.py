@@ -271,10 +271,6 @@ def kind(flags: int) -> int:
     return flags >> KIND_SHIFT
 
 
-def has(flags: int, flag: Flag) -> bool:
-    return bool(flags & flag)
-
-
 def _weighting(weighting: WeightingOption) -> tuple[Weighting, float, float]:
     if isinstance(weighting, str):
         if weighting != "simans":
