@@ -306,9 +306,9 @@ class InfoNCE(torch.nn.Module):
         self.options = options
         # validate the scalar options once, so a bad argument fails at construction time
         Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
-                    options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"),
-                    options.get("weighting"), options.get("debias"), options.get("soft_labels"),  # type: ignore[arg-type]
-                    self.temperature, options.get("false_negatives", "mask"))  # type: ignore[arg-type]
+                   options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"),
+                   options.get("weighting"), options.get("debias"), options.get("soft_labels"),  # type: ignore[arg-type]
+                   self.temperature, options.get("false_negatives", "mask"))  # type: ignore[arg-type]
         check_reduction(options.get("reduction", "mean"))
         check_backend(options.get("backend", "auto"))
 

@@ -205,7 +205,7 @@ def check_loss_exclude(exclude: object, symmetric: bool, negatives: Optional[tor
         raise ValueError("exclude cannot be combined with symmetric=True")
     if negatives is not None:
         raise ValueError("exclude cannot be combined with negatives= (list only the keys the row should see)")
-    if not torch.compiler.is_compiling() and B:
+    if not _is_compiling() and B:
         ex = exclude.reshape(-1).long()
         if bool(((ex < -1) | (ex >= N)).any()):
             raise ValueError(f"exclude must hold key columns in [0, {N}) or -1 (none)")
@@ -217,5 +217,5 @@ def check_loss_exclude(exclude: object, symmetric: bool, negatives: Optional[tor
 def check_symmetric_inputs(positives: Optional[torch.Tensor], negatives: Optional[torch.Tensor], B: int) -> None:
     if negatives is not None:
         raise ValueError("symmetric=True cannot be combined with negatives= (the key-to-query direction has no list)")
-    if positives is not None and not torch.compiler.is_compiling() and B and int(positives.unique().numel()) != B:
+    if positives is not None and not _is_compiling() and B and int(positives.unique().numel()) != B:
         raise ValueError("symmetric=True needs distinct positives: each key may be the positive of one query only")

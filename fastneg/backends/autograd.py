@@ -30,7 +30,6 @@ __all__ = ["FORWARD_OPS", "SAMPLE_OPS", "register_fused_op", "register_sample_op
 
 FORWARD_OPS: dict[str, Any] = {}
 SAMPLE_OPS: dict[str, Any] = {}
-_NUM_FORWARD_ARGS = 11  # the forward schema's arguments (above)
 
 
 def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
@@ -60,14 +59,14 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
 
     def autograd_backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads: Any) -> tuple[Optional[torch.Tensor], ...]:
         *tensors, row_state = ctx.saved_tensors
+        temperature = tensors[3]  # the schema's fourth argument
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
-        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * _NUM_FORWARD_ARGS
+        no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * len(ctx.needs_input_grad)
         if grad_loss is None or not (need_q or need_k or need_t):
             return no_grads
         flags = ctx.flags | (Flag.QUERY_GRAD if need_q else 0) | (Flag.KEYS_GRAD if need_k else 0)
         dq, dk, tau_rowsum = backward(grad_loss, *tensors, row_state, ctx.scalars, int(flags))
         # L depends on tau through l = s / tau: dL/dtau = -(1 / tau) * sum_ij dL/ds_ij * s_ij
-        temperature = tensors[3]
         d_temp = None
         if need_t:
             d_temp = (-(tau_rowsum.sum()) / temperature.to(tau_rowsum.dtype)).to(temperature.dtype).reshape(temperature.shape)

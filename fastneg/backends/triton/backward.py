@@ -28,6 +28,7 @@ from .config import (
     Problem,
     column_owners,
     exclude_operand,
+    kernel_flags,
     label_operands,
     panel_rows,
     panel_stride,
@@ -260,8 +261,7 @@ def info_nce_bwd_triton(
     soft = soft_scalars(plan.soft_temperature, plan.soft_weight)
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, row_state.float().contiguous(), owner,
                  exclude_operand(exclude, positives))
-    word = int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
-    tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=word,
+    tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=kernel_flags(flags),
                  PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)

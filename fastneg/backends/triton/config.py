@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import triton
 
+from ...plan import Flag
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -202,6 +204,12 @@ def column_parts(row_blocks: int, device: torch.device) -> int:
 def soft_scalars(soft_temperature: Optional[float], soft_weight: float) -> tuple[float, float]:
     """(1 / teacher temperature, weight) of the soft labels; (0, 0) when off."""
     return (0.0, 0.0) if soft_temperature is None else (1.0 / soft_temperature, soft_weight)
+
+
+def kernel_flags(flags: int) -> int:
+    """The flags word as the kernels' ``FLAGS`` constexpr: without the backward's QUERY_GRAD / KEYS_GRAD
+    bits, which the host reads, so that they do not compile kernel variants of their own."""
+    return int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
 
 
 def exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:

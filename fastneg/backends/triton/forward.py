@@ -29,6 +29,7 @@ from .config import (
     column_owners,
     column_parts,
     exclude_operand,
+    kernel_flags,
     label_operands,
     precision,
     soft_scalars,
@@ -321,8 +322,7 @@ def info_nce_fwd_triton(
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
     rules = (plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin)
-    word = int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
-    tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=word, PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
+    tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     row_blocks = triton.cdiv(B, cfg.block_m)
     parts = row_blocks

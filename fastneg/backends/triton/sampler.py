@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 
 from ...plan import Plan
 from ...sampling import MAX_FUSED_NEGATIVES
-from .config import Problem, gpu_tiles, label_operands, precision
+from .config import Problem, gpu_tiles, kernel_flags, label_operands, precision
 from .rules import KIND, STRATEGY_SIMANS, STRATEGY_TOP, classify, row_thresholds, simans_log_weight
 from .tiles import tl_tile_scores
 
@@ -142,7 +142,7 @@ def sample_negatives_triton(
         q, k, positives, qlab, klab, gq, gk, out, B, N, D, DG, *p.strides,
         plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin, plan.weight_a,
         plan.weight_b, _mix32(seed), num_negatives, NUM_LABELS=levels, HAS_GUIDE=guide_query is not None,
-        FLAGS=int(flags), PRECISION=precision(q.dtype),
+        FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad, num_warps=warps,
     )
     return out
