@@ -2,6 +2,8 @@
 
     python benchmarks/equivalence.py save OUT.pt [--backends cpu,reference,triton]
     python benchmarks/equivalence.py compare A.pt B.pt
+    python benchmarks/equivalence.py api OUT.json      # the public names and their signatures
+    python benchmarks/equivalence.py compare-api A.json B.json
 
 ``save`` runs every rule mode (margins, labels, guides, each weighting and estimator, soft
 labels, symmetric, attraction, exclusions) forward and backward on each backend (float64 and
@@ -14,7 +16,11 @@ strategies, and stores the loss, the stats and the gradients of query, keys and 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import json
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -90,6 +96,42 @@ def compare(a_path: str, b_path: str) -> int:
     return 0
 
 
+PUBLIC_MODULES = ("fastneg", "fastneg.presets", "fastneg.cached", "fastneg.integrations.sentence_transformers",
+                  "fastneg.integrations.pytorch_metric_learning", "fastneg.integrations.open_clip")
+
+
+def api(path: str) -> None:
+    """Every public name of the documented modules with its signature (default-value reprs of
+    functions, which hold addresses, are cut to their names)."""
+    out = {}
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")]):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(module, attr)
+            try:
+                sig = str(inspect.signature(obj))
+            except (TypeError, ValueError):
+                sig = type(obj).__name__
+            out[f"{name}.{attr}"] = re.sub(r"<function (\w+) at 0x[0-9a-f]+>", r"<function \1>", sig)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+    print(f"{len(out)} public names saved to {path}")
+
+
+def compare_api(a_path: str, b_path: str) -> int:
+    with open(a_path) as f:
+        a = json.load(f)
+    with open(b_path) as f:
+        b = json.load(f)
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            print(f"{name}:\n  {a.get(name, '(absent)')}\n  {b.get(name, '(absent)')}")
+    print(f"{len(a)} and {len(b)} names, {sum(a.get(n) != b.get(n) for n in set(a) | set(b))} differ")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,10 +141,20 @@ def main() -> int:
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
+    p = sub.add_parser("api")
+    p.add_argument("out")
+    ca = sub.add_parser("compare-api")
+    ca.add_argument("a")
+    ca.add_argument("b")
     args = parser.parse_args()
     if args.command == "save":
         save(args.out, args.backends.split(","))
         return 0
+    if args.command == "api":
+        api(args.out)
+        return 0
+    if args.command == "compare-api":
+        return compare_api(args.a, args.b)
     return compare(args.a, args.b)
 
 
