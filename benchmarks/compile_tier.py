@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block: H100/H200, A100
 ARCH_NAME = {90: "sm_90a", 80: "sm_80"}
@@ -55,6 +55,7 @@ def modes() -> dict[str, dict[str, Any]]:
     return {
         "plain": {},
         "labels+margin": dict(labels=1, margin=0.1),
+        "labels+margin+SimANS": dict(labels=1, margin=0.1, weighting=fastneg.SimANS()),
         "labels2+relative+max_score": dict(labels=2, relative_margin=0.05, max_score=0.9),
         "guide": dict(guide=True, guide_margin=0.0),
         "guide relative+relative": dict(guide=True, guide_margin=0.1, guide_strategy="relative", relative_margin=0.05),
@@ -161,8 +162,12 @@ def _install(arch: int) -> _Recorder:
     return recorder
 
 
-def _drive(arch: int, recorder: _Recorder) -> list[str]:
-    """Run the host code of every case (forward+backward, and the sampler) on CPU tensors."""
+def _drive(arch: int, recorder: _Recorder, cases: Optional[list[tuple[str, str, int, int, bool]]] = None,
+           sampler_cases: Optional[list[tuple[str, str, int]]] = None, keys: Optional[int] = None,
+           workspace_mb: str = "0") -> list[str]:
+    """Run the host code of every case (forward+backward, and the sampler) on CPU tensors
+    (``cases()`` and ``SAMPLER_CASES`` unless given; ``keys``: N, B unless given;
+    ``workspace_mb``: the backward's panel budget, 0 for one row block per panel)."""
     import torch
 
     import fastneg
@@ -171,28 +176,28 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
 
     # CPU tensors, compiled not interpreted
     functional.resolve_backend = sampling.resolve_backend = lambda backend, device: "triton"
-    os.environ["FASTNEG_TRITON_WORKSPACE_MB"] = "0"  # one row block per backward panel: every panel variant
+    os.environ["FASTNEG_TRITON_WORKSPACE_MB"] = workspace_mb  # 0: one row block per backward panel: every panel variant
     errors = []
     table = modes()
-    for mode, dtype_name, D, B, every_config in cases():
+    for mode, dtype_name, D, B, every_config in (cases if cases is not None else globals()["cases"]()):
         recorder.case = f"{mode} | {dtype_name} | D={D} B=N={B}"
         recorder.every_config = every_config
         options = dict(table[mode])
         dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
         torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
         gen = torch.Generator().manual_seed(0)
+        N = keys or B
         q = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
-        k = torch.randn(B, D, generator=gen).to(dtype).requires_grad_()
+        k = torch.randn(N, D, generator=gen).to(dtype).requires_grad_()
         levels = options.pop("labels", 0)
         if levels:
-            shape = (B,) if levels == 1 else (B, levels)
-            options["query_labels"] = torch.randint(0, 9, shape, generator=gen)
-            options["key_labels"] = torch.randint(0, 9, shape, generator=gen)
+            options["query_labels"] = torch.randint(0, 9, (B,) if levels == 1 else (B, levels), generator=gen)
+            options["key_labels"] = torch.randint(0, 9, (N,) if levels == 1 else (N, levels), generator=gen)
         if options.pop("exclude", False):  # the next key: never the row's own positive (arange)
             options["exclude"] = (torch.arange(B) + 1) % B
         if options.pop("guide", False):
             options["guide_query"] = torch.randn(B, 48, generator=gen).to(dtype)
-            options["guide_keys"] = torch.randn(B, 48, generator=gen).to(dtype)
+            options["guide_keys"] = torch.randn(N, 48, generator=gen).to(dtype)
         try:
             with triton_ops.cuda_tiles(arch // 10):
                 temperature = 0.05 if "debias" in options else torch.tensor(0.05, requires_grad=True)
@@ -201,7 +206,7 @@ def _drive(arch: int, recorder: _Recorder) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - reported, and the tier fails
             errors.append(f"{recorder.case}: {type(exc).__name__}: {exc}")
     recorder.every_config = True
-    for strategy, dtype_name, num in SAMPLER_CASES:
+    for strategy, dtype_name, num in (SAMPLER_CASES if sampler_cases is None else sampler_cases):
         recorder.case = f"sampler {strategy} k={num} | {dtype_name} | D=768 B=N=512"
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(512, 768, generator=gen).to(getattr(torch, dtype_name))

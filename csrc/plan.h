@@ -32,7 +32,8 @@ struct Scalar {  // slots of the packed scalar block
 struct Flag {  // bits of the flags word
   enum : int64_t {
     HAS_MARGIN = 1 << 0, HAS_RELATIVE_MARGIN = 1 << 1, HAS_MAX_SCORE = 1 << 2, GUIDE_RELATIVE = 1 << 3,
-    SYMMETRIC = 1 << 4, DEBIAS = 1 << 5, SOFT = 1 << 6, ATTRACT = 1 << 7, QUERY_GRAD = 1 << 8, KEYS_GRAD = 1 << 9
+    SYMMETRIC = 1 << 4, DEBIAS = 1 << 5, SOFT = 1 << 6, ATTRACT = 1 << 7, QUERY_GRAD = 1 << 8, KEYS_GRAD = 1 << 9,
+    TEMPERATURE_GRAD = 1 << 10  // the backward's per-row temperature sum is needed (the Triton kernels read it)
   };
 };
 
@@ -102,6 +103,7 @@ inline std::vector<std::pair<std::string, int64_t>> layout() {
       {"Flag.HAS_MAX_SCORE", Flag::HAS_MAX_SCORE}, {"Flag.GUIDE_RELATIVE", Flag::GUIDE_RELATIVE},
       {"Flag.SYMMETRIC", Flag::SYMMETRIC}, {"Flag.DEBIAS", Flag::DEBIAS}, {"Flag.SOFT", Flag::SOFT},
       {"Flag.ATTRACT", Flag::ATTRACT}, {"Flag.QUERY_GRAD", Flag::QUERY_GRAD}, {"Flag.KEYS_GRAD", Flag::KEYS_GRAD},
+      {"Flag.TEMPERATURE_GRAD", Flag::TEMPERATURE_GRAD},
       {"RowState.LOGSUMEXP", RowState::LOGSUMEXP}, {"RowState.POSITIVE_SCORE", RowState::POSITIVE_SCORE},
       {"RowState.OFFSET", RowState::OFFSET}, {"RowState.THRESHOLD", RowState::THRESHOLD},
       {"RowState.GUIDE_THRESHOLD", RowState::GUIDE_THRESHOLD},

@@ -73,13 +73,15 @@ class Flag(IntFlag):
     ATTRACT = 1 << 7
     QUERY_GRAD = 1 << 8  # backward: compute dL/dquery
     KEYS_GRAD = 1 << 9  # backward: compute dL/dkeys
+    TEMPERATURE_GRAD = 1 << 10  # backward: the temperature needs its gradient (the per-row sum)
 
 
 #: The weighting (loss) or the strategy (sampler) sits in the flags word from this bit on.
 KIND_SHIFT = 16
 # the bits as plain ints, for the code torch.compile traces
-(_HAS_MARGIN, _HAS_RELATIVE_MARGIN, _HAS_MAX_SCORE, _GUIDE_RELATIVE, _SYMMETRIC, _DEBIAS, _SOFT, _ATTRACT, _QUERY_GRAD,
- _KEYS_GRAD) = (int(f) for f in Flag)
+_HAS_MARGIN, _HAS_RELATIVE_MARGIN, _HAS_MAX_SCORE = int(Flag.HAS_MARGIN), int(Flag.HAS_RELATIVE_MARGIN), int(Flag.HAS_MAX_SCORE)
+_GUIDE_RELATIVE, _SYMMETRIC, _DEBIAS, _SOFT = int(Flag.GUIDE_RELATIVE), int(Flag.SYMMETRIC), int(Flag.DEBIAS), int(Flag.SOFT)
+_ATTRACT, _QUERY_GRAD, _KEYS_GRAD = int(Flag.ATTRACT), int(Flag.QUERY_GRAD), int(Flag.KEYS_GRAD)
 
 
 class RowState(IntEnum):

@@ -11,7 +11,8 @@ Every backend registers an op pair with one schema (``csrc/register.cpp``; the T
         -> (dquery or [0], dkeys or [0], per-row sum_j dS_ij s_ij)
 
 ``scalars`` and ``flags`` are the call's :class:`~fastneg.plan.Plan` (``Plan.scalars()``,
-``Plan.flags()``); the backward's flags add ``QUERY_GRAD`` / ``KEYS_GRAD``. ``row_state`` holds
+``Plan.flags()``); the backward's flags add ``QUERY_GRAD`` / ``KEYS_GRAD`` / ``TEMPERATURE_GRAD``
+(without the last, a backend may return zeros for the per-row temperature sum). ``row_state`` holds
 one named per-row quantity per row (:class:`~fastneg.plan.RowState`): the backward recomputes the
 score tiles from it, so nothing of size B x N is kept. ``exclude`` [B] (or None) names a column
 removed from each row entirely.
@@ -64,7 +65,8 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
         no_grads: tuple[Optional[torch.Tensor], ...] = (None,) * len(ctx.needs_input_grad)
         if grad_loss is None or not (need_q or need_k or need_t):
             return no_grads
-        flags = ctx.flags | (Flag.QUERY_GRAD if need_q else 0) | (Flag.KEYS_GRAD if need_k else 0)
+        flags = (ctx.flags | (Flag.QUERY_GRAD if need_q else 0) | (Flag.KEYS_GRAD if need_k else 0)
+                 | (Flag.TEMPERATURE_GRAD if need_t else 0))
         dq, dk, tau_rowsum = backward(grad_loss, *tensors, row_state, ctx.scalars, int(flags))
         # L depends on tau through l = s / tau: dL/dtau = -(1 / tau) * sum_ij dL/ds_ij * s_ij
         d_temp = None

@@ -95,7 +95,7 @@ def _dot_site(frame: Any) -> tuple[str, str, int]:
         name = frame.f_code.co_name
         if name == "tl_positive_scores":
             site = "positives"
-        if name == "tl_tile_scores" and width < 0:
+        if name in ("tl_tile_scores", "tl_tile_dot") and width < 0:
             width = int(frame.f_locals.get("D", -1))
         if name.startswith(_KERNEL_PREFIXES):
             kernel = name

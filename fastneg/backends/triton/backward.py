@@ -29,6 +29,7 @@ from .config import (
     column_owners,
     exclude_operand,
     kernel_flags,
+    key_groups,
     label_operands,
     panel_rows,
     panel_stride,
@@ -53,77 +54,115 @@ from .rules import (
     ROW_THRESHOLD,
     SOFT,
     SYMMETRIC,
+    TEMPERATURE_GRAD,
     WEIGHT_HCL,
-    biased_logits,
-    classify,
-    column_logits,
+    biased_logits2,
+    column_classes,
+    column_state,
+    simans_constants,
+    tile_classes,
+    tile_label_match,
 )
-from .tiles import LOG2E, tl_tile_scores
+from .tiles import LOG2E, tl_tile_dot
 
 __all__ = ["info_nce_bwd_triton"]
 
 
 @triton.jit
-def tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
+def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, state_ptr, grad_ptr,
+                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, state_ptr, grad_ptr, klab_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
-                  stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-                  FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
+                  HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+                  MASK_N: tl.constexpr, PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
     """(dS, tau) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
     tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
     gradient (each direction's dS sums to 0 over its row or column, so this equals
-    sum dS_ij s_ij without cancelling two large sums)."""
+    sum dS_ij s_ij without cancelling two large sums). Exponentials in log2 units: P_ij =
+    exp2(x2_ij + k_i) with k_i = (offset_i - lse_i) log2(e), one fused multiply-add before the
+    ``exp2`` in the plain loss. ``MASK_N``: the ragged last key tile; rows past B have a zero
+    ``grad_scale`` (their dS is 0 with no per-element test). ``POSITIVE_LATER``: the positive's
+    column is left as its class made it and ``_panel_positive_kernel`` writes its dS afterwards
+    (one element per row instead of a test per element); its tau term, dS (s_ij - s_i+) with
+    s_ij the positive's own score, is zero up to the rounding of the two products."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
-    s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
-                       BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+    local = tl.arange(0, BLOCK_N)
+    col_valid = local < N - n0
+    scale = inv_temp * LOG2E
+    s = tl_tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
+                    PRECISION, not EVEN_M, MASK_N, EVEN_D)
+    positive_local = (positive - n0).to(tl.int32)
+    is_pos = local[None, :] == positive_local[:, None]
+    k_row = (offset - lse) * LOG2E
+    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
     t = s
     if HAS_GUIDE:
-        t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-    is_pos, masked, negative = classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
-                                        guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
-    if HAS_EXCLUDE:
-        kept = cols[None, :] != exclude[:, None]
-        masked = masked & kept
-        negative = negative & kept
-    x, log_w = biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
-    p = tl.exp2((x + (offset - lse)[:, None]) * LOG2E)
-    if WEIGHTING == WEIGHT_HCL:
-        p = p * (1.0 + weight_a) - hcl_mass[:, None] * tl.exp2((log_w + hcl_shift[:, None]) * LOG2E)
-    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
-    if ATTRACT & FLAGS:  # the flagged keys are positives: e^{l_ij - lse} - 1 / |P_i|, the positive's -1 too
-        p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - inv_p
-        p = tl.where(masked, tl.exp2((s * inv_temp - lse[:, None]) * LOG2E) - inv_p[:, None], p)
-    p = tl.where(is_pos, p_pos[:, None], p)
+        t = tl_tile_dot(gq_row_ptr, gk_tile_ptr, row_valid, col_valid, DG, stride_gq, stride_gk, BLOCK_M, BLOCK_N,
+                        BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
+    label_match = s > 0  # not read without labels
+    if NUM_LABELS > 0:
+        label_match = tile_label_match(rows, row_valid, local, col_valid, qlab_ptr, klab_tile_ptr, B, N, NUM_LABELS,
+                                       MASK_N)
+    if PLAIN:  # every key is in the denominator
+        p = tl.exp2(s * scale + k_row[:, None])
+        negative = is_pos  # not read
+    else:
+        _, masked, negative = tile_classes(s, t, local, col_valid, positive_local, threshold, guide_threshold,
+                                           label_match, NUM_LABELS, GUIDE_RULE, FLAGS, MASK_N)
+        if HAS_EXCLUDE:
+            kept = local[None, :] != (exclude - n0).to(tl.int32)[:, None]
+            masked = masked & kept
+            negative = negative & kept
+        alpha, beta = simans_constants(s_pos, weight_a, weight_b)
+        x2, lw2 = biased_logits2(s, t, negative, beta[:, None], scale, alpha, inv_temp, weight_a, WEIGHTING)
+        p = tl.exp2(x2 + k_row[:, None])
+        if WEIGHTING == WEIGHT_HCL:
+            p = p * (1.0 + weight_a) - hcl_mass[:, None] * tl.exp2(lw2 + (hcl_shift * LOG2E)[:, None])
+        if ATTRACT & FLAGS:  # the flagged keys are positives: e^{l_ij - lse} - 1 / |P_i|, the positive's -1 too
+            p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - inv_p
+            p = tl.where(masked, tl.exp2(s * scale - (lse * LOG2E)[:, None]) - inv_p[:, None], p)
+    if not POSITIVE_LATER:
+        p = tl.where(is_pos, p_pos[:, None], p)
     if SOFT & FLAGS:  # minus w times the teacher's softmax; the positive's -1 becomes -(1 - w)
         tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
         p = tl.where(is_pos, p + soft_weight, p) - soft_weight * tl.exp2((tx - teacher[:, None]) * LOG2E)
     ds = p * grad_scale[:, None]
-    ds = tl.where(row_valid[:, None] & col_valid[None, :], ds, 0.0)
-    tau = ds * (s - s_pos[:, None])
+    if MASK_N:
+        ds = tl.where(col_valid[None, :], ds, 0.0)
+    tau = ds  # not read without the temperature's gradient
+    if TEMPERATURE_GRAD & FLAGS:
+        tau = ds * (s - s_pos[:, None])
     if SYMMETRIC & FLAGS:
-        # column j (owner o): dS'_{i j} = g_o / (2 tau) (P'_{i j} - [i == o]), built transposed
-        s_t, c_is_pos, _, c_x, _, has_owner, o, c_spos = column_logits(
-            s, t, rows, row_valid, cols, col_valid, owner_ptr, state_ptr, qlab_ptr, klab_ptr, inv_temp, weight_a,
-            weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
+        # column j (owner o): dS'_{i j} = g_o / (2 tau) (P'_{i j} - [i == o]), on the row-major tile
+        owner, has_owner, o, c_spos, c_thr, c_gthr = column_state(n0 + local.to(tl.int64), col_valid, owner_ptr,
+                                                                  state_ptr, B, HAS_GUIDE)
+        c_is_pos, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
+                                         has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
+                                         not EVEN_M)
+        c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
+        c_x2, _ = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a, WEIGHTING)
         c_lse = tl.load(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), mask=has_owner, other=0.0)
         c_off = tl.load(state_ptr + (ROW_COLUMN_OFFSET * B + o), mask=has_owner, other=0.0)
         c_scale = tl.load(grad_ptr + o, mask=has_owner, other=0.0).to(tl.float32) * (0.5 * inv_temp)
-        c_p = tl.exp2((c_x + (c_off - c_lse)[:, None]) * LOG2E)
+        c_p = tl.exp2(c_x2 + ((c_off - c_lse) * LOG2E)[None, :])
         c_p_pos = tl.exp2((c_spos * inv_temp - c_lse) * LOG2E) - 1.0
-        c_p = tl.where(c_is_pos, c_p_pos[:, None], c_p)
-        c_ds = tl.where(has_owner[:, None] & row_valid[None, :], c_p * c_scale[:, None], 0.0)
-        ds += tl.trans(c_ds)
-        tau += tl.trans(c_ds * (s_t - c_spos[:, None]))
+        c_p = tl.where(c_is_pos, c_p_pos[None, :], c_p)
+        c_ds = c_p * c_scale[None, :]  # 0 in columns without an owner (c_scale 0, c_p finite)
+        if not EVEN_M:
+            c_ds = tl.where(row_valid[:, None], c_ds, 0.0)
+        ds += c_ds
+        if TEMPERATURE_GRAD & FLAGS:
+            tau += c_ds * (s - c_spos[None, :])
     return ds, tau
 
 
 @triton.jit
 def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE: tl.constexpr,
                     HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr):
-    """The forward's per-row state of a block of rows (each quantity read only by the modes that use it)."""
+    """The forward's per-row state of a block of rows (each quantity read only by the modes that
+    use it). Rows past B read a zero ``grad_scale``, so their dS is 0."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=row_valid, other=0.0)
@@ -156,35 +195,107 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 
 
 @triton.jit
+def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
+             tau_sum,
+             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher,
+             exclude, inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
+             B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
+             HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
+             PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr,
+             PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
+    """One key tile of a row block: dS written to the panel, the tile's tau added to the rows' sums."""
+    ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
+                            klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
+                            offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr,
+                            state_ptr, grad_ptr, klab_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
+                            D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
+                            HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
+                            POSITIVE_LATER)
+    if TEMPERATURE_GRAD & FLAGS:
+        tau_sum += tl.sum(tau, axis=1)
+    if STORE_DS:
+        cols = tl.arange(0, BLOCK_N)
+        ds_ptrs = ds_row_ptr + n0 + (local[:, None] * stride_ds + cols[None, :])
+        ds_out = ds.to(ds_row_ptr.dtype.element_ty)
+        if MASK_N:
+            tl.store(ds_ptrs, ds_out, mask=row_valid[:, None] & (cols < N - n0)[None, :])
+        elif EVEN_M:
+            tl.store(ds_ptrs, ds_out)
+        else:
+            tl.store(ds_ptrs, ds_out, mask=row_valid[:, None])
+    return tau_sum
+
+
+@triton.jit
 def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, excl_ptr,
-    ds_ptr, part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, weight_a, weight_b,
-    soft_inv, soft_weight, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-    FLAGS: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ds_ptr, part_ptr, row0, R, B, N, D: tl.constexpr, DG: tl.constexpr, stride_q, stride_k, stride_gq, stride_gk,
+    stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr,
+    GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """One (row block, key block) tile of the panel of rows [row0, row0 + R): recomputes the
-    score tile once (one product over D), writes dS (in the inputs' dtype) to the panel and the
-    tile's per-row sum of tau to ``part[key block, row]``."""
+    """One row block of the panel of rows [row0, row0 + R) against one group of
+    ``tiles_per_group`` key tiles: recomputes each score tile once (one product over D), writes
+    dS (in the inputs' dtype) to the panel, and the group's per-row sum of tau to
+    ``part[group, row]``. The full key tiles first (no column bounds test), then, in the last
+    group, the ragged last tile."""
+    PLAIN: tl.constexpr = ((~(TEMPERATURE_GRAD | SYMMETRIC) & FLAGS) == 0) and (NUM_LABELS == 0) and (not HAS_GUIDE) and (
+        not HAS_EXCLUDE)
+    POSITIVE_LATER: tl.constexpr = STORE_DS and not ((SOFT & FLAGS) or (ATTRACT & FLAGS) or (SYMMETRIC & FLAGS))
     local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row0 + local
     row_valid = (local < R) & (rows < B)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_valid = cols < N
+    group = tl.program_id(1)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
      hcl_mass, hcl_shift, teacher, exclude, inv_p) = _load_row_state(
         rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE, HAS_EXCLUDE, FLAGS)
-    ds, tau = tl_score_grad(q_ptr, k_ptr, gq_ptr, gk_ptr, qlab_ptr, klab_ptr, rows, cols, row_valid, col_valid,
-                            positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                            hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, state_ptr, grad_ptr,
-                            inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k,
-                            stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, HAS_EXCLUDE, FLAGS, PRECISION,
-                            BLOCK_M, BLOCK_N, BLOCK_D)
-    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * R + local, tl.sum(tau, axis=1), mask=row_valid)
-    if STORE_DS:
-        tl.store(ds_ptr + local[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & col_valid[None, :])
+    row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
+    q_row_ptr = q_ptr + row_start * stride_q
+    gq_row_ptr = gq_ptr + row_start * stride_gq
+    tau_sum = tl.zeros((BLOCK_M,), tl.float32)
+    full = N // BLOCK_N
+    first = group * tiles_per_group
+    last = tl.minimum(first + tiles_per_group, full)
+    for tile in range(first, last):
+        tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
+                           tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
+                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
+                           inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
+                           soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
+                           HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
+                           EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
+    if (full * BLOCK_N < N) & (first + tiles_per_group > full):  # the ragged last tile, in the last group
+        tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
+                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
+                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
+                           inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
+                           soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
+                           HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
+                           EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
+    if TEMPERATURE_GRAD & FLAGS:
+        tl.store(part_ptr + group.to(tl.int64) * R + local, tau_sum, mask=row_valid)
+
+
+@triton.jit
+def _panel_positive_kernel(grad_ptr, pos_ptr, temp_ptr, state_ptr, ds_ptr, row0, R, B, stride_ds,
+                           BLOCK: tl.constexpr):
+    """dS at each panel row's positive column, dS_ip = g_i / t (coef_i e^{l_i+ - lse_i} - 1):
+    written once per row after ``_info_nce_bwd_ds_kernel`` (``POSITIVE_LATER``), with the same
+    float32 operations that kernel used for it."""
+    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows = row0 + local
+    valid = (local < R) & (rows < B)
+    inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    positive = tl.load(pos_ptr + rows, mask=valid, other=0).to(tl.int64)
+    s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=valid, other=0.0)
+    lse = tl.load(state_ptr + (ROW_LOGSUMEXP * B + rows), mask=valid, other=0.0)
+    coef = tl.load(state_ptr + (ROW_POSITIVE_COEF * B + rows), mask=valid, other=1.0)
+    grad_scale = tl.load(grad_ptr + rows, mask=valid, other=0.0).to(tl.float32) * inv_temp
+    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0
+    tl.store(ds_ptr + local * stride_ds + positive, (p_pos * grad_scale).to(ds_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -192,10 +303,12 @@ def _panel_dq_kernel(
     ds_ptr, k_ptr, dq_ptr, row0, R, B, N, D, stride_ds, stride_k, stride_dq,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    """dq[row0 + r] = dS_panel[r] @ k: the panel's rows of dq, complete (a panel holds every key)."""
-    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dq[row0 + r] = dS_panel[r] @ k: the panel's rows of dq, complete (a panel holds every key).
+    The grid's first axis is the D block, so the programs that read the same rows of dS run
+    together (the repeats come from L2, not HBM)."""
+    local = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = (local < R) & (row0 + local < B)
-    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_valid = d_out < D
     dq = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -217,10 +330,11 @@ def _panel_dk_kernel(
     BLOCK_DO: tl.constexpr,
 ):
     """out = acc + dS_panel^T @ q[panel rows]: dk summed panel by panel, in panel order, in
-    float32 (``acc``; the first panel starts from 0), cast to dk's dtype on the last panel."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    float32 (``acc``; the first panel starts from 0), cast to dk's dtype on the last panel. The
+    grid's first axis is the D block (the programs that read the same columns of dS run together)."""
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
-    d_out = tl.program_id(1).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_out = tl.program_id(0).to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_valid = d_out < D
     dk = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     if LOAD_ACC:
@@ -262,7 +376,10 @@ def info_nce_bwd_triton(
     common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, row_state.float().contiguous(), owner,
                  exclude_operand(exclude, positives))
     tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=kernel_flags(flags),
-                 PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+                 PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                 GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
+                 EVEN_D=D % cfg.block_d == 0)
+    need_rowsum = bool(flags & Flag.TEMPERATURE_GRAD)
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
     store = query_grad or keys_grad
@@ -270,7 +387,9 @@ def info_nce_bwd_triton(
     col_blocks = triton.cdiv(N, cfg.block_n)
     # the panel: dS of R rows x N keys, in the inputs' dtype (what the products read)
     panel = q.new_empty(R, panel_stride(N)) if store else q.new_empty(1)
-    part = torch.empty(max(col_blocks, 1), R, dtype=torch.float32, device=q.device)
+    groups, per_group = key_groups(triton.cdiv(R, cfg.block_m), col_blocks, q.device)
+    part = torch.empty(groups, R, dtype=torch.float32, device=q.device) if need_rowsum else q.new_empty(
+        1, dtype=torch.float32)
     starts = list(range(0, B, R))
     acc = dk  # float32 inputs: dk itself holds the running sum over panels
     if keys_grad and dk.dtype != torch.float32 and len(starts) > 1:
@@ -283,19 +402,23 @@ def info_nce_bwd_triton(
     d_blocks = triton.cdiv(D, cfg.block_do)
     for i, row0 in enumerate(starts):
         r = min(R, B - row0)
-        if col_blocks == 0:
+        if col_blocks == 0 or not need_rowsum:
             sums.append(torch.zeros(r, dtype=torch.float32, device=q.device))
-        else:
-            wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), col_blocks)](
+        if col_blocks > 0 and (store or need_rowsum):
+            wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), groups)](
                 *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), plan.weight_a,
-                plan.weight_b, *soft, STORE_DS=store, **tiles)
-            sums.append(part.view(-1)[:col_blocks * r].view(col_blocks, r).sum(0))  # written [key blocks, r]
+                plan.weight_b, *soft, per_group, STORE_DS=store, **tiles)
+            if need_rowsum:
+                sums.append(part.view(-1)[:groups * r].view(groups, r).sum(0))  # written [groups, r]
+            if store and not (flags & (Flag.SOFT | Flag.ATTRACT | Flag.SYMMETRIC)):  # POSITIVE_LATER
+                wrap_triton(_panel_positive_kernel)[(triton.cdiv(r, 256),)](
+                    grad, positives, temperature, common_in[9], panel, row0, r, B, panel.stride(0), BLOCK=256)
         if query_grad and D > 0:
-            wrap_triton(_dq_kernel)[(triton.cdiv(r, mm["BLOCK_M"]), d_blocks)](
+            wrap_triton(_dq_kernel)[(d_blocks, triton.cdiv(r, mm["BLOCK_M"]))](
                 panel, k, dq, row0, r, B, N, D, panel.stride(0), k.stride(0), dq.stride(0), **mm)
         if keys_grad and N > 0 and D > 0:
             out = dk if i == len(starts) - 1 else acc
-            wrap_triton(_dk_kernel)[(triton.cdiv(N, mm["BLOCK_N"]), d_blocks)](
+            wrap_triton(_dk_kernel)[(d_blocks, triton.cdiv(N, mm["BLOCK_N"]))](
                 panel, q, acc, out, row0, r, B, N, D, panel.stride(0), q.stride(0), acc.stride(0), out.stride(0),
                 LOAD_ACC=i > 0, **mm)
     if keys_grad and not starts:

@@ -54,18 +54,21 @@ class BlockConfig:
     block_do: int
 
 
-def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False) -> BlockConfig:
+def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False, guide: bool = False) -> BlockConfig:
     """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
     the product count in the tests use, the latter under the interpreter). 128 x 64 tiles on
-    Hopper for 16-bit inputs, 64 x 64 on Ampere; the ``heavy`` modes, which hold more tiles live
-    (a guide, soft labels, the symmetric loss's column direction), take 64 x 32 (on Ampere too:
-    Triton 3.6 spills there with 64 x 64), and float32 takes 64 x 32 with 16-wide D chunks; a D that is not a multiple of 16 takes
-    half-width output tiles in the backward's products. Chosen so that no variant spills at
-    8 warps (benchmarks/compile_tier.py)."""
+    Hopper for 16-bit inputs, every mode (the per-element work of a 64 x 32 tile at 8 warps is
+    dominated by its per-tile overhead: ``benchmarks/sass_cost.py``); 64 x 64 on Ampere, where
+    the ``heavy`` modes, which hold more tiles live (a guide, soft labels, the symmetric loss),
+    take 64 x 32 (Triton 3.6 spills there with 64 x 64); float32 takes 64 x 32 with 16-wide D
+    chunks; a D that is not a multiple of 16 takes half-width output tiles in the backward's
+    products. Chosen so that no variant spills at 8 warps (benchmarks/compile_tier.py)."""
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = max(16, min(64 if wide else 16, triton.next_power_of_2(D)))  # no padded products at small D
     block_do = max(16, min((128 if wide else 64) // (1 if D % 16 == 0 else 2), triton.next_power_of_2(D)))
-    block_m = 128 if major >= 9 and wide and not heavy else 64
+    hopper = major >= 9 and wide  # every mode's tiles fit 128 x 64 at 8 warps on Hopper
+    heavy = (heavy or guide) and not hopper
+    block_m = 128 if hopper else 64
     block_n = 32 if not wide or heavy else 64
     return BlockConfig(block_m, block_n, block_d, block_do)
 
@@ -73,12 +76,13 @@ def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = Fals
 _FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
 
 
-def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: bool = False) -> BlockConfig:
+def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: bool = False,
+                 guide: bool = False) -> BlockConfig:
     if _FORCED_MAJOR is not None:
-        return cuda_block_config(D, dtype, _FORCED_MAJOR, heavy)
+        return cuda_block_config(D, dtype, _FORCED_MAJOR, heavy, guide)
     if device.type != "cuda":  # the interpreter: small tiles so that small tests cross tile edges
         return BlockConfig(16, 16, 16, max(16, min(64, triton.next_power_of_2(D))))
-    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0], heavy)
+    return cuda_block_config(D, dtype, torch.cuda.get_device_capability(device)[0], heavy, guide)
 
 
 def gpu_tiles(device: torch.device) -> bool:
@@ -130,6 +134,23 @@ def panel_rows(B: int, N: int, element_size: int, cfg: BlockConfig, budget: Opti
     return min(whole, max(cfg.block_m, rows))
 
 
+def key_groups(row_blocks: int, col_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(groups, key tiles per group) of the dS kernel: each program takes one row block and one
+    group of consecutive key tiles, so its per-program work (row state, addresses, the MMA
+    pipeline's prologue) is paid once per group, not per tile. On a GPU, about 4 programs per SM
+    and at least 4 tiles per group where there are that many; under the interpreter, groups of
+    two tiles (so that small tests cross group edges)."""
+    if col_blocks == 0:
+        return 1, 1
+    if device.type != "cuda" and _FORCED_MAJOR is None:
+        per_group = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        groups = max(1, min(triton.cdiv(4 * sms, max(1, row_blocks)), triton.cdiv(col_blocks, 4)))
+        per_group = triton.cdiv(col_blocks, groups)
+    return triton.cdiv(col_blocks, per_group), per_group
+
+
 def panel_stride(N: int) -> int:
     return triton.cdiv(max(N, 1), 16) * 16  # 16-element aligned rows of the dS panel
 
@@ -147,12 +168,25 @@ def optional_operand(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Ten
 
 def label_operands(query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
             like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Labels as contiguous [levels, B] / [levels, N] int64 (the op takes [B]/[N] or 2-D)."""
+    """Labels as contiguous [levels, B] / [levels, N] int32 (the op takes [B]/[N] or 2-D, int64).
+
+    Only equality between a query's and a key's label matters, so each level's labels are
+    replaced by their rank among that level's query and key labels (a sort, on the device, with
+    no host synchronisation): ranks are below B + N, so they fit 32 bits and the kernels compare
+    them with one instruction instead of two."""
     if key_labels is None or query_labels is None:
-        return like.new_zeros(1), like.new_zeros(1), 0
-    ql = query_labels.long().reshape(-1, query_labels.shape[-1]).contiguous()
-    kl = key_labels.long().reshape(-1, key_labels.shape[-1]).contiguous()
-    return ql, kl, kl.shape[0]
+        return like.new_zeros(1, dtype=torch.int32), like.new_zeros(1, dtype=torch.int32), 0
+    ql = query_labels.long().reshape(-1, query_labels.shape[-1])
+    kl = key_labels.long().reshape(-1, key_labels.shape[-1])
+    B = ql.shape[1]
+    both = torch.cat([ql, kl], dim=1)
+    if both.shape[1] == 0:
+        return ql.int().contiguous(), kl.int().contiguous(), kl.shape[0]
+    ordered, order = both.sort(dim=1)
+    step = torch.ones_like(ordered, dtype=torch.int32)
+    step[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).int()
+    ranks = torch.empty_like(step).scatter_(1, order, step.cumsum(1, dtype=torch.int32))
+    return ranks[:, :B].contiguous(), ranks[:, B:].contiguous(), kl.shape[0]
 
 
 @dataclass(frozen=True)
@@ -172,12 +206,12 @@ class Problem:
     @staticmethod
     def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
            guide_keys: Optional[torch.Tensor], heavy: bool = False) -> Problem:
-        """``heavy``: symmetric or soft labels (a guide makes it heavy too); the forward and
-        the backward of one call must pass the same value (it decides the tile shape)."""
+        """``heavy``: symmetric or soft labels (a guide makes it heavy on Ampere only); the
+        forward and the backward of one call must pass the same value (it decides the tile shape)."""
         q, k = query.contiguous(), keys.contiguous()
         gq, gk = optional_operand(guide_query, q), optional_operand(guide_keys, q)
         DG = guide_query.shape[1] if guide_query is not None else 1
-        cfg = block_config(q.shape[1], q.dtype, q.device, heavy or guide_query is not None)
+        cfg = block_config(q.shape[1], q.dtype, q.device, heavy, guide_query is not None)
         return Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, cfg)
 
     @property

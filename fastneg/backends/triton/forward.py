@@ -51,16 +51,29 @@ from .rules import (
     ROW_POSITIVE_SCORE,
     ROW_TEACHER_LOGSUMEXP,
     ROW_THRESHOLD,
+    SCORE_RULES,
     SOFT,
     SYMMETRIC,
     WEIGHT_HCL,
     WEIGHT_SIMANS,
-    biased_logits,
-    classify,
-    column_logits,
+    biased_logits2,
+    column_classes,
+    column_state,
     row_thresholds,
+    simans_constants,
+    tile_classes,
+    tile_label_match,
 )
-from .tiles import LOG2E, tl_logaddexp, tl_merge_lse, tl_online_lse, tl_tile_scores
+from .tiles import (
+    LN2,
+    LOG2E,
+    tl_logaddexp,
+    tl_merge_lse2,
+    tl_online_lse2,
+    tl_online_lse2_columns,
+    tl_online_lse2_scaled,
+    tl_tile_dot,
+)
 
 __all__ = ["info_nce_fwd_triton"]
 
@@ -86,26 +99,174 @@ def _info_nce_row_state_kernel(
 
 
 @triton.jit
+def _fwd_tile(
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, n0, part,
+    row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr, PLAIN: tl.constexpr,
+    FIXED_W: tl.constexpr,
+):
+    """One key tile [n0, n0 + BLOCK_N) of a block of rows merged into the rows' running sums
+    (log2 units). ``MASK_N``: the ragged last tile (the only one whose columns are bounds-tested);
+    ``PLAIN``: no rule, weighting, estimator or exclusion, so every key is in the denominator and
+    the tile's work is the online logsumexp alone (the positive's column included: it is in the
+    denominator anyway). ``FIXED_W``: SimANS's log2-weights are <= 0, so their sum is taken
+    against the fixed reference 0 (no running maximum: one ``exp2`` and one add per element);
+    ``w_max`` stays 0."""
+    WEIGHTING: tl.constexpr = FLAGS // KIND
+    RULES: tl.constexpr = (SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE
+    local = tl.arange(0, BLOCK_N)
+    col_valid = local < N - n0
+    k_tile_ptr = k_ptr + n0 * stride_k
+    s = tl_tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
+                    PRECISION, not EVEN_M, MASK_N, EVEN_D)
+    t = s  # stands in for the guide tile when there is no guide
+    if HAS_GUIDE:
+        t = tl_tile_dot(gq_row_ptr, gk_ptr + n0 * stride_gk, row_valid, col_valid, DG, stride_gq, stride_gk,
+                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
+    label_match = s > 0  # not read without labels
+    if NUM_LABELS > 0:
+        label_match = tile_label_match(rows, row_valid, local, col_valid, qlab_ptr, klab_ptr + n0, B, N, NUM_LABELS,
+                                       MASK_N)
+    if PLAIN:
+        if MASK_N:
+            x_max, x_sum = tl_online_lse2(x_max, x_sum, tl.where(col_valid[None, :], s * scale, float("-inf")))
+        else:
+            x_max, x_sum = tl_online_lse2_scaled(x_max, x_sum, s, scale)
+    else:
+        positive_local = (positive - n0).to(tl.int32)
+        is_pos, masked, negative = tile_classes(s, t, local, col_valid, positive_local, threshold, guide_threshold,
+                                                label_match, NUM_LABELS, GUIDE_RULE, FLAGS, MASK_N)
+        if HAS_EXCLUDE:  # the row's excluded column is neither masked nor a negative
+            kept = local[None, :] != (exclude - n0).to(tl.int32)[:, None]
+            masked = masked & kept
+            negative = negative & kept
+        if ATTRACT & FLAGS:
+            f_max, f_sum = tl_online_lse2(f_max, f_sum, tl.where(masked, s * scale, float("-inf")))
+            f_logits += tl.sum(tl.where(masked, s * inv_temp, 0.0), axis=1)
+        if RULES or HAS_EXCLUDE:  # without them every key but the positive is a negative (counted per row)
+            n_neg += tl.sum(negative.to(tl.int32), axis=1)
+        x2, lw2 = biased_logits2(s, t, negative, simans_beta[:, None], scale, simans_alpha, inv_temp, weight_a,
+                                 WEIGHTING)
+        x_max, x_sum = tl_online_lse2(x_max, x_sum, x2)
+        w_prev = w_max
+        if FIXED_W:
+            w_sum += tl.sum(tl.exp2(lw2), axis=1)
+        elif (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+            w_max, w_sum = tl_online_lse2(w_max, w_sum, lw2)
+        if SOFT & FLAGS:  # natural units: t' = t / teacher temperature, the student's logits x
+            tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
+            if WEIGHTING == WEIGHT_SIMANS:
+                student = s * inv_temp  # the log-weights go to t_wgap
+            else:
+                student = tl.where(is_pos, s * inv_temp, x2 * LN2)
+            t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
+            new_max = tl.maximum(t_max, tl.max(tx, axis=1))
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            carried = tl.exp2((t_max - safe) * LOG2E)
+            e = tl.exp2((tx - safe[:, None]) * LOG2E)
+            t_sum = t_sum * carried + tl.sum(e, axis=1)
+            t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
+            if WEIGHTING == WEIGHT_SIMANS:
+                w_shift = tl.where(w_prev == float("-inf"), 0.0, (w_max - w_prev) * LN2)
+                w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
+                e_neg = tl.where(negative, e, 0.0)
+                t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
+                    tl.where(negative, e_neg * ((lw2 - w_safe[:, None]) * LN2), 0.0), axis=1)
+                t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
+            t_max = new_max
+    if SYMMETRIC & FLAGS:
+        # the column direction, read on the same row-major tile: this program's partial logsumexp
+        # (log2 units) of each owned column j, slot [part, owner]
+        per_part = tl.num_programs(0).to(tl.int64) * B
+        owner, has_owner, o, c_spos, c_thr, c_gthr = column_state(n0 + local.to(tl.int64), col_valid, owner_ptr,
+                                                                  state_ptr, B, HAS_GUIDE)
+        _, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
+                                  has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
+                                  not EVEN_M)
+        c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
+        c_x2, c_lw2 = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a, WEIGHTING)
+        slot = part.to(tl.int64) * B + o
+        c_max, c_sum = tl_online_lse2_columns(tl.load(cpart_ptr + slot, mask=has_owner, other=float("-inf")),
+                                              tl.load(cpart_ptr + per_part + slot, mask=has_owner, other=0.0),
+                                              c_x2)
+        tl.store(cpart_ptr + slot, c_max, mask=has_owner)
+        tl.store(cpart_ptr + per_part + slot, c_sum, mask=has_owner)
+        if WEIGHTING == WEIGHT_SIMANS:
+            c_wmax, c_wsum = tl_online_lse2_columns(
+                tl.load(cpart_ptr + 2 * per_part + slot, mask=has_owner, other=float("-inf")),
+                tl.load(cpart_ptr + 3 * per_part + slot, mask=has_owner, other=0.0), c_lw2)
+            tl.store(cpart_ptr + 2 * per_part + slot, c_wmax, mask=has_owner)
+            tl.store(cpart_ptr + 3 * per_part + slot, c_wsum, mask=has_owner)
+        c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=0)
+        tl.store(cneg_ptr + slot, c_count, mask=has_owner)
+        tl.debug_barrier()  # the next row block of this program reads these slots back
+    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits
+
+
+@triton.jit
+def _fwd_pass(
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, part,
+    row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PLAIN: tl.constexpr, FIXED_W: tl.constexpr,
+):
+    """Every key tile of a block of rows: the full tiles (no bounds tests), then the ragged last one."""
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for n0 in range(0, n_full, BLOCK_N):
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+         f_logits) = _fwd_tile(
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            tl.cast(n0, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
+            simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap,
+            t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
+            inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
+            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, FIXED_W)
+    if n_full < N:  # the ragged last tile
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+         f_logits) = _fwd_tile(
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            tl.cast(n_full, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
+            guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
+            t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+            scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE,
+            FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, FIXED_W)
+    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits
+
+
+@triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, excl_ptr,
     loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    B, N, D: tl.constexpr, DG: tl.constexpr, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
-    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Each program takes blocks of query rows (one block each, or, for the symmetric loss,
-    every G-th block); one pass over key tiles with an online logsumexp per row. Writes the
-    loss, the counts and the per-row state (``state_ptr``, [len(RowState), B])."""
+    every G-th block); one pass over key tiles with an online logsumexp per row: the full tiles
+    first (no bounds tests), then the ragged last tile. Writes the loss, the counts and the
+    per-row state (``state_ptr``, [len(RowState), B])."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
+    # no rule, weighting, estimator or exclusion in the row direction (the symmetric loss's column
+    # direction is its own)
+    PLAIN: tl.constexpr = (((~SYMMETRIC & FLAGS) == 0) and (NUM_LABELS == 0) and (not HAS_GUIDE)) and (
+        not HAS_EXCLUDE)
+    # SimANS's weights summed against the fixed reference 0 (``_fwd_tile``); a row whose weights
+    # all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is summed again
+    # with a running maximum, in a second pass over its row block (the rare path)
+    FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not ((SOFT & FLAGS) or (SYMMETRIC & FLAGS))
+    FIXED_RERUN: tl.constexpr = False
     part = tl.program_id(0)
-    # the symmetric loss's column partials, [4, programs, B]: max and sum of the logits, of the log-weights
-    per_part = tl.num_programs(0).to(tl.int64) * B
-    cmax_ptr = cpart_ptr
-    csum_ptr = cpart_ptr + per_part
-    cwmax_ptr = cpart_ptr + 2 * per_part
-    cwsum_ptr = cpart_ptr + 3 * per_part
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+    scale = inv_temp * LOG2E
     for rb in range(part, tl.cdiv(B, BLOCK_M), tl.num_programs(0)):
         row_start = tl.cast(rb, tl.int64) * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
@@ -120,13 +281,14 @@ def _info_nce_fwd_kernel(
                 q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
                 stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
                 BLOCK_M, BLOCK_N, BLOCK_D)
-
+        simans_alpha, simans_beta = simans_constants(s_pos, weight_a, weight_b)
         x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         x_sum = tl.zeros((BLOCK_M,), tl.float32)
         w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if FIXED_W:  # the fixed reference
+            w_max = tl.zeros((BLOCK_M,), tl.float32)
         w_sum = tl.zeros((BLOCK_M,), tl.float32)
-        n_neg = tl.zeros((BLOCK_M,), tl.int64)
-        n_masked = tl.zeros((BLOCK_M,), tl.int64)
+        n_neg = tl.zeros((BLOCK_M,), tl.int32)
         t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # soft labels: the teacher's online logsumexp
         t_sum = tl.zeros((BLOCK_M,), tl.float32)
         t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j)
@@ -135,85 +297,66 @@ def _info_nce_fwd_kernel(
         # t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max), t_nsum = sum_neg e^{t'_j - t_max}
         t_wgap = tl.zeros((BLOCK_M,), tl.float32)
         t_nsum = tl.zeros((BLOCK_M,), tl.float32)
-        # attraction: the flagged keys' online logsumexp and the sum of their logits
+        # attraction: the flagged keys' online logsumexp (log2 units) and the sum of their logits
         f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         f_sum = tl.zeros((BLOCK_M,), tl.float32)
         f_logits = tl.zeros((BLOCK_M,), tl.float32)
         exclude = tl.full((BLOCK_M,), -1, tl.int64)
         if HAS_EXCLUDE:
             exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
-        for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            col_valid = cols < N
-            s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
-                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-            t = s  # stands in for the guide tile when there is no guide
-            if HAS_GUIDE:
-                t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
-                                   BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
-            is_pos, masked, negative = classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
-                                                guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
-            if HAS_EXCLUDE:  # the row's excluded column is neither masked nor a negative
-                kept = cols[None, :] != exclude[:, None]
-                masked = masked & kept
-                negative = negative & kept
-            if ATTRACT & FLAGS:
-                f_max, f_sum = tl_online_lse(f_max, f_sum, tl.where(masked, s * inv_temp, float("-inf")))
-                f_logits += tl.sum(tl.where(masked, s * inv_temp, 0.0), axis=1)
-            n_neg += tl.sum(negative.to(tl.int64), axis=1)
-            n_masked += tl.sum(masked.to(tl.int64), axis=1)
-            x, log_w = biased_logits(s, t, negative, s_pos, inv_temp, weight_a, weight_b, WEIGHTING)
-            x_max, x_sum = tl_online_lse(x_max, x_sum, x)
-            w_prev = w_max
-            if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
-                w_max, w_sum = tl_online_lse(w_max, w_sum, log_w)
-            if SOFT & FLAGS:
-                tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
-                if WEIGHTING == WEIGHT_SIMANS:
-                    student = s * inv_temp  # the log-weights go to t_wgap
-                else:
-                    student = tl.where(is_pos, s * inv_temp, x)
-                t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
-                new_max = tl.maximum(t_max, tl.max(tx, axis=1))
-                safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-                carried = tl.exp2((t_max - safe) * LOG2E)
-                e = tl.exp2((tx - safe[:, None]) * LOG2E)
-                t_sum = t_sum * carried + tl.sum(e, axis=1)
-                t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
-                if WEIGHTING == WEIGHT_SIMANS:
-                    w_shift = tl.where(w_prev == float("-inf"), 0.0, w_max - w_prev)
-                    w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
-                    e_neg = tl.where(negative, e, 0.0)
-                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
-                        tl.where(negative, e_neg * (log_w - w_safe[:, None]), 0.0), axis=1)
-                    t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
-                t_max = new_max
-            if SYMMETRIC & FLAGS:
-                # this program's partial logsumexp of each owned column, slot [part, owner]
-                _, _, c_neg, c_x, c_log_w, has_owner, o, _ = column_logits(
-                    s, t, rows, row_valid, cols, col_valid, owner_ptr, state_ptr, qlab_ptr, klab_ptr, inv_temp,
-                    weight_a, weight_b, B, N, NUM_LABELS, HAS_GUIDE, WEIGHTING)
-                slot = part.to(tl.int64) * B + o
-                c_max, c_sum = tl_online_lse(tl.load(cmax_ptr + slot, mask=has_owner, other=float("-inf")),
-                                             tl.load(csum_ptr + slot, mask=has_owner, other=0.0), c_x)
-                tl.store(cmax_ptr + slot, c_max, mask=has_owner)
-                tl.store(csum_ptr + slot, c_sum, mask=has_owner)
-                if WEIGHTING == WEIGHT_SIMANS:
-                    c_wmax, c_wsum = tl_online_lse(tl.load(cwmax_ptr + slot, mask=has_owner, other=float("-inf")),
-                                                   tl.load(cwsum_ptr + slot, mask=has_owner, other=0.0), c_log_w)
-                    tl.store(cwmax_ptr + slot, c_wmax, mask=has_owner)
-                    tl.store(cwsum_ptr + slot, c_wsum, mask=has_owner)
-                c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=1)
-                tl.store(cneg_ptr + slot, c_count, mask=has_owner)
-                tl.debug_barrier()  # the next row block of this program reads these slots back
+        q_row_ptr = q_ptr + row_start * stride_q
+        gq_row_ptr = gq_ptr + row_start * stride_gq
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+             f_logits) = _fwd_pass(
+                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+                part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
+                simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max,
+                f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
+                weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_W)
+        # every column is the positive, an excluded key, masked or a negative: masked keys are counted
+        # by subtraction (the tiles count negatives only, and only when a rule or an exclusion is on)
+        others = N - 1
+        if HAS_EXCLUDE:
+            others -= ((exclude >= 0) & (exclude != positive)).to(tl.int32)
+        if not ((SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE or HAS_EXCLUDE):
+            n_neg = tl.zeros((BLOCK_M,), tl.int32) + others
+        if FIXED_W:
+            underflow = (n_neg > 0) & (w_sum < 9.094947017729282e-13) & row_valid  # 2^-40
+            if tl.max(underflow.to(tl.int32), axis=0) > 0:  # the rare path: the whole row block again, exactly
+                n_neg_known = n_neg
+                x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                x_sum = tl.zeros((BLOCK_M,), tl.float32)
+                w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                w_sum = tl.zeros((BLOCK_M,), tl.float32)
+                n_neg = tl.zeros((BLOCK_M,), tl.int32)
+                f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                f_sum = tl.zeros((BLOCK_M,), tl.float32)
+                f_logits = tl.zeros((BLOCK_M,), tl.float32)
+                (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+                 f_logits) = _fwd_pass(
+                    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+                    part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
+                    simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max,
+                    f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
+                    weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
+                    BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_RERUN)
+                if not ((SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE or HAS_EXCLUDE):
+                    n_neg = n_neg_known  # not counted by the tiles
 
-        has_neg = n_neg > 0
-        neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
-        offset = tl.zeros((BLOCK_M,), tl.float32)
-        if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
-            offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
-        weight_offset = offset
         l_pos = s_pos * inv_temp
+        n_masked = others - n_neg
+        has_neg = n_neg > 0
+        offset = tl.zeros((BLOCK_M,), tl.float32)
+        if PLAIN:  # the tiles summed every key, the positive included
+            neg_lse = tl.zeros((BLOCK_M,), tl.float32)
+            lse = (x_max + tl.log2(x_sum)) * LN2
+        else:
+            neg_lse = tl.where(has_neg, (x_max + tl.log2(x_sum)) * LN2, float("-inf"))
+            if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+                offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log2(w_sum)) * LN2, 0.0)
+            lse = tl_logaddexp(l_pos, neg_lse + offset)
+        weight_offset = offset
         coef = tl.full((BLOCK_M,), 1.0, tl.float32)
         if DEBIAS & FLAGS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
             n = n_neg.to(tl.float32)
@@ -225,12 +368,10 @@ def _info_nce_fwd_kernel(
             lse = c + tl.log(tl.exp(l_pos - c) + tl.where(clamped, floor, raw))
             offset = tl.where(clamped, float("-inf"), offset - tl.log(1.0 - tau_plus))
             coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
-        else:
-            lse = tl_logaddexp(l_pos, neg_lse + offset)
         loss = lse - l_pos
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)
-            lse = tl_logaddexp(lse, tl.where(n_masked > 0, f_max + tl.log(f_sum), float("-inf")))
+            lse = tl_logaddexp(lse, tl.where(n_masked > 0, (f_max + tl.log2(f_sum)) * LN2, float("-inf")))
             loss = lse - (l_pos + f_logits) / n_pos
             tl.store(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), 1.0 / n_pos, mask=row_valid)
         if WEIGHTING == WEIGHT_HCL:
@@ -254,8 +395,8 @@ def _info_nce_fwd_kernel(
         tl.store(loss_ptr + rows, loss, mask=row_valid)
         tl.store(state_ptr + (ROW_LOGSUMEXP * B + rows), lse, mask=row_valid)
         tl.store(state_ptr + (ROW_OFFSET * B + rows), offset, mask=row_valid)
-        tl.store(nmask_ptr + rows, n_masked, mask=row_valid)
-        tl.store(nneg_ptr + rows, n_neg, mask=row_valid)
+        tl.store(nmask_ptr + rows, n_masked.to(tl.int64), mask=row_valid)
+        tl.store(nneg_ptr + rows, n_neg.to(tl.int64), mask=row_valid)
         if not (SYMMETRIC & FLAGS):
             tl.store(state_ptr + (ROW_POSITIVE_SCORE * B + rows), s_pos, mask=row_valid)
             tl.store(state_ptr + (ROW_THRESHOLD * B + rows), threshold, mask=row_valid)
@@ -266,7 +407,7 @@ def _info_nce_fwd_kernel(
 def _info_nce_columns_kernel(
     loss_ptr, state_ptr, temp_ptr, cpart_ptr, cneg_ptr, B, PARTS, WEIGHTING: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Symmetric loss: merge the PARTS partial logsumexps of each positive column in program
+    """Symmetric loss: merge the PARTS partial logsumexps (log2 units) of each positive column in program
     order (deterministic) and set loss_o = (row o + column p_o) / 2."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = o < B
@@ -283,17 +424,17 @@ def _info_nce_columns_kernel(
     n_neg = tl.zeros((BLOCK,), tl.int32)
     for part in range(0, PARTS):
         slot = part * B + o
-        x_max, x_sum = tl_merge_lse(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
-                                    tl.load(csum_ptr + slot, mask=valid, other=0.0))
+        x_max, x_sum = tl_merge_lse2(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
+                                     tl.load(csum_ptr + slot, mask=valid, other=0.0))
         if WEIGHTING == WEIGHT_SIMANS:
-            w_max, w_sum = tl_merge_lse(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
-                                        tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
+            w_max, w_sum = tl_merge_lse2(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
+                                         tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
         n_neg += tl.load(cneg_ptr + slot, mask=valid, other=0)
     has_neg = n_neg > 0
-    neg_lse = tl.where(has_neg, x_max + tl.log(x_sum), float("-inf"))
+    neg_lse = tl.where(has_neg, (x_max + tl.log2(x_sum)) * LN2, float("-inf"))
     offset = tl.zeros((BLOCK,), tl.float32)
     if WEIGHTING == WEIGHT_SIMANS:
-        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log(w_sum)), 0.0)
+        offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log2(w_sum)) * LN2, 0.0)
     l_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + o), mask=valid, other=0.0) * inv_temp
     lse = tl_logaddexp(l_pos, neg_lse + offset)
     row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
@@ -324,6 +465,8 @@ def info_nce_fwd_triton(
     rules = (plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin)
     tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    shape = dict(GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
+                 EVEN_D=D % cfg.block_d == 0)
     row_blocks = triton.cdiv(B, cfg.block_m)
     parts = row_blocks
     owner = cpart = cneg = positives  # not read unless symmetric
@@ -341,7 +484,7 @@ def info_nce_fwd_triton(
         q, k, positives, temperature, qlab, klab, gq, gk, owner, exclude_operand(exclude, positives),
         loss, state, n_masked, n_neg, cpart, cneg, B, N, D, DG, *p.strides, *rules, plan.weight_a, plan.weight_b,
         plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
-        HAS_EXCLUDE=exclude is not None, **tiles,
+        HAS_EXCLUDE=exclude is not None, **tiles, **shape,
     )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](

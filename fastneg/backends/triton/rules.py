@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ...plan import KIND_SHIFT, Flag, RowState, Strategy, Weighting
-from .tiles import tl_positive_scores
+from .tiles import LOG2E, tl_positive_scores
 
 HAS_MARGIN: tl.constexpr = tl.constexpr(int(Flag.HAS_MARGIN))
 HAS_RELATIVE_MARGIN: tl.constexpr = tl.constexpr(int(Flag.HAS_RELATIVE_MARGIN))
@@ -27,6 +27,8 @@ ATTRACT: tl.constexpr = tl.constexpr(int(Flag.ATTRACT))
 # FLAGS // KIND is the weighting or strategy (constexpr operators keep the constexpr on the left, or
 # floor-divide: the interpreter passes FLAGS as a plain int)
 KIND: tl.constexpr = tl.constexpr(1 << KIND_SHIFT)
+SCORE_RULES: tl.constexpr = tl.constexpr(int(Flag.HAS_MARGIN | Flag.HAS_RELATIVE_MARGIN | Flag.HAS_MAX_SCORE))
+TEMPERATURE_GRAD: tl.constexpr = tl.constexpr(int(Flag.TEMPERATURE_GRAD))
 
 WEIGHT_NONE: tl.constexpr = tl.constexpr(int(Weighting.NONE))
 WEIGHT_SIMANS: tl.constexpr = tl.constexpr(int(Weighting.SIMANS))
@@ -156,6 +158,122 @@ def biased_logits(s, t, negative, positive_score, inv_temp, weight_a, weight_b, 
 
 
 @triton.jit
+def tile_label_match(rows, row_valid, local_cols, col_valid, qlab_ptr, klab_tile_ptr, B, N,
+                     NUM_LABELS: tl.constexpr, MASK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] label rule of the loss kernels' tiles (NUM_LABELS >= 1): query i's and key
+    j's labels match at some level. Labels are int32 ranks (``config.label_operands``) and the
+    relation is symmetric, so the symmetric loss's column direction reads the same tile."""
+    query_label = tl.load(qlab_ptr + rows, mask=row_valid, other=0)
+    if MASK_N:
+        key_label = tl.load(klab_tile_ptr + local_cols, mask=col_valid, other=0)
+    else:
+        key_label = tl.load(klab_tile_ptr + local_cols)
+    match = key_label[None, :] == query_label[:, None]
+    for level in tl.static_range(1, NUM_LABELS):
+        query_label = tl.load(qlab_ptr + level * B + rows, mask=row_valid, other=0)
+        if MASK_N:
+            key_label = tl.load(klab_tile_ptr + level * N + local_cols, mask=col_valid, other=0)
+        else:
+            key_label = tl.load(klab_tile_ptr + level * N + local_cols)
+        match = match | (key_label[None, :] == query_label[:, None])
+    return match
+
+
+@triton.jit
+def tile_classes(s, t, local_cols, col_valid, positive_local, threshold, g_threshold, label_match,
+                 NUM_LABELS: tl.constexpr, GUIDE_RULE: tl.constexpr, FLAGS: tl.constexpr, MASK_N: tl.constexpr):
+    """(is_positive, masked, negative) of one [BLOCK_M, BLOCK_N] tile of the loss kernels: the
+    rules of ``false_negative_mask`` with the tile's columns as 32-bit tile-local indices
+    (``positive_local`` = p_i - n0; ``label_match`` from ``tile_label_match`` when NUM_LABELS > 0),
+    each rule compiled in only when it is on (``FLAGS``' score rules, ``NUM_LABELS``,
+    ``GUIDE_RULE``: the guide masks), and the column bounds tested only on the ragged last tile
+    (``MASK_N``)."""
+    is_pos = local_cols[None, :] == positive_local[:, None]
+    if (SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE:
+        m = is_pos & False
+        if SCORE_RULES & FLAGS:
+            m = s > threshold[:, None]
+        if NUM_LABELS > 0:
+            m = m | label_match
+        if GUIDE_RULE:
+            m = m | (t > g_threshold[:, None])
+        live = ~is_pos
+        if MASK_N:
+            live = live & col_valid[None, :]
+        return is_pos, m & live, (~m) & live
+    else:  # no rule: every key but the positive is a negative
+        negative = local_cols[None, :] != positive_local[:, None]
+        if MASK_N:
+            negative = negative & col_valid[None, :]
+        return is_pos, is_pos & False, negative
+
+
+@triton.jit
+def column_classes(s, t, row_local, row_valid, owner_local, has_owner, c_threshold, c_g_threshold, label_match,
+                   NUM_LABELS: tl.constexpr, GUIDE_RULE: tl.constexpr, FLAGS: tl.constexpr, MASK_M: tl.constexpr):
+    """(is_positive, negative) of the symmetric loss's column direction, read on the row-major
+    tile (no transpose): key column j, owned by row o_j (``owner_local`` = o_j - the block's
+    first row), against the block's queries i, with row o_j's thresholds (``c_threshold``) and
+    the same label tile (the relation is symmetric)."""
+    is_pos = row_local[:, None] == owner_local[None, :]
+    live = has_owner[None, :] & ~is_pos
+    if MASK_M:
+        live = live & row_valid[:, None]
+    if (SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE:
+        m = is_pos & False
+        if SCORE_RULES & FLAGS:
+            m = s > c_threshold[None, :]
+        if NUM_LABELS > 0:
+            m = m | label_match
+        if GUIDE_RULE:
+            m = m | (t > c_g_threshold[None, :])
+        live = live & ~m
+    return is_pos, live
+
+
+@triton.jit
+def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, weight_a, WEIGHTING: tl.constexpr):
+    """``biased_logits`` in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
+    elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS, HCL; -inf
+    elsewhere). ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2
+    with alpha = sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one
+    multiply per element. ``simans_beta`` is broadcast against the tile: [BLOCK_M, 1] for rows,
+    [1, BLOCK_N] for the symmetric loss's columns."""
+    neg_inf = float("-inf")
+    if WEIGHTING == WEIGHT_SIMANS:
+        d = s * simans_alpha - simans_beta
+        lw2 = tl.where(negative, -(d * d), neg_inf)
+        x2 = s * scale + lw2
+    elif WEIGHTING == WEIGHT_HCL:
+        lw2 = tl.where(negative, s * (scale * weight_a), neg_inf)
+        x2 = s * scale + lw2
+    elif WEIGHTING == WEIGHT_GCSE:
+        # the tie on the raw scores (s <= t) and the gap (s - t) / temperature, as in every backend
+        logit = s * inv_temp
+        gap = (s - t) * inv_temp
+        decayed = -logit * tl.exp(-gap * gap * (0.5 / (weight_a * weight_a)))
+        x2 = tl.where(negative, (logit + tl.where(s > t, 0.0, decayed)) * LOG2E, neg_inf)
+        lw2 = x2
+    elif WEIGHTING == WEIGHT_HARDNESS:
+        x2 = tl.where(negative, s * (scale + weight_a * LOG2E), neg_inf)
+        lw2 = x2
+    elif WEIGHTING == WEIGHT_GUIDE_HARDNESS:
+        x2 = tl.where(negative, s * scale + t * (weight_a * LOG2E), neg_inf)
+        lw2 = x2
+    else:
+        x2 = tl.where(negative, s * scale, neg_inf)
+        lw2 = x2
+    return x2, lw2
+
+
+@triton.jit
+def simans_constants(s_pos, weight_a, weight_b):
+    """(alpha, beta_i) of SimANS's log2-weight -(alpha s - beta_i)^2 (``biased_logits2``)."""
+    alpha = tl.sqrt(weight_a * LOG2E)
+    return alpha, alpha * (s_pos + weight_b)
+
+
+@triton.jit
 def column_state(cols, col_valid, owner_ptr, state_ptr, B, HAS_GUIDE: tl.constexpr):
     """Owner row o of each key column (-1: nobody's positive) and the column's rules, which are
     row o's: positive score s_{o j}, score threshold, guide threshold."""
@@ -168,20 +286,3 @@ def column_state(cols, col_valid, owner_ptr, state_ptr, B, HAS_GUIDE: tl.constex
     if HAS_GUIDE:
         c_gthr = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + o), mask=has_owner, other=0.0)
     return owner, has_owner, o, c_spos, c_thr, c_gthr
-
-
-@triton.jit
-def column_logits(s, t, rows, row_valid, cols, col_valid, owner_ptr, state_ptr, qlab_ptr, klab_ptr, inv_temp,
-                  weight_a, weight_b, B, N, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr,
-                  WEIGHTING: tl.constexpr):
-    """The tile read by columns (symmetric loss): [BLOCK_N, BLOCK_M] classification and biased
-    logits of each owned column j against the block's queries, i.e. classify / biased_logits
-    on the transposed tile with queries and keys swapped."""
-    owner, has_owner, o, c_spos, c_thr, c_gthr = column_state(cols, col_valid, owner_ptr, state_ptr, B, HAS_GUIDE)
-    s_t = tl.trans(s)
-    t_t = tl.trans(t)
-    is_pos, _, negative = classify(s_t, t_t, cols, has_owner, rows, row_valid, owner, c_thr, c_gthr,
-                                   klab_ptr, qlab_ptr, N, B, NUM_LABELS, HAS_GUIDE)
-    negative = negative & has_owner[:, None]
-    x, log_w = biased_logits(s_t, t_t, negative, c_spos, inv_temp, weight_a, weight_b, WEIGHTING)
-    return s_t, is_pos, negative, x, log_w, has_owner, o, c_spos

@@ -1,8 +1,10 @@
 """Device helpers every Triton kernel shares: score tiles, positive scores and online logsumexps.
 
 One tile shape and one D chunking per call (:mod:`.config`), so a score is computed with the
-same bits in the forward, the backward and the sampler. Accumulation is in float32, with
-``exp2`` and log2(e) folded into the scale; a row of all ``-inf`` never makes NaN.
+same bits in the forward, the backward and the sampler. Accumulation is in float32. The loss
+kernels keep their logits in log2 units (``x2 = x log2(e)``, with log2(e) / temperature folded
+into one per-call scale) so that each exponential is one ``exp2`` of one fused multiply-add;
+``tl_online_lse2`` and ``tl_merge_lse2`` work in those units. A row of all ``-inf`` never makes NaN.
 """
 
 from __future__ import annotations
@@ -11,6 +13,49 @@ import triton
 import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MASK_A: tl.constexpr,
+                MASK_B: tl.constexpr, EVEN_D: tl.constexpr):
+    """[BLOCK_A, BLOCK_B] fp32 tile of a @ b^T over contiguous rows: ``a_ptr`` and ``b_ptr`` point
+    at the tile's first row (64-bit, advanced once per tile by the caller), the offsets inside the
+    tile are 32-bit and move by BLOCK_D per chunk. The same products in the same order as
+    ``tl_tile_scores`` (so the same bits). ``MASK_A`` / ``MASK_B``: whether rows past the end are
+    masked (``a_valid``/``b_valid``; off on full tiles); ``EVEN_D``: D is a multiple of BLOCK_D
+    (no mask on the reduction axis)."""
+    ra = tl.arange(0, BLOCK_A)
+    rb = tl.arange(0, BLOCK_B)
+    rd = tl.arange(0, BLOCK_D)
+    a_ptrs = a_ptr + (ra[:, None] * stride_a + rd[None, :])
+    b_ptrs = b_ptr + (rb[:, None] * stride_b + rd[None, :])
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            if MASK_A:
+                a = tl.load(a_ptrs, mask=a_valid[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
+            if MASK_B:
+                b = tl.load(b_ptrs, mask=b_valid[:, None], other=0.0)
+            else:
+                b = tl.load(b_ptrs)
+        else:
+            d_valid = (d0 + rd) < D
+            a_mask = d_valid[None, :]
+            b_mask = d_valid[None, :]
+            if MASK_A:
+                a_mask = a_mask & a_valid[:, None]
+            if MASK_B:
+                b_mask = b_mask & b_valid[:, None]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_D
+        b_ptrs += BLOCK_D
+    return acc
 
 
 @triton.jit
@@ -57,6 +102,45 @@ def tl_online_lse(running_max, running_sum, x):
     running_sum = running_sum * tl.exp2((running_max - safe) * LOG2E) + tl.sum(
         tl.exp2((x - safe[:, None]) * LOG2E), axis=1)
     return new_max, running_sum
+
+
+@triton.jit
+def tl_online_lse2(running_max, running_sum, x2):
+    """Merge a tile of log2-unit values into a per-row online logsumexp (log2 units: the result
+    is ``running_max + log2(running_sum)``)."""
+    new_max = tl.maximum(running_max, tl.max(x2, axis=1))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2(running_max - safe) + tl.sum(tl.exp2(x2 - safe[:, None]), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
+def tl_online_lse2_scaled(running_max, running_sum, s, scale):
+    """``tl_online_lse2`` of ``s * scale`` for a positive ``scale``: the tile's maximum is taken
+    on ``s`` (one comparison per element) and each term is ``exp2(s * scale - max)``, one fused
+    multiply-add and one ``exp2`` per element."""
+    new_max = tl.maximum(running_max, tl.max(s, axis=1) * scale)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2(running_max - safe) + tl.sum(tl.exp2(s * scale - safe[:, None]), axis=1)
+    return new_max, running_sum
+
+
+@triton.jit
+def tl_online_lse2_columns(running_max, running_sum, x2):
+    """``tl_online_lse2`` along the tile's first axis: per-column running sums (the symmetric
+    loss's column direction, read on the row-major tile)."""
+    new_max = tl.maximum(running_max, tl.max(x2, axis=0))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp2(running_max - safe) + tl.sum(tl.exp2(x2 - safe[None, :]), axis=0)
+    return new_max, running_sum
+
+
+@triton.jit
+def tl_merge_lse2(max_a, sum_a, max_b, sum_b):
+    """Merge two partial logsumexps in log2 units, each (max, sum of exp2(x2 - max))."""
+    new_max = tl.maximum(max_a, max_b)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, sum_a * tl.exp2(max_a - safe) + sum_b * tl.exp2(max_b - safe)
 
 
 @triton.jit
