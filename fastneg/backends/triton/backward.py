@@ -230,7 +230,7 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
 @triton.jit
 def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, excl_ptr,
-    ds_ptr, part_ptr, row0, R, B, N, D: tl.constexpr, DG: tl.constexpr, stride_q, stride_k, stride_gq, stride_gk,
+    ds_ptr, part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr,
     GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
     STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,

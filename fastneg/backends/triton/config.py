@@ -19,7 +19,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, ANN202
-           float32_stages: tuple[int, ...] = (2, 3, 4)):
+           float32_stages: tuple[int, ...] = (2, 3, 4), guide_stages: tuple[int, ...] = (2, 3, 4)):
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
@@ -27,7 +27,7 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     restores between its trial runs. 8 warps for every kernel: with 4, the modes with most live
     tiles, float32 tiles and products with masked edges spill (compile tier).
     ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
-    sm_90a in the compile tier)."""
+    sm_90a in the compile tier); ``guide_stages``: likewise with a guide (two score tiles)."""
     if INTERPRET:
         return kernel
     configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3, 4)]
@@ -35,6 +35,8 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     first = kernel.arg_names[0]
 
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        if kwargs.get("HAS_GUIDE"):
+            configs = [c for c in configs if c.num_stages in guide_stages]
         if getattr(named_args.get(first), "dtype", None) != torch.float32:
             return configs
         return [c for c in configs if c.num_stages in float32_stages]
@@ -66,10 +68,13 @@ def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = Fals
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = max(16, min(64 if wide else 16, triton.next_power_of_2(D)))  # no padded products at small D
     block_do = max(16, min((128 if wide else 64) // (1 if D % 16 == 0 else 2), triton.next_power_of_2(D)))
-    hopper = major >= 9 and wide  # every mode's tiles fit 128 x 64 at 8 warps on Hopper
-    heavy = (heavy or guide) and not hopper
+    hopper = major >= 9 and wide
+    if heavy and guide:  # a guide's tile beside the soft labels' or the column direction's state
+        hopper = False
     block_m = 128 if hopper else 64
-    block_n = 32 if not wide or heavy else 64
+    # on Hopper a guide's second score tile takes 128 x 32 (128 x 64 spills in the forward); on
+    # Ampere the heavy modes and a guide take 64 x 32
+    block_n = 32 if (not wide) or guide or (heavy and not hopper) else 64
     return BlockConfig(block_m, block_n, block_d, block_do)
 
 

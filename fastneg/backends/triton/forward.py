@@ -89,7 +89,7 @@ def _info_nce_row_state_kernel(
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
-    s_pos, threshold, g_threshold = row_thresholds(
+    s_pos, threshold, g_threshold, _ = row_thresholds(
         q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
         stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_D)
@@ -102,7 +102,7 @@ def _info_nce_row_state_kernel(
 def _fwd_tile(
     q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, n0, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
-    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits,
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -146,7 +146,7 @@ def _fwd_tile(
             negative = negative & kept
         if ATTRACT & FLAGS:
             f_max, f_sum = tl_online_lse2(f_max, f_sum, tl.where(masked, s * scale, float("-inf")))
-            f_logits += tl.sum(tl.where(masked, s * inv_temp, 0.0), axis=1)
+            f_logits += tl.sum(tl.where(masked, s, 0.0), axis=1)  # scores; times 1/t once per row
         if RULES or HAS_EXCLUDE:  # without them every key but the positive is a negative (counted per row)
             n_neg += tl.sum(negative.to(tl.int32), axis=1)
         x2, lw2 = biased_logits2(s, t, negative, simans_beta[:, None], scale, simans_alpha, inv_temp, weight_a,
@@ -157,25 +157,28 @@ def _fwd_tile(
             w_sum += tl.sum(tl.exp2(lw2), axis=1)
         elif (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
             w_max, w_sum = tl_online_lse2(w_max, w_sum, lw2)
-        if SOFT & FLAGS:  # natural units: t' = t / teacher temperature, the student's logits x
-            tx = tl.where(negative | is_pos, t * soft_inv, float("-inf"))
+        if SOFT & FLAGS:  # the teacher's logits t'_j = t_j / teacher temperature, in log2 units like x2
+            tx2 = tl.where(negative | is_pos, t * (soft_inv * LOG2E), float("-inf"))
             if WEIGHTING == WEIGHT_SIMANS:
-                student = s * inv_temp  # the log-weights go to t_wgap
+                student2 = s * scale  # the log-weights go to t_wgap
             else:
-                student = tl.where(is_pos, s * inv_temp, x2 * LN2)
-            t_pos = tl.maximum(t_pos, tl.max(tl.where(is_pos, tx, float("-inf")), axis=1))
-            new_max = tl.maximum(t_max, tl.max(tx, axis=1))
+                student2 = tl.where(is_pos, s * scale, x2)
+            new_max = tl.maximum(t_max, tl.max(tx2, axis=1))
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            carried = tl.exp2((t_max - safe) * LOG2E)
-            e = tl.exp2((tx - safe[:, None]) * LOG2E)
+            carried = tl.exp2(t_max - safe)
+            e = tl.exp2(tx2 - safe[:, None])
             t_sum = t_sum * carried + tl.sum(e, axis=1)
-            t_gap = t_gap * carried + tl.sum(tl.where(tx > float("-inf"), e * (tx - student), 0.0), axis=1)
+            # sum_j e_j (t'_j - x_j), log2 units (times ln 2 at the end)
+            t_gap = t_gap * carried + tl.sum(tl.where(tx2 > float("-inf"), e * (tx2 - student2), 0.0), axis=1)
             if WEIGHTING == WEIGHT_SIMANS:
-                w_shift = tl.where(w_prev == float("-inf"), 0.0, (w_max - w_prev) * LN2)
-                w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
                 e_neg = tl.where(negative, e, 0.0)
-                t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
-                    tl.where(negative, e_neg * ((lw2 - w_safe[:, None]) * LN2), 0.0), axis=1)
+                if FIXED_W:  # the log2-weights against the fixed reference 0
+                    t_wgap = t_wgap * carried + tl.sum(tl.where(negative, e * lw2, 0.0), axis=1)
+                else:
+                    w_shift = tl.where(w_prev == float("-inf"), 0.0, w_max - w_prev)
+                    w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
+                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
+                        tl.where(negative, e * (lw2 - w_safe[:, None]), 0.0), axis=1)
                 t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
             t_max = new_max
     if SYMMETRIC & FLAGS:
@@ -204,14 +207,14 @@ def _fwd_tile(
         c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=0)
         tl.store(cneg_ptr + slot, c_count, mask=has_owner)
         tl.debug_barrier()  # the next row block of this program reads these slots back
-    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits
+    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits
 
 
 @triton.jit
 def _fwd_pass(
     q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
-    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits,
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -220,31 +223,31 @@ def _fwd_pass(
     """Every key tile of a block of rows: the full tiles (no bounds tests), then the ragged last one."""
     n_full = (N // BLOCK_N) * BLOCK_N
     for n0 in range(0, n_full, BLOCK_N):
-        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n0, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
-            simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap,
+            simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap,
             t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
             inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
             PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, FIXED_W)
     if n_full < N:  # the ragged last tile
-        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n_full, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
             guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
-            t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+            t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
             scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE,
             FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, FIXED_W)
-    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum, f_logits
+    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits
 
 
 @triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, excl_ptr,
     loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr,
-    B, N, D: tl.constexpr, DG: tl.constexpr, stride_q, stride_k, stride_gq, stride_gk,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -262,7 +265,7 @@ def _info_nce_fwd_kernel(
     # SimANS's weights summed against the fixed reference 0 (``_fwd_tile``); a row whose weights
     # all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is summed again
     # with a running maximum, in a second pass over its row block (the rare path)
-    FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not ((SOFT & FLAGS) or (SYMMETRIC & FLAGS))
+    FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not (SYMMETRIC & FLAGS)
     FIXED_RERUN: tl.constexpr = False
     part = tl.program_id(0)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
@@ -276,8 +279,9 @@ def _info_nce_fwd_kernel(
             s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=row_valid, other=0.0)
             threshold = tl.load(state_ptr + (ROW_THRESHOLD * B + rows), mask=row_valid, other=0.0)
             guide_threshold = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), mask=row_valid, other=0.0)
+            guide_pos = tl.zeros((BLOCK_M,), tl.float32)  # not read: soft labels are not symmetric
         else:
-            s_pos, threshold, guide_threshold = row_thresholds(
+            s_pos, threshold, guide_threshold, guide_pos = row_thresholds(
                 q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
                 stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
                 BLOCK_M, BLOCK_N, BLOCK_D)
@@ -291,13 +295,12 @@ def _info_nce_fwd_kernel(
         n_neg = tl.zeros((BLOCK_M,), tl.int32)
         t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # soft labels: the teacher's online logsumexp
         t_sum = tl.zeros((BLOCK_M,), tl.float32)
-        t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j)
-        t_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        # SimANS with soft labels: the negatives' log-weights kept apart from t_gap, relative to w_max:
-        # t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max), t_nsum = sum_neg e^{t'_j - t_max}
+        t_gap = tl.zeros((BLOCK_M,), tl.float32)  # sum_j e^{t'_j - t_max} (t'_j - x_j) / ln 2
+        # SimANS with soft labels: the negatives' log2-weights kept apart from t_gap, relative to w_max (0 with
+        # FIXED_W): t_wgap = sum_neg e^{t'_j - t_max} (u_j - w_max) / ln 2, t_nsum = sum_neg e^{t'_j - t_max}
         t_wgap = tl.zeros((BLOCK_M,), tl.float32)
         t_nsum = tl.zeros((BLOCK_M,), tl.float32)
-        # attraction: the flagged keys' online logsumexp (log2 units) and the sum of their logits
+        # attraction: the flagged keys' online logsumexp (log2 units) and the sum of their scores
         f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         f_sum = tl.zeros((BLOCK_M,), tl.float32)
         f_logits = tl.zeros((BLOCK_M,), tl.float32)
@@ -306,11 +309,11 @@ def _info_nce_fwd_kernel(
             exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         q_row_ptr = q_ptr + row_start * stride_q
         gq_row_ptr = gq_ptr + row_start * stride_gq
-        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
                 q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
                 part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
-                simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max,
+                simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
                 f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
                 weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
                 BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_W)
@@ -333,11 +336,16 @@ def _info_nce_fwd_kernel(
                 f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
                 f_sum = tl.zeros((BLOCK_M,), tl.float32)
                 f_logits = tl.zeros((BLOCK_M,), tl.float32)
-                (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max, f_sum,
+                t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                t_sum = tl.zeros((BLOCK_M,), tl.float32)
+                t_gap = tl.zeros((BLOCK_M,), tl.float32)
+                t_wgap = tl.zeros((BLOCK_M,), tl.float32)
+                t_nsum = tl.zeros((BLOCK_M,), tl.float32)
+                (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
                  f_logits) = _fwd_pass(
                     q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
                     part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
-                    simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_pos, t_wgap, t_nsum, f_max,
+                    simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
                     f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
                     weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
                     BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_RERUN)
@@ -372,7 +380,7 @@ def _info_nce_fwd_kernel(
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)
             lse = tl_logaddexp(lse, tl.where(n_masked > 0, (f_max + tl.log2(f_sum)) * LN2, float("-inf")))
-            loss = lse - (l_pos + f_logits) / n_pos
+            loss = lse - (l_pos + f_logits * inv_temp) / n_pos
             tl.store(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), 1.0 / n_pos, mask=row_valid)
         if WEIGHTING == WEIGHT_HCL:
             # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
@@ -381,14 +389,14 @@ def _info_nce_fwd_kernel(
             tl.store(state_ptr + (ROW_HCL_MASS * B + rows), hcl_mass, mask=row_valid)
             tl.store(state_ptr + (ROW_HCL_SHIFT * B + rows), hcl_shift, mask=row_valid)
         if SOFT & FLAGS:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
-            teacher = t_max + tl.log(t_sum)
-            p_pos = tl.exp(t_pos - teacher)
+            teacher = (t_max + tl.log2(t_sum)) * LN2
+            p_pos = tl.exp(guide_pos * soft_inv - teacher)  # the positive's teacher probability
             if WEIGHTING == WEIGHT_SIMANS:
                 # sum_neg p_j (u_j + offset), offset = log n - w_max - log w_sum: no large terms cancel
                 spread = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - tl.log(w_sum), 0.0)
-                kl = lse - teacher + (t_gap - t_wgap - spread * t_nsum) / t_sum
+                kl = lse - teacher + ((t_gap - t_wgap) * LN2 - spread * t_nsum) / t_sum
             else:
-                kl = lse - teacher + t_gap / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
+                kl = lse - teacher + t_gap * LN2 / t_sum - tl.where(offset == 0.0, 0.0, offset * (1.0 - p_pos))
             loss = (1.0 - soft_weight) * loss + soft_weight * kl
             tl.store(state_ptr + (ROW_TEACHER_LOGSUMEXP * B + rows), teacher, mask=row_valid)
         tl.store(state_ptr + (ROW_POSITIVE_COEF * B + rows), coef, mask=row_valid)
@@ -443,7 +451,7 @@ def _info_nce_columns_kernel(
     tl.store(state_ptr + (ROW_COLUMN_OFFSET * B + o), offset, mask=valid)
 
 
-_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3))
+_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3), guide_stages=(2,))
 
 
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})

@@ -25,7 +25,9 @@ def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: 
     tile are 32-bit and move by BLOCK_D per chunk. The same products in the same order as
     ``tl_tile_scores`` (so the same bits). ``MASK_A`` / ``MASK_B``: whether rows past the end are
     masked (``a_valid``/``b_valid``; off on full tiles); ``EVEN_D``: D is a multiple of BLOCK_D
-    (no mask on the reduction axis)."""
+    (no mask on the reduction axis). D >= 1 (the public checks refuse D = 0): told to the
+    compiler, so that the loop needs no zero-trip guard (which zeroed the accumulator twice)."""
+    tl.assume(D > 0)
     ra = tl.arange(0, BLOCK_A)
     rb = tl.arange(0, BLOCK_B)
     rd = tl.arange(0, BLOCK_D)
