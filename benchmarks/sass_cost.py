@@ -487,6 +487,7 @@ def main() -> int:
     parser.add_argument("--model-modes", nargs="+", default=["plain", "labels+margin+SimANS"])
     parser.add_argument("--out", default=None, help="folder for sass_cost.md")
     parser.add_argument("--opcodes", action="store_true", help="print each tile body's instructions by opcode")
+    parser.add_argument("--json", default=None, help="also write the counts and the model as JSON to this file")
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     start = time.time()
@@ -536,6 +537,16 @@ def main() -> int:
                          f"{(s['dq'] + s['dk']) * 1e3:.2f} | {s['total'] * 1e3:.2f} | {s['bound'] * 1e3:.2f} | "
                          f"**{s['total'] / s['bound']:.2f}** | {s['dense'] * 1e3:.2f} | {s['total'] / s['dense']:.2f} |")
     lines += ["", f"{len(rows)} kernels counted in {time.time() - start:.0f} s."]
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(dict(
+                kernels=[dict(kernel=r["kernel"], mode=r["mode"], dtype=r["dtype"], D=r["D"],
+                              per_element=r["count"].per_element, mma_loops=r["count"].mma_loops,
+                              conditional=r["count"].conditional, registers=r["registers"],
+                              by_class={c: r["count"].class_per_element(c) for c in CLASSES}) for r in rows],
+                model=[dict(mode=m, dtype=d, D=D, **s) for m, d, D, s in model_rows]), f, indent=1)
     text = "\n".join(lines)
     print(text)
     if args.out:

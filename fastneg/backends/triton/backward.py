@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 from ...plan import Flag, Plan
 from .config import (
     Problem,
-    column_owners,
+    column_state,
     exclude_operand,
     kernel_flags,
     key_groups,
@@ -40,8 +40,6 @@ from .config import (
 from .rules import (
     ATTRACT,
     KIND,
-    ROW_COLUMN_LOGSUMEXP,
-    ROW_COLUMN_OFFSET,
     ROW_GUIDE_THRESHOLD,
     ROW_HCL_MASS,
     ROW_HCL_SHIFT,
@@ -58,7 +56,7 @@ from .rules import (
     WEIGHT_HCL,
     biased_logits2,
     column_classes,
-    column_state,
+    column_state_tile,
     simans_constants,
     tile_classes,
     tile_label_match,
@@ -71,7 +69,7 @@ __all__ = ["info_nce_bwd_triton"]
 @triton.jit
 def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, state_ptr, grad_ptr, klab_ptr,
+                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, klab_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
                   stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -136,16 +134,18 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
         tau = ds * (s - s_pos[:, None])
     if SYMMETRIC & FLAGS:
         # column j (owner o): dS'_{i j} = g_o / (2 tau) (P'_{i j} - [i == o]), on the row-major tile
-        owner, has_owner, o, c_spos, c_thr, c_gthr = column_state(n0 + local.to(tl.int64), col_valid, owner_ptr,
-                                                                  state_ptr, B, HAS_GUIDE)
-        c_is_pos, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
-                                         has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
-                                         not EVEN_M)
-        c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
-        c_x2, _ = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a, WEIGHTING)
-        c_lse = tl.load(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), mask=has_owner, other=0.0)
-        c_off = tl.load(state_ptr + (ROW_COLUMN_OFFSET * B + o), mask=has_owner, other=0.0)
-        c_scale = tl.load(grad_ptr + o, mask=has_owner, other=0.0).to(tl.float32) * (0.5 * inv_temp)
+        owner, has_owner, c_spos, c_thr, c_gthr, c_lse, c_off, c_grad = column_state_tile(
+            owner_ptr, cstate_ptr, n0, local, col_valid, N, MASK_N)
+        if PLAIN:  # every query is in the column's denominator
+            c_is_pos = tl.arange(0, BLOCK_M)[:, None] == (owner - row_start).to(tl.int32)[None, :]
+            c_x2 = s * scale
+        else:
+            c_is_pos, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
+                                             has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
+                                             not EVEN_M)
+            c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
+            c_x2, _ = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a, WEIGHTING)
+        c_scale = c_grad * (0.5 * inv_temp)
         c_p = tl.exp2(c_x2 + ((c_off - c_lse) * LOG2E)[None, :])
         c_p_pos = tl.exp2((c_spos * inv_temp - c_lse) * LOG2E) - 1.0
         c_p = tl.where(c_is_pos, c_p_pos[None, :], c_p)
@@ -198,7 +198,7 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
              tau_sum,
              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher,
-             exclude, inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
+             exclude, inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
              B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
              PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -208,7 +208,7 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
                             offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr,
-                            state_ptr, grad_ptr, klab_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
+                            cstate_ptr, state_ptr, grad_ptr, klab_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
                             D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
                             HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
                             POSITIVE_LATER)
@@ -229,7 +229,8 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
 
 @triton.jit
 def _info_nce_bwd_ds_kernel(
-    grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, excl_ptr,
+    grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, cstate_ptr,
+    excl_ptr,
     ds_ptr, part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr,
     GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
@@ -263,7 +264,7 @@ def _info_nce_bwd_ds_kernel(
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                            guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
-                           inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
+                           inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
                            EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
@@ -271,7 +272,7 @@ def _info_nce_bwd_ds_kernel(
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                            guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
-                           inv_p, owner_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
+                           inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
                            EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
@@ -367,13 +368,13 @@ def info_nce_bwd_triton(
     plan = Plan.decode(scalars, flags)
     symmetric = bool(flags & Flag.SYMMETRIC)
     query_grad, keys_grad = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
-    p = Problem.of(query, keys, guide_query, guide_keys, symmetric or plan.soft_temperature is not None)
+    p = Problem.of(query, keys, guide_query, guide_keys, 2 if symmetric else int(plan.soft_temperature is not None))
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
-    owner = column_owners(positives, N) if symmetric else positives
+    owner, cstate = column_state(positives, row_state, grad, N) if symmetric else (positives, row_state)
     soft = soft_scalars(plan.soft_temperature, plan.soft_weight)
-    common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, row_state.float().contiguous(), owner,
+    common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, row_state.float().contiguous(), owner, cstate,
                  exclude_operand(exclude, positives))
     tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=kernel_flags(flags),
                  PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,

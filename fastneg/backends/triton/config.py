@@ -56,32 +56,31 @@ class BlockConfig:
     block_do: int
 
 
-def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: bool = False, guide: bool = False) -> BlockConfig:
+def cuda_block_config(D: int, dtype: torch.dtype, major: int, heavy: int = 0, guide: bool = False) -> BlockConfig:
     """The tile shape on a GPU of compute capability ``major``.x (also what the compile tier and
-    the product count in the tests use, the latter under the interpreter). 128 x 64 tiles on
-    Hopper for 16-bit inputs, every mode (the per-element work of a 64 x 32 tile at 8 warps is
-    dominated by its per-tile overhead: ``benchmarks/sass_cost.py``); 64 x 64 on Ampere, where
-    the ``heavy`` modes, which hold more tiles live (a guide, soft labels, the symmetric loss),
-    take 64 x 32 (Triton 3.6 spills there with 64 x 64); float32 takes 64 x 32 with 16-wide D
-    chunks; a D that is not a multiple of 16 takes half-width output tiles in the backward's
-    products. Chosen so that no variant spills at 8 warps (benchmarks/compile_tier.py)."""
+    the product count in the tests use, the latter under the interpreter). ``heavy``: 1 soft
+    labels, 2 the symmetric loss. On Hopper, 16-bit inputs: 128 x 64 for every mode (a 64 x 32
+    tile at 8 warps spends most of its element-wise work on per-tile overhead:
+    ``benchmarks/sass_cost.py``), but 128 x 32 for soft labels (their guide beside the teacher's
+    sums) and 64 x 32 for a symmetric loss with a guide. On Ampere, 64 x 64, and 64 x 32 for the
+    heavy modes and a guide (Triton 3.6 spills there with 64 x 64). float32 takes 64 x 32 with
+    16-wide D chunks; a D that is not a multiple of 16 takes half-width output tiles in the
+    backward's products. Chosen so that no variant spills at 8 warps (benchmarks/compile_tier.py)."""
     wide = dtype in (torch.float16, torch.bfloat16)
     block_d = max(16, min(64 if wide else 16, triton.next_power_of_2(D)))  # no padded products at small D
     block_do = max(16, min((128 if wide else 64) // (1 if D % 16 == 0 else 2), triton.next_power_of_2(D)))
-    hopper = major >= 9 and wide
-    if heavy and guide:  # a guide's tile beside the soft labels' or the column direction's state
-        hopper = False
-    block_m = 128 if hopper else 64
-    # on Hopper a guide's second score tile takes 128 x 32 (128 x 64 spills in the forward); on
-    # Ampere the heavy modes and a guide take 64 x 32
-    block_n = 32 if (not wide) or guide or (heavy and not hopper) else 64
+    hopper = major >= 9 and wide  # 128-row tiles on Hopper (64 for a symmetric loss with a guide)
+    block_m = 128 if hopper and not (heavy == 2 and guide) else 64
+    # 64 columns, but 32 for the heavy modes with a guide on Hopper (soft labels, a symmetric guide:
+    # 128 x 64 spills) and for the heavy modes and a guide on Ampere
+    block_n = 32 if (not wide) or (heavy and guide) or ((heavy or guide) and not hopper) else 64
     return BlockConfig(block_m, block_n, block_d, block_do)
 
 
 _FORCED_MAJOR: Optional[int] = None  # set by ``cuda_tiles``
 
 
-def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: bool = False,
+def block_config(D: int, dtype: torch.dtype, device: torch.device, heavy: int = 0,
                  guide: bool = False) -> BlockConfig:
     if _FORCED_MAJOR is not None:
         return cuda_block_config(D, dtype, _FORCED_MAJOR, heavy, guide)
@@ -210,9 +209,10 @@ class Problem:
 
     @staticmethod
     def of(query: torch.Tensor, keys: torch.Tensor, guide_query: Optional[torch.Tensor],
-           guide_keys: Optional[torch.Tensor], heavy: bool = False) -> Problem:
-        """``heavy``: symmetric or soft labels (a guide makes it heavy on Ampere only); the
-        forward and the backward of one call must pass the same value (it decides the tile shape)."""
+           guide_keys: Optional[torch.Tensor], heavy: int = 0) -> Problem:
+        """``heavy``: 1 for soft labels, 2 for the symmetric loss, 0 otherwise (with a guide they
+        take narrower tiles); the forward and the backward of one call must pass the same value
+        (it decides the tile shape)."""
         q, k = query.contiguous(), keys.contiguous()
         gq, gk = optional_operand(guide_query, q), optional_operand(guide_keys, q)
         DG = guide_query.shape[1] if guide_query is not None else 1
@@ -229,6 +229,25 @@ def column_owners(positives: torch.Tensor, N: int) -> torch.Tensor:
     """owner[j] = the row whose positive is key j, -1 for keys that are nobody's positive."""
     owner = torch.full((N,), -1, dtype=torch.int64, device=positives.device)
     return owner.scatter_(0, positives.long(), torch.arange(positives.shape[0], device=positives.device))
+
+
+def column_state(positives: torch.Tensor, row_state: torch.Tensor, grad: Optional[torch.Tensor],
+                 N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric loss's per-column operands, gathered once per call (O(N), no host
+    synchronisation): the owner row of each key column as int32 (-1: nobody's positive) and a
+    float32 [6, N] block of row o_j's positive score, score threshold, guide threshold, column
+    logsumexp and offset, and gradient g_o (0 where there is no owner; the forward passes no
+    gradient and reads the first three), so that the kernels read them contiguously by column."""
+    from ...plan import RowState
+
+    owner = column_owners(positives, N)
+    has = (owner >= 0)[None, :]
+    idx = owner.clamp(min=0)
+    rows = [int(RowState.POSITIVE_SCORE), int(RowState.THRESHOLD), int(RowState.GUIDE_THRESHOLD),
+            int(RowState.COLUMN_LOGSUMEXP), int(RowState.COLUMN_OFFSET)]
+    g = grad.float()[idx][None, :] if grad is not None else row_state.new_zeros(1, N, dtype=torch.float32)
+    block = torch.cat([row_state.float()[rows][:, idx], g])
+    return owner.int().contiguous(), torch.where(has, block, torch.zeros((), device=block.device)).contiguous()
 
 
 def column_parts(row_blocks: int, device: torch.device) -> int:
@@ -249,6 +268,13 @@ def kernel_flags(flags: int) -> int:
     """The flags word as the kernels' ``FLAGS`` constexpr: without the backward's QUERY_GRAD / KEYS_GRAD
     bits, which the host reads, so that they do not compile kernel variants of their own."""
     return int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
+
+
+def plain_symmetric(flags: int, levels: int, has_guide: bool) -> bool:
+    """Whether a symmetric loss has no rule, weighting or estimator: its column direction then
+    sums every query (the kernels' ``PLAIN``, as the host must know it for the columns kernel)."""
+    return (int(flags) & ~int(Flag.SYMMETRIC | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)) == 0 \
+        and levels == 0 and not has_guide
 
 
 def exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,12 @@ from torch.library import triton_op, wrap_triton
 from ...plan import Flag, Plan, RowState
 from .config import (
     Problem,
-    column_owners,
     column_parts,
+    column_state,
     exclude_operand,
     kernel_flags,
     label_operands,
+    plain_symmetric,
     precision,
     soft_scalars,
     tuned,
@@ -58,7 +59,7 @@ from .rules import (
     WEIGHT_SIMANS,
     biased_logits2,
     column_classes,
-    column_state,
+    column_rules_tile,
     row_thresholds,
     simans_constants,
     tile_classes,
@@ -100,7 +101,7 @@ def _info_nce_row_state_kernel(
 
 @triton.jit
 def _fwd_tile(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, n0, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr, n0, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -158,61 +159,69 @@ def _fwd_tile(
         elif (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
             w_max, w_sum = tl_online_lse2(w_max, w_sum, lw2)
         if SOFT & FLAGS:  # the teacher's logits t'_j = t_j / teacher temperature, in log2 units like x2
-            tx2 = tl.where(negative | is_pos, t * (soft_inv * LOG2E), float("-inf"))
-            if WEIGHTING == WEIGHT_SIMANS:
-                student2 = s * scale  # the log-weights go to t_wgap
-            else:
-                student2 = tl.where(is_pos, s * scale, x2)
+            tk = t * (soft_inv * LOG2E)  # finite everywhere: the products below never meet an infinity
+            tx2 = tl.where(negative | is_pos, tk, float("-inf"))
             new_max = tl.maximum(t_max, tl.max(tx2, axis=1))
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
             carried = tl.exp2(t_max - safe)
-            e = tl.exp2(tx2 - safe[:, None])
+            e = tl.exp2(tx2 - safe[:, None])  # 0 off the teacher's support
             t_sum = t_sum * carried + tl.sum(e, axis=1)
-            # sum_j e_j (t'_j - x_j), log2 units (times ln 2 at the end)
-            t_gap = t_gap * carried + tl.sum(tl.where(tx2 > float("-inf"), e * (tx2 - student2), 0.0), axis=1)
+            # sum_j e_j (t'_j - x_j) in log2 units (times ln 2 at the end); SimANS's log-weights go to t_wgap
             if WEIGHTING == WEIGHT_SIMANS:
+                t_gap = t_gap * carried + tl.sum(e * (tk - s * scale), axis=1)
                 e_neg = tl.where(negative, e, 0.0)
+                d = s * simans_alpha - simans_beta[:, None]
+                lw_raw = -(d * d)  # finite: e_neg is 0 where lw2 is -inf
                 if FIXED_W:  # the log2-weights against the fixed reference 0
-                    t_wgap = t_wgap * carried + tl.sum(tl.where(negative, e * lw2, 0.0), axis=1)
+                    t_wgap = t_wgap * carried + tl.sum(e_neg * lw_raw, axis=1)
                 else:
                     w_shift = tl.where(w_prev == float("-inf"), 0.0, w_max - w_prev)
                     w_safe = tl.where(w_max == float("-inf"), 0.0, w_max)
-                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(
-                        tl.where(negative, e * (lw2 - w_safe[:, None]), 0.0), axis=1)
+                    t_wgap = (t_wgap - w_shift * t_nsum) * carried + tl.sum(e_neg * (lw_raw - w_safe[:, None]), axis=1)
                 t_nsum = t_nsum * carried + tl.sum(e_neg, axis=1)
+            else:
+                student2 = tl.where(is_pos, s * scale, x2)
+                t_gap = t_gap * carried + tl.sum(tl.where(tx2 > float("-inf"), e * (tx2 - student2), 0.0), axis=1)
             t_max = new_max
     if SYMMETRIC & FLAGS:
         # the column direction, read on the same row-major tile: this program's partial logsumexp
         # (log2 units) of each owned column j, slot [part, owner]
-        per_part = tl.num_programs(0).to(tl.int64) * B
-        owner, has_owner, o, c_spos, c_thr, c_gthr = column_state(n0 + local.to(tl.int64), col_valid, owner_ptr,
-                                                                  state_ptr, B, HAS_GUIDE)
-        _, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
-                                  has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
-                                  not EVEN_M)
-        c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
-        c_x2, c_lw2 = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a, WEIGHTING)
-        slot = part.to(tl.int64) * B + o
+        per_part = tl.num_programs(0).to(tl.int64) * N
+        owner, has_owner, c_spos, c_thr, c_gthr = column_rules_tile(owner_ptr, cstate_ptr, n0, local, col_valid, N,
+                                                                    MASK_N)
+        slot = part.to(tl.int64) * N + n0 + local  # the partials are indexed by column
+        if PLAIN:  # every query is in the column's denominator, its owner included: no test per element
+            c_x2 = s * scale
+            if not EVEN_M:
+                c_x2 = tl.where(row_valid[:, None], c_x2, float("-inf"))
+        else:
+            _, c_neg = column_classes(s, t, tl.arange(0, BLOCK_M), row_valid, (owner - row_start).to(tl.int32),
+                                      has_owner, c_thr, c_gthr, label_match, NUM_LABELS, GUIDE_RULE, FLAGS,
+                                      not EVEN_M)
+            c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
+            c_x2, c_lw2 = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a,
+                                         WEIGHTING)
         c_max, c_sum = tl_online_lse2_columns(tl.load(cpart_ptr + slot, mask=has_owner, other=float("-inf")),
                                               tl.load(cpart_ptr + per_part + slot, mask=has_owner, other=0.0),
                                               c_x2)
         tl.store(cpart_ptr + slot, c_max, mask=has_owner)
         tl.store(cpart_ptr + per_part + slot, c_sum, mask=has_owner)
-        if WEIGHTING == WEIGHT_SIMANS:
-            c_wmax, c_wsum = tl_online_lse2_columns(
-                tl.load(cpart_ptr + 2 * per_part + slot, mask=has_owner, other=float("-inf")),
-                tl.load(cpart_ptr + 3 * per_part + slot, mask=has_owner, other=0.0), c_lw2)
-            tl.store(cpart_ptr + 2 * per_part + slot, c_wmax, mask=has_owner)
-            tl.store(cpart_ptr + 3 * per_part + slot, c_wsum, mask=has_owner)
-        c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=0)
-        tl.store(cneg_ptr + slot, c_count, mask=has_owner)
+        if not PLAIN:
+            if WEIGHTING == WEIGHT_SIMANS:
+                c_wmax, c_wsum = tl_online_lse2_columns(
+                    tl.load(cpart_ptr + 2 * per_part + slot, mask=has_owner, other=float("-inf")),
+                    tl.load(cpart_ptr + 3 * per_part + slot, mask=has_owner, other=0.0), c_lw2)
+                tl.store(cpart_ptr + 2 * per_part + slot, c_wmax, mask=has_owner)
+                tl.store(cpart_ptr + 3 * per_part + slot, c_wsum, mask=has_owner)
+            c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=0)
+            tl.store(cneg_ptr + slot, c_count, mask=has_owner)
         tl.debug_barrier()  # the next row block of this program reads these slots back
     return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits
 
 
 @triton.jit
 def _fwd_pass(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -225,7 +234,7 @@ def _fwd_pass(
     for n0 in range(0, n_full, BLOCK_N):
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n0, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
             simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap,
             t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
@@ -234,7 +243,7 @@ def _fwd_pass(
     if n_full < N:  # the ragged last tile
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n_full, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
             guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
             t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
@@ -245,7 +254,7 @@ def _fwd_pass(
 
 @triton.jit
 def _info_nce_fwd_kernel(
-    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, excl_ptr,
+    q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, cstate_ptr, excl_ptr,
     loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
@@ -270,7 +279,15 @@ def _info_nce_fwd_kernel(
     part = tl.program_id(0)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     scale = inv_temp * LOG2E
-    for rb in range(part, tl.cdiv(B, BLOCK_M), tl.num_programs(0)):
+    # the symmetric loss's programs take every G-th row block; otherwise one row block each (a loop of
+    # one iteration, which the compiler removes: nothing is hoisted and kept live across row blocks)
+    if SYMMETRIC & FLAGS:
+        rb_end = tl.cdiv(B, BLOCK_M)
+        rb_step = tl.num_programs(0)
+    else:
+        rb_end = part + 1
+        rb_step = 1
+    for rb in range(part, rb_end, rb_step):
         row_start = tl.cast(rb, tl.int64) * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < B
@@ -311,7 +328,7 @@ def _info_nce_fwd_kernel(
         gq_row_ptr = gq_ptr + row_start * stride_gq
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
-                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
+                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
                 part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
                 simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
                 f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
@@ -343,12 +360,12 @@ def _info_nce_fwd_kernel(
                 t_nsum = tl.zeros((BLOCK_M,), tl.float32)
                 (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
                  f_logits) = _fwd_pass(
-                    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, state_ptr, cpart_ptr, cneg_ptr,
-                    part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
-                    simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
-                    f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
-                    weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
-                    BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_RERUN)
+                    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr,
+                    cpart_ptr, cneg_ptr, part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
+                    guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum,
+                    t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq,
+                    stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
+                    HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_RERUN)
                 if not ((SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE or HAS_EXCLUDE):
                     n_neg = n_neg_known  # not counted by the tiles
 
@@ -413,14 +430,17 @@ def _info_nce_fwd_kernel(
 
 @triton.jit
 def _info_nce_columns_kernel(
-    loss_ptr, state_ptr, temp_ptr, cpart_ptr, cneg_ptr, B, PARTS, WEIGHTING: tl.constexpr, BLOCK: tl.constexpr,
+    loss_ptr, state_ptr, temp_ptr, pos_ptr, cpart_ptr, cneg_ptr, B, N, PARTS, WEIGHTING: tl.constexpr,
+    PLAIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Symmetric loss: merge the PARTS partial logsumexps (log2 units) of each positive column in program
-    order (deterministic) and set loss_o = (row o + column p_o) / 2."""
+    order (deterministic) and set loss_o = (row o + column p_o) / 2. ``PLAIN``: the partials summed
+    every query, the owner included (no rule, no weighting): they are the column's whole logsumexp."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = o < B
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    per_part = tl.cast(PARTS, tl.int64) * B
+    per_part = tl.cast(PARTS, tl.int64) * N
+    column = tl.load(pos_ptr + o, mask=valid, other=0).to(tl.int64)  # row o's positive column: the partials' index
     cmax_ptr = cpart_ptr
     csum_ptr = cpart_ptr + per_part
     cwmax_ptr = cpart_ptr + 2 * per_part
@@ -431,7 +451,7 @@ def _info_nce_columns_kernel(
     w_sum = tl.zeros((BLOCK,), tl.float32)
     n_neg = tl.zeros((BLOCK,), tl.int32)
     for part in range(0, PARTS):
-        slot = part * B + o
+        slot = part * N + column
         x_max, x_sum = tl_merge_lse2(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
                                      tl.load(csum_ptr + slot, mask=valid, other=0.0))
         if WEIGHTING == WEIGHT_SIMANS:
@@ -444,7 +464,10 @@ def _info_nce_columns_kernel(
     if WEIGHTING == WEIGHT_SIMANS:
         offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log2(w_sum)) * LN2, 0.0)
     l_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + o), mask=valid, other=0.0) * inv_temp
-    lse = tl_logaddexp(l_pos, neg_lse + offset)
+    if PLAIN:
+        lse = (x_max + tl.log2(x_sum)) * LN2
+    else:
+        lse = tl_logaddexp(l_pos, neg_lse + offset)
     row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
     tl.store(loss_ptr + o, (row_loss + (lse - l_pos)) * 0.5, mask=valid)
     tl.store(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), lse, mask=valid)
@@ -462,7 +485,7 @@ def info_nce_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = Plan.decode(scalars, flags)
     symmetric = bool(flags & Flag.SYMMETRIC)
-    p = Problem.of(query, keys, guide_query, guide_keys, symmetric or plan.soft_temperature is not None)
+    p = Problem.of(query, keys, guide_query, guide_keys, 2 if symmetric else int(plan.soft_temperature is not None))
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss = torch.empty(B, **f32)
@@ -477,24 +500,25 @@ def info_nce_fwd_triton(
                  EVEN_D=D % cfg.block_d == 0)
     row_blocks = triton.cdiv(B, cfg.block_m)
     parts = row_blocks
-    owner = cpart = cneg = positives  # not read unless symmetric
+    owner = cstate = cpart = cneg = positives  # not read unless symmetric
     if symmetric:
         wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
             q, k, positives, gq, gk, state, B, D, DG, *p.strides, *rules, **tiles)
-        owner = column_owners(positives, N)
+        owner, cstate = column_state(positives, state, None, N)
         parts = column_parts(row_blocks, q.device)
         # per program: the running max and sum of each owned column's logits and log-weights
-        cpart = torch.zeros(4, parts, B, **f32)
+        cpart = torch.zeros(4, parts, N, **f32)
         cpart[0].fill_(float("-inf"))
         cpart[2].fill_(float("-inf"))
-        cneg = torch.zeros(parts, B, dtype=torch.int32, device=q.device)
+        cneg = torch.zeros(parts, N, dtype=torch.int32, device=q.device)
     wrap_triton(_fwd_kernel)[(parts,)](
-        q, k, positives, temperature, qlab, klab, gq, gk, owner, exclude_operand(exclude, positives),
+        q, k, positives, temperature, qlab, klab, gq, gk, owner, cstate, exclude_operand(exclude, positives),
         loss, state, n_masked, n_neg, cpart, cneg, B, N, D, DG, *p.strides, *rules, plan.weight_a, plan.weight_b,
         plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
         HAS_EXCLUDE=exclude is not None, **tiles, **shape,
     )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
-            loss, state, temperature, cpart, cneg, B, parts, WEIGHTING=int(plan.weighting), BLOCK=256)
+            loss, state, temperature, positives, cpart, cneg, B, N, parts, WEIGHTING=int(plan.weighting),
+            PLAIN=plain_symmetric(flags, levels, guide_query is not None), BLOCK=256)
     return loss, state, n_masked, n_neg

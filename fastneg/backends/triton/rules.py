@@ -275,15 +275,37 @@ def simans_constants(s_pos, weight_a, weight_b):
 
 
 @triton.jit
-def column_state(cols, col_valid, owner_ptr, state_ptr, B, HAS_GUIDE: tl.constexpr):
-    """Owner row o of each key column (-1: nobody's positive) and the column's rules, which are
-    row o's: positive score s_{o j}, score threshold, guide threshold."""
-    owner = tl.load(owner_ptr + cols, mask=col_valid, other=-1)
-    has_owner = owner >= 0
-    o = tl.where(has_owner, owner, 0)
-    c_spos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + o), mask=has_owner, other=0.0)
-    c_thr = tl.load(state_ptr + (ROW_THRESHOLD * B + o), mask=has_owner, other=0.0)
-    c_gthr = tl.zeros_like(c_spos)
-    if HAS_GUIDE:
-        c_gthr = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + o), mask=has_owner, other=0.0)
-    return owner, has_owner, o, c_spos, c_thr, c_gthr
+def column_rules_tile(owner_ptr, cstate_ptr, n0, local_cols, col_valid, N, MASK_N: tl.constexpr):
+    """The forward's per-column state of one key tile (the first three rows of
+    ``column_state_tile``): owner, has owner, s_{o j}, score threshold, guide threshold."""
+    if MASK_N:
+        owner = tl.load(owner_ptr + n0 + local_cols, mask=col_valid, other=-1)
+        c_spos = tl.load(cstate_ptr + n0 + local_cols, mask=col_valid, other=0.0)
+        c_thr = tl.load(cstate_ptr + n0 + N + local_cols, mask=col_valid, other=0.0)
+        c_gthr = tl.load(cstate_ptr + n0 + 2 * N + local_cols, mask=col_valid, other=0.0)
+    else:
+        owner = tl.load(owner_ptr + n0 + local_cols)
+        c_spos = tl.load(cstate_ptr + n0 + local_cols)
+        c_thr = tl.load(cstate_ptr + n0 + N + local_cols)
+        c_gthr = tl.load(cstate_ptr + n0 + 2 * N + local_cols)
+    return owner, owner >= 0, c_spos, c_thr, c_gthr
+
+
+@triton.jit
+def column_state_tile(owner_ptr, cstate_ptr, n0, local_cols, col_valid, N, MASK_N: tl.constexpr):
+    """The backward's per-column state of one key tile, read contiguously: the owner row o_j
+    (int32, -1 for nobody's positive) and ``config.column_state``'s rows gathered by the host,
+    (s_{o j}, score threshold, guide threshold, column logsumexp, column offset, g_o), 0 where
+    the column has no owner."""
+    if MASK_N:
+        owner = tl.load(owner_ptr + n0 + local_cols, mask=col_valid, other=-1)
+    else:
+        owner = tl.load(owner_ptr + n0 + local_cols)
+    base = cstate_ptr + n0
+    c_spos = tl.load(base + local_cols, mask=col_valid, other=0.0)
+    c_thr = tl.load(base + N + local_cols, mask=col_valid, other=0.0)
+    c_gthr = tl.load(base + 2 * N + local_cols, mask=col_valid, other=0.0)
+    c_lse = tl.load(base + 3 * N + local_cols, mask=col_valid, other=0.0)
+    c_off = tl.load(base + 4 * N + local_cols, mask=col_valid, other=0.0)
+    c_grad = tl.load(base + 5 * N + local_cols, mask=col_valid, other=0.0)
+    return owner, owner >= 0, c_spos, c_thr, c_gthr, c_lse, c_off, c_grad

@@ -71,7 +71,7 @@ def _sample_negatives_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
-    s_pos, threshold, guide_threshold, _ = row_thresholds(
+    s_pos, threshold, guide_threshold, guide_pos = row_thresholds(
         q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
         stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_D)

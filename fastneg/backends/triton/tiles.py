@@ -22,7 +22,7 @@ def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: 
                 MASK_B: tl.constexpr, EVEN_D: tl.constexpr):
     """[BLOCK_A, BLOCK_B] fp32 tile of a @ b^T over contiguous rows: ``a_ptr`` and ``b_ptr`` point
     at the tile's first row (64-bit, advanced once per tile by the caller), the offsets inside the
-    tile are 32-bit and move by BLOCK_D per chunk. The same products in the same order as
+    tile are 32-bit. The same products in the same order as
     ``tl_tile_scores`` (so the same bits). ``MASK_A`` / ``MASK_B``: whether rows past the end are
     masked (``a_valid``/``b_valid``; off on full tiles); ``EVEN_D``: D is a multiple of BLOCK_D
     (no mask on the reduction axis). D >= 1 (the public checks refuse D = 0): told to the
@@ -31,32 +31,31 @@ def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: 
     ra = tl.arange(0, BLOCK_A)
     rb = tl.arange(0, BLOCK_B)
     rd = tl.arange(0, BLOCK_D)
-    a_ptrs = a_ptr + (ra[:, None] * stride_a + rd[None, :])
-    b_ptrs = b_ptr + (rb[:, None] * stride_b + rd[None, :])
+    a_rows = ra[:, None] * stride_a
+    b_rows = rb[:, None] * stride_b
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
+        d = d0 + rd
         if EVEN_D:
             if MASK_A:
-                a = tl.load(a_ptrs, mask=a_valid[:, None], other=0.0)
+                a = tl.load(a_ptr + (a_rows + d[None, :]), mask=a_valid[:, None], other=0.0)
             else:
-                a = tl.load(a_ptrs)
+                a = tl.load(a_ptr + (a_rows + d[None, :]))
             if MASK_B:
-                b = tl.load(b_ptrs, mask=b_valid[:, None], other=0.0)
+                b = tl.load(b_ptr + (b_rows + d[None, :]), mask=b_valid[:, None], other=0.0)
             else:
-                b = tl.load(b_ptrs)
+                b = tl.load(b_ptr + (b_rows + d[None, :]))
         else:
-            d_valid = (d0 + rd) < D
+            d_valid = d < D
             a_mask = d_valid[None, :]
             b_mask = d_valid[None, :]
             if MASK_A:
                 a_mask = a_mask & a_valid[:, None]
             if MASK_B:
                 b_mask = b_mask & b_valid[:, None]
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            a = tl.load(a_ptr + (a_rows + d[None, :]), mask=a_mask, other=0.0)
+            b = tl.load(b_ptr + (b_rows + d[None, :]), mask=b_mask, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_D
-        b_ptrs += BLOCK_D
     return acc
 
 
