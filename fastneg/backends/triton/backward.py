@@ -2,16 +2,21 @@
 
 The backward runs over panels of rows (``R`` rows, a multiple of BLOCK_M, as many as the
 workspace holds: ``config.panel_rows``). Per panel, ``_info_nce_bwd_ds_kernel`` (one program per
-tile) recomputes each score tile once, exactly as the forward saw it (same tile shape, same D
-chunking, so the same bits and the same mask), and writes ``dS`` in the inputs' dtype to the
-panel and the tile's per-row ``sum_j dS_ij (s_ij - s_i+)`` (the temperature gradient) to a
-[key blocks, R] buffer summed after it. ``_panel_dq_kernel`` then computes the panel's rows of
-``dq = dS @ k`` (complete: a panel holds every key) and ``_panel_dk_kernel`` adds
-``dS^T @ q_panel`` to the key gradient (float32 running sum, in panel order).
+row block and group of consecutive key tiles, ``config.key_groups``) recomputes each score tile
+once, exactly as the forward saw it (same tile shape, same D chunking, so the same bits and the
+same mask), and writes ``dS`` in the inputs' dtype to the panel and, when the temperature needs
+its gradient, the group's per-row ``sum_j dS_ij (s_ij - s_i+)`` to a [groups, R] buffer summed
+after it. ``_panel_positive_kernel`` then writes each row's dS at its positive column (one element
+per row instead of a test per element, ``POSITIVE_LATER``). ``_panel_dq_kernel`` computes the
+panel's rows of ``dq = dS @ k`` (complete: a panel holds every key) and ``_panel_dk_kernel`` adds
+``dS^T @ q_panel`` to the key gradient (float32 running sum, in panel order); both walk the D
+blocks of one row (key) block together, so the panel's repeats come from L2.
 
-``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp(x_ij + offset_i - lse_i)`` (plus
-the modes' extra terms, ``tl_score_grad``). With the symmetric loss each recomputed tile gets the
-column direction's dS added before it is stored. No atomics; int64 offsets.
+``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp2(x2_ij + (offset_i - lse_i) log2 e)``
+in the forward's log2 units (plus the modes' extra terms, ``tl_score_grad``); the full key tiles
+run without bounds tests, the ragged last one is peeled. With the symmetric loss each recomputed
+tile gets the column direction's dS added before it is stored, read on the same row-major tile.
+No atomics; int64 offsets where they can exceed 2^31.
 """
 
 from __future__ import annotations
@@ -232,16 +237,16 @@ def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, cstate_ptr,
     excl_ptr,
     ds_ptr, part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr,
-    GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, part_row0,
+    NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    FLAGS: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, RAGGED: tl.constexpr,
 ):
     """One row block of the panel of rows [row0, row0 + R) against one group of
-    ``tiles_per_group`` key tiles: recomputes each score tile once (one product over D), writes
-    dS (in the inputs' dtype) to the panel, and the group's per-row sum of tau to
-    ``part[group, row]``. The full key tiles first (no column bounds test), then, in the last
-    group, the ragged last tile."""
+    ``tiles_per_group`` full key tiles (no column bounds test), or, with ``RAGGED``, against the
+    ragged last key tile alone (a launch of its own, so that neither variant carries the other's
+    code): recomputes each score tile once (one product over D), writes dS (in the inputs' dtype)
+    to the panel, and the per-row sum of tau to ``part[part_row0 + group, row]``."""
     PLAIN: tl.constexpr = ((~(TEMPERATURE_GRAD | SYMMETRIC) & FLAGS) == 0) and (NUM_LABELS == 0) and (not HAS_GUIDE) and (
         not HAS_EXCLUDE)
     POSITIVE_LATER: tl.constexpr = STORE_DS and not ((SOFT & FLAGS) or (ATTRACT & FLAGS) or (SYMMETRIC & FLAGS))
@@ -258,17 +263,7 @@ def _info_nce_bwd_ds_kernel(
     gq_row_ptr = gq_ptr + row_start * stride_gq
     tau_sum = tl.zeros((BLOCK_M,), tl.float32)
     full = N // BLOCK_N
-    first = group * tiles_per_group
-    last = tl.minimum(first + tiles_per_group, full)
-    for tile in range(first, last):
-        tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
-                           tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
-                           inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
-                           soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
-                           HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
-                           EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
-    if (full * BLOCK_N < N) & (first + tiles_per_group > full):  # the ragged last tile, in the last group
+    if RAGGED:
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                            guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
@@ -276,8 +271,18 @@ def _info_nce_bwd_ds_kernel(
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
                            EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
+    else:
+        first = group * tiles_per_group
+        for tile in range(first, tl.minimum(first + tiles_per_group, full)):
+            tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
+                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
+                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
+                               inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b,
+                               soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
+                               NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,
+                               BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
-        tl.store(part_ptr + group.to(tl.int64) * R + local, tau_sum, mask=row_valid)
+        tl.store(part_ptr + (part_row0 + group).to(tl.int64) * R + local, tau_sum, mask=row_valid)
 
 
 @triton.jit
@@ -352,7 +357,7 @@ def _panel_dk_kernel(
     tl.store(out_ptr + cols[:, None] * stride_out + d_out[None, :], dk.to(out_ptr.dtype.element_ty),
              mask=col_valid[:, None] & d_valid[None, :])
 
-_bwd_ds_kernel = tuned(_info_nce_bwd_ds_kernel)
+_bwd_ds_kernel = tuned(_info_nce_bwd_ds_kernel, maxnreg=255)
 _dq_kernel = tuned(_panel_dq_kernel)
 # dk reads and writes the float32 sum of earlier panels: restored between trial runs
 _dk_kernel = tuned(_panel_dk_kernel, ["out_ptr"], float32_stages=(3, 4))
@@ -388,8 +393,11 @@ def info_nce_bwd_triton(
     col_blocks = triton.cdiv(N, cfg.block_n)
     # the panel: dS of R rows x N keys, in the inputs' dtype (what the products read)
     panel = q.new_empty(R, panel_stride(N)) if store else q.new_empty(1)
-    groups, per_group = key_groups(triton.cdiv(R, cfg.block_m), col_blocks, q.device)
-    part = torch.empty(groups, R, dtype=torch.float32, device=q.device) if need_rowsum else q.new_empty(
+    full_blocks = N // cfg.block_n  # key tiles without a ragged edge; the ragged one has a launch of its own
+    groups, per_group = key_groups(triton.cdiv(R, cfg.block_m), full_blocks, q.device)
+    groups = groups if full_blocks else 0
+    ragged = int(full_blocks < col_blocks)
+    part = torch.empty(groups + ragged, R, dtype=torch.float32, device=q.device) if need_rowsum else q.new_empty(
         1, dtype=torch.float32)
     starts = list(range(0, B, R))
     acc = dk  # float32 inputs: dk itself holds the running sum over panels
@@ -406,11 +414,15 @@ def info_nce_bwd_triton(
         if col_blocks == 0 or not need_rowsum:
             sums.append(torch.zeros(r, dtype=torch.float32, device=q.device))
         if col_blocks > 0 and (store or need_rowsum):
-            wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), groups)](
-                *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), plan.weight_a,
-                plan.weight_b, *soft, per_group, STORE_DS=store, **tiles)
+            for count, is_ragged in ((groups, False), (ragged, True)):
+                if count:
+                    wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), count)](
+                        *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), plan.weight_a,
+                        plan.weight_b, *soft, per_group, groups if is_ragged else 0, STORE_DS=store, RAGGED=is_ragged,
+                        **tiles)
             if need_rowsum:
-                sums.append(part.view(-1)[:groups * r].view(groups, r).sum(0))  # written [groups, r]
+                rows_of_part = groups + ragged
+                sums.append(part.view(-1)[:rows_of_part * r].view(rows_of_part, r).sum(0))  # written [groups, r]
             if store and not (flags & (Flag.SOFT | Flag.ATTRACT | Flag.SYMMETRIC)):  # POSITIVE_LATER
                 wrap_triton(_panel_positive_kernel)[(triton.cdiv(r, 256),)](
                     grad, positives, temperature, common_in[9], panel, row0, r, B, panel.stride(0), BLOCK=256)

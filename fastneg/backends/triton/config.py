@@ -19,7 +19,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, ANN202
-           float32_stages: tuple[int, ...] = (2, 3, 4), guide_stages: tuple[int, ...] = (2, 3, 4)):
+           float32_stages: tuple[int, ...] = (2, 3, 4), guide_stages: tuple[int, ...] = (2, 3, 4),
+           maxnreg: Optional[int] = None):
     """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
@@ -27,10 +28,12 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     restores between its trial runs. 8 warps for every kernel: with 4, the modes with most live
     tiles, float32 tiles and products with masked edges spill (compile tier).
     ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
-    sm_90a in the compile tier); ``guide_stages``: likewise with a guide (two score tiles)."""
+    sm_90a in the compile tier); ``guide_stages``: likewise with a guide (two score tiles);
+    ``maxnreg``: 255 lets the fused kernels use the whole register file of 8 warps (ptxas otherwise
+    caps some float32 variants at 128 registers and spills)."""
     if INTERPRET:
         return kernel
-    configs = [triton.Config({}, num_warps=8, num_stages=s) for s in (2, 3, 4)]
+    configs = [triton.Config({}, num_warps=8, num_stages=s, maxnreg=maxnreg) for s in (2, 3, 4)]
     key = [name for name in ("D", "DG", "FLAGS") if name in kernel.arg_names]
     first = kernel.arg_names[0]
 

@@ -1,17 +1,32 @@
 """The fused forward on Triton (SPEC sections 2-4): kernels and the ``fastneg::info_nce_fwd_triton`` op.
 
-``_info_nce_fwd_kernel``: each program takes blocks of query rows (one block each, or, for the
-symmetric loss, every G-th block); one pass over key tiles with an online logsumexp (and, for
-SimANS, an online logsumexp of the log-weights for the normaliser). Writes O(B) per-row results
-only: the loss, the counts and the per-row state the backward reads ([len(RowState), B]).
-Symmetric loss: the same tile is also read by columns (``tl.trans``): each positive column j
-(owned by row o) merges the tile into the program's own partial logsumexp of column j, kept in a
-[G, B] buffer indexed by o (G = programs, a fixed count), and ``_info_nce_columns_kernel`` merges
-the G partials in program order. The thresholds of every row come first from
-``_info_nce_row_state_kernel``, since column j needs row o's.
+``_info_nce_fwd_kernel``: each program takes one block of query rows (for the symmetric loss,
+every G-th block); one pass over key tiles with an online logsumexp per row. Its hot loop
+(``_fwd_pass`` / ``_fwd_tile``) is written for the least element-wise work per score
+(``benchmarks/sass_cost.py`` counts it in the SASS, ``tests/backends/test_sass_budget.py``
+holds the budget):
+
+- the full key tiles run without any bounds test; the ragged last tile is peeled after the loop
+  (``MASK_N``); rows past B are masked only where B is not a multiple of the row block;
+- logits are kept in log2 units, log2(e) / temperature is one scale, so each term is one fused
+  multiply-add and one ``exp2``; with no rule, weighting or estimator (``PLAIN``) every key is
+  in the denominator (the positive's column included) and the tile's work is that alone;
+- each rule, weighting and estimator is compiled in only when it is on; labels are int32 ranks
+  compared once per element; counts of negatives are taken only when a rule can mask a key;
+- SimANS's log-weights are <= 0, so their normaliser is summed against the fixed reference 0
+  (``FIXED_W``), with no running maximum; a row whose weights all but underflow there is summed
+  again exactly (a second pass over its row block, the rare path).
+
+Writes O(B) per-row results only: the loss, the counts and the per-row state the backward reads
+([len(RowState), B]). Symmetric loss: the same row-major tile is read by columns (reductions
+over its first axis, no transpose): each positive column j (owned by row o) merges the tile into
+the program's own partial logsumexp of column j, kept in a [G, N] buffer indexed by column
+(G = programs, a fixed count), and ``_info_nce_columns_kernel`` merges the G partials in program
+order. The thresholds of every row come first from ``_info_nce_row_state_kernel``, since column j
+needs row o's; the host gathers them by column once per call (``config.column_state``).
 
 No atomics: every sum has a fixed order, so results are deterministic run to run. Offsets are
-int64 throughout.
+int64 where they can exceed 2^31 (row and key bases), 32-bit inside a tile.
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ...plan import Flag, Plan, RowState
+from ...plan import Flag, Plan, RowState, Weighting
 from .config import (
     Problem,
     column_parts,
@@ -255,17 +270,22 @@ def _fwd_pass(
 @triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, cstate_ptr, excl_ptr,
-    loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr,
+    loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr, redo_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, REDO: tl.constexpr,
 ):
     """Each program takes blocks of query rows (one block each, or, for the symmetric loss,
     every G-th block); one pass over key tiles with an online logsumexp per row: the full tiles
     first (no bounds tests), then the ragged last tile. Writes the loss, the counts and the
-    per-row state (``state_ptr``, [len(RowState), B])."""
+    per-row state (``state_ptr``, [len(RowState), B]).
+
+    SimANS's weights are summed against the fixed reference 0 (``FIXED_W``); a row whose weights
+    all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is flagged in
+    ``redo_ptr``, and a second launch with ``REDO`` recomputes the row blocks that hold a flagged
+    row with a running maximum (the rare path; its other programs return at once)."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
     # no rule, weighting, estimator or exclusion in the row direction (the symmetric loss's column
     # direction is its own)
@@ -274,8 +294,7 @@ def _info_nce_fwd_kernel(
     # SimANS's weights summed against the fixed reference 0 (``_fwd_tile``); a row whose weights
     # all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is summed again
     # with a running maximum, in a second pass over its row block (the rare path)
-    FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not (SYMMETRIC & FLAGS)
-    FIXED_RERUN: tl.constexpr = False
+    FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not ((SYMMETRIC & FLAGS) or REDO)
     part = tl.program_id(0)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     scale = inv_temp * LOG2E
@@ -284,6 +303,11 @@ def _info_nce_fwd_kernel(
     if SYMMETRIC & FLAGS:
         rb_end = tl.cdiv(B, BLOCK_M)
         rb_step = tl.num_programs(0)
+    elif REDO:  # only a row block with a flagged row
+        flagged = tl.load(redo_ptr + part * BLOCK_M + tl.arange(0, BLOCK_M),
+                          mask=part * BLOCK_M + tl.arange(0, BLOCK_M) < B, other=0)
+        rb_end = part + (tl.max(flagged, axis=0) > 0).to(tl.int32)
+        rb_step = 1
     else:
         rb_end = part + 1
         rb_step = 1
@@ -343,31 +367,7 @@ def _info_nce_fwd_kernel(
             n_neg = tl.zeros((BLOCK_M,), tl.int32) + others
         if FIXED_W:
             underflow = (n_neg > 0) & (w_sum < 9.094947017729282e-13) & row_valid  # 2^-40
-            if tl.max(underflow.to(tl.int32), axis=0) > 0:  # the rare path: the whole row block again, exactly
-                n_neg_known = n_neg
-                x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                x_sum = tl.zeros((BLOCK_M,), tl.float32)
-                w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                w_sum = tl.zeros((BLOCK_M,), tl.float32)
-                n_neg = tl.zeros((BLOCK_M,), tl.int32)
-                f_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                f_sum = tl.zeros((BLOCK_M,), tl.float32)
-                f_logits = tl.zeros((BLOCK_M,), tl.float32)
-                t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                t_sum = tl.zeros((BLOCK_M,), tl.float32)
-                t_gap = tl.zeros((BLOCK_M,), tl.float32)
-                t_wgap = tl.zeros((BLOCK_M,), tl.float32)
-                t_nsum = tl.zeros((BLOCK_M,), tl.float32)
-                (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
-                 f_logits) = _fwd_pass(
-                    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr,
-                    cpart_ptr, cneg_ptr, part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
-                    guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum,
-                    t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq,
-                    stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
-                    HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_RERUN)
-                if not ((SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE or HAS_EXCLUDE):
-                    n_neg = n_neg_known  # not counted by the tiles
+            tl.store(redo_ptr + rows, underflow.to(tl.int32), mask=row_valid)
 
         l_pos = s_pos * inv_temp
         n_masked = others - n_neg
@@ -474,7 +474,8 @@ def _info_nce_columns_kernel(
     tl.store(state_ptr + (ROW_COLUMN_OFFSET * B + o), offset, mask=valid)
 
 
-_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3), guide_stages=(2,))
+_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3), guide_stages=(2,),
+                    maxnreg=255)
 
 
 @triton_op("fastneg::info_nce_fwd_triton", mutates_args={})
@@ -511,12 +512,17 @@ def info_nce_fwd_triton(
         cpart[0].fill_(float("-inf"))
         cpart[2].fill_(float("-inf"))
         cneg = torch.zeros(parts, N, dtype=torch.int32, device=q.device)
-    wrap_triton(_fwd_kernel)[(parts,)](
-        q, k, positives, temperature, qlab, klab, gq, gk, owner, cstate, exclude_operand(exclude, positives),
-        loss, state, n_masked, n_neg, cpart, cneg, B, N, D, DG, *p.strides, *rules, plan.weight_a, plan.weight_b,
-        plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
-        HAS_EXCLUDE=exclude is not None, **tiles, **shape,
-    )
+    # SimANS outside the symmetric loss: rows whose weights underflow against the fixed reference are
+    # flagged by the first launch and recomputed exactly by a second (REDO; a no-op without a flag)
+    fixed = plan.weighting == Weighting.SIMANS and not symmetric
+    redo = torch.empty(B, dtype=torch.int32, device=q.device) if fixed else positives
+    for again in ((False, True) if fixed else (False,)):
+        wrap_triton(_fwd_kernel)[(parts,)](
+            q, k, positives, temperature, qlab, klab, gq, gk, owner, cstate, exclude_operand(exclude, positives),
+            loss, state, n_masked, n_neg, cpart, cneg, redo, B, N, D, DG, *p.strides, *rules, plan.weight_a,
+            plan.weight_b, plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
+            HAS_EXCLUDE=exclude is not None, REDO=again, **tiles, **shape,
+        )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
             loss, state, temperature, positives, cpart, cneg, B, N, parts, WEIGHTING=int(plan.weighting),
