@@ -29,11 +29,13 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     tiles, float32 tiles and products with masked edges spill (compile tier).
     ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
     sm_90a in the compile tier); ``guide_stages``: likewise with a guide (two score tiles);
-    ``maxnreg``: 255 lets the fused kernels use the whole register file of 8 warps (ptxas otherwise
-    caps some float32 variants at 128 registers and spills)."""
+    ``maxnreg``: with float32 inputs, 255 lets the fused kernels use the whole register file of 8
+    warps (ptxas otherwise caps some float32 variants at 128 registers and spills; 16-bit
+    variants compile without it, where ptxas allocates better on its own)."""
     if INTERPRET:
         return kernel
-    configs = [triton.Config({}, num_warps=8, num_stages=s, maxnreg=maxnreg) for s in (2, 3, 4)]
+    configs = [triton.Config({}, num_warps=8, num_stages=s, maxnreg=r) for s in (2, 3, 4)
+               for r in dict.fromkeys((None, maxnreg))]
     key = [name for name in ("D", "DG", "FLAGS") if name in kernel.arg_names]
     first = kernel.arg_names[0]
 
@@ -41,8 +43,8 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
         if kwargs.get("HAS_GUIDE"):
             configs = [c for c in configs if c.num_stages in guide_stages]
         if getattr(named_args.get(first), "dtype", None) != torch.float32:
-            return configs
-        return [c for c in configs if c.num_stages in float32_stages]
+            return [c for c in configs if c.maxnreg is None]
+        return [c for c in configs if c.num_stages in float32_stages and c.maxnreg == maxnreg]
 
     return triton.autotune(configs=configs, key=key, restore_value=restore_value,
                            prune_configs_by={"early_config_prune": prune})(kernel)

@@ -129,36 +129,6 @@ def simans_log_weight(s, positive_score, weight_a, weight_b):
 
 
 @triton.jit
-def biased_logits(s, t, negative, positive_score, inv_temp, weight_a, weight_b, WEIGHTING: tl.constexpr):
-    """x_ij = l_ij + u_ij over negatives (-inf elsewhere) and the log-weights whose logsumexp
-    normalises the row (SimANS log w_ij, HCL beta l_ij; -inf elsewhere)."""
-    if WEIGHTING == WEIGHT_HCL:
-        log_w = weight_a * s * inv_temp
-        x = s * inv_temp + log_w
-    elif WEIGHTING == WEIGHT_GCSE:
-        # the tie on the raw scores (s <= t) and the gap (s - t) / temperature, as in every backend
-        logit = s * inv_temp
-        gap = (s - t) * inv_temp
-        decayed = -logit * tl.exp(-gap * gap * (0.5 / (weight_a * weight_a)))
-        log_w = s
-        x = logit + tl.where(s > t, 0.0, decayed)
-    elif WEIGHTING == WEIGHT_SIMANS:
-        log_w = simans_log_weight(s, positive_score, weight_a, weight_b)
-        x = s * inv_temp + log_w
-    elif WEIGHTING == WEIGHT_HARDNESS:
-        log_w = s
-        x = s * inv_temp + weight_a * s
-    elif WEIGHTING == WEIGHT_GUIDE_HARDNESS:
-        log_w = s
-        x = s * inv_temp + weight_a * t
-    else:
-        log_w = s
-        x = s * inv_temp
-    neg_inf = float("-inf")
-    return tl.where(negative, x, neg_inf), tl.where(negative, log_w, neg_inf)
-
-
-@triton.jit
 def tile_label_match(rows, row_valid, local_cols, col_valid, qlab_ptr, klab_tile_ptr, B, N,
                      NUM_LABELS: tl.constexpr, MASK_N: tl.constexpr):
     """[BLOCK_M, BLOCK_N] label rule of the loss kernels' tiles (NUM_LABELS >= 1): query i's and key
@@ -234,7 +204,7 @@ def column_classes(s, t, row_local, row_valid, owner_local, has_owner, c_thresho
 
 @triton.jit
 def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, weight_a, WEIGHTING: tl.constexpr):
-    """``biased_logits`` in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
+    """The biased logits in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
     elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS, HCL; -inf
     elsewhere). ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2
     with alpha = sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one

@@ -96,16 +96,6 @@ def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, 
 
 
 @triton.jit
-def tl_online_lse(running_max, running_sum, x):
-    """Merge a tile of values into a per-row online logsumexp (exp2 with log2(e) folded in)."""
-    new_max = tl.maximum(running_max, tl.max(x, axis=1))
-    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp2((running_max - safe) * LOG2E) + tl.sum(
-        tl.exp2((x - safe[:, None]) * LOG2E), axis=1)
-    return new_max, running_sum
-
-
-@triton.jit
 def tl_online_lse2(running_max, running_sum, x2):
     """Merge a tile of log2-unit values into a per-row online logsumexp (log2 units: the result
     is ``running_max + log2(running_sum)``)."""
@@ -142,14 +132,6 @@ def tl_merge_lse2(max_a, sum_a, max_b, sum_b):
     new_max = tl.maximum(max_a, max_b)
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
     return new_max, sum_a * tl.exp2(max_a - safe) + sum_b * tl.exp2(max_b - safe)
-
-
-@triton.jit
-def tl_merge_lse(max_a, sum_a, max_b, sum_b):
-    """Merge two partial logsumexps given as (max, sum of exp(x - max))."""
-    new_max = tl.maximum(max_a, max_b)
-    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    return new_max, sum_a * tl.exp2((max_a - safe) * LOG2E) + sum_b * tl.exp2((max_b - safe) * LOG2E)
 
 
 @triton.jit
