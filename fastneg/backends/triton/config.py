@@ -29,9 +29,10 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     tiles, float32 tiles and products with masked edges spill (compile tier).
     ``float32_stages``: the pipeline depths tried with float32 inputs (the others spill on
     sm_90a in the compile tier); ``guide_stages``: likewise with a guide (two score tiles);
-    ``maxnreg``: with float32 inputs, 255 lets the fused kernels use the whole register file of 8
-    warps (ptxas otherwise caps some float32 variants at 128 registers and spills; 16-bit
-    variants compile without it, where ptxas allocates better on its own)."""
+    ``maxnreg``: with float32 inputs or 64-row tiles, 255 lets the fused kernels use the whole
+    register file of 8 warps (ptxas otherwise caps some of those variants at 128 registers and
+    spills; the 128-row 16-bit variants compile without it, where ptxas allocates better on its
+    own)."""
     if INTERPRET:
         return kernel
     configs = [triton.Config({}, num_warps=8, num_stages=s, maxnreg=r) for s in (2, 3, 4)
@@ -42,8 +43,9 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
         if kwargs.get("HAS_GUIDE"):
             configs = [c for c in configs if c.num_stages in guide_stages]
+        whole = kwargs.get("BLOCK_M") == 64  # 64-row tiles (Ampere): ptxas may cap them at 128 registers too
         if getattr(named_args.get(first), "dtype", None) != torch.float32:
-            return [c for c in configs if c.maxnreg is None]
+            return [c for c in configs if c.maxnreg == (maxnreg if whole else None)]
         return [c for c in configs if c.num_stages in float32_stages and c.maxnreg == maxnreg]
 
     return triton.autotune(configs=configs, key=key, restore_value=restore_value,
