@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU check (about 8 minutes on one H100/H200): the GPU test tier, then the benchmark
-# table at B = N in {8192, 32768, 131072}, D in {256, 768}, bf16 and fp32, against the naive
+# table at B = N in {8192, 32768, 131072}, D in {384, 768}, bf16 and fp32, against the naive
 # PyTorch loss and the cuBLAS floor, with peak memory and TFLOPS; then `fastneg bench` against
 # every peer (Inf-CL included when it installs). Writes benchmarks/results/cuda_<date>.md and
-# benchmarks/results/cuda_sweep_<date>/ (copied to $OUT/ when set, for a remote run).
+# benchmarks/results/cuda_sweep_<date>/ (copied to $OUT/ when set, for a remote run). The B = N = 32768
+# rows are the shapes benchmarks/sass_cost.py models (benchmarks/results/sass_cost_<date>/): put the
+# measured times beside the modelled ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -23,7 +25,7 @@ timeout 240 $PY -m pytest tests/backends/test_gpu.py tests/functional/test_corre
 echo "== benchmark"
 DATE=$(date -u +%Y-%m-%d)
 OUTFILE=benchmarks/results/cuda_${DATE}.md
-timeout 300 $PY benchmarks/bench_loss.py --device cuda --sizes 8192 32768 131072 --dims 256 768 \
+timeout 300 $PY benchmarks/bench_loss.py --device cuda --sizes 8192 32768 131072 --dims 384 768 \
   --dtypes bfloat16 float32 --out "$OUTFILE"
 { echo; echo "## GPU test tier"; echo; echo '```'; cat /tmp/fastneg_gpu_tests.txt; echo '```'; } >> "$OUTFILE"
 
