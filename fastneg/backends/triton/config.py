@@ -259,7 +259,7 @@ def column_state(positives: torch.Tensor, row_state: torch.Tensor, grad: Optiona
 
 def column_parts(row_blocks: int, device: torch.device) -> int:
     """Programs of the symmetric forward, each with its own [B] partial logsumexp per quantity:
-    one per SM on a GPU (so 20 * SMs * B bytes of partials), two in the interpreter (so that
+    one per SM on a GPU (so 20 * SMs * N bytes of partials, indexed by key column), two in the interpreter (so that
     small tests merge partials of several programs, each over several row blocks)."""
     if device.type != "cuda":
         return min(row_blocks, 2)
