@@ -79,6 +79,7 @@ def modes() -> dict[str, dict[str, Any]]:
 # plain loss and the two modes with most live tiles in every dtype; the first config elsewhere:
 # every other mode in bfloat16, two in every dtype, the tile shapes of small D and a ragged shape.
 DTYPES = ("float16", "bfloat16", "float32", "tf32")
+GUIDE_WIDTH = 48  # the guide embeddings' width in the drive
 HEAVIEST = ("plain", "symmetric labels+SimANS+guide", "soft labels+SimANS")
 
 
@@ -162,7 +163,7 @@ def _install(arch: int) -> _Recorder:
     return recorder
 
 
-def _drive(arch: int, recorder: _Recorder, cases: Optional[list[tuple[str, str, int, int, bool]]] = None,
+def _drive(arch: int, recorder: _Recorder, loss_cases: Optional[list[tuple[str, str, int, int, bool]]] = None,
            sampler_cases: Optional[list[tuple[str, str, int]]] = None, keys: Optional[int] = None,
            workspace_mb: str = "0") -> list[str]:
     """Run the host code of every case (forward+backward, and the sampler) on CPU tensors
@@ -179,7 +180,7 @@ def _drive(arch: int, recorder: _Recorder, cases: Optional[list[tuple[str, str, 
     os.environ["FASTNEG_TRITON_WORKSPACE_MB"] = workspace_mb  # 0: one row block per backward panel: every panel variant
     errors = []
     table = modes()
-    for mode, dtype_name, D, B, every_config in (cases if cases is not None else globals()["cases"]()):
+    for mode, dtype_name, D, B, every_config in (cases() if loss_cases is None else loss_cases):
         recorder.case = f"{mode} | {dtype_name} | D={D} B=N={B}"
         recorder.every_config = every_config
         options = dict(table[mode])
@@ -196,8 +197,8 @@ def _drive(arch: int, recorder: _Recorder, cases: Optional[list[tuple[str, str, 
         if options.pop("exclude", False):  # the next key: never the row's own positive (arange)
             options["exclude"] = (torch.arange(B) + 1) % B
         if options.pop("guide", False):
-            options["guide_query"] = torch.randn(B, 48, generator=gen).to(dtype)
-            options["guide_keys"] = torch.randn(N, 48, generator=gen).to(dtype)
+            options["guide_query"] = torch.randn(B, GUIDE_WIDTH, generator=gen).to(dtype)
+            options["guide_keys"] = torch.randn(N, GUIDE_WIDTH, generator=gen).to(dtype)
         try:
             with triton_ops.cuda_tiles(arch // 10):
                 temperature = 0.05 if "debias" in options else torch.tensor(0.05, requires_grad=True)

@@ -105,7 +105,7 @@ FP32_OPS = {"FADD", "FMUL", "FFMA", "FMNMX", "FADD32I", "FMUL32I", "FFMA32I", "F
 FMA_PIPE = {"FADD", "FMUL", "FFMA", "FADD32I", "FMUL32I", "FFMA32I", "IMAD", "HADD2", "HMUL2", "HFMA2", "FSWZADD"}
 INT_OPS = {"ISETP", "LOP3", "PLOP3", "SEL", "FSEL", "FSETP", "IADD3", "IMAD", "LEA", "SHF", "IMNMX", "VIADD",
            "VIMNMX", "P2R", "R2P", "LOP", "IABS", "POPC", "FLO", "BREV", "SGXT", "ISCADD", "IADD", "SHL", "SHR",
-           "HSETP2", "HSET2", "DSETP", "BMSK", "IDP", "IMUL", "ICMP", "FMNMX_ALU", "LEA.HI", "PRMT", "VABSDIFF"}
+           "HSETP2", "HSET2", "DSETP", "BMSK", "IDP", "IMUL", "ICMP", "PRMT", "VABSDIFF"}
 CONV_OPS = {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND", "I2I"}
 MEMORY_OPS = {"LDG", "STG", "LDS", "STS", "LDSM", "STSM", "LDGSTS", "LDC", "LD", "ST", "ATOM", "ATOMS", "RED",
               "SHFL", "LDL", "STL", "ATOMG", "UTMALDG", "UTMASTG", "UBLKCP", "LDGDEPBAR", "DEPBAR", "ULDC"}
@@ -301,9 +301,11 @@ def resident_ctas(registers: int, warps: int, shared: int) -> int:
 
 
 def model_tile(tc: TileCount, block_m: int, block_n: int, block_d: int, D: int, dtype: str, warps: int,
-               registers: int, shared: int, products: int = 1) -> TileModel:
-    t_mma = products * 2.0 * block_m * block_n * D / MMA_FLOP_PER_CLOCK[dtype]
-    chunks = products * math.ceil(D / block_d)
+               registers: int, shared: int, guide_width: int = 0) -> TileModel:
+    """One tile on one SM; ``guide_width``: a guide's second product per tile (its D chunks are
+    not in the counted MMA loop's trip count: at the drive's width it is a single chunk)."""
+    t_mma = 2.0 * block_m * block_n * (D + guide_width) / MMA_FLOP_PER_CLOCK[dtype]
+    chunks = math.ceil(D / block_d)
     t_loop = tc.loop_per_chunk * chunks * warps / ISSUE_PER_CLOCK
     total = sum(tc.body.values())
     t_elem = max(total * warps / ISSUE_PER_CLOCK,
@@ -355,7 +357,7 @@ def compile_variants(arch: int, cases: list[tuple[str, str, int]]) -> dict[tuple
             recorder.kernels.clear()
             # B = 256, N = 2048 with the default workspace: the dS kernel's programs take groups of
             # several key tiles, as at the large shapes this models
-            errors = compile_tier._drive(arch, recorder, cases=[(mode, dtype, D, 256, False)], sampler_cases=[],
+            errors = compile_tier._drive(arch, recorder, loss_cases=[(mode, dtype, D, 256, False)], sampler_cases=[],
                                          keys=DRIVE_KEYS, workspace_mb="512")
             if errors:
                 raise RuntimeError("; ".join(errors))
@@ -391,6 +393,8 @@ DRIVE_KEYS = 2048
 
 def analyse(kernels: dict[str, Any], mode: str, dtype: str, D: int) -> dict[str, Any]:
     """Tile counts of the forward and dS kernels of one case, and their tile model."""
+    import compile_tier
+
     result: dict[str, Any] = {}
     for name in ("_panel_dq_kernel", "_panel_dk_kernel"):
         variants = kernels.get(name, [])
@@ -408,14 +412,12 @@ def analyse(kernels: dict[str, Any], mode: str, dtype: str, D: int) -> dict[str,
         c = v["constexprs"]
         epl = c["BLOCK_M"] * c["BLOCK_N"] / (32 * v["warps"])
         tc = count_tile(name, parse_sass(v["sass"]), epl)
-        products = 2 if c.get("HAS_GUIDE") else 1
+        guide_width = compile_tier.GUIDE_WIDTH if c.get("HAS_GUIDE") else 0
         model = model_tile(tc, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], D, dtype, v["warps"], v["registers"],
-                           v["shared"], products=1)
-        if products == 2:  # the guide's tile: another product of width DG (48 in the drive) per tile
-            model.mma += 2.0 * c["BLOCK_M"] * c["BLOCK_N"] * 48 / MMA_FLOP_PER_CLOCK[dtype]
+                           v["shared"], guide_width)
         result[name] = dict(count=tc, model=model, block=(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"],
                                                           c.get("BLOCK_DO", 0)),
-                            warps=v["warps"], registers=v["registers"], shared=v["shared"])
+                            warps=v["warps"], registers=v["registers"], shared=v["shared"], guide_width=guide_width)
     return result
 
 
@@ -428,7 +430,7 @@ def whole_seconds(res: dict[str, Any], B: int, N: int, D: int, dtype: str) -> di
     for name, seconds_key in (("_info_nce_fwd_kernel", "forward"), ("_info_nce_bwd_ds_kernel", "dS")):
         r = res[name]
         bm, bn, bd, _ = r["block"]
-        m = model_tile(r["count"], bm, bn, bd, D, dtype, r["warps"], r["registers"], r["shared"])
+        m = model_tile(r["count"], bm, bn, bd, D, dtype, r["warps"], r["registers"], r["shared"], r["guide_width"])
         tiles = math.ceil(B / bm) * math.ceil(N / bn)
         waves = math.ceil(tiles / (SMS * m.resident)) * m.resident
         secs = waves * m.tile / CLOCK_HZ

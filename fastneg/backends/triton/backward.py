@@ -38,6 +38,8 @@ from .config import (
     label_operands,
     panel_rows,
     panel_stride,
+    plain_rows,
+    positive_later,
     precision,
     soft_scalars,
     tuned,
@@ -74,7 +76,7 @@ __all__ = ["info_nce_bwd_triton"]
 @triton.jit
 def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, klab_ptr,
+                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, cstate_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
                   stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -203,7 +205,7 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
              tau_sum,
              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher,
-             exclude, inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
+             exclude, inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
              B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
              PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -213,7 +215,7 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
                             offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr,
-                            cstate_ptr, state_ptr, grad_ptr, klab_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
+                            cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
                             D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
                             HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
                             POSITIVE_LATER)
@@ -241,15 +243,15 @@ def _info_nce_bwd_ds_kernel(
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, RAGGED: tl.constexpr,
+    PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr,
 ):
     """One row block of the panel of rows [row0, row0 + R) against one group of
     ``tiles_per_group`` full key tiles (no column bounds test), or, with ``RAGGED``, against the
     ragged last key tile alone (a launch of its own, so that neither variant carries the other's
     code): recomputes each score tile once (one product over D), writes dS (in the inputs' dtype)
-    to the panel, and the per-row sum of tau to ``part[part_row0 + group, row]``."""
-    PLAIN: tl.constexpr = ((~(TEMPERATURE_GRAD | SYMMETRIC) & FLAGS) == 0) and (NUM_LABELS == 0) and (not HAS_GUIDE) and (
-        not HAS_EXCLUDE)
-    POSITIVE_LATER: tl.constexpr = STORE_DS and not ((SOFT & FLAGS) or (ATTRACT & FLAGS) or (SYMMETRIC & FLAGS))
+    to the panel, and the per-row sum of tau to ``part[part_row0 + group, row]``. ``PLAIN`` and
+    ``POSITIVE_LATER`` come from the host (``config.plain_rows``, ``config.positive_later``), which
+    also decides from them what to launch around this kernel."""
     local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row0 + local
     row_valid = (local < R) & (rows < B)
@@ -267,7 +269,7 @@ def _info_nce_bwd_ds_kernel(
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                            guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
-                           inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b, soft_inv,
+                           inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
                            EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
@@ -277,7 +279,7 @@ def _info_nce_bwd_ds_kernel(
             tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
                                local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                                guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
-                               inv_p, owner_ptr, cstate_ptr, state_ptr, grad_ptr, inv_temp, weight_a, weight_b,
+                               inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b,
                                soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
                                NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,
                                BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
@@ -386,9 +388,11 @@ def info_nce_bwd_triton(
                  GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
                  EVEN_D=D % cfg.block_d == 0)
     need_rowsum = bool(flags & Flag.TEMPERATURE_GRAD)
+    tiles.update(PLAIN=plain_rows(flags, levels, guide_query is not None, exclude is not None))
     dq = torch.empty_like(q) if query_grad else q.new_empty(0)
     dk = torch.empty_like(k) if keys_grad else k.new_empty(0)
     store = query_grad or keys_grad
+    later = positive_later(flags, store)  # the positive's dS by _panel_positive_kernel, after the tiles
     R = panel_rows(B, N, q.element_size(), cfg)
     col_blocks = triton.cdiv(N, cfg.block_n)
     # the panel: dS of R rows x N keys, in the inputs' dtype (what the products read)
@@ -419,11 +423,11 @@ def info_nce_bwd_triton(
                     wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), count)](
                         *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), plan.weight_a,
                         plan.weight_b, *soft, per_group, groups if is_ragged else 0, STORE_DS=store, RAGGED=is_ragged,
-                        **tiles)
+                        POSITIVE_LATER=later, **tiles)
             if need_rowsum:
                 rows_of_part = groups + ragged
                 sums.append(part.view(-1)[:rows_of_part * r].view(rows_of_part, r).sum(0))  # written [groups, r]
-            if store and not (flags & (Flag.SOFT | Flag.ATTRACT | Flag.SYMMETRIC)):  # POSITIVE_LATER
+            if later:
                 wrap_triton(_panel_positive_kernel)[(triton.cdiv(r, 256),)](
                     grad, positives, temperature, common_in[9], panel, row0, r, B, panel.stride(0), BLOCK=256)
         if query_grad and D > 0:

@@ -277,11 +277,20 @@ def kernel_flags(flags: int) -> int:
     return int(flags) & ~int(Flag.QUERY_GRAD | Flag.KEYS_GRAD)
 
 
-def plain_symmetric(flags: int, levels: int, has_guide: bool) -> bool:
-    """Whether a symmetric loss has no rule, weighting or estimator: its column direction then
-    sums every query (the kernels' ``PLAIN``, as the host must know it for the columns kernel)."""
-    return (int(flags) & ~int(Flag.SYMMETRIC | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)) == 0 \
-        and levels == 0 and not has_guide
+def plain_rows(flags: int, levels: int, has_guide: bool, has_exclude: bool) -> bool:
+    """The kernels' ``PLAIN``: no rule, weighting, estimator or exclusion (the symmetric loss and
+    the backward's gradient bits aside), so every key is in each row's denominator and, with the
+    symmetric loss, every query in each column's. Decided here once for the forward, the columns
+    kernel and the backward."""
+    ignored = Flag.SYMMETRIC | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD
+    return (int(flags) & ~int(ignored)) == 0 and levels == 0 and not has_guide and not has_exclude
+
+
+def positive_later(flags: int, store: bool) -> bool:
+    """The dS kernel's ``POSITIVE_LATER``: the positive's dS is written once per row afterwards
+    (``_panel_positive_kernel``) unless soft labels, attraction or the symmetric loss add terms of
+    their own to the positive's entry."""
+    return store and not (int(flags) & int(Flag.SOFT | Flag.ATTRACT | Flag.SYMMETRIC))
 
 
 def exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ holds the budget):
   compared once per element; counts of negatives are taken only when a rule can mask a key;
 - SimANS's log-weights are <= 0, so their normaliser is summed against the fixed reference 0
   (``FIXED_W``), with no running maximum; a row whose weights all but underflow there is summed
-  again exactly (a second pass over its row block, the rare path).
+  again exactly by a second launch (``REDO``, the rare path).
 
 Writes O(B) per-row results only: the loss, the counts and the per-row state the backward reads
 ([len(RowState), B]). Symmetric loss: the same row-major tile is read by columns (reductions
@@ -46,7 +46,7 @@ from .config import (
     exclude_operand,
     kernel_flags,
     label_operands,
-    plain_symmetric,
+    plain_rows,
     precision,
     soft_scalars,
     tuned,
@@ -116,7 +116,7 @@ def _info_nce_row_state_kernel(
 
 @triton.jit
 def _fwd_tile(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr, n0, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr, n0, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -236,7 +236,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_pass(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr, part,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -249,7 +249,7 @@ def _fwd_pass(
     for n0 in range(0, n_full, BLOCK_N):
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n0, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
             simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap,
             t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
@@ -258,7 +258,7 @@ def _fwd_pass(
     if n_full < N:  # the ragged last tile
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
             tl.cast(n_full, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
             guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
             t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
@@ -275,7 +275,7 @@ def _info_nce_fwd_kernel(
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, REDO: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, REDO: tl.constexpr, PLAIN: tl.constexpr,
 ):
     """Each program takes blocks of query rows (one block each, or, for the symmetric loss,
     every G-th block); one pass over key tiles with an online logsumexp per row: the full tiles
@@ -285,12 +285,12 @@ def _info_nce_fwd_kernel(
     SimANS's weights are summed against the fixed reference 0 (``FIXED_W``); a row whose weights
     all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is flagged in
     ``redo_ptr``, and a second launch with ``REDO`` recomputes the row blocks that hold a flagged
-    row with a running maximum (the rare path; its other programs return at once)."""
+    row with a running maximum (the rare path; its other programs return at once).
+    ``PLAIN`` (``config.plain_rows``, decided once on the host, which the columns kernel reads too):
+    no rule, weighting, estimator or exclusion, so every key is in each row's denominator and,
+    with the symmetric loss, every query in each column's."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
-    # no rule, weighting, estimator or exclusion in the row direction (the symmetric loss's column
-    # direction is its own)
-    PLAIN: tl.constexpr = (((~SYMMETRIC & FLAGS) == 0) and (NUM_LABELS == 0) and (not HAS_GUIDE)) and (
-        not HAS_EXCLUDE)
+    # PLAIN (``config.plain_rows``, from the host): no rule, weighting, estimator or exclusion
     # SimANS's weights summed against the fixed reference 0 (``_fwd_tile``); a row whose weights
     # all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is summed again
     # with a running maximum, in a second pass over its row block (the rare path)
@@ -352,7 +352,7 @@ def _info_nce_fwd_kernel(
         gq_row_ptr = gq_ptr + row_start * stride_gq
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
-                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, state_ptr, cpart_ptr, cneg_ptr,
+                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
                 part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
                 simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
                 f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
@@ -497,8 +497,9 @@ def info_nce_fwd_triton(
     rules = (plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin)
     tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    plain = plain_rows(flags, levels, guide_query is not None, exclude is not None)
     shape = dict(GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
-                 EVEN_D=D % cfg.block_d == 0)
+                 EVEN_D=D % cfg.block_d == 0, PLAIN=plain)
     row_blocks = triton.cdiv(B, cfg.block_m)
     parts = row_blocks
     owner = cstate = cpart = cneg = positives  # not read unless symmetric
@@ -526,5 +527,5 @@ def info_nce_fwd_triton(
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
             loss, state, temperature, positives, cpart, cneg, B, N, parts, WEIGHTING=int(plan.weighting),
-            PLAIN=plain_symmetric(flags, levels, guide_query is not None), BLOCK=256)
+            PLAIN=plain, BLOCK=256)
     return loss, state, n_masked, n_neg
