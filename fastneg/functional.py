@@ -33,6 +33,7 @@ class InfoNCEStats(NamedTuple):
     num_masked: torch.Tensor  # [B] int64, keys the false-negative rules flagged (removed, or attracted)
     num_negatives: torch.Tensor  # [B] int64, negatives left in the denominator
     num_positives: Optional[torch.Tensor] = None  # [B] int64, |P_i|: 1, or 1 + num_masked with attraction
+    backend: Optional[str] = None  # the backend that computed the loss ("auto" resolved: fastneg.backends)
 
 
 def info_nce(
@@ -98,7 +99,9 @@ def info_nce(
             (memory O(B K D), autograd through PyTorch) on every backend but ``"reference"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-row ``[B]``).
         return_stats: also return :class:`InfoNCEStats`.
-        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"``, ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU, ``"portable"`` on other devices or without
+            a compiler: :mod:`fastneg.backends`), ``"triton"``, ``"cpu"``, ``"portable"`` (plain PyTorch
+            over chunks of rows, any device), ``"reference"`` (dense).
         symmetric: CLIP-style loss ``(L_i + L'_i) / 2``, where ``L'_i`` contrasts key ``p_i`` against
             every query: ``logsumexp_{i'} (l_{i' p_i} + beta') - l_{i p_i}`` with the same rules applied
             to that column (labels ``query_labels[i'] == key_labels[p_i]``, thresholds from the column's
@@ -199,7 +202,7 @@ def info_nce(
         out = loss
     if return_stats:
         n_pos = n_masked + 1 if plan.attract else torch.ones_like(n_masked)
-        return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg, n_pos)
+        return out, InfoNCEStats(lse, pos_logit, n_masked, n_neg, n_pos, chosen)
     return out
 
 
@@ -274,10 +277,11 @@ def _fused(
     query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
         backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    temp_device = "cpu" if backend == "cpu" else query.device
     if isinstance(temperature, torch.Tensor):
-        temp = temperature.reshape(()).to(device=query.device if backend == "triton" else "cpu", dtype=acc)
+        temp = temperature.reshape(()).to(device=temp_device, dtype=acc)
     else:
-        temp = torch.tensor(float(temperature), dtype=acc, device=query.device if backend == "triton" else "cpu")
+        temp = torch.tensor(float(temperature), dtype=acc, device=temp_device)
     loss, state, n_masked, n_neg = forward_op(backend)(
         query, keys, positives, temp, query_labels, key_labels, guide_query, guide_keys, exclude, plan.scalars(),
         plan.flags(symmetric=symmetric))

@@ -9,11 +9,12 @@ import torch
 
 from .plan import MAX_LABEL_LEVELS, Plan
 
-__all__ = ["validate_inputs", "check_reduction", "check_backend", "check_negatives", "check_num_negatives",
+__all__ = ["BACKENDS", "validate_inputs", "check_reduction", "check_backend", "check_negatives", "check_num_negatives",
            "check_exclude", "check_attract_inputs", "check_loss_exclude", "check_symmetric_inputs"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "triton", "cpu", "reference")
+#: every backend name a call accepts (fastneg.backends)
+BACKENDS = ("auto", "triton", "cpu", "portable", "reference")
 
 
 def check_reduction(reduction: object) -> None:
@@ -22,8 +23,8 @@ def check_reduction(reduction: object) -> None:
 
 
 def check_backend(backend: object) -> None:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fastneg
-from fastneg import _C
+from fastneg.backends import cpu as cpu_backend
 from fastneg.backends.cpu import check_layout
 from fastneg.plan import KIND_SHIFT, Flag, Plan, RowState, Scalar, Strategy, Weighting, kind, layout
+
+_C = cpu_backend.load()  # the C++ kernels (compiled on first use)
 
 
 def test_cpp_encoding_is_pythons() -> None:

@@ -40,15 +40,21 @@ def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[
             query.new_empty(B, dtype=torch.int64), query.new_empty(B, dtype=torch.int64))
 
 
-def _fake_backward(grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
-    flags = args[-1]
-    dq = torch.empty_like(query) if flags & Flag.QUERY_GRAD else query.new_empty(0)
-    dk = torch.empty_like(keys) if flags & Flag.KEYS_GRAD else keys.new_empty(0)
-    return dq, dk, query.new_empty(query.shape[0], dtype=torch.float64 if query.device.type == "cpu" else torch.float32)
+def _device_rowsum_dtype(query: torch.Tensor) -> torch.dtype:
+    """The C++ and Triton ops: float64 per-row sums on CPU, float32 on a GPU."""
+    return torch.float64 if query.device.type == "cpu" else torch.float32
 
 
-def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[torch.Tensor, ...]]) -> None:
-    """Attach fake kernels and autograd to a forward/backward op pair with the fused schema."""
+def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[torch.Tensor, ...]],
+                      rowsum_dtype: Callable[[torch.Tensor], torch.dtype] = _device_rowsum_dtype) -> None:
+    """Attach fake kernels and autograd to a forward/backward op pair with the fused schema
+    (``rowsum_dtype``: the dtype of the backward's per-row temperature sums, from ``query``)."""
+
+    def fake_backward(grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[torch.Tensor, ...]:
+        flags = args[-1]
+        dq = torch.empty_like(query) if flags & Flag.QUERY_GRAD else query.new_empty(0)
+        dk = torch.empty_like(keys) if flags & Flag.KEYS_GRAD else keys.new_empty(0)
+        return dq, dk, query.new_empty(query.shape[0], dtype=rowsum_dtype(query))
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         *tensors, scalars, flags = inputs
@@ -75,7 +81,7 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
         return (dq if need_q else None, dk if need_k else None, None, d_temp) + no_grads[4:]
 
     torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_fake(backward)(fake_backward)
     torch.library.register_autograd(forward, autograd_backward, setup_context=setup_context)
     FORWARD_OPS[name] = forward
 

@@ -7,7 +7,7 @@ loss with the same rules" in the benchmarks when run in the input dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -64,6 +64,57 @@ def rows_from_scores(
     """SPEC sections 2-4 on a [B, M] score matrix whose column ``positive_columns[i]`` is row i's
     positive. ``key_labels`` [1 or B, M]; ``candidates`` [B, M] bool limits the keys a row
     contrasts against (None: all); keys outside it are neither masked nor negatives."""
+    t = row_terms(scores, positive_columns, temperature, plan, query_labels, key_labels, guide_scores, candidates)
+    logits, x, is_positive, masked, negative, bias = t.logits, t.x, t.is_positive, t.masked, t.negative, t.bias
+    temperature = t.temperature
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    positive_logit = logits.gather(1, positive_columns).squeeze(1)
+    if plan.attract:
+        # the flagged keys are positives: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip (beta = 0 on P_i)
+        attracted = masked | is_positive
+        x = torch.where(masked, logits, x)
+        lse = torch.logsumexp(x, dim=1)
+        zero = torch.zeros_like(logits)
+        loss = lse - torch.where(attracted, logits, zero).sum(1) / attracted.sum(1).to(scores.dtype)
+        return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+    if plan.debias is not None:
+        lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
+                            plan.debias, temperature)
+    else:
+        lse = torch.logsumexp(x, dim=1)
+    loss = lse - positive_logit
+    if plan.soft_temperature is not None:
+        assert guide_scores is not None, "soft labels need the teacher's scores"
+        loss = (1.0 - plan.soft_weight) * loss + plan.soft_weight * _soft_label_kl(
+            x, lse, torch.where(negative | is_positive, guide_scores / plan.soft_temperature, neg_inf))
+    # a row without negatives: loss exactly 0 and gradient exactly 0 (SPEC), not autograd's rounding residue
+    loss = torch.where(negative.any(1), loss, torch.zeros_like(loss))
+    return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+
+
+class RowTerms(NamedTuple):
+    """The pieces of SPEC sections 2-3 on a [B, M] score matrix (see :func:`row_terms`)."""
+
+    logits: torch.Tensor  # l = s / temperature
+    x: torch.Tensor  # l + beta on the positive and the negatives, -inf elsewhere
+    is_positive: torch.Tensor  # bool, the row's positive column
+    masked: torch.Tensor  # bool, flagged by the rules (among the candidates, never the positive)
+    negative: torch.Tensor  # bool, the unmasked negatives
+    bias: torch.Tensor  # beta_ij on the negatives, 0 elsewhere (HCL's carries gradient)
+    temperature: Union[float, torch.Tensor]  # a tensor temperature as a 0-d tensor in the scores' dtype
+
+
+def row_terms(
+    scores: torch.Tensor,
+    positive_columns: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    plan: Plan,
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    guide_scores: Optional[torch.Tensor],
+    candidates: Optional[torch.Tensor] = None,
+) -> RowTerms:
+    """The masks, logits and biased logits of :func:`rows_from_scores` (same arguments)."""
     B, M = scores.shape
     if isinstance(temperature, torch.Tensor):  # a scalar of any shape ([], [1], [1, 1]) in the scores' dtype
         temperature = temperature.reshape(()).to(scores.dtype)
@@ -104,28 +155,7 @@ def rows_from_scores(
         decayed = -(detached / tau) * torch.exp(-gap * gap / (2.0 * plan.weight_a ** 2))
         bias = torch.where(negative & ~(detached > guide_scores), decayed, torch.zeros_like(detached))
     x = torch.where(negative | is_positive, logits + bias, neg_inf)
-    positive_logit = logits.gather(1, positive_columns).squeeze(1)
-    if plan.attract:
-        # the flagged keys are positives: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip (beta = 0 on P_i)
-        attracted = masked | is_positive
-        x = torch.where(masked, logits, x)
-        lse = torch.logsumexp(x, dim=1)
-        zero = torch.zeros_like(logits)
-        loss = lse - torch.where(attracted, logits, zero).sum(1) / attracted.sum(1).to(scores.dtype)
-        return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
-    if plan.debias is not None:
-        lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
-                            plan.debias, temperature)
-    else:
-        lse = torch.logsumexp(x, dim=1)
-    loss = lse - positive_logit
-    if plan.soft_temperature is not None:
-        assert guide_scores is not None, "soft labels need the teacher's scores"
-        loss = (1.0 - plan.soft_weight) * loss + plan.soft_weight * _soft_label_kl(
-            x, lse, torch.where(negative | is_positive, guide_scores / plan.soft_temperature, neg_inf))
-    # a row without negatives: loss exactly 0 and gradient exactly 0 (SPEC), not autograd's rounding residue
-    loss = torch.where(negative.any(1), loss, torch.zeros_like(loss))
-    return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+    return RowTerms(logits, x, is_positive, masked, negative, bias, temperature)
 
 
 def _soft_label_kl(student: torch.Tensor, student_lse: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

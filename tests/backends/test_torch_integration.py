@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import fastneg
+from fastneg.backends import cpu as cpu_backend
+from fastneg.backends.portable import info_nce_bwd_portable, info_nce_fwd_portable
 from fastneg.plan import Flag, Plan, Weighting
 from helpers import TRITON_DEVICE, make_problem, max_error
 
@@ -52,19 +54,35 @@ def fwd_args(B=12, N=20, D=8, dtype=torch.float32, device="cpu", guide=True, lab
 def test_opcheck_cpu_forward(dtype, extras, mode) -> None:
     if mode in ("gcse", "soft") and not extras:
         pytest.skip("GCSE and soft labels need the guide")
+    cpu_backend.load()
     args = fwd_args(dtype=dtype, guide=extras, labels=extras, mode=mode)
     torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_cpu.default, args)
 
 
+def fused_ops(backend: str) -> tuple:
+    if backend == "cpu":
+        cpu_backend.load()
+        return torch.ops.fastneg.info_nce_fwd_cpu.default, torch.ops.fastneg.info_nce_bwd_cpu.default
+    return info_nce_fwd_portable._opoverload, info_nce_bwd_portable._opoverload
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_opcheck_cpu_backward(mode) -> None:
+def test_opcheck_backward(mode, backend) -> None:
+    forward, backward = fused_ops(backend)
     args = fwd_args(mode=mode)
     with torch.no_grad():
-        out = torch.ops.fastneg.info_nce_fwd_cpu.default(*args)
+        out = forward(*args)
     q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
     bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1], scalars,
-                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD)
-    torch.library.opcheck(torch.ops.fastneg.info_nce_bwd_cpu.default, bwd_args)
+                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)
+    torch.library.opcheck(backward, bwd_args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_opcheck_portable_forward(dtype, mode) -> None:
+    torch.library.opcheck(info_nce_fwd_portable._opoverload, fwd_args(dtype=dtype, mode=mode))
 
 
 @pytest.mark.gpu
@@ -76,7 +94,7 @@ def test_opcheck_triton() -> None:
         torch.library.opcheck(torch.ops.fastneg.info_nce_fwd_triton.default, fwd_args(device="cuda", mode=mode))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("backend", ["cpu", "auto", "portable"])
 def test_torch_compile_fullgraph(backend) -> None:
     torch._dynamo.reset()
     problem = make_problem(24, 48, 16, seed=1)
@@ -99,7 +117,7 @@ def test_torch_compile_fullgraph(backend) -> None:
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "portable"])
 def test_every_requires_grad_combination(backend) -> None:
     problem = make_problem(10, 25, 6, seed=2)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -131,7 +149,7 @@ def test_every_requires_grad_combination(backend) -> None:
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "portable"])
 def test_deterministic(backend, symmetric) -> None:
     problem = make_problem(70, 300, 20, seed=3)
     device = TRITON_DEVICE if backend == "triton" else "cpu"

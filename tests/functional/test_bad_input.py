@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastneg
+from fastneg.backends import cpu as cpu_backend
 from fastneg.plan import Plan
 
 q = torch.randn(4, 8)
@@ -118,6 +119,7 @@ def test_inputs_are_not_modified() -> None:
 
 def test_cpu_op_checks_positives_itself() -> None:
     # torch.compile skips the Python range check (it would sync); the C++ op checks again
+    cpu_backend.load()
     op = torch.ops.fastneg.info_nce_fwd_cpu.default
     plain, attract = Plan(), Plan(attract=True)
     with pytest.raises(ValueError, match="positives"):

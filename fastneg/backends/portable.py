@@ -1,0 +1,312 @@
+"""The portable backend: the fused op in plain PyTorch, on every device PyTorch runs on.
+
+It is what ``backend="auto"`` runs where no kernel does: Apple MPS, Intel XPU, CUDA without
+Triton, and CPU when the C++ kernels are neither built nor buildable (no compiler). It computes the
+same op as the fused kernels (every rule, weighting, estimator, attraction, the symmetric loss,
+``exclude``, the stats; the same schema, fake kernels and autograd), over chunks of rows:
+
+- forward: for each chunk of ``c`` query rows, the ``[c, N]`` scores ``q k^T`` (in float32 for
+  float16/bfloat16 inputs, as the kernels accumulate), SPEC sections 2-4 applied by the dense
+  reference's functions (:func:`fastneg.reference.loss.row_terms`, :func:`~fastneg.reference.loss.rows_from_scores`),
+  and the per-row loss and state kept; the chunk's matrices are then dropped.
+- backward: each chunk's scores are recomputed from the inputs, ``dL/dS`` of the chunk is formed in
+  closed form (below), and ``dq = dS k``, ``dk += dS^T q``. Four products of ``B x N x D`` per
+  forward+backward, as the fused kernels; nothing of size ``B x N`` is ever held.
+
+Memory is ``O(c x N + (B + N) x D)``: ``c`` is chosen so that a chunk's matrices (about 12
+``[c, N]`` temporaries) fit in ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256 MiB), at least one row.
+
+The gradients in closed form, with ``q = softmax(x)`` the row's softmax over its positive and
+unmasked negatives (``x = l + beta``, beta constant for SimANS, Hardness and GCSE):
+
+- cross-entropy: ``dL/dl = q - 1[positive]``;
+- attraction: ``x`` over ``P_i U N_i``, ``dL/dl = q - 1[P_i] / |P_i|``;
+- soft labels (teacher softmax ``p`` over the same entries, weight ``w``): ``q - (1 - w) 1[positive] - w p``;
+- DCL: with ``Z = e^{l+} + Ng``, where the clamp passes the gradient ``dL/dx_j = e^{x_j} / ((1 - tau+) Z)``
+  on the negatives and ``dL/dl+ = e^{l+} (1 - n tau+ / (1 - tau+)) / Z - 1``; where it is active,
+  ``dL/dx_j = 0`` and ``dL/dl+ = e^{l+} / Z - 1``;
+- HCL: its bias ``beta l_ij - logsumexp_k(beta l_ik) + log n`` carries gradient: with ``G_j = dL/dx_j``
+  on the negatives and ``w = softmax(beta l)`` over them, ``dL/dl_j = (1 + beta) G_j - beta w_j sum_k G_k``.
+
+A row without negatives has loss 0 and gradient 0 (SPEC). The symmetric loss is the row direction
+plus the column direction computed the same way on the transposed problem (key ``p_i`` against
+every query). Its tests run it against the float64 oracle like the other backends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+
+from ..plan import Flag, Plan, RowState, Strategy, Weighting, kind
+from ..reference.loss import row_terms, rows_from_scores
+from ..reference.sampling import sample_negatives_reference
+from .autograd import register_fused_op, register_sample_op
+
+__all__ = ["info_nce_fwd_portable", "info_nce_bwd_portable", "sample_negatives_portable", "chunk_rows",
+           "MEMORY_ENV", "DEFAULT_MEMORY_MB"]
+
+MEMORY_ENV = "FASTNEG_PORTABLE_MEMORY_MB"
+DEFAULT_MEMORY_MB = 256
+# [c, N] matrices alive at once in a chunk (scores, guide scores, logits, biased logits, masks,
+# softmax, dS, ...), counted generously
+_TEMPORARIES = 12
+
+
+def chunk_rows(rows: int, cols: int, element_size: int) -> int:
+    """Rows per chunk: as many as keep about 12 ``[rows, cols]`` matrices of ``element_size`` bytes
+    within ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256), at least 1."""
+    raw = os.environ.get(MEMORY_ENV)
+    try:
+        budget = float(raw) if raw else float(DEFAULT_MEMORY_MB)
+    except ValueError:
+        raise ValueError(f"{MEMORY_ENV} must be a number of MiB, got {raw!r}") from None
+    if not budget > 0:
+        raise ValueError(f"{MEMORY_ENV} must be positive, got {raw!r}")
+    per_row = max(1, cols) * element_size * _TEMPORARIES
+    return max(1, min(rows, int(budget * 2**20 // per_row)))
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Direction:
+    """One direction of the loss: ``rows`` [R, D] against ``cols`` [C, D], row i's positive in
+    column ``positives[i]``, with the labels, guide and excluded columns of that direction."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
+                 plan: Plan, row_labels: Optional[torch.Tensor], col_labels: Optional[torch.Tensor],
+                 guide_rows: Optional[torch.Tensor], guide_cols: Optional[torch.Tensor],
+                 exclude: Optional[torch.Tensor]) -> None:
+        self.acc = _accumulation(rows.dtype)
+        self.rows, self.cols = rows, cols.to(self.acc)
+        self.positives, self.plan, self.exclude = positives, plan, exclude
+        self.temperature = temperature.reshape(()).to(device=rows.device, dtype=self.acc)
+        self.row_labels = row_labels
+        # the reference's label layout: [1, C] or [1, C, levels]
+        self.col_labels = col_labels[None] if col_labels is not None else None
+        self.guide_rows = guide_rows
+        self.guide_cols = guide_cols.to(self.acc) if guide_cols is not None else None
+        self.plain = (plan.margin is None and plan.relative_margin is None and plan.max_score is None
+                      and col_labels is None and guide_rows is None and exclude is None
+                      and plan.weighting == Weighting.NONE and plan.debias is None and not plan.attract)
+
+    def chunks(self) -> Iterator[slice]:
+        R, C = self.rows.shape[0], self.cols.shape[0]
+        step = chunk_rows(R, C, torch.finfo(self.acc).bits // 8)
+        for start in range(0, R, step):
+            yield slice(start, min(R, start + step))
+
+    def scores(self, r: slice) -> torch.Tensor:
+        return self.rows[r].to(self.acc) @ self.cols.T
+
+    def terms(self, r: slice, scores: torch.Tensor) -> tuple:
+        """(positive columns [c, 1], row labels, guide scores, candidates) of a chunk."""
+        cols = self.positives[r].view(-1, 1)
+        guide = None
+        if self.guide_rows is not None and self.guide_cols is not None:
+            guide = self.guide_rows[r].to(self.acc) @ self.guide_cols.T
+        candidates = None
+        if self.exclude is not None:
+            ex = self.exclude[r]
+            keep = torch.ones(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+            keep.scatter_(1, torch.where(ex >= 0, ex, scores.shape[1]).view(-1, 1), False)
+            candidates = keep[:, :-1]
+        labels = self.row_labels[r] if self.row_labels is not None else None
+        return cols, labels, guide, candidates
+
+    def forward(self) -> tuple[torch.Tensor, ...]:
+        R = self.rows.shape[0]
+        out = dict(dtype=self.acc, device=self.rows.device)
+        loss, lse, pos_score = torch.empty(R, **out), torch.empty(R, **out), torch.empty(R, **out)
+        n_masked = torch.zeros(R, dtype=torch.int64, device=self.rows.device)
+        n_neg = torch.zeros(R, dtype=torch.int64, device=self.rows.device)
+        for r in self.chunks():
+            s = self.scores(r)
+            cols, labels, guide, candidates = self.terms(r, s)
+            pos_score[r] = s.gather(1, cols).squeeze(1)
+            if self.plain:  # every key but the positive is a negative: the softmax cross-entropy alone
+                logits = s / self.temperature
+                lse[r] = torch.logsumexp(logits, dim=1)
+                row_loss = lse[r] - logits.gather(1, cols).squeeze(1)
+                loss[r] = row_loss if s.shape[1] > 1 else torch.zeros_like(row_loss)
+                n_neg[r] = s.shape[1] - 1
+                continue
+            row_loss, row_lse, _, masked, negatives = rows_from_scores(
+                s, cols, self.temperature, self.plan, labels, self.col_labels, guide, candidates)
+            loss[r], lse[r], n_masked[r], n_neg[r] = row_loss, row_lse, masked, negatives
+        return loss, lse, pos_score, n_masked, n_neg
+
+    def score_grad(self, r: slice, s: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """dL/dS of a chunk's rows (``grad`` [c]: the upstream gradient of each row's loss)."""
+        plan, t = self.plan, self.temperature
+        cols, labels, guide, candidates = self.terms(r, s)
+        if self.plain:
+            logits = s / t
+            dl = torch.softmax(logits, dim=1)
+            dl.scatter_add_(1, cols, -torch.ones_like(cols, dtype=dl.dtype))
+            if s.shape[1] == 1:
+                dl.zero_()
+            return dl * (grad[:, None] / t)
+        terms = row_terms(s, cols, t, plan, labels, self.col_labels, guide, candidates)
+        logits, x, is_pos, masked, negative = terms.logits, terms.x, terms.is_positive, terms.masked, terms.negative
+        zero = torch.zeros_like(s)
+        if plan.attract:
+            attracted = masked | is_pos
+            xa = torch.where(masked, logits, x)
+            dl = torch.softmax(xa, dim=1) - attracted.to(s.dtype) / attracted.sum(1, keepdim=True).to(s.dtype)
+            return dl * (grad[:, None] / t)
+        if plan.debias is not None:
+            dl = self._debiased_grad(logits, x, is_pos, negative, cols)
+        else:
+            q = torch.softmax(x, dim=1)
+            onehot = is_pos.to(s.dtype)
+            if plan.soft_temperature is not None:
+                assert guide is not None, "soft labels need the teacher's scores"
+                teacher = torch.softmax(torch.where(negative | is_pos, guide / plan.soft_temperature, float("-inf")), dim=1)
+                dl = q - (1.0 - plan.soft_weight) * onehot - plan.soft_weight * teacher
+            else:
+                dl = q - onehot
+        if plan.weighting == Weighting.HCL:
+            # the importance weights' own gradient: dL/dl_j = (1 + beta) G_j - beta w_j sum_k G_k
+            beta = plan.weight_a
+            g_neg = torch.where(negative, dl, zero)
+            w = torch.softmax(torch.where(negative, beta * logits, float("-inf")), dim=1).nan_to_num(0.0)
+            dl = dl + beta * (g_neg - w * g_neg.sum(1, keepdim=True))
+        dl = torch.where(negative.any(1, keepdim=True), dl, zero)
+        return dl * (grad[:, None] / t)
+
+    def _debiased_grad(self, logits: torch.Tensor, x: torch.Tensor, is_pos: torch.Tensor, negative: torch.Tensor,
+                       cols: torch.Tensor) -> torch.Tensor:
+        """dL/dx of DCL's ``log(e^{l+} + Ng) - l+`` (the gradient through the clamp as torch.clamp passes it)."""
+        tau_plus = float(self.plan.debias)  # type: ignore[arg-type]
+        xn = torch.where(negative, x, float("-inf"))
+        neg_lse = torch.logsumexp(xn, dim=1, keepdim=True)
+        lp = logits.gather(1, cols)
+        count = negative.sum(1, keepdim=True)
+        n = count.to(x.dtype)
+        log_floor = torch.where(count > 0, torch.log(n) - 1.0 / self.temperature, float("-inf"))
+        c = torch.maximum(torch.maximum(neg_lse, lp), log_floor)
+        P = torch.exp(lp - c)
+        raw = (torch.exp(neg_lse - c) - n * tau_plus * P) / (1.0 - tau_plus)
+        floor = torch.exp(log_floor - c)
+        passes = raw >= floor
+        Z = P + torch.where(passes, raw, floor)
+        d_neg = torch.where(passes & negative, torch.exp(xn - c) / ((1.0 - tau_plus) * Z), 0.0)
+        d_pos = torch.where(passes, P * (1.0 - n * tau_plus / (1.0 - tau_plus)) / Z, P / Z) - 1.0
+        return torch.where(is_pos, d_pos, d_neg)
+
+    def backward(self, grad: torch.Tensor, need_rows: bool, need_cols: bool
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+        """(dL/drows [R, D], dL/dcols [C, D], in the accumulation dtype, and the per-row
+        ``sum_j dS_ij s_ij``), recomputing each chunk's scores."""
+        R = self.rows.shape[0]
+        d_rows = torch.zeros(self.rows.shape, dtype=self.acc, device=self.rows.device) if need_rows else None
+        d_cols = torch.zeros(self.cols.shape, dtype=self.acc, device=self.rows.device) if need_cols else None
+        rowsum = torch.zeros(R, dtype=self.acc, device=self.rows.device)
+        grad = grad.to(self.acc)
+        for r in self.chunks():
+            s = self.scores(r)
+            ds = self.score_grad(r, s, grad[r])
+            rowsum[r] = (ds * s).sum(1)
+            if d_rows is not None:
+                d_rows[r] = ds @ self.cols
+            if d_cols is not None:
+                d_cols.addmm_(ds.T, self.rows[r].to(self.acc))
+        return d_rows, d_cols, rowsum
+
+
+def _labels(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused ops' layout ([levels, rows] for several label sets) back to [rows, levels]."""
+    return labels.T if labels is not None and labels.dim() == 2 else labels
+
+
+def _directions(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
+                query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+                guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
+                scalars: list[float], flags: int) -> tuple[_Direction, Optional[_Direction]]:
+    plan = Plan.decode(scalars, flags)
+    ql, kl = _labels(query_labels), _labels(key_labels)
+    rows = _Direction(query, keys, positives, temperature, plan, ql, kl, guide_query, guide_keys, exclude)
+    columns = None
+    if flags & Flag.SYMMETRIC:  # key p_i against every query: the transposed problem on the positive columns
+        columns = _Direction(keys[positives], query, torch.arange(query.shape[0], device=query.device), temperature,
+                             plan, kl[positives] if kl is not None else None, ql,
+                             guide_keys[positives] if guide_keys is not None else None, guide_query, None)
+    return rows, columns
+
+
+@torch.library.custom_op("fastneg::info_nce_fwd_portable", mutates_args=())
+def info_nce_fwd_portable(
+    query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
+    query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
+    guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor], scalars: list[float], flags: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
+                                guide_keys, exclude, scalars, flags)
+    loss, lse, pos_score, n_masked, n_neg = rows.forward()
+    state = torch.zeros(len(RowState), query.shape[0], dtype=rows.acc, device=query.device)
+    state[RowState.LOGSUMEXP], state[RowState.POSITIVE_SCORE] = lse, pos_score
+    if columns is not None:
+        col_loss, col_lse = columns.forward()[:2]
+        state[RowState.COLUMN_LOGSUMEXP] = col_lse
+        loss = (loss + col_loss) / 2
+    return loss, state, n_masked, n_neg
+
+
+@torch.library.custom_op("fastneg::info_nce_bwd_portable", mutates_args=())
+def info_nce_bwd_portable(
+    grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+    temperature: torch.Tensor, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
+    row_state: torch.Tensor, scalars: list[float], flags: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
+                                guide_keys, exclude, scalars, flags)
+    need_q, need_k = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
+    grad = grad_loss if columns is None else grad_loss / 2
+    dq, dk, rowsum = rows.backward(grad, need_q, need_k)
+    if columns is not None:
+        d_pos_keys, d_query, col_rowsum = columns.backward(grad, need_k, need_q)
+        rowsum = rowsum + col_rowsum
+        if dq is not None and d_query is not None:
+            dq = dq + d_query
+        if dk is not None and d_pos_keys is not None:
+            dk = dk.index_add(0, positives, d_pos_keys)
+    return (dq.to(query.dtype) if dq is not None else query.new_empty(0),
+            dk.to(keys.dtype) if dk is not None else keys.new_empty(0), rowsum)
+
+
+@torch.library.custom_op("fastneg::sample_negatives_portable", mutates_args=())
+def sample_negatives_portable(
+    query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+    scalars: list[float], flags: int, num_negatives: int, seed: int,
+) -> torch.Tensor:
+    """The sampler on chunks of rows: the dense sampler's values, noise and order per chunk (the
+    noise is keyed by the global row), so the draw is the one of every other sampler."""
+    plan = Plan.decode(scalars, flags, sampler=True)
+    strategy = Strategy(kind(flags))
+    acc = _accumulation(query.dtype)
+    ql, kl = _labels(query_labels), _labels(key_labels)
+    k, gk = keys.to(acc), guide_keys.to(acc) if guide_keys is not None else None
+    step = chunk_rows(query.shape[0], keys.shape[0], torch.finfo(acc).bits // 8)
+    parts = []
+    for start in range(0, query.shape[0], step):
+        r = slice(start, start + step)
+        parts.append(sample_negatives_reference(
+            query[r].to(acc), k, positives[r], num_negatives, strategy, plan, seed,
+            ql[r] if ql is not None else None, kl, guide_query[r].to(acc) if guide_query is not None else None, gk,
+            first_row=start))
+    if not parts:
+        return torch.empty(0, num_negatives, dtype=torch.int64, device=query.device)
+    return torch.cat(parts)
+
+
+register_fused_op("portable", info_nce_fwd_portable, info_nce_bwd_portable,
+                  rowsum_dtype=lambda query: _accumulation(query.dtype))
+register_sample_op("portable", sample_negatives_portable)
