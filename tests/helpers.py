@@ -80,8 +80,8 @@ def run(problem: Problem, backend: str, dtype: torch.dtype, temperature: float =
                                    return_stats=True, backend=backend, **kwargs)
     if grads:
         (loss * problem.row_weights.to(device=device, dtype=loss.dtype)).sum().backward()
-    def cpu(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if x is None else x.detach().cpu()
+    def cpu(x: Any) -> Any:
+        return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
     return Result(cpu(loss), cpu(q.grad), cpu(k.grad), cpu(t.grad),
                   fastneg.InfoNCEStats(*(cpu(v) for v in stats)))

@@ -12,7 +12,7 @@ from fastneg.plan import Plan
 from fastneg.reference import false_negative_mask
 from helpers import RULES, TRITON_DEVICE, build, make_problem
 
-BACKENDS = ["cpu", "triton"]
+BACKENDS = ["cpu", "triton", "portable"]
 
 
 def _device(backend: str) -> str:

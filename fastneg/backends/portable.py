@@ -240,8 +240,7 @@ def _directions(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor
     return rows, columns
 
 
-@torch.library.custom_op("fastneg::info_nce_fwd_portable", mutates_args=())
-def info_nce_fwd_portable(
+def _forward(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: torch.Tensor,
     query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor], scalars: list[float], flags: int,
@@ -258,8 +257,7 @@ def info_nce_fwd_portable(
     return loss, state, n_masked, n_neg
 
 
-@torch.library.custom_op("fastneg::info_nce_bwd_portable", mutates_args=())
-def info_nce_bwd_portable(
+def _backward(
     grad_loss: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
     temperature: torch.Tensor, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
@@ -281,8 +279,7 @@ def info_nce_bwd_portable(
             dk.to(keys.dtype) if dk is not None else keys.new_empty(0), rowsum)
 
 
-@torch.library.custom_op("fastneg::sample_negatives_portable", mutates_args=())
-def sample_negatives_portable(
+def _sample(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
     key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
     scalars: list[float], flags: int, num_negatives: int, seed: int,
@@ -307,6 +304,25 @@ def sample_negatives_portable(
     return torch.cat(parts)
 
 
+# Defined with the fused schema and implemented once for every device (CompositeExplicitAutograd).
+# A plain Library definition rather than torch.library.custom_op: the latter wraps each call in a
+# dynamo guard whose first use imports torch._dynamo (about 1 s and 170 MiB, once per process).
+_LIB = torch.library.Library("fastneg", "FRAGMENT")
+_LIB.define("info_nce_fwd_portable(Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
+            "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor? exclude, "
+            "float[] scalars, int flags) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("info_nce_bwd_portable(Tensor grad_loss, Tensor query, Tensor keys, Tensor positives, Tensor temperature, "
+            "Tensor? query_labels, Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, Tensor? exclude, "
+            "Tensor row_state, float[] scalars, int flags) -> (Tensor, Tensor, Tensor)")
+_LIB.define("sample_negatives_portable(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, "
+            "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float[] scalars, int flags, "
+            "int num_negatives, int seed) -> Tensor")
+_LIB.impl("info_nce_fwd_portable", _forward, "CompositeExplicitAutograd")
+_LIB.impl("info_nce_bwd_portable", _backward, "CompositeExplicitAutograd")
+_LIB.impl("sample_negatives_portable", _sample, "CompositeExplicitAutograd")
+info_nce_fwd_portable = torch.ops.fastneg.info_nce_fwd_portable.default
+info_nce_bwd_portable = torch.ops.fastneg.info_nce_bwd_portable.default
+sample_negatives_portable = torch.ops.fastneg.sample_negatives_portable.default
 register_fused_op("portable", info_nce_fwd_portable, info_nce_bwd_portable,
                   rowsum_dtype=lambda query: _accumulation(query.dtype))
 register_sample_op("portable", sample_negatives_portable)

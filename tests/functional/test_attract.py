@@ -12,7 +12,7 @@ import torch
 import fastneg
 from helpers import TRITON_DEVICE
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "cpu", "triton", "portable"]
 
 
 def oracle(q, k, pos, tau, *, labels=None, qlabels=None, margin=None, max_score=None, simans=None, exclude=None,

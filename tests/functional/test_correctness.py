@@ -74,7 +74,7 @@ def test_triton_backend_half_precision(dtype: torch.dtype) -> None:
 
 # --- edge cases: every backend --------------------------------------------------------------------
 
-FUSED = ["cpu", "triton"]
+FUSED = ["cpu", "triton", "portable"]
 
 
 @pytest.mark.parametrize("backend", FUSED)

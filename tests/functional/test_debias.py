@@ -11,7 +11,7 @@ import torch
 import fastneg
 from helpers import TRITON_DEVICE, build, check, simclr_negatives, two_views
 
-DEVICES = {"reference": "cpu", "cpu": "cpu", "triton": TRITON_DEVICE}
+DEVICES = {"reference": "cpu", "cpu": "cpu", "portable": "cpu", "triton": TRITON_DEVICE}
 
 
 def _dcl_original(out_1: torch.Tensor, out_2: torch.Tensor, tau_plus: float, temperature: float) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _dcl_original(out_1: torch.Tensor, out_2: torch.Tensor, tau_plus: float, tem
     return (-torch.log(pos / (pos + Ng))).mean()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "portable"])
 @pytest.mark.parametrize("tau_plus", [0.0, 0.1, 0.5])
 def test_matches_the_authors_code(backend: str, tau_plus: float) -> None:
     a, b = two_views(12, 16, seed=int(tau_plus * 10))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastneg
 from helpers import TRITON_DEVICE, build, check, simclr_negatives, two_views
 
-DEVICES = {"reference": "cpu", "cpu": "cpu", "triton": TRITON_DEVICE}
+DEVICES = {"reference": "cpu", "cpu": "cpu", "portable": "cpu", "triton": TRITON_DEVICE}
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -58,7 +58,7 @@ def _fastnegtwo_views(a: torch.Tensor, b: torch.Tensor, backend: str, **options)
     return got, torch.autograd.grad(got, (y1, y2)), dtype
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "portable"])
 @pytest.mark.parametrize("tau_plus,beta", [(0.0, 1.0), (0.1, 1.0), (0.1, 0.5), (0.5, 2.0)])
 def test_hcl_matches_the_authors_code(backend: str, tau_plus: float, beta: float) -> None:
     a, b = two_views(12, 16, seed=int(beta * 10))
@@ -149,7 +149,7 @@ def _gcse_original(z1: torch.Tensor, z2: torch.Tensor, z3: torch.Tensor, base_co
     return F.cross_entropy(cos_sim + weights, labels)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "portable"])
 def test_gcse_matches_the_authors_code(backend: str) -> None:
     """The original offsets each sentence's own hard negative only: the guide built here gives the
     base model's logit on that column and a logit far above the student's on every other column
@@ -238,7 +238,7 @@ def _ar2_normal_loss(retriever_simila: torch.Tensor, relevance_logits: torch.Ten
     return normal_loss.sum() / retriever_dist_p.size(0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "portable"])
 def test_soft_labels_match_ar2(backend: str) -> None:
     """AR2's per-query candidate lists (positive first, then hard negatives), student logits
     q . c (temperature 1), teacher logits from a ranker. fastneg runs one query at a time with the
@@ -318,7 +318,7 @@ def test_soft_labels_triton_kernel_matches_reference(rule: str) -> None:
 
 # --- edge cases and bad input ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "portable"])
 def test_fully_masked_rows_stay_zero(backend: str) -> None:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(8, 4, generator=g, dtype=torch.float64).requires_grad_()

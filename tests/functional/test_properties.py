@@ -22,8 +22,11 @@ demand: ``make test-long``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import pytest
@@ -330,6 +333,34 @@ def test_cpu_matches_oracle(c: Case, noncontiguous: bool, dtype: torch.dtype) ->
     assert_matches(fastneg_out(c, dtype, "cpu", noncontiguous), c, dtype)
 
 
+@contextlib.contextmanager
+def chunks_of(rows: int, cols: int, dtype: torch.dtype) -> Iterator[None]:
+    """The portable backend's memory budget set so that its chunks hold ``rows`` rows of ``cols`` keys."""
+    from fastneg.backends.portable import _TEMPORARIES, MEMORY_ENV
+
+    size = 8 if dtype == torch.float64 else 4
+    old = os.environ.get(MEMORY_ENV)
+    os.environ[MEMORY_ENV] = repr(rows * cols * size * _TEMPORARIES / 2**20)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[MEMORY_ENV]
+        else:
+            os.environ[MEMORY_ENV] = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@given(c=cases(), noncontiguous=st.booleans(), rows=st.integers(1, 5))
+@settings(max_examples=examples(80))
+def test_portable_matches_oracle(c: Case, noncontiguous: bool, rows: int, dtype: torch.dtype) -> None:
+    """The portable backend in chunks of 1 to 5 rows (the backward recomputing each chunk)."""
+    assume(not near_tie(rounded(c, dtype), dtype))
+    with chunks_of(rows, max(c.keys.shape[0], c.query.shape[0]), dtype):
+        got = fastneg_out(c, dtype, "portable", noncontiguous)
+    assert_matches(got, c, dtype, "portable")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
 @given(c=cases(max_b=8, max_n=20))
 @settings(max_examples=examples(60))
@@ -380,14 +411,15 @@ def test_deterministic(c: Case) -> None:
         assert torch.equal(x, y) or (torch.isnan(x).any() and torch.equal(torch.isnan(x), torch.isnan(y)))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
 @given(c=cases())
 @settings(max_examples=examples(40))
-def test_fully_masked_rows_are_exactly_zero(c: Case) -> None:
+def test_fully_masked_rows_are_exactly_zero(c: Case, backend: str) -> None:
     """max_score below every score masks every negative: loss exactly 0, gradients exactly 0."""
     c.max_score = -2.0  # unit vectors: every score is >= -1 > -2
     c.attract = False  # with attraction every key would be a positive: a loss, by design
     c.learn_temperature = c.learn_temperature and c.debias is None
-    out = fastneg_out(c, torch.float32, "cpu")
+    out = fastneg_out(c, torch.float32, backend)
     assert torch.equal(out.num_negatives, torch.zeros_like(out.num_negatives)) or c.negatives is not None
     rows = out.num_negatives == 0
     assert bool((out.loss[rows] == 0).all())

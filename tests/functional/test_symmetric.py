@@ -90,7 +90,7 @@ def test_triton_symmetric_half_precision(dtype: torch.dtype) -> None:
     check(problem, "triton", dtype, symmetric=True, **options)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "portable"])
 def test_fully_masked_rows_and_columns(backend: str) -> None:
     """All queries share one label: every row and every column has only its positive left."""
     problem = make_problem(20, 30, 8, seed=10)

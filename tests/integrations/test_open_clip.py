@@ -27,6 +27,14 @@ import torch.multiprocessing as mp
 from fastneg.integrations.open_clip import ClipLoss
 
 
+@pytest.fixture(autouse=True, params=["auto", "portable"])
+def fused_backend(request, monkeypatch) -> str:  # noqa: ANN001
+    """Every test twice: the backend ``auto`` picks here (the C++ kernels), and the portable one
+    (what ``auto`` picks on MPS, XPU or without a compiler), through FASTNEG_BACKEND."""
+    monkeypatch.setenv("FASTNEG_BACKEND", request.param)
+    return request.param
+
+
 def original_loss_module():
     try:
         return importlib.import_module("open_clip.loss")
