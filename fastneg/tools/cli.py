@@ -147,6 +147,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from . import quality
         return quality.main(argv[1:])
     sub.add_parser("quality", help="training-quality benchmark with planted false negatives (fastneg quality --help)")
+    sub.add_parser("build-cpu", help="compile the C++ CPU kernels into the cache now (otherwise the first CPU call does)",
+                   description="Compile fastneg's C++ CPU kernels for the installed torch into the cache "
+                               "(FASTNEG_CACHE_DIR, default ~/.cache/fastneg) and print where they are. Needs a "
+                               "C++20 compiler with OpenMP and ninja; without them fastneg runs its portable backend.")
     args = parser.parse_args(argv)
     args.argv = argv[1:]
     if args.command == "bench":
@@ -157,7 +161,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     if args.command == "mine":
         return mine_cli.run(args)
+    if args.command == "build-cpu":
+        return build_cpu()
     return 2
+
+
+def build_cpu() -> int:
+    """``fastneg build-cpu``: compile (or find) the C++ kernels; one line of error, exit status 2, if it cannot."""
+    import time
+
+    from ..backends import cpu
+
+    start = time.perf_counter()
+    try:
+        cpu.load()
+    except (cpu.CpuBuildError, ImportError) as exc:
+        print(f"fastneg build-cpu: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fastneg: C++ CPU kernels ready in {cpu.build_directory()} ({time.perf_counter() - start:.1f} s)")
+    return 0
 
 
 if __name__ == "__main__":

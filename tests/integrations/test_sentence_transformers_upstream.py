@@ -35,11 +35,11 @@ SELECTION = [
 DIFFERS_BY_DESIGN = {"tests/sentence_transformer/test_model_card.py::test_model_card_base": "card names fastneg's class"}
 
 
-def run_suite(implementation: str, tmp_path: Path) -> tuple[dict[str, str], str]:
-    report = tmp_path / f"{implementation}.xml"
+def run_suite(implementation: str, tmp_path: Path, backend: str = "auto") -> tuple[dict[str, str], str]:
+    report = tmp_path / f"{implementation}-{backend}.xml"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(FASTNEG_ST_LOSSES=implementation, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(SUITE))
+               PYTHONPATH=str(SUITE), FASTNEG_BACKEND=backend)
     res = subprocess.run([sys.executable, "-m", "pytest", *SELECTION, f"--junitxml={report}", "-p", "no:cacheprovider"],
                          cwd=SUITE, env=env, capture_output=True, text=True, timeout=1800)
     outcomes = {}
@@ -55,14 +55,25 @@ def _base(node: str) -> str:
     return re.sub(r"\[.*\]$", "", node)
 
 
-def test_the_originals_own_tests_pass_with_fastneg(tmp_path: Path) -> None:
-    original, _ = run_suite("original", tmp_path)
-    ours, out = run_suite("fastneg", tmp_path)
+@pytest.fixture(scope="module")
+def original(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return run_suite("original", tmp_path_factory.mktemp("original"))[0]
+
+
+@pytest.mark.parametrize("backend", ["auto", "portable"])
+def test_the_originals_own_tests_pass_with_fastneg(tmp_path: Path, original: dict[str, str], backend: str) -> None:
+    """With the backend ``auto`` picks here (the C++ kernels) and with the portable one (what it
+    picks on MPS, XPU or without a compiler)."""
+    ours, out = run_suite("fastneg", tmp_path, backend)
     passing = {n for n, o in original.items() if o == "passed"}
     assert len(passing) >= 100, f"the suite ran {len(original)} tests, {len(passing)} passed with the originals"
     lost = sorted(n for n in passing if ours.get(n) != "passed" and _base(n) not in DIFFERS_BY_DESIGN)
     assert not lost, f"pass with the originals, not with fastneg: {lost}"
     fused = re.search(r"fastneg fused calls: ranking_loss=(\d+), gist_loss=(\d+)", out)
     assert fused and int(fused.group(1)) > 50 and int(fused.group(2)) > 20, out[-2000:]
-    print(f"\nsentence-transformers' tests: {len(passing)} of {len(original)} pass with the originals, "
+    used = re.search(r"fastneg backends: (.*)", out)
+    assert used and (backend == "auto" or used.group(1).startswith("portable=")), out[-2000:]
+    if backend == "portable":
+        assert "cpu=" not in used.group(1), used.group(1)
+    print(f"\nsentence-transformers' tests ({backend}): {len(passing)} of {len(original)} pass with the originals, "
           f"{sum(ours.get(n) == 'passed' for n in passing)} of those with fastneg; {fused.group(0)}")

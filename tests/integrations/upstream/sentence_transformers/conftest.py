@@ -66,8 +66,22 @@ if IMPLEMENTATION == "fastneg":
     for _module, _fn in ((_fastneg_ranking, "ranking_loss"), (_fastneg_gist, "gist_loss")):
         setattr(_module, _fn, _counting(_fn, getattr(_module, _fn)))
 
+    # and which backends computed them (FASTNEG_BACKEND replaces what backend="auto" picks)
+    import fastneg.functional as _fastneg_functional
+
+    BACKENDS = {}
+    _resolve = _fastneg_functional.resolve_backend
+
+    def _recording(backend, device):
+        chosen = _resolve(backend, device)
+        BACKENDS[chosen] = BACKENDS.get(chosen, 0) + 1
+        return chosen
+
+    _fastneg_functional.resolve_backend = _recording
+
     def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("fastneg fused calls: " + ", ".join(f"{k}={v}" for k, v in FUSED_CALLS.items()))
+        terminalreporter.write_line("fastneg backends: " + ", ".join(f"{k}={v}" for k, v in sorted(BACKENDS.items())))
 elif IMPLEMENTATION != "original":
     raise SystemExit(f"FASTNEG_ST_LOSSES must be 'original' or 'fastneg', got {IMPLEMENTATION!r}")
 
