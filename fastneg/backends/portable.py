@@ -43,6 +43,7 @@ import torch
 
 from ..plan import Flag, Plan, RowState, Strategy, Weighting, kind
 from ..reference.loss import row_terms, rows_from_scores
+from ..reference.rules import false_negative_mask, simans_log_weight
 from ..reference.sampling import sample_negatives_reference
 from .autograd import register_fused_op, register_sample_op
 
@@ -91,9 +92,12 @@ class _Direction:
         self.col_labels = col_labels[None] if col_labels is not None else None
         self.guide_rows = guide_rows
         self.guide_cols = guide_cols.to(self.acc) if guide_cols is not None else None
-        self.plain = (plan.margin is None and plan.relative_margin is None and plan.max_score is None
-                      and col_labels is None and guide_rows is None and exclude is None
-                      and plan.weighting == Weighting.NONE and plan.debias is None and not plan.attract)
+        self.rules = (plan.margin is not None or plan.relative_margin is not None or plan.max_score is not None
+                      or col_labels is not None or (guide_rows is not None and plan.guide_margin != float("-inf")))
+        # the losses whose beta is a constant and whose gradient is the softmax minus the positive: computed
+        # here with as few passes as the rules need; the others through the reference's row terms
+        self.lean = (plan.weighting in (Weighting.NONE, Weighting.SIMANS, Weighting.HARDNESS, Weighting.GUIDE_HARDNESS)
+                     and plan.debias is None and plan.soft_temperature is None and not plan.attract)
 
     def chunks(self) -> Iterator[slice]:
         R, C = self.rows.shape[0], self.cols.shape[0]
@@ -119,6 +123,42 @@ class _Direction:
         labels = self.row_labels[r] if self.row_labels is not None else None
         return cols, labels, guide, candidates
 
+    def lean_logits(self, s: torch.Tensor, cols: torch.Tensor, labels: Optional[torch.Tensor],
+                    guide: Optional[torch.Tensor], candidates: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x [c, N]: l + beta on the positive and the negatives, -inf elsewhere; masked count [c];
+        negative count [c]) for the lean losses, with the rules of :mod:`fastneg.reference.rules`."""
+        plan = self.plan
+        # off: every column that is not a negative (flagged, the positive, excluded)
+        if self.rules:
+            off = false_negative_mask(s, cols, plan, labels, self.col_labels, guide)
+            flagged = off if candidates is None else off & candidates
+            # the positive is never counted as masked
+            n_masked = torch.count_nonzero(flagged, dim=1) - flagged.gather(1, cols).squeeze(1).long()
+            if candidates is not None:
+                off |= ~candidates
+        else:
+            off = torch.zeros_like(s, dtype=torch.bool) if candidates is None else ~candidates
+            n_masked = torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
+        off.scatter_(1, cols, True)
+        n_neg = s.shape[1] - torch.count_nonzero(off, dim=1)
+        x = s / self.temperature
+        positive_logit = x.gather(1, cols)
+        if plan.weighting == Weighting.SIMANS:
+            u = simans_log_weight(s, s.gather(1, cols), plan.weight_a, plan.weight_b).masked_fill_(off, float("-inf"))
+            offset = torch.log(n_neg.to(s.dtype))[:, None] - torch.logsumexp(u, dim=1, keepdim=True)
+            x += u.add_(torch.where(n_neg[:, None] > 0, offset, 0.0))  # -inf off the negatives
+        else:
+            if plan.weighting == Weighting.HARDNESS:
+                x.add_(s, alpha=plan.weight_a)
+            elif plan.weighting == Weighting.GUIDE_HARDNESS:
+                assert guide is not None, "guide-score hardness needs guide scores"
+                x.add_(guide, alpha=plan.weight_a)
+            if self.rules or candidates is not None:
+                x.masked_fill_(off, float("-inf"))
+        x.scatter_(1, cols, positive_logit)
+        return x, n_masked, n_neg
+
     def forward(self) -> tuple[torch.Tensor, ...]:
         R = self.rows.shape[0]
         out = dict(dtype=self.acc, device=self.rows.device)
@@ -129,29 +169,27 @@ class _Direction:
             s = self.scores(r)
             cols, labels, guide, candidates = self.terms(r, s)
             pos_score[r] = s.gather(1, cols).squeeze(1)
-            if self.plain:  # every key but the positive is a negative: the softmax cross-entropy alone
-                logits = s / self.temperature
-                lse[r] = torch.logsumexp(logits, dim=1)
-                row_loss = lse[r] - logits.gather(1, cols).squeeze(1)
-                loss[r] = row_loss if s.shape[1] > 1 else torch.zeros_like(row_loss)
-                n_neg[r] = s.shape[1] - 1
+            if self.lean:
+                x, n_masked[r], n_neg[r] = self.lean_logits(s, cols, labels, guide, candidates)
+                lse[r] = torch.logsumexp(x, dim=1)
+                row_loss = lse[r] - pos_score[r] / self.temperature
+                loss[r] = torch.where(n_neg[r] > 0, row_loss, 0.0)  # a row without negatives: exactly 0 (SPEC)
                 continue
             row_loss, row_lse, _, masked, negatives = rows_from_scores(
                 s, cols, self.temperature, self.plan, labels, self.col_labels, guide, candidates)
             loss[r], lse[r], n_masked[r], n_neg[r] = row_loss, row_lse, masked, negatives
         return loss, lse, pos_score, n_masked, n_neg
 
-    def score_grad(self, r: slice, s: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """dL/dS of a chunk's rows (``grad`` [c]: the upstream gradient of each row's loss)."""
+    def score_grad(self, r: slice, s: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """dL/dS of a chunk's rows (``grad`` [c]: the upstream gradient of each row's loss; ``lse``
+        [c]: the forward's logsumexp of each row)."""
         plan, t = self.plan, self.temperature
         cols, labels, guide, candidates = self.terms(r, s)
-        if self.plain:
-            logits = s / t
-            dl = torch.softmax(logits, dim=1)
-            dl.scatter_add_(1, cols, -torch.ones_like(cols, dtype=dl.dtype))
-            if s.shape[1] == 1:
-                dl.zero_()
-            return dl * (grad[:, None] / t)
+        if self.lean:
+            x, _, n_neg = self.lean_logits(s, cols, labels, guide, candidates)
+            dl = x.sub_(lse[:, None]).exp_()  # the softmax, from the forward's logsumexp
+            dl.scatter_add_(1, cols, torch.full_like(cols, -1.0, dtype=dl.dtype))
+            return dl.mul_((grad * (n_neg > 0)).div(t)[:, None])
         terms = row_terms(s, cols, t, plan, labels, self.col_labels, guide, candidates)
         logits, x, is_pos, masked, negative = terms.logits, terms.x, terms.is_positive, terms.masked, terms.negative
         zero = torch.zeros_like(s)
@@ -200,19 +238,20 @@ class _Direction:
         d_pos = torch.where(passes, P * (1.0 - n * tau_plus / (1.0 - tau_plus)) / Z, P / Z) - 1.0
         return torch.where(is_pos, d_pos, d_neg)
 
-    def backward(self, grad: torch.Tensor, need_rows: bool, need_cols: bool
+    def backward(self, grad: torch.Tensor, lse: torch.Tensor, need_rows: bool, need_cols: bool, need_rowsum: bool
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
         """(dL/drows [R, D], dL/dcols [C, D], in the accumulation dtype, and the per-row
-        ``sum_j dS_ij s_ij``), recomputing each chunk's scores."""
+        ``sum_j dS_ij s_ij`` when ``need_rowsum``, else zeros), recomputing each chunk's scores."""
         R = self.rows.shape[0]
         d_rows = torch.zeros(self.rows.shape, dtype=self.acc, device=self.rows.device) if need_rows else None
         d_cols = torch.zeros(self.cols.shape, dtype=self.acc, device=self.rows.device) if need_cols else None
         rowsum = torch.zeros(R, dtype=self.acc, device=self.rows.device)
-        grad = grad.to(self.acc)
+        grad, lse = grad.to(self.acc), lse.to(self.acc)
         for r in self.chunks():
             s = self.scores(r)
-            ds = self.score_grad(r, s, grad[r])
-            rowsum[r] = (ds * s).sum(1)
+            ds = self.score_grad(r, s, grad[r], lse[r])
+            if need_rowsum:
+                rowsum[r] = (ds * s).sum(1)
             if d_rows is not None:
                 d_rows[r] = ds @ self.cols
             if d_cols is not None:
@@ -266,10 +305,12 @@ def _backward(
     rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
                                 guide_keys, exclude, scalars, flags)
     need_q, need_k = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
+    need_t = bool(flags & Flag.TEMPERATURE_GRAD)
     grad = grad_loss if columns is None else grad_loss / 2
-    dq, dk, rowsum = rows.backward(grad, need_q, need_k)
+    dq, dk, rowsum = rows.backward(grad, row_state[RowState.LOGSUMEXP], need_q, need_k, need_t)
     if columns is not None:
-        d_pos_keys, d_query, col_rowsum = columns.backward(grad, need_k, need_q)
+        d_pos_keys, d_query, col_rowsum = columns.backward(grad, row_state[RowState.COLUMN_LOGSUMEXP], need_k, need_q,
+                                                           need_t)
         rowsum = rowsum + col_rowsum
         if dq is not None and d_query is not None:
             dq = dq + d_query
