@@ -118,7 +118,7 @@ def main() -> None:
             for rule in args.rules:
                 impls = [i for i in IMPLS if (i != "dense CE" or rule == "plain")
                          and (not i.startswith("dense") or B <= args.dense_max)]
-                fns = {i: (lambda i=i: call(i, rule, q, k)) for i in impls}
+                fns = {i: (lambda i=i, rule=rule, q=q, k=k: call(i, rule, q, k)) for i in impls}
                 times = best_times(fns, args.repeats)
                 peaks = {i: peak_mib(i, rule, B, D) for i in impls}
                 row = dict(B=B, D=D, rule=rule, ms=times, peak_mib=peaks)
@@ -151,7 +151,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         ms, pk = r["ms"], r["peak_mib"]
         dense = ms.get("dense")
-        ratio = (lambda a, b: f(ms[a] / ms[b], ".2f") if ms.get(a) and ms.get(b) else "-")
+        def ratio(a: str, b: str, ms: dict = ms) -> str:
+            return f(ms[a] / ms[b], ".2f") if ms.get(a) and ms.get(b) else "-"
+
         lines.append(f"| {r['B']} | {r['D']} | {r['rule']} | {f(ms.get('dense CE'))} | {f(dense)} | {f(ms.get('cpu'))} "
                      f"| {f(ms.get('portable'))} | {f(ms.get('floor'))} | {ratio('portable', 'dense')} "
                      f"| {ratio('portable', 'cpu')} | {ratio('portable', 'floor')} | {f(pk.get('dense'))} "

@@ -6,15 +6,19 @@ same op as the fused kernels (every rule, weighting, estimator, attraction, the 
 ``exclude``, the stats; the same schema, fake kernels and autograd), over chunks of rows:
 
 - forward: for each chunk of ``c`` query rows, the ``[c, N]`` scores ``q k^T`` (in float32 for
-  float16/bfloat16 inputs, as the kernels accumulate), SPEC sections 2-4 applied by the dense
-  reference's functions (:func:`fastneg.reference.loss.row_terms`, :func:`~fastneg.reference.loss.rows_from_scores`),
-  and the per-row loss and state kept; the chunk's matrices are then dropped.
+  float16/bfloat16 inputs, as the kernels accumulate), SPEC sections 2-4 applied, and the per-row
+  loss and state kept; the chunk's matrices are then dropped. The losses with a constant beta
+  (plain, the rules, SimANS, Hardness) are assembled here from the Python rules
+  (:mod:`fastneg.reference.rules`) in as few passes as they need; the others (HCL, DCL, GCSE, soft
+  labels, attraction) through the dense reference's own terms
+  (:func:`fastneg.reference.loss.row_terms`, :func:`~fastneg.reference.loss.rows_from_scores`).
 - backward: each chunk's scores are recomputed from the inputs, ``dL/dS`` of the chunk is formed in
   closed form (below), and ``dq = dS k``, ``dk += dS^T q``. Four products of ``B x N x D`` per
   forward+backward, as the fused kernels; nothing of size ``B x N`` is ever held.
 
 Memory is ``O(c x N + (B + N) x D)``: ``c`` is chosen so that a chunk's matrices (about 12
-``[c, N]`` temporaries) fit in ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256 MiB), at least one row.
+``[c, N]`` temporaries, 28 for the losses computed through the reference's terms: HCL, DCL, GCSE,
+soft labels, attraction) fit in ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256 MiB), at least one row.
 
 The gradients in closed form, with ``q = softmax(x)`` the row's softmax over its positive and
 unmasked negatives (``x = l + beta``, beta constant for SimANS, Hardness and GCSE):
@@ -53,13 +57,14 @@ __all__ = ["info_nce_fwd_portable", "info_nce_bwd_portable", "sample_negatives_p
 MEMORY_ENV = "FASTNEG_PORTABLE_MEMORY_MB"
 DEFAULT_MEMORY_MB = 256
 # [c, N] matrices alive at once in a chunk (scores, guide scores, logits, biased logits, masks,
-# softmax, dS, ...), counted generously
+# softmax, dS, ...), counted generously: the lean losses, and those through the reference's terms
 _TEMPORARIES = 12
+_REFERENCE_TEMPORARIES = 28
 
 
-def chunk_rows(rows: int, cols: int, element_size: int) -> int:
-    """Rows per chunk: as many as keep about 12 ``[rows, cols]`` matrices of ``element_size`` bytes
-    within ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256), at least 1."""
+def chunk_rows(rows: int, cols: int, element_size: int, temporaries: int = _TEMPORARIES) -> int:
+    """Rows per chunk: as many as keep ``temporaries`` ``[rows, cols]`` matrices of ``element_size``
+    bytes within ``FASTNEG_PORTABLE_MEMORY_MB`` (default 256), at least 1."""
     raw = os.environ.get(MEMORY_ENV)
     try:
         budget = float(raw) if raw else float(DEFAULT_MEMORY_MB)
@@ -67,7 +72,7 @@ def chunk_rows(rows: int, cols: int, element_size: int) -> int:
         raise ValueError(f"{MEMORY_ENV} must be a number of MiB, got {raw!r}") from None
     if not budget > 0:
         raise ValueError(f"{MEMORY_ENV} must be positive, got {raw!r}")
-    per_row = max(1, cols) * element_size * _TEMPORARIES
+    per_row = max(1, cols) * element_size * temporaries
     return max(1, min(rows, int(budget * 2**20 // per_row)))
 
 
@@ -101,7 +106,7 @@ class _Direction:
 
     def chunks(self) -> Iterator[slice]:
         R, C = self.rows.shape[0], self.cols.shape[0]
-        step = chunk_rows(R, C, torch.finfo(self.acc).bits // 8)
+        step = chunk_rows(R, C, torch.finfo(self.acc).bits // 8, _TEMPORARIES if self.lean else _REFERENCE_TEMPORARIES)
         for start in range(0, R, step):
             yield slice(start, min(R, start + step))
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,8 +43,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def measure(backend: str, *flags: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, backend, *flags], capture_output=True, text=True, timeout=600)
+def measure(backend: str, *flags: str, budget_mib: int = 256, size: int = 16384) -> dict:
+    env = dict(os.environ, FASTNEG_PORTABLE_MEMORY_MB=str(budget_mib))
+    script = SCRIPT.replace("B = N = 16384", f"B = N = {size}")
+    out = subprocess.run([sys.executable, "-c", script, backend, *flags], capture_output=True, text=True, timeout=600,
+                         env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -64,6 +70,16 @@ def test_estimators_memory_is_linear_too() -> None:
     result = measure("cpu", "estimators")
     assert result["grad_finite"] and result["loss"] > 0
     assert result["peak_growth_mib"] < 256, result
+
+
+@pytest.mark.parametrize("mode", ["", "symmetric", "estimators"])
+def test_portable_memory_is_its_chunk_budget(mode: str) -> None:
+    """The portable backend at B = N = 8192 (one [B, N] float32 buffer: 256 MiB) with a 32 MiB budget
+    for its chunk of rows: well under one such buffer."""
+    result = measure("portable", *([mode] if mode else []), budget_mib=32, size=8192)
+    print(result)
+    assert result["grad_finite"] and result["loss"] > 0
+    assert result["peak_growth_mib"] < 96, result
 
 
 def test_the_dense_reference_would_not_fit_that_budget() -> None:
