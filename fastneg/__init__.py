@@ -1,7 +1,8 @@
 """fastneg: fused contrastive losses with false-negative masking and SimANS-style weighting.
 
 In-batch similarity, masking and weighting are computed in one pass over score tiles
-(Triton on CUDA, C++ on CPU), never materialising the [B, N] similarity matrix.
+(Triton on CUDA, C++ on CPU, plain PyTorch on any other device), never materialising the
+[B, N] similarity matrix.
 """
 
 from . import presets
