@@ -32,7 +32,7 @@ __all__ = ["sample_negatives", "STRATEGIES"]
 
 STRATEGIES = ("top", "simans", "uniform")
 # the fused Triton sampler keeps a [rows, K_PAD] running top-k in registers; beyond this many
-# negatives the rows are sampled densely in chunks instead (the same values and noise)
+# negatives the portable sampler draws them (the dense sampler on chunks of rows: the same values and noise)
 MAX_FUSED_NEGATIVES = 512
 StrategyOption = Union[str, SimANS]
 
@@ -97,8 +97,8 @@ def sample_negatives(
             Gumbel-top-k an exact draw from the remaining keys).
         generator, seed: the randomness (one of them; neither: torch's default generator). The
             same seed and inputs give the same indices on a device.
-        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"``, ``"reference"``
-            (dense, for checking).
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU, portable elsewhere), ``"triton"``, ``"cpu"``,
+            ``"portable"`` (the dense sampler on chunks of rows, any device), ``"reference"`` (dense, for checking).
 
     Returns:
         int64 ``[B, num_negatives]`` key indices, best first (highest score, or highest perturbed
@@ -148,28 +148,10 @@ def _fused_sample(backend: str, query: torch.Tensor, keys: torch.Tensor, positiv
                   key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
                   guide_keys: Optional[torch.Tensor]) -> torch.Tensor:
     if backend == "triton" and k > MAX_FUSED_NEGATIVES:
-        return _chunked_sample(query, keys, positives, k, code, plan, seed, query_labels, key_labels,
-                               guide_query, guide_keys)
+        # beyond the fused Triton sampler's k: the portable sampler (the dense sampler on chunks of rows,
+        # memory O(chunk x N)); the same values and noise, so the same draw
+        backend = "portable"
     query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
         backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
     return sample_op(backend)(query, keys, positives, query_labels, key_labels, guide_query, guide_keys,
                               plan.scalars(), plan.flags(kind=code), k, seed)
-
-
-def _chunked_sample(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, k: int, code: Strategy,
-                    plan: Plan, seed: int, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
-                    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor]) -> torch.Tensor:
-    """A k beyond the fused Triton sampler's: the dense sampler on row chunks of at most 2^26
-    scores each (memory O(chunk x N), never B x N); the same values and noise, so the same draw."""
-    chunk = max(1, 2**26 // max(1, keys.shape[0]))
-    parts = []
-    for start in range(0, query.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        parts.append(sample_negatives_reference(
-            query[rows].float(), keys.float(), positives[rows], k, code, plan, seed,
-            query_labels[rows] if query_labels is not None else None, key_labels,
-            guide_query[rows].float() if guide_query is not None else None,
-            guide_keys.float() if guide_keys is not None else None, first_row=start))
-    return torch.cat(parts)
-
-

@@ -246,3 +246,22 @@ def test_triton_half_precision_top() -> None:
     best = torch.sort(scores, dim=1, descending=True).values[:, :5]
     assert bool((got >= 0).all()) and bool(cand.gather(1, got).all())
     assert torch.allclose(scores.gather(1, got), best, atol=2e-3)
+
+
+@pytest.mark.parametrize("strategy", ["top", "simans", "uniform"])
+def test_beyond_the_fused_triton_k_the_draw_is_the_same(strategy) -> None:
+    """k above the fused Triton sampler's register top-k: the portable sampler draws, the same keys
+    as the C++ sampler (the same values and noise)."""
+    from fastneg.sampling import MAX_FUSED_NEGATIVES
+
+    problem = make_problem(3, MAX_FUSED_NEGATIVES + 40, 8, seed=11, labels=50)
+    k = MAX_FUSED_NEGATIVES + 5
+    drawn = {}
+    for backend in ("cpu", "triton", "reference"):
+        device = _device(backend)
+        drawn[backend] = fastneg.sample_negatives(
+            problem.query.float().to(device), problem.keys.float().to(device), problem.positives.to(device), k,
+            strategy=strategy, seed=3, margin=0.1, key_labels=problem.extra["key_labels"].to(device),
+            backend=backend).cpu()
+    assert drawn["cpu"].shape == (3, k) and int((drawn["cpu"] >= 0).sum()) > k
+    assert torch.equal(drawn["cpu"], drawn["triton"]) and torch.equal(drawn["cpu"], drawn["reference"])

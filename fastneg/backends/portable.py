@@ -311,6 +311,8 @@ def _backward(
                                 guide_keys, exclude, scalars, flags)
     need_q, need_k = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
     need_t = bool(flags & Flag.TEMPERATURE_GRAD)
+    if not (need_q or need_k or need_t):
+        return query.new_empty(0), keys.new_empty(0), torch.zeros(query.shape[0], dtype=rows.acc, device=query.device)
     grad = grad_loss if columns is None else grad_loss / 2
     dq, dk, rowsum = rows.backward(grad, row_state[RowState.LOGSUMEXP], need_q, need_k, need_t)
     if columns is not None:
