@@ -30,13 +30,14 @@ import os
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Optional
 
 import torch
 
 import fastneg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_loss import time_cpu  # noqa: E402
 
 RULES = {"plain": {}, "masked": dict(margin=0.1, weighting=fastneg.SimANS(0.5, 0.0))}
 IMPLS = ("dense CE", "dense", "cpu", "portable", "floor")
@@ -90,18 +91,6 @@ def peak_mib(impl: str, rule: str, B: int, D: int) -> Optional[float]:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def best_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: 1e3 * t for name, t in best.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
@@ -119,7 +108,7 @@ def main() -> None:
                 impls = [i for i in IMPLS if (i != "dense CE" or rule == "plain")
                          and (not i.startswith("dense") or B <= args.dense_max)]
                 fns = {i: (lambda i=i, rule=rule, q=q, k=k: call(i, rule, q, k)) for i in impls}
-                times = best_times(fns, args.repeats)
+                times = time_cpu(fns, args.repeats)
                 peaks = {i: peak_mib(i, rule, B, D) for i in impls}
                 row = dict(B=B, D=D, rule=rule, ms=times, peak_mib=peaks)
                 rows.append(row)

@@ -181,6 +181,7 @@ def implementations(device: torch.device, chunk: int = 1024) -> dict[str, tuple[
     impls: dict[str, tuple[LossFn, tuple[str, ...]]] = {}
     backend = "triton" if device.type == "cuda" else "cpu"
     impls[f"fastneg-{backend}"] = (_fastneg(backend), RULE_SETS)
+    impls["fastneg-portable"] = (_fastneg("portable"), RULE_SETS)  # what auto runs on other devices
     impls["fastneg-two-calls"] = (_two_calls(backend), ("symmetric",))
     impls["naive"] = (_naive, RULE_SETS)
     impls["naive-compile"] = (CompiledPerCase(), RULE_SETS)

@@ -128,7 +128,7 @@ def scaling_table(rows: list[Row], memory_budget_gib: Optional[float]) -> list[s
 
 # one colour per implementation in every plot (matplotlib's tab10, in this order)
 IMPL_ORDER = ("fastneg-triton", "fastneg-cpu", "naive", "naive-compile", "chunked", "st-mnrl", "inf-cl",
-              "fastneg-two-calls", "floor")
+              "fastneg-two-calls", "floor", "fastneg-portable")
 RULE_TEXT = {
     "plain": "plain rules: InfoNCE, positives on the diagonal, every other key a negative",
     "masked": "masked rules: margin 0.1 (keys scoring above the positive - 0.1 masked) + SimANS(a=0.5, b=0) "

@@ -30,7 +30,7 @@ def test_bench_tiny_sweep_writes_csv_markdown_and_plots(tmp_path) -> None:
         rows = list(csv.DictReader(f))
     assert COLUMNS <= set(rows[0])
     impls = {r["impl"] for r in rows}
-    assert {"fastneg-cpu", "fastneg-two-calls", "naive", "naive-compile", "chunked", "floor"} <= impls
+    assert {"fastneg-cpu", "fastneg-portable", "fastneg-two-calls", "naive", "naive-compile", "chunked", "floor"} <= impls
     assert {r["op"] for r in rows} == {"forward", "backward", "forward+backward"}
     for r in rows:
         assert r["status"] == "ok", r
