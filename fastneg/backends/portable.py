@@ -89,14 +89,16 @@ class _Direction:
                  guide_rows: Optional[torch.Tensor], guide_cols: Optional[torch.Tensor],
                  exclude: Optional[torch.Tensor]) -> None:
         self.acc = _accumulation(rows.dtype)
-        self.rows, self.cols = rows, cols.to(self.acc)
+        # contiguous, so that the scores and a guide's scores of equal embeddings round alike (GCSE decides
+        # s <= t on them: a strided or column-major operand takes another BLAS path)
+        self.rows, self.cols = rows.contiguous(), cols.to(self.acc).contiguous()
         self.positives, self.plan, self.exclude = positives, plan, exclude
         self.temperature = temperature.reshape(()).to(device=rows.device, dtype=self.acc)
         self.row_labels = row_labels
         # the reference's label layout: [1, C] or [1, C, levels]
         self.col_labels = col_labels[None] if col_labels is not None else None
-        self.guide_rows = guide_rows
-        self.guide_cols = guide_cols.to(self.acc) if guide_cols is not None else None
+        self.guide_rows = guide_rows.contiguous() if guide_rows is not None else None
+        self.guide_cols = guide_cols.to(self.acc).contiguous() if guide_cols is not None else None
         self.rules = (plan.margin is not None or plan.relative_margin is not None or plan.max_score is not None
                       or col_labels is not None or (guide_rows is not None and plan.guide_margin != float("-inf")))
         # the losses whose beta is a constant and whose gradient is the softmax minus the positive: computed

@@ -43,6 +43,25 @@ def test_gcse_with_a_reference_equal_to_the_student(backend: str, kernels: str, 
     torch.testing.assert_close(loss.double().cpu(), expected.cpu(), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+def test_gcse_with_a_reference_equal_to_strided_student_embeddings(backend: str, dtype: torch.dtype,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with a strided query and column-major keys beside contiguous copies as the reference:
+    the scores and the reference's scores must still round alike. The portable backend in chunks of
+    one row once computed them from differently laid-out operands (a matrix-vector product whose
+    rounding depends on the layout), and the tie s <= t went the other way for some keys."""
+    monkeypatch.setenv("FASTNEG_PORTABLE_MEMORY_MB", "1e-6")  # chunks of one row
+    wide = _unit(5, 12, seed=2, dtype=dtype)[:, ::2]  # a strided [5, 6] query
+    keys = _unit(15, 6, seed=1002, dtype=dtype).T.contiguous().T  # column-major keys
+    t = 0.05
+    loss = fastneg.info_nce(wide, keys, temperature=t, weighting=fastneg.GCSE(0.17), guide_query=wide.contiguous(),
+                            guide_keys=keys.contiguous(), guide_margin=None, reduction="none", backend=backend)
+    l_pos = (wide.double() * keys[:5].double()).sum(1) / t
+    expected = torch.log(torch.exp(l_pos) + 14.0) - l_pos
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negatives_with_zero_columns_is_the_positive_alone(backend: str) -> None:
     dev = _device(backend)
