@@ -98,8 +98,15 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dense-max", type=int, default=16384, help="largest B for the dense losses")
+    parser.add_argument("--scaling-sizes", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536],
+                        help="B = N of the memory series (portable and cpu, plain, D = 128; none: skip it)")
     parser.add_argument("--out", default=None, help="markdown file (default: print only)")
     args = parser.parse_args()
+    scaling = []
+    for B in args.scaling_sizes:
+        point = dict(B=B, peak_mib={i: peak_mib(i, "plain", B, 128) for i in ("portable", "cpu")})
+        scaling.append(point)
+        print(json.dumps(point), flush=True)
     rows = []
     for B in args.sizes:
         for D in args.dims:
@@ -115,12 +122,12 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(markdown(rows, args))
+            f.write(markdown(rows, scaling, args))
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(rows=rows, scaling=scaling), f, indent=1)
 
 
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+def markdown(rows: list[dict], scaling: list[dict], args: argparse.Namespace) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
     lines = [f"# The portable backend on CPU ({when})", "",
@@ -129,7 +136,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              f"Command: `python benchmarks/bench_portable.py {' '.join(sys.argv[1:])}`", "",
              "float32, forward + backward, temperature 0.05, B = N. Time: best of "
              f"{args.repeats} after a warm-up, ms. Peak: resident-set growth of a fresh process, MiB "
-             "(the [B, D] inputs and gradients are allocated before it). masked = margin 0.1 + SimANS(0.5, 0).", "",
+             "(the [B, D] inputs are allocated before it, their gradients inside). masked = margin 0.1 + SimANS(0.5, 0).", "",
              "| B = N | D | rules | dense CE ms | dense ms | cpu ms | portable ms | floor ms | portable / dense "
              "| portable / cpu | portable / floor | dense peak | cpu peak | portable peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -147,6 +154,13 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                      f"| {f(ms.get('portable'))} | {f(ms.get('floor'))} | {ratio('portable', 'dense')} "
                      f"| {ratio('portable', 'cpu')} | {ratio('portable', 'floor')} | {f(pk.get('dense'))} "
                      f"| {f(pk.get('cpu'))} | {f(pk.get('portable'))} |")
+    if scaling:
+        lines += ["", "Memory as the batch grows (plain, D = 128, forward + backward; peak MiB of a fresh process; "
+                  "the inputs are allocated before the measure, their gradients (2 x B x 128 x 4 bytes) inside it):", "",
+                  "| B = N | portable peak | cpu peak | one [B, N] float32 matrix |", "|---|---|---|---|"]
+        for p in scaling:
+            lines.append(f"| {p['B']} | {f(p['peak_mib'].get('portable'))} | {f(p['peak_mib'].get('cpu'))} "
+                         f"| {p['B'] * p['B'] * 4 / 2**20:.0f} |")
     lines.append("")
     return "\n".join(lines)
 
