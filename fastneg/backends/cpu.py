@@ -2,8 +2,9 @@
 
 fastneg installs as pure Python; its C++ kernels are compiled by the first call that needs them
 (``torch.utils.cpp_extension.load`` with ninja, the five files in parallel) into a cache folder
-keyed by the torch version, the Python version and a hash of the sources and flags, and loaded
-from there by every later process (a file lock makes concurrent first calls build once). It
+keyed by the torch version, the Python version and a hash of the sources (their folder and
+contents) and flags, and loaded from there by every later process (a file lock makes concurrent
+first calls build once). It
 prints one line when it starts compiling and one with the time it took. ``fastneg build-cpu``
 (or :func:`load`) builds ahead of time, e.g. in a container image.
 
@@ -53,9 +54,10 @@ def sources() -> tuple[str, list[str]]:
 
 
 def build_directory() -> str:
-    """The cache folder of this torch, this Python and these sources."""
+    """The cache folder of this torch, this Python and these sources (their folder and contents)."""
     folder, files = sources()
-    digest = hashlib.sha256(" ".join(_FLAGS + _LINK).encode())
+    # the folder too: torch's build files name the sources by path, and would rebuild in place for another one
+    digest = hashlib.sha256((os.path.realpath(folder) + "\0" + " ".join(_FLAGS + _LINK)).encode())
     for name in sorted(os.listdir(folder)):
         if name.endswith((".cpp", ".h")):
             with open(os.path.join(folder, name), "rb") as f:

@@ -144,3 +144,16 @@ def test_the_just_in_time_build_compiles_once(tmp_path: Path) -> None:
     assert second.stdout.split() == [str(directory), "cpu"]
     assert library.stat().st_mtime_ns == built
     print(f"\n{first.stderr.strip().splitlines()[-1]}")
+
+
+def test_each_installation_has_its_own_cache_folder(fresh_venv: Path, tmp_path: Path) -> None:
+    """The same sources in another place (the wheel's fastneg/_csrc, this checkout's csrc/) get another
+    cache folder: torch's build files name the sources by path, and would otherwise rebuild in place
+    (silently, for as long as a compile takes) each time a process from the other installation ran."""
+    code = "import fastneg.backends.cpu as c; print(c.build_directory())"
+    env = clean_env(FASTNEG_CACHE_DIR=str(tmp_path))
+    wheel = run(str(fresh_venv / "bin" / "python"), "-c", code, env=env, cwd=tmp_path)
+    checkout = run(sys.executable, "-c", code, env=env, cwd=REPO)
+    assert wheel.returncode == 0 and checkout.returncode == 0, (wheel.stderr, checkout.stderr)
+    assert wheel.stdout.strip() != checkout.stdout.strip()
+    assert Path(wheel.stdout.strip()).parent == Path(checkout.stdout.strip()).parent == tmp_path / "cpu"
