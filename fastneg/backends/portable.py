@@ -39,6 +39,7 @@ every query). Its tests run it against the float64 oracle like the other backend
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Optional
@@ -78,6 +79,14 @@ def chunk_rows(rows: int, cols: int, element_size: int, temporaries: int = _TEMP
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _exact(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off inside the op: it computes in its own accumulation dtype (an enclosing autocast
+    would run its products in bfloat16, as the fused kernels never do)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _Direction:
@@ -291,16 +300,17 @@ def _forward(
     query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor], scalars: list[float], flags: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
-                                guide_keys, exclude, scalars, flags)
-    loss, lse, pos_score, n_masked, n_neg = rows.forward()
-    state = torch.zeros(len(RowState), query.shape[0], dtype=rows.acc, device=query.device)
-    state[RowState.LOGSUMEXP], state[RowState.POSITIVE_SCORE] = lse, pos_score
-    if columns is not None:
-        col_loss, col_lse = columns.forward()[:2]
-        state[RowState.COLUMN_LOGSUMEXP] = col_lse
-        loss = (loss + col_loss) / 2
-    return loss, state, n_masked, n_neg
+    with _exact(query.device):
+        rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
+                                    guide_keys, exclude, scalars, flags)
+        loss, lse, pos_score, n_masked, n_neg = rows.forward()
+        state = torch.zeros(len(RowState), query.shape[0], dtype=rows.acc, device=query.device)
+        state[RowState.LOGSUMEXP], state[RowState.POSITIVE_SCORE] = lse, pos_score
+        if columns is not None:
+            col_loss, col_lse = columns.forward()[:2]
+            state[RowState.COLUMN_LOGSUMEXP] = col_lse
+            loss = (loss + col_loss) / 2
+        return loss, state, n_masked, n_neg
 
 
 def _backward(
@@ -309,24 +319,25 @@ def _backward(
     guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
     row_state: torch.Tensor, scalars: list[float], flags: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
-                                guide_keys, exclude, scalars, flags)
-    need_q, need_k = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
-    need_t = bool(flags & Flag.TEMPERATURE_GRAD)
-    if not (need_q or need_k or need_t):
-        return query.new_empty(0), keys.new_empty(0), torch.zeros(query.shape[0], dtype=rows.acc, device=query.device)
-    grad = grad_loss if columns is None else grad_loss / 2
-    dq, dk, rowsum = rows.backward(grad, row_state[RowState.LOGSUMEXP], need_q, need_k, need_t)
-    if columns is not None:
-        d_pos_keys, d_query, col_rowsum = columns.backward(grad, row_state[RowState.COLUMN_LOGSUMEXP], need_k, need_q,
-                                                           need_t)
-        rowsum = rowsum + col_rowsum
-        if dq is not None and d_query is not None:
-            dq = dq + d_query
-        if dk is not None and d_pos_keys is not None:
-            dk = dk.index_add(0, positives, d_pos_keys)
-    return (dq.to(query.dtype) if dq is not None else query.new_empty(0),
-            dk.to(keys.dtype) if dk is not None else keys.new_empty(0), rowsum)
+    with _exact(query.device):
+        rows, columns = _directions(query, keys, positives, temperature, query_labels, key_labels, guide_query,
+                                    guide_keys, exclude, scalars, flags)
+        need_q, need_k = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
+        need_t = bool(flags & Flag.TEMPERATURE_GRAD)
+        if not (need_q or need_k or need_t):
+            return query.new_empty(0), keys.new_empty(0), torch.zeros(query.shape[0], dtype=rows.acc, device=query.device)
+        grad = grad_loss if columns is None else grad_loss / 2
+        dq, dk, rowsum = rows.backward(grad, row_state[RowState.LOGSUMEXP], need_q, need_k, need_t)
+        if columns is not None:
+            d_pos_keys, d_query, col_rowsum = columns.backward(grad, row_state[RowState.COLUMN_LOGSUMEXP], need_k, need_q,
+                                                               need_t)
+            rowsum = rowsum + col_rowsum
+            if dq is not None and d_query is not None:
+                dq = dq + d_query
+            if dk is not None and d_pos_keys is not None:
+                dk = dk.index_add(0, positives, d_pos_keys)
+        return (dq.to(query.dtype) if dq is not None else query.new_empty(0),
+                dk.to(keys.dtype) if dk is not None else keys.new_empty(0), rowsum)
 
 
 def _sample(
@@ -336,22 +347,23 @@ def _sample(
 ) -> torch.Tensor:
     """The sampler on chunks of rows: the dense sampler's values, noise and order per chunk (the
     noise is keyed by the global row), so the draw is the one of every other sampler."""
-    plan = Plan.decode(scalars, flags, sampler=True)
-    strategy = Strategy(kind(flags))
-    acc = _accumulation(query.dtype)
-    ql, kl = _labels(query_labels), _labels(key_labels)
-    k, gk = keys.to(acc), guide_keys.to(acc) if guide_keys is not None else None
-    step = chunk_rows(query.shape[0], keys.shape[0], torch.finfo(acc).bits // 8)
-    parts = []
-    for start in range(0, query.shape[0], step):
-        r = slice(start, start + step)
-        parts.append(sample_negatives_reference(
-            query[r].to(acc), k, positives[r], num_negatives, strategy, plan, seed,
-            ql[r] if ql is not None else None, kl, guide_query[r].to(acc) if guide_query is not None else None, gk,
-            first_row=start))
-    if not parts:
-        return torch.empty(0, num_negatives, dtype=torch.int64, device=query.device)
-    return torch.cat(parts)
+    with _exact(query.device):
+        plan = Plan.decode(scalars, flags, sampler=True)
+        strategy = Strategy(kind(flags))
+        acc = _accumulation(query.dtype)
+        ql, kl = _labels(query_labels), _labels(key_labels)
+        k, gk = keys.to(acc), guide_keys.to(acc) if guide_keys is not None else None
+        step = chunk_rows(query.shape[0], keys.shape[0], torch.finfo(acc).bits // 8)
+        parts = []
+        for start in range(0, query.shape[0], step):
+            r = slice(start, start + step)
+            parts.append(sample_negatives_reference(
+                query[r].to(acc), k, positives[r], num_negatives, strategy, plan, seed,
+                ql[r] if ql is not None else None, kl, guide_query[r].to(acc) if guide_query is not None else None, gk,
+                first_row=start))
+        if not parts:
+            return torch.empty(0, num_negatives, dtype=torch.int64, device=query.device)
+        return torch.cat(parts)
 
 
 # Defined with the fused schema and implemented once for every device (CompositeExplicitAutograd).

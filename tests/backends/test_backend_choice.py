@@ -85,3 +85,21 @@ def test_cpu_build_off_uses_the_portable_backend_without_compiling(tmp_path) -> 
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: backend='cpu' needs fastneg's C++ kernels") and "portable" in last, last
     assert "no C++ compiler" in last
+
+
+def test_the_portable_backend_ignores_an_enclosing_autocast() -> None:
+    """Under CPU autocast to bfloat16 the portable op still computes in float32 (as the fused kernels
+    do): the same loss and gradients as without it (its products once ran in bfloat16 and the
+    backward failed on mixed dtypes)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for autocast in (False, True):
+        q = torch.randn(12, 8, generator=g).requires_grad_()
+        k = torch.randn(20, 8, generator=g).requires_grad_()
+        g.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fastneg.info_nce(q, k, margin=0.1, weighting="simans", backend="portable")
+        loss.backward()
+        out.append((loss.detach(), q.grad, k.grad))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
