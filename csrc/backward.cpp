@@ -29,6 +29,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const T* const coef_p = row_of(RowState::POSITIVE_COEF);
   const T* const hcl_mass_p = row_of(RowState::HCL_MASS);
   const T* const hcl_shift_p = row_of(RowState::HCL_SHIFT);
+  const T* const hcl_ref_p = row_of(RowState::HCL_REFERENCE);
+  const T* const hcl_wref_p = row_of(RowState::HCL_WEIGHT_REFERENCE);
+  const T* const pos_share_p = row_of(RowState::LOG_POSITIVE_SHARE);
   const T* const teacher_p = row_of(RowState::TEACHER_LOGSUMEXP);
   const T* const inv_p_p = row_of(RowState::INV_NUM_POSITIVES);
   at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
@@ -119,9 +122,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               // sum_j dS_ij s_ij for the temperature gradient, written as sum_j dS_ij (s_ij - s_i+)
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
               T acc;
-              if (W == Weighting::HCL)  // (1 + beta) P_ij - beta R e^{beta l_ij - logsumexp_k beta l_ik}
-                acc = K::grad2(x.data(), shift, scale * (T(1) + a), log_w.data(), hcl_shift_p[i],
-                               scale * hcl_mass_p[i], row.positive_score, srow, nc);
+              if (W == Weighting::HCL)  // (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, x = s (RowState)
+                acc = K::hcl_grad(x.data(), a, inv_temp, hcl_ref_p[i] * inv_temp, off_p[i], scale * (T(1) + a),
+                                  hcl_wref_p[i] * inv_temp, hcl_shift_p[i], scale * hcl_mass_p[i], row.positive_score,
+                                  srow, nc);
               else if (sh.soft)  // P_ij - w p_ij, p the teacher's softmax
                 acc = K::grad2(x.data(), shift, scale, tx.data(), -teacher_p[i], scale * w,
                                row.positive_score, srow, nc);
@@ -137,7 +141,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               if (pc >= 0 && pc < nc) {
                 // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing); soft labels:
                 // e^{l+ - lse} - (1 - w) - w p+
-                const T d = row.positive_score * inv_temp - lse_p[i];
+                // l+ - lse (HCL: kept by the forward, from its relative terms)
+                const T d = W == Weighting::HCL ? pos_share_p[i] : row.positive_score * inv_temp - lse_p[i];
                 srow[pc] = scale * (coef_p[i] == T(1) ? std::expm1(d) : coef_p[i] * std::exp(d) - T(1));
                 if (plan.attract) srow[pc] = scale * (std::exp(d) - inv_p_p[i]);
                 if (sh.soft) srow[pc] += scale * w * (T(1) - std::exp(tx[pc] - teacher_p[i]));

@@ -72,6 +72,20 @@ struct SoftAcc {
   T mean_gap() const { return nan ? std::numeric_limits<T>::quiet_NaN() : a / z; }  // sum_j p_j (t'_j - x_j)
 };
 
+// HCL, per row: the negatives' logits l_j summed as sx = sum_j e^{(1 + beta)(l_j - ref_x)} and
+// sw = sum_j e^{beta (l_j - ref_w)}, each reference the logit of the row's largest negative score
+// (hi), or its smallest (lo) where the factor is negative, so that every term is <= 1 and the
+// reference's own is exactly 1: no exponent is a difference of two rounded terms of size
+// (1 + beta) |l| (merged by hcl_lse_add; hi and lo are scores).
+template <typename T>
+struct HclAcc {
+  T hi = neg_inf<T>(), lo = std::numeric_limits<T>::infinity();
+  T sx = T(0), sw = T(0);
+  bool nan = false;
+
+  static T reference(T factor, T hi, T lo) { return factor >= T(0) ? hi : lo; }
+};
+
 // DCL (Chuang et al. 2020): the row's negative term becomes
 // Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), computed after a shift c.
 // Returns log(e^{l+} + Ng), the shift to add to the negatives' offset (their dL/dl carries a
@@ -94,6 +108,46 @@ DebiasedRow<T> debiased_row(T l_pos, T neg_lse, int64_t count, T tau_plus, T inv
   const T lse = c + std::log(std::exp(l_pos - c) + (clamped ? floor : raw));
   if (clamped) return {lse, neg_inf<T>(), T(1)};
   return {lse, -std::log1p(-tau_plus), T(1) - n * tau_plus / (T(1) - tau_plus)};
+}
+
+// A row's logsumexp relative to its negatives' log-mass g (d = l+ - g), with DCL when `debias`
+// (log_floor = log n - 1/t - g): rel = lse - g and loss = lse - l+, each computed from the larger of
+// the positive's term and the negatives' so that neither is a difference of two rounded terms of
+// the logits' size; DCL's negatives' offset shift and c+ as in DebiasedRow.
+template <typename T>
+struct RelativeRow {
+  T rel, loss, offset_shift, positive_coef;
+};
+
+template <typename T>
+RelativeRow<T> relative_row(T d, bool debias, T log_floor, int64_t count, T tau_plus) {
+  if (!debias) {  // lse = logaddexp(l+, g)
+    if (d >= T(0)) {
+      const T loss = std::log1p(std::exp(-d));
+      return {d + loss, loss, T(0), T(1)};
+    }
+    const T rel = std::log1p(std::exp(d));
+    return {rel, rel - d, T(0), T(1)};
+  }
+  const T n = T(count);
+  T c = d > T(0) ? d : T(0);
+  c = log_floor > c ? log_floor : c;
+  const T pos = std::exp(d - c);
+  const T raw = (std::exp(-c) - n * tau_plus * pos) / (T(1) - tau_plus);
+  const T floor = std::exp(log_floor - c);
+  const bool clamped = raw < floor;
+  const T neg = clamped ? floor : raw;
+  RelativeRow<T> out;
+  if (pos >= neg) {
+    out.loss = std::log1p(neg / pos);
+    out.rel = d + out.loss;
+  } else {
+    out.rel = c + std::log(neg) + std::log1p(pos / neg);
+    out.loss = out.rel - d;
+  }
+  out.offset_shift = clamped ? neg_inf<T>() : -std::log1p(-tau_plus);
+  out.positive_coef = clamped ? T(1) : T(1) - n * tau_plus / (T(1) - tau_plus);
+  return out;
 }
 
 template <typename T>

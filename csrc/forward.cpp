@@ -45,6 +45,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
       std::vector<T> x(g.key_tile), log_w(g.key_tile), tx(sh.soft ? g.key_tile : 0), xf(plan.attract ? g.key_tile : 0);
       std::vector<T> s_t(symmetric ? g.key_tile * kRowBlock : 0), t_t(symmetric && GUIDE ? g.key_tile * kRowBlock : 0);
       std::vector<OnlineLSE<T>> acc(kRowBlock), acc_w(kRowBlock), acc_f(plan.attract ? kRowBlock : 0);
+      std::vector<HclAcc<T>> acc_hcl(W == Weighting::HCL ? kRowBlock : 0);
       std::vector<T> sum_f(plan.attract ? kRowBlock : 0);
       std::vector<SoftAcc<T>> acc_soft(sh.soft ? kRowBlock : 0);
       std::vector<T> t_pos(kRowBlock);
@@ -65,6 +66,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             rows[r] = make_row<T>(sh, r0 + r, spos_p[r0 + r], thr_p[r0 + r], gthr_p[r0 + r]);
             acc[r] = OnlineLSE<T>();
             acc_w[r] = OnlineLSE<T>();
+            if (W == Weighting::HCL) acc_hcl[r] = HclAcc<T>();
             if (plan.attract) {
               acc_f[r] = OnlineLSE<T>();
               sum_f[r] = T(0);
@@ -87,13 +89,16 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               const bool has_excl = rows[r].exclude >= j0 && rows[r].exclude < j0 + nc;
               cnt_masked[r] += masked;
               cnt_neg[r] += nc - masked - (has_pos ? 1 : 0) - (has_excl ? 1 : 0);
-              K::lse_add(acc[r], x.data(), nc);
+              if (W == Weighting::HCL)
+                K::hcl_add(acc_hcl[r], x.data(), a, inv_temp, nc);
+              else
+                K::lse_add(acc[r], x.data(), nc);
               if (plan.attract) {  // the flagged keys' logits: their logsumexp and their sum
                 K::lse_add(acc_f[r], xf.data(), nc);
                 for (int64_t c = 0; c < nc; ++c)
                   if (xf[c] > neg_inf<T>()) sum_f[r] += xf[c];
               }
-              if (W == Weighting::SIMANS || W == Weighting::HCL) K::lse_add(acc_w[r], log_w.data(), nc);
+              if (W == Weighting::SIMANS) K::lse_add(acc_w[r], log_w.data(), nc);
               if (sh.soft) {
                 if (W == Weighting::SIMANS)  // the student's logits without the log-weights (kept apart, see SoftAcc)
                   for (int64_t c = 0; c < nc; ++c) x[c] = tile.scores[c] * inv_temp;
@@ -127,10 +132,39 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             const int64_t i = r0 + r;
             const T l_pos = spos_p[i] * inv_temp;
             T row_off = T(0);
-            if ((W == Weighting::SIMANS || W == Weighting::HCL) && cnt_neg[r] > 0)
-              row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
-            const T hcl_off = row_off;
+            if (W == Weighting::SIMANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
             T total, coef = T(1);
+            if (W == Weighting::HCL && cnt_neg[r] > 0) {
+              // g = log(n sum_j e^{(1 + beta) l_j} / sum_j e^{beta l_j}), the negatives' log-mass, is
+              // ref_x + small; everything the backward needs is taken relative to g, so that the
+              // positive's share, P_ij and beta R never meet a rounding of size (1 + beta) |l|
+              const HclAcc<T>& h = acc_hcl[r];
+              const T sx_ref = HclAcc<T>::reference(T(1) + a, h.hi, h.lo), sw_ref = HclAcc<T>::reference(a, h.hi, h.lo);
+              const T rx = sx_ref * inv_temp, rw = sw_ref * inv_temp;  // as hcl_lse_add computes them
+              const T log_sx = std::log(h.sx), log_sw = std::log(h.sw);
+              const T small = a * (rx - rw) + (std::log(T(cnt_neg[r])) + log_sx - log_sw);
+              const T d = (l_pos - rx) - small;  // l+ - g
+              RelativeRow<T> rr = relative_row(d, plan.debias.has_value(),
+                                               std::log(T(cnt_neg[r])) - inv_temp - (rx + small), cnt_neg[r],
+                                               T(plan.debias.value_or(0.0)));
+              if (h.nan) rr.rel = rr.loss = std::numeric_limits<T>::quiet_NaN();
+              const T rel = rr.rel, shift = rr.offset_shift;  // rel = total - g
+              coef = rr.positive_coef;
+              loss_p[i] = rr.loss;
+              total = l_pos + rr.loss;  // so that the backward's e^{l+ - total} is the forward's
+              off_p[i] = shift - rel - log_sx;  // P_ij = e^{(1 + beta)(l_ij - rx) + off}
+              // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
+              row_of(RowState::HCL_MASS)[i] = a * std::exp(shift - rel);
+              row_of(RowState::HCL_SHIFT)[i] = -log_sw;
+              row_of(RowState::HCL_REFERENCE)[i] = sx_ref;
+              row_of(RowState::HCL_WEIGHT_REFERENCE)[i] = sw_ref;
+              row_of(RowState::LOG_POSITIVE_SHARE)[i] = -rr.loss;
+              lse_p[i] = total;
+              coef_p[i] = coef;
+              n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
+              n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
+              continue;
+            }
             if (plan.debias) {
               const DebiasedRow<T> d =
                   debiased_row(l_pos, acc[r].value() + row_off, cnt_neg[r], T(*plan.debias), inv_temp);
@@ -147,11 +181,6 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               total = logaddexp(total, acc_f[r].value());
               loss_p[i] = total - (l_pos + sum_f[r]) / positives;
               row_of(RowState::INV_NUM_POSITIVES)[i] = T(1) / positives;
-            }
-            if (W == Weighting::HCL && cnt_neg[r] > 0) {
-              // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = sum_j P_ij over negatives
-              row_of(RowState::HCL_MASS)[i] = a * std::exp(acc[r].value() + row_off - total);
-              row_of(RowState::HCL_SHIFT)[i] = hcl_off - std::log(T(cnt_neg[r]));
             }
             if (sh.soft) {
               // KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+), T the teacher's logsumexp
@@ -176,6 +205,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               row_of(RowState::TEACHER_LOGSUMEXP)[i] = teacher;
             }
             lse_p[i] = total;
+            row_of(RowState::LOG_POSITIVE_SHARE)[i] = l_pos - total;
             off_p[i] = row_off;
             coef_p[i] = coef;
             n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];

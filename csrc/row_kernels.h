@@ -63,7 +63,8 @@ inline Vec<double>::type exp_shifted(Vec<double>::type x) {
 
 // x_ij = l_ij + u_ij over the row's negatives (-inf for masked keys and the positive), where u
 // is the per-key part of beta (SimANS log w_ij, or the hardness bias); the SimANS per-row
-// normaliser is added by the caller. log_w gets SimANS's log w_ij (-inf off the negatives). The
+// normaliser is added by the caller. HCL: x_ij = s_ij, the score (its logits and weights are
+// taken from it by hcl_lse_add and hcl_score_grad). log_w gets SimANS's log w_ij (-inf off the negatives). The
 // row's excluded column (ec) is neither masked nor a negative; xf (when given) gets l_ij of the
 // masked keys and -inf elsewhere (attraction: the flagged keys are positives).
 // Returns the number of masked keys in the tile (the positive never counts).
@@ -100,9 +101,6 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
     u = a * s;
   } else if constexpr (W == Weighting::GUIDE_HARDNESS) {
     u = a * tg;
-  } else if constexpr (W == Weighting::HCL) {
-    u = a * s * row.inv_temp;  // HCL: log of the importance weight e^{beta l_ij}
-    store<FULL>(log_w + c, off ? ninf : u, count);
   } else if constexpr (W == Weighting::GCSE) {
     // GCSE: u = -l exp(-(l - r)^2 / (2 alpha^2)) where l <= r (r: the reference model's logit), else 0.
     // The tie is decided on the raw scores (s <= t) and the gap is (s - t) / temperature: one rounding
@@ -119,7 +117,10 @@ inline typename Vec<T>::mask logits_chunk(const RowView<T>& row, const TileView<
       store<FULL>(tx + c, ((m & ~positive) | excluded | ~valid) ? ninf : tg * row.soft_inv_temp, count);
   }
   if (xf != nullptr) store<FULL>(xf + c, (m & ~positive & valid) ? s * row.inv_temp : ninf, count);
-  store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
+  if constexpr (W == Weighting::HCL)
+    store<FULL>(x + c, off ? ninf : s, count);  // the scores: hcl_lse_add and hcl_score_grad scale them
+  else
+    store<FULL>(x + c, off ? ninf : s * row.inv_temp + u, count);
   return m & ~positive & valid;  // -1 where masked
 }
 
@@ -209,6 +210,92 @@ T score_grad(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T pos
   return horizontal_sum(acc);
 }
 
+// HCL: merges a tile row of scores s (-inf off the negatives) into the row's HclAcc: the new
+// references first (the largest and smallest score so far), the earlier sums carried over to them,
+// then e^{factor (l_j - l_ref)} for each negative (<= 1), l = s inv_temp computed alike for every
+// score, the reference's included (its own term is exactly 1). NaN is sticky.
+template <typename T>
+void hcl_lse_add(HclAcc<T>& acc, const T* x, T beta, T inv_temp, int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
+  const int32_t n = static_cast<int32_t>(n_);
+  T hi = neg_inf<T>(), lo = std::numeric_limits<T>::infinity();
+  bool any_nan = false;
+  for (int32_t c = 0; c < n; ++c) {
+    const T v = x[c];
+    any_nan |= v != v;
+    if (v > neg_inf<T>()) {
+      hi = v > hi ? v : hi;
+      lo = v < lo ? v : lo;
+    }
+  }
+  if (any_nan) acc.nan = true;
+  if (acc.nan || hi == neg_inf<T>()) return;
+  const T gx = T(1) + beta, gw = beta;
+  const T new_hi = hi > acc.hi ? hi : acc.hi, new_lo = lo < acc.lo ? lo : acc.lo;
+  const T rx = HclAcc<T>::reference(gx, new_hi, new_lo) * inv_temp;
+  const T rw = HclAcc<T>::reference(gw, new_hi, new_lo) * inv_temp;
+  if (acc.hi > neg_inf<T>()) {  // carry the earlier tiles' sums over to the new references
+    acc.sx *= std::exp(gx * (HclAcc<T>::reference(gx, acc.hi, acc.lo) * inv_temp - rx));
+    acc.sw *= std::exp(gw * (HclAcc<T>::reference(gw, acc.hi, acc.lo) * inv_temp - rw));
+  }
+  const V ninf = V{} + neg_inf<T>();
+  V sx = {}, sw = {};
+  auto add = [&](V s) {
+    const auto negative = s > ninf;
+    const V l = s * inv_temp;
+    sx += exp_shifted(negative ? gx * (l - rx) : ninf);
+    sw += exp_shifted(negative ? gw * (l - rw) : ninf);
+  };
+  int32_t c = 0;
+  for (; c + kW <= n; c += kW) add(load<V, true>(x + c, kW));
+  if (c < n) {
+    V tail = ninf;
+    std::memcpy(&tail, x + c, (n - c) * sizeof(T));
+    add(tail);
+  }
+  acc.sx += horizontal_sum(sx);
+  acc.sw += horizontal_sum(sw);
+  acc.hi = new_hi;
+  acc.lo = new_lo;
+}
+
+// HCL: overwrites one row of a score tile (x: its scores, -inf off the negatives) with
+// dS_ij = scale_x e^{(1 + beta)(l_j - ref_x) + shift_x} - scale_w e^{beta (l_j - ref_w) + shift_w},
+// l = s inv_temp and the references logits alike, and returns sum_j dS_ij (s_ij - s_i+), as
+// score_grad does.
+template <typename T>
+T hcl_score_grad(const T* x, T beta, T inv_temp, T ref_x, T shift_x, T scale_x, T ref_w, T shift_w, T scale_w,
+                 T positive_score, T* s_row, int64_t n_) {
+  typedef typename Vec<T>::type V;
+  constexpr int32_t kW = Vec<T>::kWidth;
+  const int32_t n = static_cast<int32_t>(n_);
+  const T gx = T(1) + beta, gw = beta;
+  const V ninf = V{} + neg_inf<T>();
+  auto ds_of = [&](V sv) {
+    const auto negative = sv > ninf;
+    const V l = sv * inv_temp;
+    const V px = exp_shifted(negative ? gx * (l - ref_x) + shift_x : ninf);
+    const V pw = exp_shifted(negative ? gw * (l - ref_w) + shift_w : ninf);
+    return scale_x * px - scale_w * pw;
+  };
+  V acc = {};
+  int32_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V ds = ds_of(load<V, true>(x + c, kW));
+    acc += ds * (load<V, true>(s_row + c, kW) - positive_score);
+    store<true>(s_row + c, ds, kW);
+  }
+  if (c < n) {
+    V xt = ninf;
+    std::memcpy(&xt, x + c, (n - c) * sizeof(T));
+    const V ds = ds_of(xt);
+    acc += ds * (load<V, false>(s_row + c, n - c) - positive_score);
+    store<false>(s_row + c, ds, n - c);
+  }
+  return horizontal_sum(acc);
+}
+
 // Soft labels: merges a tile row into the teacher's online logsumexp of tx and the running sum of
 // e^{tx_j - max} (tx_j - x_j) over the entries where tx is finite (x must hold the student's logit
 // there, the positive's included). With u (SimANS's log-weights, -inf off the negatives) also the
@@ -278,6 +365,16 @@ struct RowKernels {
   template <typename T>
   static void lse_add(OnlineLSE<T>& acc, const T* x, int64_t n) {
     online_lse_add(acc, x, n);
+  }
+  template <typename T>
+  static void hcl_add(HclAcc<T>& acc, const T* x, T beta, T inv_temp, int64_t n) {
+    hcl_lse_add(acc, x, beta, inv_temp, n);
+  }
+  template <typename T>
+  static T hcl_grad(const T* x, T beta, T inv_temp, T ref_x, T shift_x, T scale_x, T ref_w, T shift_w, T scale_w,
+                    T positive_score, T* s_row, int64_t n) {
+    return hcl_score_grad(x, beta, inv_temp, ref_x, shift_x, scale_x, ref_w, shift_w, scale_w, positive_score,
+                          s_row, n);
   }
   template <typename T>
   static T grad(const T* x, T shift, T scale, T positive_score, T* s_row, int64_t n) {

@@ -89,16 +89,26 @@ class RowState(IntEnum):
 
     LOGSUMEXP = 0  # over the positive and the unmasked, biased negatives (attraction: P_i U N_i)
     POSITIVE_SCORE = 1  # s_i+
-    OFFSET = 2  # the negatives' normaliser offset (SimANS, HCL; DCL's shift)
+    OFFSET = 2  # the negatives' normaliser offset (SimANS; DCL's shift); HCL: c_i in P_ij below
     THRESHOLD = 3  # the score rules' threshold
     GUIDE_THRESHOLD = 4
     COLUMN_LOGSUMEXP = 5  # symmetric: the logsumexp of the row's positive column
     COLUMN_OFFSET = 6
     POSITIVE_COEF = 7  # c+ in dL/dl+ = c+ e^{l+ - lse} - 1 (1 but with DCL's debias)
     HCL_MASS = 8  # HCL: beta R, R the negatives' share of the softmax
-    HCL_SHIFT = 9  # HCL: offset - log n (= -logsumexp_k(beta l_ik))
+    HCL_SHIFT = 9  # HCL: -log sum_k e^{beta (l_ik - HCL_WEIGHT_REFERENCE)}
     TEACHER_LOGSUMEXP = 10  # soft labels
     INV_NUM_POSITIVES = 11  # attraction: 1 / |P_i|
+    # HCL: P_ij = e^{(1 + beta) (l_ij - r_i) + OFFSET} and softmax_k(beta l_ik)_j = e^{beta (l_ij - w_i)
+    # + HCL_SHIFT}, with r_i, w_i the logits of the row's reference negatives, whose scores these rows
+    # hold (the largest; the smallest where the factor is negative), each logit computed the same way
+    # as every other, so that no exponent is a difference of two rounded terms of size (1 + beta) |l|
+    HCL_REFERENCE = 12
+    HCL_WEIGHT_REFERENCE = 13
+    # l+ - LOGSUMEXP, the log of the positive's share of the softmax (what the backward's dL/dl+ reads);
+    # HCL: -loss, from the row's terms relative to its largest, not a difference of two rounded numbers
+    # of the logits' size (the precision of the dense DCL's e^{l+ - c} / Z)
+    LOG_POSITIVE_SHARE = 14
 
 
 MAX_LABEL_LEVELS = 8

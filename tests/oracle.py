@@ -2,10 +2,13 @@
 papers, written row by row from their formulas, with no code shared with ``fastneg`` (in
 particular not ``fastneg.reference``, which shares the library's reading of the formulas).
 
-Deliberately plain: one query row at a time, explicit index sets, no log-space shifts (in
-float64 the logits used by the tests, at most ~1 / 0.02 * (1 + beta), never overflow), and the
-gradient from autograd through exactly the terms the papers differentiate. Used in float64 as
-the truth, and in the inputs' dtype as "plain PyTorch in the same dtype".
+Deliberately plain: one query row at a time, explicit index sets, no log-space shifts but one
+(the logits used by the tests, at most ~1 / 0.02 plus a bias, never overflow), and the gradient
+from autograd through exactly the terms the papers differentiate. The one shift: HCL's terms,
+``e^{(1 + beta) l}`` at temperatures down to 0.005, are taken relative to a detached constant
+per row (the row's largest logit, and the largest ``beta l`` for the importance weights), which
+changes no value and no gradient; DCL's sums and floor carry the same constant. Used in float64
+as the truth, and in the inputs' dtype as "plain PyTorch in the same dtype".
 """
 
 from __future__ import annotations
@@ -132,25 +135,30 @@ def _direction(s_row: torch.Tensor, t_row: Optional[torch.Tensor], pos: int, mem
             terms = torch.zeros_like(s_row.detach())
             terms[torch.cat([torch.tensor([pos]), att, neg])] = probs / tau.detach()
         return loss, lse, l_pos, int(flagged.sum()), n, float("inf"), terms
+    # every sum below is e^{-m} times the paper's (m = 0 but with HCL: see the module docstring)
+    m = l_row.new_zeros(())
     if kind == "hcl":
         beta_h = c.weighting[1]
         if n:
-            imp = torch.exp(beta_h * l_neg)
-            neg_sum = (imp * torch.exp(l_neg)).sum() / imp.mean()  # Robinson et al.: (imp * neg).sum() / imp.mean()
+            m = torch.maximum(l_pos, l_neg.max()).detach()
+            wl = beta_h * l_neg
+            imp = torch.exp(wl - wl.max().detach())  # the importance weights over a constant: their ratio is unchanged
+            # Robinson et al.: (imp * neg).sum() / imp.mean()
+            neg_sum = (imp * torch.exp(l_neg - m)).sum() / imp.mean()
         else:
             neg_sum = l_row.new_zeros(())
     else:
         neg_sum = torch.exp(x_neg).sum() if n else l_row.new_zeros(())
-    e_pos = torch.exp(l_pos)
+    e_pos = torch.exp(l_pos - m)
     if c.debias is not None:  # Chuang et al. 2020: Ng = max((S - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t})
         tp = c.debias
         raw = (neg_sum - n * tp * e_pos) / (1 - tp)
-        floor = (n * torch.exp(-1.0 / tau)).detach()
+        floor = (n * torch.exp(-1.0 / tau - m)).detach()
         ng = torch.clamp(raw, min=floor)
-        lse = torch.log(e_pos + ng)
+        lse = m + torch.log(e_pos + ng)
         gap = float(((raw - floor).abs() / (raw.abs() + floor)).detach()) if n else float("inf")
     else:
-        lse = torch.log(e_pos + neg_sum)
+        lse = m + torch.log(e_pos + neg_sum)
         gap = float("inf")
     loss = lse - l_pos
     if c.soft is not None:

@@ -250,7 +250,11 @@ class _Direction:
         floor = torch.exp(log_floor - c)
         passes = raw >= floor
         Z = P + torch.where(passes, raw, floor)
-        d_neg = torch.where(passes & negative, torch.exp(xn - c) / ((1.0 - tau_plus) * Z), 0.0)
+        # the negatives' share as their softmax times the row's mass on them: the softmax sums to one
+        # whatever the rounding of neg_lse, so sum_j dL/dl_j = 0 holds as the dense loss's autograd keeps it
+        # (exp(xn - c) / Z would carry neg_lse's rounding at the logits' magnitude into every entry)
+        mass = torch.exp(neg_lse - c) / ((1.0 - tau_plus) * Z)
+        d_neg = torch.where(passes & negative, torch.softmax(xn, dim=1).nan_to_num(0.0) * mass, 0.0)
         d_pos = torch.where(passes, P * (1.0 - n * tau_plus / (1.0 - tau_plus)) / Z, P / Z) - 1.0
         return torch.where(is_pos, d_pos, d_neg)
 

@@ -49,8 +49,11 @@ from .rules import (
     KIND,
     ROW_GUIDE_THRESHOLD,
     ROW_HCL_MASS,
+    ROW_HCL_REFERENCE,
     ROW_HCL_SHIFT,
+    ROW_HCL_WEIGHT_REFERENCE,
     ROW_INV_NUM_POSITIVES,
+    ROW_LOG_POSITIVE_SHARE,
     ROW_LOGSUMEXP,
     ROW_OFFSET,
     ROW_POSITIVE_COEF,
@@ -76,7 +79,7 @@ __all__ = ["info_nce_bwd_triton"]
 @triton.jit
 def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr, cstate_ptr,
+                  hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr, cstate_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
                   stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -101,7 +104,7 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     positive_local = (positive - n0).to(tl.int32)
     is_pos = local[None, :] == positive_local[:, None]
     k_row = (offset - lse) * LOG2E
-    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0  # coef = 1 but with DCL's debias
+    p_pos = coef * tl.exp2(log_share * LOG2E) - 1.0  # coef = 1 but with DCL's debias; log_share = l+ - lse
     t = s
     if HAS_GUIDE:
         t = tl_tile_dot(gq_row_ptr, gk_tile_ptr, row_valid, col_valid, DG, stride_gq, stride_gk, BLOCK_M, BLOCK_N,
@@ -122,11 +125,17 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
             negative = negative & kept
         alpha, beta = simans_constants(s_pos, weight_a, weight_b)
         x2, lw2 = biased_logits2(s, t, negative, beta[:, None], scale, alpha, inv_temp, weight_a, WEIGHTING)
-        p = tl.exp2(x2 + k_row[:, None])
         if WEIGHTING == WEIGHT_HCL:
-            p = p * (1.0 + weight_a) - hcl_mass[:, None] * tl.exp2(lw2 + (hcl_shift * LOG2E)[:, None])
+            # (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, each exponent relative to a reference negative's
+            # log2-logit computed as the forward computed it (RowState.HCL_REFERENCE)
+            x2s = s * scale
+            px = tl.exp2((1.0 + weight_a) * (x2s - (hcl_ref * scale)[:, None]) + (offset * LOG2E)[:, None])
+            pw = tl.exp2(weight_a * (x2s - (hcl_wref * scale)[:, None]) + (hcl_shift * LOG2E)[:, None])
+            p = tl.where(negative, px * (1.0 + weight_a) - hcl_mass[:, None] * pw, 0.0)
+        else:
+            p = tl.exp2(x2 + k_row[:, None])
         if ATTRACT & FLAGS:  # the flagged keys are positives: e^{l_ij - lse} - 1 / |P_i|, the positive's -1 too
-            p_pos = tl.exp2((s_pos * inv_temp - lse) * LOG2E) - inv_p
+            p_pos = tl.exp2(log_share * LOG2E) - inv_p
             p = tl.where(masked, tl.exp2(s * scale - (lse * LOG2E)[:, None]) - inv_p[:, None], p)
     if not POSITIVE_LATER:
         p = tl.where(is_pos, p_pos[:, None], p)
@@ -183,12 +192,17 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
     if SYMMETRIC & FLAGS:  # loss_i = (row_i + column_{p_i}) / 2
         grad_scale = grad_scale * 0.5
     coef = tl.load(state_ptr + (ROW_POSITIVE_COEF * B + rows), mask=row_valid, other=1.0)
+    log_share = tl.load(state_ptr + (ROW_LOG_POSITIVE_SHARE * B + rows), mask=row_valid, other=0.0)
     hcl_mass = tl.zeros_like(s_pos)
     hcl_shift = tl.zeros_like(s_pos)
+    hcl_ref = tl.zeros_like(s_pos)
+    hcl_wref = tl.zeros_like(s_pos)
     teacher = tl.zeros_like(s_pos)
     if WEIGHTING == WEIGHT_HCL:
         hcl_mass = tl.load(state_ptr + (ROW_HCL_MASS * B + rows), mask=row_valid, other=0.0)
         hcl_shift = tl.load(state_ptr + (ROW_HCL_SHIFT * B + rows), mask=row_valid, other=0.0)
+        hcl_ref = tl.load(state_ptr + (ROW_HCL_REFERENCE * B + rows), mask=row_valid, other=0.0)
+        hcl_wref = tl.load(state_ptr + (ROW_HCL_WEIGHT_REFERENCE * B + rows), mask=row_valid, other=0.0)
     if SOFT & FLAGS:
         teacher = tl.load(state_ptr + (ROW_TEACHER_LOGSUMEXP * B + rows), mask=row_valid, other=0.0)
     exclude = tl.full((rows.shape[0],), -1, tl.int64)
@@ -198,13 +212,13 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
     if ATTRACT & FLAGS:
         inv_p = tl.load(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), mask=row_valid, other=0.0)
     return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-            hcl_mass, hcl_shift, teacher, exclude, inv_p)
+            hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p)
 
 
 @triton.jit
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
              tau_sum,
-             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher,
+             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher,
              exclude, inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
              B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
@@ -214,7 +228,7 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     """One key tile of a row block: dS written to the panel, the tile's tau added to the rows' sums."""
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
-                            offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude, inv_p, owner_ptr,
+                            offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr,
                             cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
                             D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
                             HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
@@ -258,7 +272,7 @@ def _info_nce_bwd_ds_kernel(
     group = tl.program_id(1)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-     hcl_mass, hcl_shift, teacher, exclude, inv_p) = _load_row_state(
+     hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p) = _load_row_state(
         rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE, HAS_EXCLUDE, FLAGS)
     row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     q_row_ptr = q_ptr + row_start * stride_q
@@ -268,7 +282,7 @@ def _info_nce_bwd_ds_kernel(
     if RAGGED:
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
+                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude,
                            inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -278,7 +292,7 @@ def _info_nce_bwd_ds_kernel(
         for tile in range(first, tl.minimum(first + tiles_per_group, full)):
             tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
                                local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, teacher, exclude,
+                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude,
                                inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b,
                                soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
                                NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,
@@ -290,7 +304,8 @@ def _info_nce_bwd_ds_kernel(
 @triton.jit
 def _panel_positive_kernel(grad_ptr, pos_ptr, temp_ptr, state_ptr, ds_ptr, row0, R, B, stride_ds,
                            BLOCK: tl.constexpr):
-    """dS at each panel row's positive column, dS_ip = g_i / t (coef_i e^{l_i+ - lse_i} - 1):
+    """dS at each panel row's positive column, dS_ip = g_i / t (coef_i e^{l_i+ - lse_i} - 1), the
+    exponent the forward's RowState.LOG_POSITIVE_SHARE:
     written once per row after ``_info_nce_bwd_ds_kernel`` (``POSITIVE_LATER``), with the same
     float32 operations that kernel used for it."""
     local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -298,11 +313,10 @@ def _panel_positive_kernel(grad_ptr, pos_ptr, temp_ptr, state_ptr, ds_ptr, row0,
     valid = (local < R) & (rows < B)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     positive = tl.load(pos_ptr + rows, mask=valid, other=0).to(tl.int64)
-    s_pos = tl.load(state_ptr + (ROW_POSITIVE_SCORE * B + rows), mask=valid, other=0.0)
-    lse = tl.load(state_ptr + (ROW_LOGSUMEXP * B + rows), mask=valid, other=0.0)
+    log_share = tl.load(state_ptr + (ROW_LOG_POSITIVE_SHARE * B + rows), mask=valid, other=0.0)  # l+ - lse
     coef = tl.load(state_ptr + (ROW_POSITIVE_COEF * B + rows), mask=valid, other=1.0)
     grad_scale = tl.load(grad_ptr + rows, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    p_pos = coef * tl.exp2((s_pos * inv_temp - lse) * LOG2E) - 1.0
+    p_pos = coef * tl.exp2(log_share * LOG2E) - 1.0
     tl.store(ds_ptr + local * stride_ds + positive, (p_pos * grad_scale).to(ds_ptr.dtype.element_ty), mask=valid)
 
 

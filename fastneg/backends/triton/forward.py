@@ -59,8 +59,11 @@ from .rules import (
     ROW_COLUMN_OFFSET,
     ROW_GUIDE_THRESHOLD,
     ROW_HCL_MASS,
+    ROW_HCL_REFERENCE,
     ROW_HCL_SHIFT,
+    ROW_HCL_WEIGHT_REFERENCE,
     ROW_INV_NUM_POSITIVES,
+    ROW_LOG_POSITIVE_SHARE,
     ROW_LOGSUMEXP,
     ROW_OFFSET,
     ROW_POSITIVE_COEF,
@@ -77,6 +80,8 @@ from .rules import (
     column_rules_tile,
     row_thresholds,
     simans_constants,
+    tl_hcl_sums,
+    tl_relative_row,
     tile_classes,
     tile_label_match,
 )
@@ -167,11 +172,14 @@ def _fwd_tile(
             n_neg += tl.sum(negative.to(tl.int32), axis=1)
         x2, lw2 = biased_logits2(s, t, negative, simans_beta[:, None], scale, simans_alpha, inv_temp, weight_a,
                                  WEIGHTING)
-        x_max, x_sum = tl_online_lse2(x_max, x_sum, x2)
+        if WEIGHTING == WEIGHT_HCL:  # x_max / w_max: the largest / smallest negative score; x_sum / w_sum: the sums
+            x_max, w_max, x_sum, w_sum = tl_hcl_sums(x_max, w_max, x_sum, w_sum, s, negative, scale, weight_a)
+        else:
+            x_max, x_sum = tl_online_lse2(x_max, x_sum, x2)
         w_prev = w_max
         if FIXED_W:
             w_sum += tl.sum(tl.exp2(lw2), axis=1)
-        elif (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+        elif WEIGHTING == WEIGHT_SIMANS:
             w_max, w_sum = tl_online_lse2(w_max, w_sum, lw2)
         if SOFT & FLAGS:  # the teacher's logits t'_j = t_j / teacher temperature, in log2 units like x2
             tk = t * (soft_inv * LOG2E)  # finite everywhere: the products below never meet an infinity
@@ -332,6 +340,8 @@ def _info_nce_fwd_kernel(
         w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         if FIXED_W:  # the fixed reference
             w_max = tl.zeros((BLOCK_M,), tl.float32)
+        if WEIGHTING == WEIGHT_HCL:  # the smallest negative score so far (tl_hcl_sums)
+            w_max = tl.full((BLOCK_M,), float("inf"), tl.float32)
         w_sum = tl.zeros((BLOCK_M,), tl.float32)
         n_neg = tl.zeros((BLOCK_M,), tl.int32)
         t_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # soft labels: the teacher's online logsumexp
@@ -378,12 +388,41 @@ def _info_nce_fwd_kernel(
             lse = (x_max + tl.log2(x_sum)) * LN2
         else:
             neg_lse = tl.where(has_neg, (x_max + tl.log2(x_sum)) * LN2, float("-inf"))
-            if (WEIGHTING == WEIGHT_SIMANS) or (WEIGHTING == WEIGHT_HCL):
+            if WEIGHTING == WEIGHT_SIMANS:
                 offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log2(w_sum)) * LN2, 0.0)
             lse = tl_logaddexp(l_pos, neg_lse + offset)
-        weight_offset = offset
         coef = tl.full((BLOCK_M,), 1.0, tl.float32)
-        if DEBIAS & FLAGS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
+        log_share = l_pos - lse  # l+ - lse, what the backward's positive reads
+        if WEIGHTING == WEIGHT_HCL:
+            # g = log(n sum_j e^{(1 + beta) l_j} / sum_j e^{beta l_j}) = r + small (log2 units below), and
+            # everything the backward needs relative to g (csrc/forward.cpp does the same): no term of size
+            # (1 + beta) |l| is rounded and then cancelled
+            gx = 1.0 + weight_a
+            hi = tl.where(has_neg, x_max, 0.0)
+            lo = tl.where(has_neg, w_max, 0.0)
+            rs = tl.where(gx >= 0.0, hi, lo)  # the references' scores
+            ws = tl.where(weight_a >= 0.0, hi, lo)
+            rx2 = rs * scale
+            rw2 = ws * scale
+            log2_sx = tl.log2(tl.where(has_neg, x_sum, 1.0))
+            log2_sw = tl.log2(tl.where(has_neg, w_sum, 1.0))
+            n_f = tl.maximum(n_neg, 1).to(tl.float32)
+            small2 = weight_a * (rx2 - rw2) + (tl.log2(n_f) + log2_sx - log2_sw)
+            d = ((s_pos * scale - rx2) - small2) * LN2  # l+ - g
+            log_floor = tl.log(n_f) - inv_temp - (rx2 + small2) * LN2
+            rel, h_loss, shift, h_coef = tl_relative_row(d, log_floor, n_f, tau_plus, DEBIAS & FLAGS)
+            h_loss = tl.where(has_neg, h_loss, 0.0)
+            lse = tl.where(has_neg, l_pos + h_loss, l_pos)
+            coef = tl.where(has_neg, h_coef, 1.0)
+            log_share = -h_loss
+            offset = tl.where(has_neg, shift - rel - log2_sx * LN2, 0.0)  # P_ij = e^{(1 + beta)(l_ij - r) + offset}
+            # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
+            tl.store(state_ptr + (ROW_HCL_MASS * B + rows), tl.where(has_neg, weight_a * tl.exp(shift - rel), 0.0),
+                     mask=row_valid)
+            tl.store(state_ptr + (ROW_HCL_SHIFT * B + rows), -log2_sw * LN2, mask=row_valid)
+            tl.store(state_ptr + (ROW_HCL_REFERENCE * B + rows), rs, mask=row_valid)
+            tl.store(state_ptr + (ROW_HCL_WEIGHT_REFERENCE * B + rows), ws, mask=row_valid)
+        elif DEBIAS & FLAGS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
             n = n_neg.to(tl.float32)
             log_floor = tl.where(has_neg, tl.log(n) - inv_temp, float("-inf"))
             c = tl.maximum(tl.maximum(neg_lse + offset, l_pos), log_floor)
@@ -393,18 +432,16 @@ def _info_nce_fwd_kernel(
             lse = c + tl.log(tl.exp(l_pos - c) + tl.where(clamped, floor, raw))
             offset = tl.where(clamped, float("-inf"), offset - tl.log(1.0 - tau_plus))
             coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
+            log_share = l_pos - lse
         loss = lse - l_pos
+        if WEIGHTING == WEIGHT_HCL:
+            loss = -log_share
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)
             lse = tl_logaddexp(lse, tl.where(n_masked > 0, (f_max + tl.log2(f_sum)) * LN2, float("-inf")))
             loss = lse - (l_pos + f_logits * inv_temp) / n_pos
+            log_share = l_pos - lse
             tl.store(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), 1.0 / n_pos, mask=row_valid)
-        if WEIGHTING == WEIGHT_HCL:
-            # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
-            hcl_mass = tl.where(has_neg, weight_a * tl.exp(neg_lse + offset - lse), 0.0)
-            hcl_shift = tl.where(has_neg, weight_offset - tl.log(n_neg.to(tl.float32)), 0.0)
-            tl.store(state_ptr + (ROW_HCL_MASS * B + rows), hcl_mass, mask=row_valid)
-            tl.store(state_ptr + (ROW_HCL_SHIFT * B + rows), hcl_shift, mask=row_valid)
         if SOFT & FLAGS:  # KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+)
             teacher = (t_max + tl.log2(t_sum)) * LN2
             p_pos = tl.exp(guide_pos * soft_inv - teacher)  # the positive's teacher probability
@@ -419,6 +456,7 @@ def _info_nce_fwd_kernel(
         tl.store(state_ptr + (ROW_POSITIVE_COEF * B + rows), coef, mask=row_valid)
         tl.store(loss_ptr + rows, loss, mask=row_valid)
         tl.store(state_ptr + (ROW_LOGSUMEXP * B + rows), lse, mask=row_valid)
+        tl.store(state_ptr + (ROW_LOG_POSITIVE_SHARE * B + rows), log_share, mask=row_valid)
         tl.store(state_ptr + (ROW_OFFSET * B + rows), offset, mask=row_valid)
         tl.store(nmask_ptr + rows, n_masked.to(tl.int64), mask=row_valid)
         tl.store(nneg_ptr + rows, n_neg.to(tl.int64), mask=row_valid)

@@ -52,6 +52,9 @@ ROW_HCL_MASS: tl.constexpr = tl.constexpr(int(RowState.HCL_MASS))
 ROW_HCL_SHIFT: tl.constexpr = tl.constexpr(int(RowState.HCL_SHIFT))
 ROW_TEACHER_LOGSUMEXP: tl.constexpr = tl.constexpr(int(RowState.TEACHER_LOGSUMEXP))
 ROW_INV_NUM_POSITIVES: tl.constexpr = tl.constexpr(int(RowState.INV_NUM_POSITIVES))
+ROW_HCL_REFERENCE: tl.constexpr = tl.constexpr(int(RowState.HCL_REFERENCE))
+ROW_HCL_WEIGHT_REFERENCE: tl.constexpr = tl.constexpr(int(RowState.HCL_WEIGHT_REFERENCE))
+ROW_LOG_POSITIVE_SHARE: tl.constexpr = tl.constexpr(int(RowState.LOG_POSITIVE_SHARE))
 
 
 @triton.jit
@@ -205,8 +208,8 @@ def column_classes(s, t, row_local, row_valid, owner_local, has_owner, c_thresho
 @triton.jit
 def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, weight_a, WEIGHTING: tl.constexpr):
     """The biased logits in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
-    elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS, HCL; -inf
-    elsewhere). ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2
+    elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS; -inf elsewhere).
+    HCL: x2 = l log2(e) alone (``tl_hcl_sums`` and the backward take its weights from it). ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2
     with alpha = sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one
     multiply per element. ``simans_beta`` is broadcast against the tile: [BLOCK_M, 1] for rows,
     [1, BLOCK_N] for the symmetric loss's columns."""
@@ -215,9 +218,9 @@ def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, w
         d = s * simans_alpha - simans_beta
         lw2 = tl.where(negative, -(d * d), neg_inf)
         x2 = s * scale + lw2
-    elif WEIGHTING == WEIGHT_HCL:
-        lw2 = tl.where(negative, s * (scale * weight_a), neg_inf)
-        x2 = s * scale + lw2
+    elif WEIGHTING == WEIGHT_HCL:  # the log2-logits alone: tl_hcl_sums and the backward weight them
+        x2 = tl.where(negative, s * scale, neg_inf)
+        lw2 = x2
     elif WEIGHTING == WEIGHT_GCSE:
         # the tie on the raw scores (s <= t) and the gap (s - t) / temperature, as in every backend
         logit = s * inv_temp
@@ -235,6 +238,60 @@ def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, w
         x2 = tl.where(negative, s * scale, neg_inf)
         lw2 = x2
     return x2, lw2
+
+
+@triton.jit
+def tl_hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
+    """HCL's running sums of a tile (log2 units), per row: ``hi`` / ``lo`` the largest / smallest
+    negative score so far, ``sx = sum_j 2^{(1 + beta)(x2_j - r)}`` and ``sw = sum_j 2^{beta (x2_j - w)}``
+    with ``x2 = s scale`` and the references ``r``, ``w`` the log2-logits of ``hi`` (of ``lo`` where
+    the factor is negative), computed as every element's: each term is <= 1, the reference's exactly
+    1, and no exponent is a difference of two rounded terms of size (1 + beta) |l|."""
+    gx = 1.0 + beta
+    t_hi = tl.max(tl.where(negative, s, float("-inf")), axis=1)
+    t_lo = tl.min(tl.where(negative, s, float("inf")), axis=1)
+    new_hi = tl.maximum(hi, t_hi)
+    new_lo = tl.minimum(lo, t_lo)
+    seen = hi > float("-inf")  # rows with an earlier negative: their sums are carried over
+    anyn = new_hi > float("-inf")
+    rx = tl.where(anyn, tl.where(gx >= 0.0, new_hi, new_lo) * scale, 0.0)
+    rw = tl.where(anyn, tl.where(beta >= 0.0, new_hi, new_lo) * scale, 0.0)
+    old_rx = tl.where(seen, tl.where(gx >= 0.0, hi, lo) * scale, rx)
+    old_rw = tl.where(seen, tl.where(beta >= 0.0, hi, lo) * scale, rw)
+    x2 = s * scale
+    ex = tl.where(negative, tl.exp2(gx * (x2 - rx[:, None])), 0.0)
+    ew = tl.where(negative, tl.exp2(beta * (x2 - rw[:, None])), 0.0)
+    sx = sx * tl.exp2(gx * (old_rx - rx)) + tl.sum(ex, axis=1)
+    sw = sw * tl.exp2(beta * (old_rw - rw)) + tl.sum(ew, axis=1)
+    return new_hi, new_lo, sx, sw
+
+
+@triton.jit
+def tl_relative_row(d, log_floor, n, tau_plus, DEBIAS: tl.constexpr):
+    """A row's logsumexp relative to its negatives' log-mass g (``d = l+ - g``; DCL with
+    ``log_floor = log n - 1/t - g``): (lse - g, loss, the negatives' offset shift, c+), each from
+    the larger of the positive's and the negatives' terms (``relative_row`` in csrc/common.h)."""
+    if DEBIAS:
+        c = tl.maximum(tl.maximum(d, 0.0), log_floor)
+        pos = tl.exp(d - c)
+        raw = (tl.exp(-c) - n * tau_plus * pos) / (1.0 - tau_plus)
+        floor = tl.exp(log_floor - c)
+        clamped = raw < floor
+        neg = tl.where(clamped, floor, raw)
+        pos_wins = pos >= neg
+        loss_p = tl.log(1.0 + neg / pos)  # log1p: Triton has none; exact where neg / pos is small enough to matter
+        rel_n = c + tl.log(neg) + tl.log(1.0 + pos / neg)
+        loss = tl.where(pos_wins, loss_p, rel_n - d)
+        rel = tl.where(pos_wins, d + loss_p, rel_n)
+        shift = tl.where(clamped, float("-inf"), -tl.log(1.0 - tau_plus))
+        coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
+    else:
+        e = tl.log(1.0 + tl.exp(-tl.abs(d)))
+        loss = tl.where(d >= 0.0, e, e - d)
+        rel = tl.where(d >= 0.0, d + e, e)
+        shift = tl.zeros_like(d)
+        coef = tl.full(d.shape, 1.0, tl.float32)
+    return rel, loss, shift, coef
 
 
 @triton.jit
