@@ -123,9 +123,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               // (equal, since sum_j dS_ij = 0) to avoid cancelling two large sums
               T acc;
               if (W == Weighting::HCL)  // (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, x = s (RowState)
-                acc = K::hcl_grad(x.data(), a, inv_temp, hcl_ref_p[i] * inv_temp, off_p[i], scale * (T(1) + a),
-                                  hcl_wref_p[i] * inv_temp, hcl_shift_p[i], scale * hcl_mass_p[i], row.positive_score,
-                                  srow, nc);
+                acc = K::hcl_grad(x.data(), a, inv_temp, hcl_ref_p[i], off_p[i], scale * (T(1) + a), hcl_wref_p[i],
+                                  hcl_shift_p[i], scale * hcl_mass_p[i], row.positive_score, srow, nc);
               else if (sh.soft)  // P_ij - w p_ij, p the teacher's softmax
                 acc = K::grad2(x.data(), shift, scale, tx.data(), -teacher_p[i], scale * w,
                                row.positive_score, srow, nc);

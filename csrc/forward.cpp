@@ -140,10 +140,11 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               // positive's share, P_ij and beta R never meet a rounding of size (1 + beta) |l|
               const HclAcc<T>& h = acc_hcl[r];
               const T sx_ref = HclAcc<T>::reference(T(1) + a, h.hi, h.lo), sw_ref = HclAcc<T>::reference(a, h.hi, h.lo);
-              const T rx = sx_ref * inv_temp, rw = sw_ref * inv_temp;  // as hcl_lse_add computes them
               const T log_sx = std::log(h.sx), log_sw = std::log(h.sw);
-              const T small = a * (rx - rw) + (std::log(T(cnt_neg[r])) + log_sx - log_sw);
-              const T d = (l_pos - rx) - small;  // l+ - g
+              // g = (1 + beta) r - beta w + log n + log sx - log sw, r, w the references' logits
+              const T small = a * (sx_ref - sw_ref) * inv_temp + (std::log(T(cnt_neg[r])) + log_sx - log_sw);
+              const T rx = sx_ref * inv_temp;
+              const T d = (spos_p[i] - sx_ref) * inv_temp - small;  // l+ - g, the scores' difference exact
               RelativeRow<T> rr = relative_row(d, plan.debias.has_value(),
                                                std::log(T(cnt_neg[r])) - inv_temp - (rx + small), cnt_neg[r],
                                                T(plan.debias.value_or(0.0)));
@@ -152,7 +153,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               coef = rr.positive_coef;
               loss_p[i] = rr.loss;
               total = l_pos + rr.loss;  // so that the backward's e^{l+ - total} is the forward's
-              off_p[i] = shift - rel - log_sx;  // P_ij = e^{(1 + beta)(l_ij - rx) + off}
+              off_p[i] = shift - rel - log_sx;  // P_ij = e^{(1 + beta)(s_ij - s_ref) / t + off}
               // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
               row_of(RowState::HCL_MASS)[i] = a * std::exp(shift - rel);
               row_of(RowState::HCL_SHIFT)[i] = -log_sw;

@@ -212,8 +212,9 @@ T score_grad(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T pos
 
 // HCL: merges a tile row of scores s (-inf off the negatives) into the row's HclAcc: the new
 // references first (the largest and smallest score so far), the earlier sums carried over to them,
-// then e^{factor (l_j - l_ref)} for each negative (<= 1), l = s inv_temp computed alike for every
-// score, the reference's included (its own term is exactly 1). NaN is sticky.
+// then e^{factor (s_j - s_ref) / t} for each negative (<= 1): the difference of two scores is exact
+// where it matters (Sterbenz), so the reference's own term is exactly 1 and a near copy's exponent
+// carries one rounding of its own size. NaN is sticky.
 template <typename T>
 void hcl_lse_add(HclAcc<T>& acc, const T* x, T beta, T inv_temp, int64_t n_) {
   typedef typename Vec<T>::type V;
@@ -233,19 +234,18 @@ void hcl_lse_add(HclAcc<T>& acc, const T* x, T beta, T inv_temp, int64_t n_) {
   if (acc.nan || hi == neg_inf<T>()) return;
   const T gx = T(1) + beta, gw = beta;
   const T new_hi = hi > acc.hi ? hi : acc.hi, new_lo = lo < acc.lo ? lo : acc.lo;
-  const T rx = HclAcc<T>::reference(gx, new_hi, new_lo) * inv_temp;
-  const T rw = HclAcc<T>::reference(gw, new_hi, new_lo) * inv_temp;
+  const T rx = HclAcc<T>::reference(gx, new_hi, new_lo), rw = HclAcc<T>::reference(gw, new_hi, new_lo);
+  const T fx = gx * inv_temp, fw = gw * inv_temp;
   if (acc.hi > neg_inf<T>()) {  // carry the earlier tiles' sums over to the new references
-    acc.sx *= std::exp(gx * (HclAcc<T>::reference(gx, acc.hi, acc.lo) * inv_temp - rx));
-    acc.sw *= std::exp(gw * (HclAcc<T>::reference(gw, acc.hi, acc.lo) * inv_temp - rw));
+    acc.sx *= std::exp((HclAcc<T>::reference(gx, acc.hi, acc.lo) - rx) * fx);
+    acc.sw *= std::exp((HclAcc<T>::reference(gw, acc.hi, acc.lo) - rw) * fw);
   }
   const V ninf = V{} + neg_inf<T>();
   V sx = {}, sw = {};
   auto add = [&](V s) {
     const auto negative = s > ninf;
-    const V l = s * inv_temp;
-    sx += exp_shifted(negative ? gx * (l - rx) : ninf);
-    sw += exp_shifted(negative ? gw * (l - rw) : ninf);
+    sx += exp_shifted(negative ? (s - rx) * fx : ninf);
+    sw += exp_shifted(negative ? (s - rw) * fw : ninf);
   };
   int32_t c = 0;
   for (; c + kW <= n; c += kW) add(load<V, true>(x + c, kW));
@@ -261,8 +261,8 @@ void hcl_lse_add(HclAcc<T>& acc, const T* x, T beta, T inv_temp, int64_t n_) {
 }
 
 // HCL: overwrites one row of a score tile (x: its scores, -inf off the negatives) with
-// dS_ij = scale_x e^{(1 + beta)(l_j - ref_x) + shift_x} - scale_w e^{beta (l_j - ref_w) + shift_w},
-// l = s inv_temp and the references logits alike, and returns sum_j dS_ij (s_ij - s_i+), as
+// dS_ij = scale_x e^{(1 + beta)(s_j - ref_x) / t + shift_x} - scale_w e^{beta (s_j - ref_w) / t + shift_w}
+// (ref_x, ref_w: the reference scores, hcl_lse_add) and returns sum_j dS_ij (s_ij - s_i+), as
 // score_grad does.
 template <typename T>
 T hcl_score_grad(const T* x, T beta, T inv_temp, T ref_x, T shift_x, T scale_x, T ref_w, T shift_w, T scale_w,
@@ -272,11 +272,11 @@ T hcl_score_grad(const T* x, T beta, T inv_temp, T ref_x, T shift_x, T scale_x, 
   const int32_t n = static_cast<int32_t>(n_);
   const T gx = T(1) + beta, gw = beta;
   const V ninf = V{} + neg_inf<T>();
+  const T fx = gx * inv_temp, fw = gw * inv_temp;
   auto ds_of = [&](V sv) {
     const auto negative = sv > ninf;
-    const V l = sv * inv_temp;
-    const V px = exp_shifted(negative ? gx * (l - ref_x) + shift_x : ninf);
-    const V pw = exp_shifted(negative ? gw * (l - ref_w) + shift_w : ninf);
+    const V px = exp_shifted(negative ? (sv - ref_x) * fx + shift_x : ninf);
+    const V pw = exp_shifted(negative ? (sv - ref_w) * fw + shift_w : ninf);
     return scale_x * px - scale_w * pw;
   };
   V acc = {};

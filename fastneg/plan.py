@@ -99,10 +99,10 @@ class RowState(IntEnum):
     HCL_SHIFT = 9  # HCL: -log sum_k e^{beta (l_ik - HCL_WEIGHT_REFERENCE)}
     TEACHER_LOGSUMEXP = 10  # soft labels
     INV_NUM_POSITIVES = 11  # attraction: 1 / |P_i|
-    # HCL: P_ij = e^{(1 + beta) (l_ij - r_i) + OFFSET} and softmax_k(beta l_ik)_j = e^{beta (l_ij - w_i)
-    # + HCL_SHIFT}, with r_i, w_i the logits of the row's reference negatives, whose scores these rows
-    # hold (the largest; the smallest where the factor is negative), each logit computed the same way
-    # as every other, so that no exponent is a difference of two rounded terms of size (1 + beta) |l|
+    # HCL: P_ij = e^{(1 + beta) (s_ij - r_i) / t + OFFSET} and softmax_k(beta l_ik)_j = e^{beta (s_ij - w_i)
+    # / t + HCL_SHIFT}, with r_i, w_i the scores of the row's reference negatives (the largest; the
+    # smallest where the factor is negative): no exponent is a difference of two rounded terms of
+    # size (1 + beta) |l|
     HCL_REFERENCE = 12
     HCL_WEIGHT_REFERENCE = 13
     # l+ - LOGSUMEXP, the log of the positive's share of the softmax (what the backward's dL/dl+ reads);

@@ -127,10 +127,9 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
         x2, lw2 = biased_logits2(s, t, negative, beta[:, None], scale, alpha, inv_temp, weight_a, WEIGHTING)
         if WEIGHTING == WEIGHT_HCL:
             # (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, each exponent relative to a reference negative's
-            # log2-logit computed as the forward computed it (RowState.HCL_REFERENCE)
-            x2s = s * scale
-            px = tl.exp2((1.0 + weight_a) * (x2s - (hcl_ref * scale)[:, None]) + (offset * LOG2E)[:, None])
-            pw = tl.exp2(weight_a * (x2s - (hcl_wref * scale)[:, None]) + (hcl_shift * LOG2E)[:, None])
+            # score as the forward's sums (RowState.HCL_REFERENCE, tl_hcl_sums)
+            px = tl.exp2((s - hcl_ref[:, None]) * ((1.0 + weight_a) * scale) + (offset * LOG2E)[:, None])
+            pw = tl.exp2((s - hcl_wref[:, None]) * (weight_a * scale) + (hcl_shift * LOG2E)[:, None])
             p = tl.where(negative, px * (1.0 + weight_a) - hcl_mass[:, None] * pw, 0.0)
         else:
             p = tl.exp2(x2 + k_row[:, None])
@@ -218,7 +217,8 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 @triton.jit
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
              tau_sum,
-             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher,
+             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
+             hcl_ref, hcl_wref, log_share, teacher,
              exclude, inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
              B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
@@ -228,7 +228,8 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     """One key tile of a row block: dS written to the panel, the tile's tau added to the rows' sums."""
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
-                            offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr,
+                            offset, grad_scale, coef, hcl_mass, hcl_shift,
+                            hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr,
                             cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
                             D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
                             HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
@@ -282,7 +283,8 @@ def _info_nce_bwd_ds_kernel(
     if RAGGED:
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude,
+                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
+                           hcl_ref, hcl_wref, log_share, teacher, exclude,
                            inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -292,7 +294,8 @@ def _info_nce_bwd_ds_kernel(
         for tile in range(first, tl.minimum(first + tiles_per_group, full)):
             tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
                                local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude,
+                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
+                               hcl_ref, hcl_wref, log_share, teacher, exclude,
                                inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b,
                                soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
                                NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,

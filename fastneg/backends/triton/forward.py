@@ -80,10 +80,10 @@ from .rules import (
     column_rules_tile,
     row_thresholds,
     simans_constants,
-    tl_hcl_sums,
-    tl_relative_row,
     tile_classes,
     tile_label_match,
+    tl_hcl_sums,
+    tl_relative_row,
 )
 from .tiles import (
     LN2,
@@ -402,20 +402,18 @@ def _info_nce_fwd_kernel(
             lo = tl.where(has_neg, w_max, 0.0)
             rs = tl.where(gx >= 0.0, hi, lo)  # the references' scores
             ws = tl.where(weight_a >= 0.0, hi, lo)
-            rx2 = rs * scale
-            rw2 = ws * scale
             log2_sx = tl.log2(tl.where(has_neg, x_sum, 1.0))
             log2_sw = tl.log2(tl.where(has_neg, w_sum, 1.0))
             n_f = tl.maximum(n_neg, 1).to(tl.float32)
-            small2 = weight_a * (rx2 - rw2) + (tl.log2(n_f) + log2_sx - log2_sw)
-            d = ((s_pos * scale - rx2) - small2) * LN2  # l+ - g
-            log_floor = tl.log(n_f) - inv_temp - (rx2 + small2) * LN2
+            small2 = weight_a * (rs - ws) * scale + (tl.log2(n_f) + log2_sx - log2_sw)
+            d = ((s_pos - rs) * scale - small2) * LN2  # l+ - g, the scores' difference exact
+            log_floor = tl.log(n_f) - inv_temp - (rs * scale + small2) * LN2
             rel, h_loss, shift, h_coef = tl_relative_row(d, log_floor, n_f, tau_plus, DEBIAS & FLAGS)
             h_loss = tl.where(has_neg, h_loss, 0.0)
             lse = tl.where(has_neg, l_pos + h_loss, l_pos)
             coef = tl.where(has_neg, h_coef, 1.0)
             log_share = -h_loss
-            offset = tl.where(has_neg, shift - rel - log2_sx * LN2, 0.0)  # P_ij = e^{(1 + beta)(l_ij - r) + offset}
+            offset = tl.where(has_neg, shift - rel - log2_sx * LN2, 0.0)  # P_ij = e^{(1 + beta)(s_ij - r) / t + offset}
             # dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
             tl.store(state_ptr + (ROW_HCL_MASS * B + rows), tl.where(has_neg, weight_a * tl.exp(shift - rel), 0.0),
                      mask=row_valid)

@@ -209,10 +209,11 @@ def column_classes(s, t, row_local, row_valid, owner_local, has_owner, c_thresho
 def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, weight_a, WEIGHTING: tl.constexpr):
     """The biased logits in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
     elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS; -inf elsewhere).
-    HCL: x2 = l log2(e) alone (``tl_hcl_sums`` and the backward take its weights from it). ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2
-    with alpha = sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one
-    multiply per element. ``simans_beta`` is broadcast against the tile: [BLOCK_M, 1] for rows,
-    [1, BLOCK_N] for the symmetric loss's columns."""
+    HCL: x2 = l log2(e) alone (``tl_hcl_sums`` and the backward take its weights from it).
+    ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2 with alpha =
+    sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one multiply per element.
+    ``simans_beta`` is broadcast against the tile: [BLOCK_M, 1] for rows, [1, BLOCK_N] for the
+    symmetric loss's columns."""
     neg_inf = float("-inf")
     if WEIGHTING == WEIGHT_SIMANS:
         d = s * simans_alpha - simans_beta
@@ -243,10 +244,10 @@ def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, w
 @triton.jit
 def tl_hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
     """HCL's running sums of a tile (log2 units), per row: ``hi`` / ``lo`` the largest / smallest
-    negative score so far, ``sx = sum_j 2^{(1 + beta)(x2_j - r)}`` and ``sw = sum_j 2^{beta (x2_j - w)}``
-    with ``x2 = s scale`` and the references ``r``, ``w`` the log2-logits of ``hi`` (of ``lo`` where
-    the factor is negative), computed as every element's: each term is <= 1, the reference's exactly
-    1, and no exponent is a difference of two rounded terms of size (1 + beta) |l|."""
+    negative score so far, ``sx = sum_j 2^{(1 + beta)(s_j - r) scale}`` and ``sw = sum_j 2^{beta (s_j
+    - w) scale}`` with the references ``r``, ``w`` the score ``hi`` (``lo`` where the factor is
+    negative): each term is <= 1, the reference's exactly 1 (the scores' difference is exact where
+    it matters), and no exponent is a difference of two rounded terms of size (1 + beta) |l|."""
     gx = 1.0 + beta
     t_hi = tl.max(tl.where(negative, s, float("-inf")), axis=1)
     t_lo = tl.min(tl.where(negative, s, float("inf")), axis=1)
@@ -254,15 +255,16 @@ def tl_hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
     new_lo = tl.minimum(lo, t_lo)
     seen = hi > float("-inf")  # rows with an earlier negative: their sums are carried over
     anyn = new_hi > float("-inf")
-    rx = tl.where(anyn, tl.where(gx >= 0.0, new_hi, new_lo) * scale, 0.0)
-    rw = tl.where(anyn, tl.where(beta >= 0.0, new_hi, new_lo) * scale, 0.0)
-    old_rx = tl.where(seen, tl.where(gx >= 0.0, hi, lo) * scale, rx)
-    old_rw = tl.where(seen, tl.where(beta >= 0.0, hi, lo) * scale, rw)
-    x2 = s * scale
-    ex = tl.where(negative, tl.exp2(gx * (x2 - rx[:, None])), 0.0)
-    ew = tl.where(negative, tl.exp2(beta * (x2 - rw[:, None])), 0.0)
-    sx = sx * tl.exp2(gx * (old_rx - rx)) + tl.sum(ex, axis=1)
-    sw = sw * tl.exp2(beta * (old_rw - rw)) + tl.sum(ew, axis=1)
+    rx = tl.where(anyn, tl.where(gx >= 0.0, new_hi, new_lo), 0.0)
+    rw = tl.where(anyn, tl.where(beta >= 0.0, new_hi, new_lo), 0.0)
+    old_rx = tl.where(seen, tl.where(gx >= 0.0, hi, lo), rx)
+    old_rw = tl.where(seen, tl.where(beta >= 0.0, hi, lo), rw)
+    fx = gx * scale
+    fw = beta * scale
+    ex = tl.where(negative, tl.exp2((s - rx[:, None]) * fx), 0.0)
+    ew = tl.where(negative, tl.exp2((s - rw[:, None]) * fw), 0.0)
+    sx = sx * tl.exp2((old_rx - rx) * fx) + tl.sum(ex, axis=1)
+    sw = sw * tl.exp2((old_rw - rw) * fw) + tl.sum(ew, axis=1)
     return new_hi, new_lo, sx, sw
 
 
