@@ -8,12 +8,23 @@
    over 48 problems (with and without unmasked exact duplicates).
 3. Soft labels with SimANS (a up to 3000, teacher temperature 0.02 to 1, margin or none): the
    fused float32 loss error as a multiple of dense float32's, worst over 288 problems.
+4. HCL and HCL + DCL, a random search (``--hcl-trials``, default 3000; ``--hcl-backends``,
+   default cpu and portable: triton runs under the interpreter, slowly): B <= 8, N <= 16, D <= 6,
+   queries near their positive (noise 0.01 to 3), exact and near copies of positives, beta in
+   {-0.5, 0.5, 1, 3}, tau+ in {none, 0, 0.1, 0.5}, labels, relative margins, temperatures
+   2^-8 to 1/4. Each problem is posed on its float32 scores (query = the score matrix, keys = the
+   identity, temperatures powers of two), so every backend sees the same exact logits and only the
+   loss's arithmetic differs. Per backend: the worst over problems and over loss, dq and dk of its
+   float32 error against float64 divided by the dense float32 loss's (floored at 1e-7 of the
+   gradient's scale); problems whose DCL clamp sits within 1e-4 of its floor are skipped (a tie).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
+import random
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -99,7 +110,81 @@ def soft_simans() -> None:
               f"(error {err:.2g}, dense {plain:.2g}, a = {a:g}; smallest KL {smallest:.3g})")
 
 
+def _hcl_problem(rng: random.Random, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    B = rng.randint(1, 8)
+    N = rng.randint(max(B, 2), 16)
+    D = rng.randint(1, 6)
+    keys = unit(N, D, g)
+    pos = torch.randperm(N, generator=g)[:B]
+    noise = rng.choice([0.01, 0.05, 0.3, 1.0, 3.0])
+    query = torch.nn.functional.normalize(keys[pos] + noise * torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    for _ in range(rng.randint(0, 3)):
+        src, dst = int(pos[rng.randrange(B)]), rng.randrange(N)
+        if dst not in pos.tolist():
+            near = torch.nn.functional.normalize(keys[src] + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+            keys[dst] = keys[src] if rng.random() < 0.5 else near
+    scores = (query.float() @ keys.float().T).double()  # the problem on its float32 scores: q' = S, k' = I
+    kw = dict(temperature=rng.choice([2.0 ** -8, 2.0 ** -7, 2.0 ** -6, 2.0 ** -5, 0.25]),
+              weighting=fastneg.HCL(rng.choice([0.5, 1.0, 3.0] + ([-0.5] if rng.random() < 0.1 else []))),
+              debias=rng.choice([None, 0.0, 0.1, 0.5]))
+    if rng.random() < 0.5:
+        kw["key_labels"] = torch.randint(0, max(1, N // 2), (N,), generator=g)
+        if rng.random() < 0.5:
+            kw["query_labels"] = torch.randint(0, max(1, N // 2), (B,), generator=g)
+    if rng.random() < 0.3:
+        kw["relative_margin"] = rng.choice([0.0, 0.05])
+    return scores, torch.eye(N, dtype=torch.float64), pos, kw, torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+
+
+def hcl_search(trials: int, backends: list[str]) -> None:
+    worst: dict[str, tuple[float, str]] = {b: (0.0, "") for b in backends}
+    rng, skipped = random.Random(0), 0
+    for trial in range(trials):
+        query, keys, pos, kw, w = _hcl_problem(rng, trial)
+
+        def run(dtype: torch.dtype, backend: str, query=query, keys=keys, pos=pos, kw=kw, w=w) -> list:  # noqa: ANN001
+            q = query.to(dtype).detach().clone().requires_grad_()
+            k = keys.to(dtype).detach().clone().requires_grad_()
+            loss, stats = fastneg.info_nce(q, k, pos, backend=backend, reduction="none", return_stats=True,
+                                           **{**kw, "temperature": torch.tensor(kw["temperature"], dtype=dtype)})
+            (loss * w.to(dtype)).sum().backward()
+            return [loss.detach().double(), q.grad.double(), k.grad.double(), stats]
+
+        truth = run(torch.float64, "reference")
+        if kw["debias"] is not None:  # DCL's clamp within 1e-4 of its floor: a tie, decided by the last bit
+            tau_plus, t = kw["debias"], kw["temperature"]
+            _, plain_stats = fastneg.info_nce(query, keys, pos, backend="reference", reduction="none", return_stats=True,
+                                              **{**kw, "debias": None})
+            lp, n = plain_stats.positive_logit, plain_stats.num_negatives.double()
+            mass = torch.expm1(plain_stats.logsumexp - lp)  # the negatives' term over e^{l+}
+            raw = (mass - n * tau_plus) / (1.0 - tau_plus)
+            floor = n * torch.exp(-1.0 / t - lp)
+            gap = torch.where(n > 0, (raw - floor).abs() / (raw.abs() + floor), torch.ones_like(n))
+            if bool((gap < 1e-4).any()):
+                skipped += 1
+                continue
+        dense = run(torch.float32, "reference")
+        gscale = max(float(truth[1].abs().max()), float(truth[2].abs().max()), 1.0)
+        for backend in backends:
+            got = run(torch.float32, backend)
+            for name, t_, d_, f in zip(("loss", "dq", "dk"), truth, dense, got):
+                size = max(float(t_.abs().max()), 1.0) if name == "loss" else gscale
+                ratio = float((f - t_).abs().max()) / max(float((d_ - t_).abs().max()), 1e-7 * size)
+                if ratio > worst[backend][0]:
+                    worst[backend] = (ratio, f"problem {trial}, {name}, t {kw['temperature']:g}, {kw['weighting']}, "
+                                             f"tau+ {kw['debias']}")
+    for backend, (ratio, where) in worst.items():
+        print(f"hcl search, {trials - skipped} problems ({skipped} DCL ties skipped): {backend} worst error / dense "
+              f"float32's = {ratio:.1f} ({where})")
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hcl-trials", type=int, default=3000)
+    parser.add_argument("--hcl-backends", default="cpu,portable")
+    args = parser.parse_args()
     ties()
     hcl()
     soft_simans()
+    hcl_search(args.hcl_trials, args.hcl_backends.split(","))
