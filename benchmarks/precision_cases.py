@@ -16,7 +16,9 @@
    identity, temperatures powers of two), so every backend sees the same exact logits and only the
    loss's arithmetic differs. Per backend: the worst over problems and over loss, dq and dk of its
    float32 error against float64 divided by the dense float32 loss's (floored at 1e-7 of the
-   gradient's scale); problems whose DCL clamp sits within 1e-4 of its floor are skipped (a tie).
+   gradient's scale); problems whose DCL clamp sits within 1e-4 of its floor, relative to the terms
+   it subtracts, are skipped (a tie decided by the rounding). ``--hcl-weighting none``: the same
+   search for DCL alone.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def soft_simans() -> None:
               f"(error {err:.2g}, dense {plain:.2g}, a = {a:g}; smallest KL {smallest:.3g})")
 
 
-def _hcl_problem(rng: random.Random, seed: int) -> tuple:
+def _hcl_problem(rng: random.Random, seed: int, hcl: bool = True) -> tuple:
     g = torch.Generator().manual_seed(seed)
     B = rng.randint(1, 8)
     N = rng.randint(max(B, 2), 16)
@@ -126,7 +128,7 @@ def _hcl_problem(rng: random.Random, seed: int) -> tuple:
             keys[dst] = keys[src] if rng.random() < 0.5 else near
     scores = (query.float() @ keys.float().T).double()  # the problem on its float32 scores: q' = S, k' = I
     kw = dict(temperature=rng.choice([2.0 ** -8, 2.0 ** -7, 2.0 ** -6, 2.0 ** -5, 0.25]),
-              weighting=fastneg.HCL(rng.choice([0.5, 1.0, 3.0] + ([-0.5] if rng.random() < 0.1 else []))),
+              weighting=fastneg.HCL(rng.choice([0.5, 1.0, 3.0] + ([-0.5] if rng.random() < 0.1 else []))) if hcl else None,
               debias=rng.choice([None, 0.0, 0.1, 0.5]))
     if rng.random() < 0.5:
         kw["key_labels"] = torch.randint(0, max(1, N // 2), (N,), generator=g)
@@ -137,11 +139,11 @@ def _hcl_problem(rng: random.Random, seed: int) -> tuple:
     return scores, torch.eye(N, dtype=torch.float64), pos, kw, torch.rand(B, generator=g, dtype=torch.float64) + 0.5
 
 
-def hcl_search(trials: int, backends: list[str]) -> None:
+def hcl_search(trials: int, backends: list[str], hcl: bool = True) -> None:
     worst: dict[str, tuple[float, str]] = {b: (0.0, "") for b in backends}
     rng, skipped = random.Random(0), 0
     for trial in range(trials):
-        query, keys, pos, kw, w = _hcl_problem(rng, trial)
+        query, keys, pos, kw, w = _hcl_problem(rng, trial, hcl)
 
         def run(dtype: torch.dtype, backend: str, query=query, keys=keys, pos=pos, kw=kw, w=w) -> list:  # noqa: ANN001
             q = query.to(dtype).detach().clone().requires_grad_()
@@ -160,7 +162,8 @@ def hcl_search(trials: int, backends: list[str]) -> None:
             mass = torch.expm1(plain_stats.logsumexp - lp)  # the negatives' term over e^{l+}
             raw = (mass - n * tau_plus) / (1.0 - tau_plus)
             floor = n * torch.exp(-1.0 / t - lp)
-            gap = torch.where(n > 0, (raw - floor).abs() / (raw.abs() + floor), torch.ones_like(n))
+            terms = (mass + n * tau_plus) / (1.0 - tau_plus)  # what raw subtracts: raw itself may be a cancellation
+            gap = torch.where(n > 0, (raw - floor).abs() / (terms + floor), torch.ones_like(n))
             if bool((gap < 1e-4).any()):
                 skipped += 1
                 continue
@@ -175,7 +178,8 @@ def hcl_search(trials: int, backends: list[str]) -> None:
                     worst[backend] = (ratio, f"problem {trial}, {name}, t {kw['temperature']:g}, {kw['weighting']}, "
                                              f"tau+ {kw['debias']}")
     for backend, (ratio, where) in worst.items():
-        print(f"hcl search, {trials - skipped} problems ({skipped} DCL ties skipped): {backend} worst error / dense "
+        print(f"{'hcl' if hcl else 'dcl'} search, {trials - skipped} problems ({skipped} DCL ties skipped): {backend} "
+              f"worst error / dense "
               f"float32's = {ratio:.1f} ({where})")
 
 
@@ -183,8 +187,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hcl-trials", type=int, default=3000)
     parser.add_argument("--hcl-backends", default="cpu,portable")
+    parser.add_argument("--hcl-weighting", choices=["hcl", "none"], default="hcl")
     args = parser.parse_args()
     ties()
     hcl()
     soft_simans()
-    hcl_search(args.hcl_trials, args.hcl_backends.split(","))
+    hcl_search(args.hcl_trials, args.hcl_backends.split(","), args.hcl_weighting == "hcl")

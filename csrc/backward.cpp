@@ -32,6 +32,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
   const T* const hcl_ref_p = row_of(RowState::HCL_REFERENCE);
   const T* const hcl_wref_p = row_of(RowState::HCL_WEIGHT_REFERENCE);
   const T* const pos_share_p = row_of(RowState::LOG_POSITIVE_SHARE);
+  const T* const neg_max_p = row_of(RowState::NEGATIVE_MAX);
   const T* const teacher_p = row_of(RowState::TEACHER_LOGSUMEXP);
   const T* const inv_p_p = row_of(RowState::INV_NUM_POSITIVES);
   at::Tensor dq = query_grad ? at::zeros({g.B, g.D}, opts) : at::empty({0}, opts);
@@ -90,7 +91,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
                 K::template logits<T, W, LABELS, GUIDE>(col, tile, a, b, x.data(), log_w.data());
                 const T c_lse = clse_p[o];
                 const T scale = grad_p[o] * half * inv_temp;
-                rowsum[0] += K::grad(x.data(), coff_p[o] - c_lse, scale, spos_p[o], scol, nr);
+                rowsum[0] += K::grad(x.data(), T(0), coff_p[o] - c_lse, scale, spos_p[o], scol, nr);
                 if (o >= r0 && o < r0 + nr) scol[o - r0] = scale * std::expm1(spos_p[o] * inv_temp - c_lse);
               }
             }
@@ -128,8 +129,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               else if (sh.soft)  // P_ij - w p_ij, p the teacher's softmax
                 acc = K::grad2(x.data(), shift, scale, tx.data(), -teacher_p[i], scale * w,
                                row.positive_score, srow, nc);
+              else if (plan.debias)  // (x - max) + offset (RowState.NEGATIVE_MAX)
+                acc = K::grad(x.data(), neg_max_p[i], off_p[i], scale, row.positive_score, srow, nc);
               else
-                acc = K::grad(x.data(), shift, scale, row.positive_score, srow, nc);
+                acc = K::grad(x.data(), T(0), shift, scale, row.positive_score, srow, nc);
               std::fill(srow + nc, srow + g.key_tile, T(0));
               if (plan.attract) {
                 for (int64_t c = 0; c < nc; ++c)
@@ -140,8 +143,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad_loss_in, const Inpu
               if (pc >= 0 && pc < nc) {
                 // dL/dl+ = c+ e^{l+ - lse} - 1 (c+ = 1 but with DCL's debiasing); soft labels:
                 // e^{l+ - lse} - (1 - w) - w p+
-                // l+ - lse (HCL: kept by the forward, from its relative terms)
-                const T d = W == Weighting::HCL ? pos_share_p[i] : row.positive_score * inv_temp - lse_p[i];
+                // l+ - lse (HCL and DCL: kept by the forward, from its relative terms)
+                const T d = (W == Weighting::HCL || plan.debias) ? pos_share_p[i]
+                                                                : row.positive_score * inv_temp - lse_p[i];
                 srow[pc] = scale * (coef_p[i] == T(1) ? std::expm1(d) : coef_p[i] * std::exp(d) - T(1));
                 if (plan.attract) srow[pc] = scale * (std::exp(d) - inv_p_p[i]);
                 if (sh.soft) srow[pc] += scale * w * (T(1) - std::exp(tx[pc] - teacher_p[i]));

@@ -1,7 +1,7 @@
 // What every C++ kernel shares beyond ATen: the tile geometry's constants, the views one row
-// pass reads (RowView, TileView), the online accumulators (OnlineLSE, SoftAcc) and the
-// row-level estimator math (logaddexp, DCL's debiased row). row_kernels.h is written against
-// these types and includes nothing itself.
+// pass reads (RowView, TileView), the online accumulators (OnlineLSE, HclAcc, SoftAcc) and the
+// row-level estimator math (logaddexp, a row relative to its negatives with DCL). row_kernels.h
+// is written against these types and includes nothing itself.
 #pragma once
 
 #include <cmath>
@@ -86,34 +86,13 @@ struct HclAcc {
   static T reference(T factor, T hi, T lo) { return factor >= T(0) ? hi : lo; }
 };
 
-// DCL (Chuang et al. 2020): the row's negative term becomes
-// Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), computed after a shift c.
-// Returns log(e^{l+} + Ng), the shift to add to the negatives' offset (their dL/dl carries a
-// factor 1 / (1 - tau+), or nothing when the floor is active) and the positive's coefficient c+
-// in dL/dl+ = c+ e^{l+ - lse} - 1.
-template <typename T>
-struct DebiasedRow {
-  T lse, offset_shift, positive_coef;
-};
-
-template <typename T>
-DebiasedRow<T> debiased_row(T l_pos, T neg_lse, int64_t count, T tau_plus, T inv_temp) {
-  const T n = T(count);
-  const T log_floor = std::log(n) - inv_temp;  // -inf without negatives
-  T c = l_pos > neg_lse ? l_pos : neg_lse;
-  c = log_floor > c ? log_floor : c;
-  const T raw = (std::exp(neg_lse - c) - n * tau_plus * std::exp(l_pos - c)) / (T(1) - tau_plus);
-  const T floor = n * std::exp(-inv_temp - c);
-  const bool clamped = raw < floor;
-  const T lse = c + std::log(std::exp(l_pos - c) + (clamped ? floor : raw));
-  if (clamped) return {lse, neg_inf<T>(), T(1)};
-  return {lse, -std::log1p(-tau_plus), T(1) - n * tau_plus / (T(1) - tau_plus)};
-}
-
 // A row's logsumexp relative to its negatives' log-mass g (d = l+ - g), with DCL when `debias`
-// (log_floor = log n - 1/t - g): rel = lse - g and loss = lse - l+, each computed from the larger of
-// the positive's term and the negatives' so that neither is a difference of two rounded terms of
-// the logits' size; DCL's negatives' offset shift and c+ as in DebiasedRow.
+// (Chuang et al. 2020: the negatives' term becomes Ng = max((e^g - n tau+ e^{l+}) / (1 - tau+),
+// n e^{-1/t}); log_floor = log n - 1/t - g): rel = lse - g and loss = lse - l+, each computed from
+// the larger of the positive's term and the negatives' so that neither is a difference of two
+// rounded terms of the logits' size. Also the shift to add to the negatives' offset (their dL/dl
+// carries a factor 1 / (1 - tau+), or nothing where the floor is active) and the positive's
+// coefficient c+ in dL/dl+ = c+ e^{l+ - lse} - 1.
 template <typename T>
 struct RelativeRow {
   T rel, loss, offset_shift, positive_coef;

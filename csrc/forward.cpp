@@ -166,22 +166,35 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
               continue;
             }
-            if (plan.debias) {
-              const DebiasedRow<T> d =
-                  debiased_row(l_pos, acc[r].value() + row_off, cnt_neg[r], T(*plan.debias), inv_temp);
-              total = d.lse;
-              row_off += d.offset_shift;
-              coef = d.positive_coef;
+            T log_share;  // l+ - total
+            if (plan.debias && cnt_neg[r] > 0) {
+              // relative to the negatives' log-mass g, as for HCL: the loss and the positive's share come
+              // from the larger of the two terms, not from a total rounded at the logits' size
+              // g = max + (log S + row_off); l+ - g from l+ - max, exact where the two are close
+              const T g_small = std::log(acc[r].sum) + row_off, g = acc[r].max + g_small;
+              const T d = acc[r].nan ? std::numeric_limits<T>::quiet_NaN() : (l_pos - acc[r].max) - g_small;
+              const RelativeRow<T> rr =
+                  relative_row(d, true, std::log(T(cnt_neg[r])) - inv_temp - g, cnt_neg[r], T(*plan.debias));
+              total = l_pos + rr.loss;
+              // P_ij = e^{x_ij + row_off + shift - total} = e^{(x_ij - max) - log S + shift - rel}: the backward
+              // takes x_ij - max, exact for the row's dominant negative
+              row_off = rr.offset_shift - rr.rel - std::log(acc[r].sum);
+              row_of(RowState::NEGATIVE_MAX)[i] = acc[r].max;
+              coef = rr.positive_coef;
+              loss_p[i] = rr.loss;
+              log_share = -rr.loss;
             } else {
-              total = logaddexp(l_pos, acc[r].value() + row_off);
+              total = plan.debias ? l_pos : logaddexp(l_pos, acc[r].value() + row_off);
+              loss_p[i] = total - l_pos;
+              log_share = l_pos - total;
             }
-            loss_p[i] = total - l_pos;
             if (plan.attract) {
               // P_i = {p_i} U flagged: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip
               const T positives = T(1 + cnt_masked[r]);
               total = logaddexp(total, acc_f[r].value());
               loss_p[i] = total - (l_pos + sum_f[r]) / positives;
               row_of(RowState::INV_NUM_POSITIVES)[i] = T(1) / positives;
+              log_share = l_pos - total;
             }
             if (sh.soft) {
               // KL(p || q) = lse - T + sum_j p_j (t'_j - x_j) - offset (1 - p+), T the teacher's logsumexp
@@ -206,7 +219,7 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               row_of(RowState::TEACHER_LOGSUMEXP)[i] = teacher;
             }
             lse_p[i] = total;
-            row_of(RowState::LOG_POSITIVE_SHARE)[i] = l_pos - total;
+            row_of(RowState::LOG_POSITIVE_SHARE)[i] = log_share;
             off_p[i] = row_off;
             coef_p[i] = coef;
             n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];

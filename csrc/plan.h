@@ -44,7 +44,7 @@ struct RowState {  // rows of the forward's [COUNT, B] per-row state
     LOGSUMEXP = 0, POSITIVE_SCORE = 1, OFFSET = 2, THRESHOLD = 3, GUIDE_THRESHOLD = 4, COLUMN_LOGSUMEXP = 5,
     COLUMN_OFFSET = 6, POSITIVE_COEF = 7, HCL_MASS = 8, HCL_SHIFT = 9, TEACHER_LOGSUMEXP = 10,
     INV_NUM_POSITIVES = 11, HCL_REFERENCE = 12, HCL_WEIGHT_REFERENCE = 13, LOG_POSITIVE_SHARE = 14,
-    COUNT = 15
+    NEGATIVE_MAX = 15, COUNT = 16
   };
 };
 
@@ -116,6 +116,7 @@ inline std::vector<std::pair<std::string, int64_t>> layout() {
       {"RowState.HCL_REFERENCE", RowState::HCL_REFERENCE},
       {"RowState.HCL_WEIGHT_REFERENCE", RowState::HCL_WEIGHT_REFERENCE},
       {"RowState.LOG_POSITIVE_SHARE", RowState::LOG_POSITIVE_SHARE},
+      {"RowState.NEGATIVE_MAX", RowState::NEGATIVE_MAX},
       {"KIND_SHIFT", kKindShift}, {"MAX_LABEL_LEVELS", kMaxLabelLevels}, {"NUM_SCALARS", Scalar::COUNT},
       {"NUM_ROW_STATES", RowState::COUNT},
   };

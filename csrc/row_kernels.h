@@ -178,17 +178,18 @@ void online_lse_add(OnlineLSE<T>& acc, const T* x, int64_t n_) {
   acc.max = new_max;
 }
 
-// Overwrites one row of a score tile with dS_ij = scale * exp(x_ij + shift) (the negatives'
-// share of dL/ds; the caller sets the positive's entry), minus scale2 * exp(y_ij + shift2) when
+// Overwrites one row of a score tile with dS_ij = scale * exp((x_ij - ref) + shift) (the negatives'
+// share of dL/ds; the caller sets the positive's entry; ref 0, or DCL's RowState.NEGATIVE_MAX), minus scale2 * exp(y_ij + shift2) when
 // SECOND (HCL: y = the importance log-weights; soft labels: y = the teacher's logits), and returns
 // sum_j dS_ij (s_ij - s_i+), the row's share of the temperature gradient.
 template <typename T, bool SECOND>
-T score_grad(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row, int64_t n_) {
+T score_grad(const T* x, T ref, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
+             int64_t n_) {
   typedef typename Vec<T>::type V;
   constexpr int32_t kW = Vec<T>::kWidth;
   const int32_t n = static_cast<int32_t>(n_);
   auto ds_of = [&](V xv, V yv) {
-    V ds = scale * exp_shifted(xv + shift);
+    V ds = scale * exp_shifted((xv - ref) + shift);
     if constexpr (SECOND) ds -= scale2 * exp_shifted(yv + shift2);
     return ds;
   };
@@ -360,7 +361,7 @@ struct RowKernels {
   template <typename T>
   static T grad2(const T* x, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
                  int64_t n) {
-    return score_grad<T, true>(x, shift, scale, y, shift2, scale2, positive_score, s_row, n);
+    return score_grad<T, true>(x, T(0), shift, scale, y, shift2, scale2, positive_score, s_row, n);
   }
   template <typename T>
   static void lse_add(OnlineLSE<T>& acc, const T* x, int64_t n) {
@@ -377,7 +378,7 @@ struct RowKernels {
                           s_row, n);
   }
   template <typename T>
-  static T grad(const T* x, T shift, T scale, T positive_score, T* s_row, int64_t n) {
-    return score_grad<T, false>(x, shift, scale, nullptr, T(0), T(0), positive_score, s_row, n);
+  static T grad(const T* x, T ref, T shift, T scale, T positive_score, T* s_row, int64_t n) {
+    return score_grad<T, false>(x, ref, shift, scale, nullptr, T(0), T(0), positive_score, s_row, n);
   }
 };

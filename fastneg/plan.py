@@ -109,6 +109,10 @@ class RowState(IntEnum):
     # HCL: -loss, from the row's terms relative to its largest, not a difference of two rounded numbers
     # of the logits' size (the precision of the dense DCL's e^{l+ - c} / Z)
     LOG_POSITIVE_SHARE = 14
+    # DCL (not HCL): the largest biased logit x_ij over the row's negatives, in the units of the backend's
+    # exponentials (natural on CPU, base 2 in Triton); P_ij = e^{(x_ij - NEGATIVE_MAX) + OFFSET}, so the
+    # dominant negative's exponent is exact, as in the dense loss's e^{x - c} / Z
+    NEGATIVE_MAX = 15
 
 
 MAX_LABEL_LEVELS = 8

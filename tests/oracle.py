@@ -59,7 +59,7 @@ class Out:
     dk: Optional[torch.Tensor] = None
     dt: Optional[torch.Tensor] = None
     dscores: Optional[torch.Tensor] = None  # [B, N] dL/ds_ij: the size of each term of the gradients' sums
-    clamp_gap: Optional[torch.Tensor] = None  # [B] DCL: |raw - floor| / (|raw| + floor), inf without debias
+    clamp_gap: Optional[torch.Tensor] = None  # [B] DCL: |raw - floor| / (raw's terms + floor), inf without debias
     terms: Optional[torch.Tensor] = None  # [B, N] the size of the terms that make up dL_i/ds_ij (unweighted)
     scores: Optional[torch.Tensor] = None
 
@@ -139,6 +139,7 @@ def _direction(s_row: torch.Tensor, t_row: Optional[torch.Tensor], pos: int, mem
     m = l_row.new_zeros(())
     if kind == "hcl":
         beta_h = c.weighting[1]
+        m = l_pos.detach()
         if n:
             m = torch.maximum(l_pos, l_neg.max()).detach()
             wl = beta_h * l_neg
@@ -156,7 +157,10 @@ def _direction(s_row: torch.Tensor, t_row: Optional[torch.Tensor], pos: int, mem
         floor = (n * torch.exp(-1.0 / tau - m)).detach()
         ng = torch.clamp(raw, min=floor)
         lse = m + torch.log(e_pos + ng)
-        gap = float(((raw - floor).abs() / (raw.abs() + floor)).detach()) if n else float("inf")
+        # relative to the terms raw subtracts, not to raw: raw is itself a cancellation when n tau+ e^{l+}
+        # nearly equals the negatives' sum, and then which side of the floor it lands on is the rounding's
+        terms = (neg_sum + n * tp * e_pos) / (1 - tp)
+        gap = float(((raw - floor).abs() / (terms + floor)).detach()) if n else float("inf")
     else:
         lse = m + torch.log(e_pos + neg_sum)
         gap = float("inf")

@@ -255,7 +255,9 @@ class _Direction:
         # (exp(xn - c) / Z would carry neg_lse's rounding at the logits' magnitude into every entry)
         mass = torch.exp(neg_lse - c) / ((1.0 - tau_plus) * Z)
         d_neg = torch.where(passes & negative, torch.softmax(xn, dim=1).nan_to_num(0.0) * mass, 0.0)
-        d_pos = torch.where(passes, P * (1.0 - n * tau_plus / (1.0 - tau_plus)) / Z, P / Z) - 1.0
+        # dL/dl+ = P c+ / Z - 1 written as -(P (1 - c+) + Ng) / Z (c+ = 1 - n tau+ / (1 - tau+), or 1 where the
+        # clamp is active): no cancellation where the positive dominates its row (Z close to P)
+        d_pos = -torch.where(passes, P * (n * tau_plus / (1.0 - tau_plus)) + raw, floor) / Z
         return torch.where(is_pos, d_pos, d_neg)
 
     def backward(self, grad: torch.Tensor, lse: torch.Tensor, need_rows: bool, need_cols: bool, need_rowsum: bool

@@ -46,6 +46,7 @@ from .config import (
 )
 from .rules import (
     ATTRACT,
+    DEBIAS,
     KIND,
     ROW_GUIDE_THRESHOLD,
     ROW_HCL_MASS,
@@ -55,6 +56,7 @@ from .rules import (
     ROW_INV_NUM_POSITIVES,
     ROW_LOG_POSITIVE_SHARE,
     ROW_LOGSUMEXP,
+    ROW_NEGATIVE_MAX,
     ROW_OFFSET,
     ROW_POSITIVE_COEF,
     ROW_POSITIVE_SCORE,
@@ -79,7 +81,8 @@ __all__ = ["info_nce_bwd_triton"]
 @triton.jit
 def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr, cstate_ptr,
+                  hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p, owner_ptr,
+                  cstate_ptr,
                   inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
                   stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -131,6 +134,8 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
             px = tl.exp2((s - hcl_ref[:, None]) * ((1.0 + weight_a) * scale) + (offset * LOG2E)[:, None])
             pw = tl.exp2((s - hcl_wref[:, None]) * (weight_a * scale) + (hcl_shift * LOG2E)[:, None])
             p = tl.where(negative, px * (1.0 + weight_a) - hcl_mass[:, None] * pw, 0.0)
+        elif DEBIAS & FLAGS:  # relative to the row's largest negative x2 (RowState.NEGATIVE_MAX), offset log2(e) after it
+            p = tl.exp2((x2 - neg_max[:, None]) + (offset * LOG2E)[:, None])
         else:
             p = tl.exp2(x2 + k_row[:, None])
         if ATTRACT & FLAGS:  # the flagged keys are positives: e^{l_ij - lse} - 1 / |P_i|, the positive's -1 too
@@ -192,6 +197,9 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
         grad_scale = grad_scale * 0.5
     coef = tl.load(state_ptr + (ROW_POSITIVE_COEF * B + rows), mask=row_valid, other=1.0)
     log_share = tl.load(state_ptr + (ROW_LOG_POSITIVE_SHARE * B + rows), mask=row_valid, other=0.0)
+    neg_max = tl.zeros_like(s_pos)
+    if DEBIAS & FLAGS:
+        neg_max = tl.load(state_ptr + (ROW_NEGATIVE_MAX * B + rows), mask=row_valid, other=0.0)
     hcl_mass = tl.zeros_like(s_pos)
     hcl_shift = tl.zeros_like(s_pos)
     hcl_ref = tl.zeros_like(s_pos)
@@ -211,14 +219,14 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
     if ATTRACT & FLAGS:
         inv_p = tl.load(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), mask=row_valid, other=0.0)
     return (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-            hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p)
+            hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p)
 
 
 @triton.jit
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
              tau_sum,
              positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-             hcl_ref, hcl_wref, log_share, teacher,
+             hcl_ref, hcl_wref, log_share, neg_max, teacher,
              exclude, inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
              B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
@@ -229,7 +237,7 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
                             offset, grad_scale, coef, hcl_mass, hcl_shift,
-                            hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p, owner_ptr,
+                            hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p, owner_ptr,
                             cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
                             D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
                             HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
@@ -273,7 +281,7 @@ def _info_nce_bwd_ds_kernel(
     group = tl.program_id(1)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-     hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, teacher, exclude, inv_p) = _load_row_state(
+     hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p) = _load_row_state(
         rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE, HAS_EXCLUDE, FLAGS)
     row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     q_row_ptr = q_ptr + row_start * stride_q
@@ -284,7 +292,7 @@ def _info_nce_bwd_ds_kernel(
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
                            tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                            guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-                           hcl_ref, hcl_wref, log_share, teacher, exclude,
+                           hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude,
                            inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv,
                            soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
                            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -295,7 +303,7 @@ def _info_nce_bwd_ds_kernel(
             tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
                                local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
                                guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-                               hcl_ref, hcl_wref, log_share, teacher, exclude,
+                               hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude,
                                inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b,
                                soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
                                NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,

@@ -65,6 +65,7 @@ from .rules import (
     ROW_INV_NUM_POSITIVES,
     ROW_LOG_POSITIVE_SHARE,
     ROW_LOGSUMEXP,
+    ROW_NEGATIVE_MAX,
     ROW_OFFSET,
     ROW_POSITIVE_COEF,
     ROW_POSITIVE_SCORE,
@@ -420,19 +421,23 @@ def _info_nce_fwd_kernel(
             tl.store(state_ptr + (ROW_HCL_SHIFT * B + rows), -log2_sw * LN2, mask=row_valid)
             tl.store(state_ptr + (ROW_HCL_REFERENCE * B + rows), rs, mask=row_valid)
             tl.store(state_ptr + (ROW_HCL_WEIGHT_REFERENCE * B + rows), ws, mask=row_valid)
-        elif DEBIAS & FLAGS:  # DCL: Ng = max((e^{neg_lse} - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), after a shift c
-            n = n_neg.to(tl.float32)
-            log_floor = tl.where(has_neg, tl.log(n) - inv_temp, float("-inf"))
-            c = tl.maximum(tl.maximum(neg_lse + offset, l_pos), log_floor)
-            raw = (tl.exp(neg_lse + offset - c) - n * tau_plus * tl.exp(l_pos - c)) / (1.0 - tau_plus)
-            floor = n * tl.exp(-inv_temp - c)
-            clamped = raw < floor
-            lse = c + tl.log(tl.exp(l_pos - c) + tl.where(clamped, floor, raw))
-            offset = tl.where(clamped, float("-inf"), offset - tl.log(1.0 - tau_plus))
-            coef = tl.where(clamped, 1.0, 1.0 - n * tau_plus / (1.0 - tau_plus))
-            log_share = l_pos - lse
+        elif DEBIAS & FLAGS:
+            # DCL: Ng = max((e^g - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), g = neg_lse + offset the negatives'
+            # log-mass; the loss and the positive's share relative to g (tl_relative_row), as for HCL
+            n_f = tl.maximum(n_neg, 1).to(tl.float32)
+            g_small = tl.log2(tl.where(has_neg, x_sum, 1.0)) * LN2 + offset
+            x_top = tl.where(has_neg, x_max, 0.0)
+            g = x_top * LN2 + g_small
+            d = (s_pos * scale - x_top) * LN2 - g_small  # l+ - g from l+ - max, exact where the two are close
+            rel, d_loss, shift, d_coef = tl_relative_row(d, tl.log(n_f) - inv_temp - g, n_f, tau_plus, True)
+            log_share = tl.where(has_neg, -d_loss, 0.0)
+            lse = l_pos - log_share
+            # P_ij = 2^{(x2_ij - x_max) + offset log2(e)}: the dominant negative's exponent exact (RowState.NEGATIVE_MAX)
+            offset = tl.where(has_neg, shift - rel - tl.log2(tl.where(has_neg, x_sum, 1.0)) * LN2, 0.0)
+            tl.store(state_ptr + (ROW_NEGATIVE_MAX * B + rows), tl.where(has_neg, x_max, 0.0), mask=row_valid)
+            coef = tl.where(has_neg, d_coef, 1.0)
         loss = lse - l_pos
-        if WEIGHTING == WEIGHT_HCL:
+        if (WEIGHTING == WEIGHT_HCL) or (DEBIAS & FLAGS):
             loss = -log_share
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)

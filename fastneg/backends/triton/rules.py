@@ -55,6 +55,7 @@ ROW_INV_NUM_POSITIVES: tl.constexpr = tl.constexpr(int(RowState.INV_NUM_POSITIVE
 ROW_HCL_REFERENCE: tl.constexpr = tl.constexpr(int(RowState.HCL_REFERENCE))
 ROW_HCL_WEIGHT_REFERENCE: tl.constexpr = tl.constexpr(int(RowState.HCL_WEIGHT_REFERENCE))
 ROW_LOG_POSITIVE_SHARE: tl.constexpr = tl.constexpr(int(RowState.LOG_POSITIVE_SHARE))
+ROW_NEGATIVE_MAX: tl.constexpr = tl.constexpr(int(RowState.NEGATIVE_MAX))
 
 
 @triton.jit
