@@ -121,7 +121,10 @@ def info_nce(
             ``L_i = log(e^{l+} + Ng) - l+``. The gradient flows as in the authors' code (through the
             clamp where it is not active). Not with ``symmetric`` or a learned temperature. With
             ``weighting=HCL(beta)`` the weighted sum is HCL's reweighted negative term (their
-            full estimator).
+            full estimator). ``S - n tau+ e^{l+}`` cancels where the two are close (inherent to
+            the estimator); the fused backends compute the loss, the positive's gradient and the
+            negatives' from terms relative to the row's largest, so float32 stays within a few
+            times the dense float32 loss's error (:class:`HCL`'s docstring; docs/reference.md).
         soft_labels: :class:`SoftLabels`: distil from the guide model as teacher, ``(1 - w) CE + w
             KL(teacher softmax || student softmax)`` over each row's positive and unmasked negatives.
         false_negatives: what the rules' flagged keys become. ``"mask"`` (default): they leave the

@@ -394,6 +394,8 @@ def _info_nce_fwd_kernel(
             lse = tl_logaddexp(l_pos, neg_lse + offset)
         coef = tl.full((BLOCK_M,), 1.0, tl.float32)
         log_share = l_pos - lse  # l+ - lse, what the backward's positive reads
+        if PLAIN:  # from the log2 terms, not through lse's round trip: 0 exactly where the positive alone counts
+            log_share = ((s_pos * scale - x_max) - tl.log2(x_sum)) * LN2
         if WEIGHTING == WEIGHT_HCL:
             # g = log(n sum_j e^{(1 + beta) l_j} / sum_j e^{beta l_j}) = r + small (log2 units below), and
             # everything the backward needs relative to g (csrc/forward.cpp does the same): no term of size
@@ -437,7 +439,7 @@ def _info_nce_fwd_kernel(
             tl.store(state_ptr + (ROW_NEGATIVE_MAX * B + rows), tl.where(has_neg, x_max, 0.0), mask=row_valid)
             coef = tl.where(has_neg, d_coef, 1.0)
         loss = lse - l_pos
-        if (WEIGHTING == WEIGHT_HCL) or (DEBIAS & FLAGS):
+        if (WEIGHTING == WEIGHT_HCL) or (DEBIAS & FLAGS) or PLAIN:
             loss = -log_share
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)
