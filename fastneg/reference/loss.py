@@ -208,7 +208,9 @@ def info_nce_gathered(
     columns = torch.cat([positives[:, None], listed.clamp(min=0)], dim=1)  # [B, 1 + K], positive first
     # like the fused kernels: float16/bfloat16 inputs are computed (and the loss returned) in float32
     acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    scores = torch.einsum("bd,bkd->bk", query.to(acc), keys[columns].to(acc))
+    # cast before gathering: the gather's backward then sums a key's gradient over the rows that list it in
+    # the accumulation dtype, and rounds it to a 16-bit input's dtype once (not once per listing)
+    scores = torch.einsum("bd,bkd->bk", query.to(acc), keys.to(acc)[columns])
     guide_scores = None
     if guide_query is not None and guide_keys is not None:
         guide_scores = torch.einsum("bd,bkd->bk", guide_query.detach().to(acc), guide_keys.detach()[columns].to(acc))
