@@ -273,3 +273,26 @@ def test_hcl_float32_gradients_as_precise_as_the_dense_loss(name: str, backend: 
         err, plain = float((f - t).abs().max()), float((d - t).abs().max())
         assert math.isfinite(err)
         assert err <= 4 * plain + 4e-7 * size, (what, err, plain, size)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable"])
+def test_listed_negatives_bfloat16_key_gradient_rounded_once(backend: str) -> None:
+    """With ``negatives=``, a key listed by several rows gets its gradient summed over them: in float32
+    and rounded to bfloat16 once. It was rounded to bfloat16 at each listing and summed in bfloat16
+    (-1.375 here where the float64 value is -1.2775; found by the long property profile)."""
+    q = torch.tensor([[-1.0], [1.0], [1.0], [-1.0], [-1.0], [-1.0], [1.0], [-1.0]])
+    k = torch.tensor([[1.0], [-1.0], [-1.0]])
+    positives = torch.tensor([2, 0, 0, 1, 2, 1, 0, 2])
+    negatives = torch.tensor([[1], [-1], [1], [2], [2], [0], [2], [2]])
+    w = torch.tensor([1.2579, 0.6139, 1.2440, 1.2068, 1.2945, 1.1953, 0.9236, 0.6344], dtype=torch.float64)
+
+    def key_grad(dtype: torch.dtype) -> torch.Tensor:
+        qq, kk = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+        loss = fastneg.info_nce(qq, kk, positives, temperature=0.02, negatives=negatives, reduction="none",
+                                backend=backend)
+        (loss * w.to(loss.dtype)).sum().backward()
+        return kk.grad
+
+    truth = key_grad(torch.float64)
+    got = key_grad(torch.bfloat16)
+    assert torch.equal(got, truth.to(torch.bfloat16)), (got, truth)
