@@ -72,11 +72,11 @@ struct SoftAcc {
   T mean_gap() const { return nan ? std::numeric_limits<T>::quiet_NaN() : a / z; }  // sum_j p_j (t'_j - x_j)
 };
 
-// HCL, per row: the negatives' logits l_j summed as sx = sum_j e^{(1 + beta)(l_j - ref_x)} and
-// sw = sum_j e^{beta (l_j - ref_w)}, each reference the logit of the row's largest negative score
-// (hi), or its smallest (lo) where the factor is negative, so that every term is <= 1 and the
-// reference's own is exactly 1: no exponent is a difference of two rounded terms of size
-// (1 + beta) |l| (merged by hcl_lse_add; hi and lo are scores).
+// HCL, per row: the negatives' scores s_j summed as sx = sum_j e^{(1 + beta)(s_j - ref_x) / t} and
+// sw = sum_j e^{beta (s_j - ref_w) / t}, each reference the row's largest negative score (hi), or
+// its smallest (lo) where the factor is negative, so that every term is <= 1 and the reference's
+// own is exactly 1: no exponent is a difference of two rounded terms of size (1 + beta) |l|
+// (merged by hcl_lse_add).
 template <typename T>
 struct HclAcc {
   T hi = neg_inf<T>(), lo = std::numeric_limits<T>::infinity();

@@ -134,7 +134,8 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
             T row_off = T(0);
             if (W == Weighting::SIMANS && cnt_neg[r] > 0) row_off = std::log(T(cnt_neg[r])) - acc_w[r].value();
             T total, coef = T(1);
-            if (W == Weighting::HCL && cnt_neg[r] > 0) {
+            T log_share;  // l+ - total
+            if (W == Weighting::HCL && cnt_neg[r] > 0) {  // (not with attraction or soft labels: plan checks)
               // g = log(n sum_j e^{(1 + beta) l_j} / sum_j e^{beta l_j}), the negatives' log-mass, is
               // ref_x + small; everything the backward needs is taken relative to g, so that the
               // positive's share, P_ij and beta R never meet a rounding of size (1 + beta) |l|
@@ -153,21 +154,14 @@ std::vector<at::Tensor> forward_impl(const Inputs& in, double temperature, const
               coef = rr.positive_coef;
               loss_p[i] = rr.loss;
               total = l_pos + rr.loss;  // so that the backward's e^{l+ - total} is the forward's
-              off_p[i] = shift - rel - log_sx;  // P_ij = e^{(1 + beta)(s_ij - s_ref) / t + off}
+              log_share = -rr.loss;
+              row_off = shift - rel - log_sx;  // P_ij = e^{(1 + beta)(s_ij - s_ref) / t + offset}
               // dL/dl_ij = (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, R = the negatives' share of P
               row_of(RowState::HCL_MASS)[i] = a * std::exp(shift - rel);
               row_of(RowState::HCL_SHIFT)[i] = -log_sw;
               row_of(RowState::HCL_REFERENCE)[i] = sx_ref;
               row_of(RowState::HCL_WEIGHT_REFERENCE)[i] = sw_ref;
-              row_of(RowState::LOG_POSITIVE_SHARE)[i] = -rr.loss;
-              lse_p[i] = total;
-              coef_p[i] = coef;
-              n_masked.data_ptr<int64_t>()[i] = cnt_masked[r];
-              n_neg.data_ptr<int64_t>()[i] = cnt_neg[r];
-              continue;
-            }
-            T log_share;  // l+ - total
-            if (plan.debias && cnt_neg[r] > 0) {
+            } else if (plan.debias && cnt_neg[r] > 0) {
               // relative to the negatives' log-mass g, as for HCL: the loss and the positive's share come
               // from the larger of the two terms, not from a total rounded at the logits' size
               // g = max + (log S + row_off); l+ - g from l+ - max, exact where the two are close

@@ -64,8 +64,8 @@ inline Vec<double>::type exp_shifted(Vec<double>::type x) {
 // x_ij = l_ij + u_ij over the row's negatives (-inf for masked keys and the positive), where u
 // is the per-key part of beta (SimANS log w_ij, or the hardness bias); the SimANS per-row
 // normaliser is added by the caller. HCL: x_ij = s_ij, the score (its logits and weights are
-// taken from it by hcl_lse_add and hcl_score_grad). log_w gets SimANS's log w_ij (-inf off the negatives). The
-// row's excluded column (ec) is neither masked nor a negative; xf (when given) gets l_ij of the
+// taken from it by hcl_lse_add and hcl_score_grad). log_w gets SimANS's log w_ij (-inf off the
+// negatives). The row's excluded column (ec) is neither masked nor a negative; xf (when given) gets l_ij of the
 // masked keys and -inf elsewhere (attraction: the flagged keys are positives).
 // Returns the number of masked keys in the tile (the positive never counts).
 template <typename T, int W, bool LABELS, bool GUIDE, bool FULL>
@@ -179,8 +179,8 @@ void online_lse_add(OnlineLSE<T>& acc, const T* x, int64_t n_) {
 }
 
 // Overwrites one row of a score tile with dS_ij = scale * exp((x_ij - ref) + shift) (the negatives'
-// share of dL/ds; the caller sets the positive's entry; ref 0, or DCL's RowState.NEGATIVE_MAX), minus scale2 * exp(y_ij + shift2) when
-// SECOND (HCL: y = the importance log-weights; soft labels: y = the teacher's logits), and returns
+// share of dL/ds; the caller sets the positive's entry; ref 0, or DCL's RowState.NEGATIVE_MAX),
+// minus scale2 * exp(y_ij + shift2) when SECOND (soft labels: y = the teacher's logits), and returns
 // sum_j dS_ij (s_ij - s_i+), the row's share of the temperature gradient.
 template <typename T, bool SECOND>
 T score_grad(const T* x, T ref, T shift, T scale, const T* y, T shift2, T scale2, T positive_score, T* s_row,
