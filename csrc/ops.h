@@ -24,12 +24,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_bwd_cpu(
     const std::optional<at::Tensor>& guide_keys, const std::optional<at::Tensor>& exclude,
     const at::Tensor& row_state, at::ArrayRef<double> scalars, int64_t flags);
 
-// -> [B, num_negatives] int64 key indices, best first, -1 where a row has fewer negatives
-at::Tensor sample_negatives_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+// -> [B, num_negatives] int64 key indices, best first, -1 where a row has fewer negatives, and
+// their values (the score, or the perturbed log-weight; -inf at -1). first_key: the global index
+// of keys[0] (the noise is keyed by it).
+std::tuple<at::Tensor, at::Tensor> sample_negatives_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
                                 const std::optional<at::Tensor>& query_labels,
                                 const std::optional<at::Tensor>& key_labels,
                                 const std::optional<at::Tensor>& guide_query,
                                 const std::optional<at::Tensor>& guide_keys, at::ArrayRef<double> scalars,
-                                int64_t flags, int64_t num_negatives, int64_t seed);
+                                int64_t flags, int64_t num_negatives, int64_t seed, int64_t first_key);
 
 }  // namespace fastneg

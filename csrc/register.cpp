@@ -22,7 +22,8 @@ TORCH_LIBRARY(fastneg, m) {
       "Tensor row_state, float[] scalars, int flags) -> (Tensor, Tensor, Tensor)");
   m.def(
       "sample_negatives_cpu(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, Tensor? key_labels, "
-      "Tensor? guide_query, Tensor? guide_keys, float[] scalars, int flags, int num_negatives, int seed) -> Tensor");
+      "Tensor? guide_query, Tensor? guide_keys, float[] scalars, int flags, int num_negatives, int seed, "
+      "int first_key=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastneg, CPU, m) {

@@ -14,7 +14,9 @@ namespace {
 //   simans:  log w_ij + G_ij   (Gumbel-top-k: a draw without replacement, P(j) ~ w_ij)
 //   uniform: G_ij
 // with G_ij standard Gumbel noise that is a pure function of (seed, i, j), so draws do not depend
-// on tiling or threads (and the Triton sampler computes the same bits).
+// on tiling or threads (and the Triton sampler computes the same bits). ``first_key`` is the global
+// index of keys[0] when the keys are one shard of a larger set: the noise is keyed by the global
+// index, so shards drawn apart and merged by value give the one-process draw.
 
 inline uint32_t mix32(uint32_t x) {  // "lowbias32" integer hash
   x ^= x >> 16;
@@ -49,10 +51,14 @@ class RunningTopK {
       std::push_heap(heap_.begin(), heap_.end(), better);
     }
   }
-  // best first, padded with -1
-  void write(int64_t* out) {
+  // best first, padded with -1 (value -inf)
+  void write(int64_t* out, T* values) {
     std::sort_heap(heap_.begin(), heap_.end(), better);
-    for (int64_t c = 0; c < k_; ++c) out[c] = c < static_cast<int64_t>(heap_.size()) ? heap_[c].second : -1;
+    for (int64_t c = 0; c < k_; ++c) {
+      const bool has = c < static_cast<int64_t>(heap_.size());
+      out[c] = has ? heap_[c].second : -1;
+      values[c] = has ? heap_[c].first : neg_inf<T>();
+    }
   }
 
  private:
@@ -64,11 +70,13 @@ class RunningTopK {
 };
 
 template <typename T, typename K>
-at::Tensor sample_impl(const Inputs& in, const Plan& plan, int64_t k, uint32_t seed) {
+std::tuple<at::Tensor, at::Tensor> sample_impl(const Inputs& in, const Plan& plan, int64_t k, uint32_t seed,
+                                              int64_t first_key) {
   const int strategy = plan.kind;
   const Geometry g(in.query.size(0), in.keys.size(0), in.query.size(1));
   const auto opts = in.query.options();
   at::Tensor out = at::empty({g.B, k}, opts.dtype(at::kLong));
+  at::Tensor out_values = at::empty({g.B, k}, opts.dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat));
   at::Tensor pos_score = at::empty({g.B}, opts), thr = at::empty({g.B}, opts), gthr = at::empty({g.B}, opts);
   const Shared<T> sh(in, g, 1.0, plan);  // temperature 1: the "logits" are the raw scores
   row_states<T>(in, g, sh, plan, pos_score.data_ptr<T>(), thr.data_ptr<T>(), gthr.data_ptr<T>());
@@ -101,36 +109,39 @@ at::Tensor sample_impl(const Inputs& in, const Plan& plan, int64_t k, uint32_t s
             for (int64_t c = 0; c < nc; ++c) {
               T v = value[c];
               if (!(v > neg_inf<T>())) continue;  // masked, the positive, or NaN: never drawn
-              if (strategy == Strategy::SIMANS) v += T(gumbel_noise(seed, i, j0 + c));
-              else if (strategy == Strategy::UNIFORM) v = T(gumbel_noise(seed, i, j0 + c));
+              if (strategy == Strategy::SIMANS) v += T(gumbel_noise(seed, i, first_key + j0 + c));
+              else if (strategy == Strategy::UNIFORM) v = T(gumbel_noise(seed, i, first_key + j0 + c));
               if (v > top.floor()) top.offer(v, j0 + c);
             }
           }
         }
-        for (int64_t r = 0; r < nr; ++r) best[r].write(out.data_ptr<int64_t>() + (r0 + r) * k);
+        for (int64_t r = 0; r < nr; ++r) {
+          best[r].write(out.data_ptr<int64_t>() + (r0 + r) * k, out_values.data_ptr<T>() + (r0 + r) * k);
+        }
       }
     });
   });
-  return out;
+  return {out, out_values};
 }
 
 }  // namespace
 
-at::Tensor sample_negatives_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
+std::tuple<at::Tensor, at::Tensor> sample_negatives_cpu(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& positives,
                                 const std::optional<at::Tensor>& query_labels,
                                 const std::optional<at::Tensor>& key_labels,
                                 const std::optional<at::Tensor>& guide_query,
                                 const std::optional<at::Tensor>& guide_keys, at::ArrayRef<double> scalars,
-                                int64_t flags, int64_t num_negatives, int64_t seed) {
+                                int64_t flags, int64_t num_negatives, int64_t seed, int64_t first_key) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Inputs in = make_inputs(query, keys, positives, query_labels, key_labels, guide_query, guide_keys);
   const Plan plan = Plan::decode(scalars, flags);
   TORCH_CHECK_VALUE(plan.kind >= Strategy::TOP && plan.kind <= Strategy::UNIFORM, "unknown strategy ", plan.kind);
   TORCH_CHECK_VALUE(num_negatives >= 1, "num_negatives must be >= 1, got ", num_negatives);
+  TORCH_CHECK_VALUE(first_key >= 0, "first_key must be >= 0, got ", first_key);
   const uint32_t s = static_cast<uint32_t>(seed);
   return with_row_kernels([&]<typename K>() {
-    return in.query.scalar_type() == at::kDouble ? sample_impl<double, K>(in, plan, num_negatives, s)
-                                                 : sample_impl<float, K>(in, plan, num_negatives, s);
+    return in.query.scalar_type() == at::kDouble ? sample_impl<double, K>(in, plan, num_negatives, s, first_key)
+                                                 : sample_impl<float, K>(in, plan, num_negatives, s, first_key);
   });
 }
 

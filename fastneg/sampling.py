@@ -17,9 +17,10 @@ Triton kernels and the dense reference compute the same noise. Rows with fewer c
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+import torch.distributed
 
 from .backends import resolve_backend, sample_op
 from .backends.operands import kernel_operands, normalized_operands
@@ -83,6 +84,7 @@ def sample_negatives(
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
     backend: str = "auto",
+    process_group: Any = None,
 ) -> torch.Tensor:
     """Draw ``num_negatives`` negatives per query under the loss's masking rules (module docstring).
 
@@ -99,11 +101,27 @@ def sample_negatives(
             same seed and inputs give the same indices on a device.
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU, portable elsewhere), ``"triton"``, ``"cpu"``,
             ``"portable"`` (the dense sampler on chunks of rows, any device), ``"reference"`` (dense, for checking).
+        process_group: keys spread over the ranks of a ``torch.distributed`` group (collective:
+            every rank calls it). Each rank passes its own queries (any number, none included) and
+            its own keys; key and row indices are *global*, in the rank-ordered concatenation of
+            every rank's keys and queries (``positives`` default: each row's own global index,
+            as ``arange(B)`` in one process; ``exclude`` global key indices). Each rank gets the
+            draw of its rows: the draw one process makes over the concatenations with the same
+            seed (the noise is keyed by global indices; each rank draws from its keys and the
+            candidates are merged exactly, :mod:`fastneg.parallel.sharded`). Bit-identical on the
+            CPU kernels when every rank's keys start at a multiple of 256 keys
+            (:func:`fastneg.parallel.shard_bounds`); otherwise equal except where two values lie
+            within a rounding of each other. Memory per rank: its keys (copied once per call
+            with room for every row's positive) and ``ranks x rows x D`` of gathered embeddings.
 
     Returns:
         int64 ``[B, num_negatives]`` key indices, best first (highest score, or highest perturbed
         log-weight: the order of sequential draws), ``-1`` where a row ran out of candidates.
     """
+    if process_group is not None:
+        return _sample_sharded(query, keys, positives, num_negatives, strategy, query_labels, key_labels, margin,
+                               relative_margin, max_score, guide_query, guide_keys, guide_margin, guide_strategy,
+                               exclude, generator, seed, backend, process_group)
     validate_inputs(query, keys, positives, 1.0, query_labels, key_labels, guide_query, guide_keys)
     check_num_negatives(num_negatives)
     code, simans = parse_strategy(strategy)
@@ -120,33 +138,89 @@ def sample_negatives(
 
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
         query, positives, query_labels, key_labels, guide_query, guide_keys)
-    extra = 0 if exclude is None else exclude.shape[1]
-    k = num_negatives + extra
-    with torch.no_grad():
-        if chosen == "reference":
-            drawn = sample_negatives_reference(query, keys, positives, k, code, plan, noise_seed, query_labels,
-                                               key_labels, guide_query, guide_keys)
-        else:
-            drawn = _fused_sample(chosen, query, keys, positives, k, code, plan, noise_seed, query_labels,
-                                  key_labels, guide_query, guide_keys)
-    if exclude is not None:
-        drawn = _drop_excluded(drawn, exclude.long(), num_negatives)
+    drawn, _ = draw(chosen, query, keys, positives, num_negatives, code, plan, noise_seed, query_labels, key_labels,
+                    guide_query, guide_keys, None if exclude is None else exclude.long())
     return drawn
 
 
-def _drop_excluded(drawn: torch.Tensor, exclude: torch.Tensor, k: int) -> torch.Tensor:
+def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], num_negatives: int,
+                    strategy: StrategyOption, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
+                    margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
+                    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+                    guide_margin: Optional[float], guide_strategy: str, exclude: Optional[torch.Tensor],
+                    generator: Optional[torch.Generator], seed: Optional[int], backend: str,
+                    group: Any) -> torch.Tensor:
+    from .parallel.gather import raise_if_any_rank_failed
+    from .parallel.sharded import sample_negatives_sharded
+
+    error: Optional[BaseException] = None
+    try:  # local checks first; every rank learns whether one failed (no rank left in a collective)
+        validate_inputs(query, keys, None, 1.0, query_labels, key_labels,
+                        guide_query, guide_keys)
+        check_num_negatives(num_negatives)
+        code, simans = parse_strategy(strategy)
+        plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)
+        check_backend(backend)
+        chosen = resolve_backend(backend, query.device)
+        if chosen == "triton" and query.dtype == torch.float64:
+            raise TypeError("query: backend='triton' samples float16, bfloat16 or float32, got float64; "
+                            "use backend='cpu' (or 'auto') for float64")
+        if positives is not None and (not isinstance(positives, torch.Tensor) or positives.dim() != 1
+                                      or positives.shape[0] != query.shape[0] or positives.is_floating_point()):
+            raise ValueError(f"positives must be an integer tensor [B] = [{query.shape[0]}] of global key indices")
+        if exclude is not None and (not isinstance(exclude, torch.Tensor) or exclude.dim() != 2
+                                    or exclude.shape[0] != query.shape[0] or exclude.is_floating_point()):
+            raise ValueError(f"exclude must be an integer tensor [B, E] = [{query.shape[0]}, E] of global key indices")
+        noise_seed = 0 if code == Strategy.TOP else draw_seed(seed, generator)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    raise_if_any_rank_failed(error, group)
+    # every rank draws with rank 0's seed (a default-generator seed differs per rank)
+    shared = [noise_seed]
+    torch.distributed.broadcast_object_list(shared, src=torch.distributed.get_global_rank(group, 0)
+                                            if group is not None else 0, group=group)
+    with torch.no_grad():
+        return sample_negatives_sharded(chosen, query, keys, positives, num_negatives, code, plan, int(shared[0]),
+                                        query_labels, key_labels, guide_query, guide_keys, exclude, group)
+
+
+def draw(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, num_negatives: int,
+         code: Strategy, plan: Plan, seed: int, query_labels: Optional[torch.Tensor],
+         key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+         exclude: Optional[torch.Tensor] = None, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler on validated, normalized operands: ``[B, k]`` indices into ``keys`` and their
+    values (the score, or the perturbed log-weight; -inf at -1), best first. ``first_key``: the
+    global index of ``keys[0]`` when ``keys`` is one shard of a larger set (the noise is keyed by
+    the global index, so shards drawn apart and merged by value give the one-process draw)."""
+    k = num_negatives + (0 if exclude is None else exclude.shape[1])
+    with torch.no_grad():
+        if backend == "reference":
+            drawn, values = sample_negatives_reference(query, keys, positives, k, code, plan, seed, query_labels,
+                                                       key_labels, guide_query, guide_keys, first_key=first_key,
+                                                       return_values=True)
+        else:
+            drawn, values = _fused_sample(backend, query, keys, positives, k, code, plan, seed, query_labels,
+                                          key_labels, guide_query, guide_keys, first_key)
+    if exclude is not None:
+        drawn, values = _drop_excluded(drawn, values, exclude, num_negatives)
+    return drawn, values
+
+
+def _drop_excluded(drawn: torch.Tensor, values: torch.Tensor, exclude: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove each row's excluded keys from its ranked list and keep the first k (order kept)."""
     hit = ((drawn[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1) | (drawn < 0)
     # stable sort on the drop flag moves kept entries to the front in their original order
-    order = torch.sort(hit.to(torch.int8), dim=1, stable=True).indices
-    kept = drawn.gather(1, order)[:, :k]
-    return torch.where(hit.gather(1, order)[:, :k], torch.full_like(kept, -1), kept)
+    order = torch.sort(hit.to(torch.int8), dim=1, stable=True).indices[:, :k]
+    dropped = hit.gather(1, order)
+    kept = torch.where(dropped, -1, drawn.gather(1, order))
+    return kept, values.gather(1, order).masked_fill(dropped, float("-inf"))
 
 
 def _fused_sample(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, k: int,
                   code: Strategy, plan: Plan, seed: int, query_labels: Optional[torch.Tensor],
                   key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
-                  guide_keys: Optional[torch.Tensor]) -> torch.Tensor:
+                  guide_keys: Optional[torch.Tensor], first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton" and k > MAX_FUSED_NEGATIVES:
         # beyond the fused Triton sampler's k: the portable sampler (the dense sampler on chunks of rows,
         # memory O(chunk x N)); the same values and noise, so the same draw
@@ -154,4 +228,4 @@ def _fused_sample(backend: str, query: torch.Tensor, keys: torch.Tensor, positiv
     query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
         backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
     return sample_op(backend)(query, keys, positives, query_labels, key_labels, guide_query, guide_keys,
-                              plan.scalars(), plan.flags(kind=code), k, seed)
+                              plan.scalars(), plan.flags(kind=code), k, seed, first_key)

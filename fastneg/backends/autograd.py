@@ -87,12 +87,15 @@ def register_fused_op(name: str, forward: Any, backward: Callable[..., tuple[tor
     FORWARD_OPS[name] = forward
 
 
-def _fake_sample(query: torch.Tensor, *args: Any) -> torch.Tensor:
-    num_negatives = args[-2]
-    return query.new_empty(query.shape[0], num_negatives, dtype=torch.int64)
+def register_sample_op(name: str, op: Any, value_dtype: Callable[[torch.Tensor], torch.dtype]) -> None:
+    """Attach the fake kernel of a sampler op (``[B, num_negatives]`` int64 indices and their values
+    in ``value_dtype(query)``, no autograd)."""
 
+    def fake_sample(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Any,
+                    key_labels: Any, guide_query: Any, guide_keys: Any, scalars: Any, flags: int,
+                    num_negatives: int, seed: int, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (query.shape[0], num_negatives)
+        return query.new_empty(shape, dtype=torch.int64), query.new_empty(shape, dtype=value_dtype(query))
 
-def register_sample_op(name: str, op: Any) -> None:
-    """Attach the fake kernel of a sampler op (``[B, num_negatives]`` int64, no autograd)."""
-    torch.library.register_fake(op)(_fake_sample)
+    torch.library.register_fake(op)(fake_sample)
     SAMPLE_OPS[name] = op

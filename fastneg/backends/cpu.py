@@ -141,5 +141,6 @@ def load(verbose: bool = False) -> ModuleType:
         print(f"fastneg: compiled the C++ CPU kernels in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     check_layout(dict(module.layout()))
     register_fused_op("cpu", torch.ops.fastneg.info_nce_fwd_cpu.default, torch.ops.fastneg.info_nce_bwd_cpu.default)
-    register_sample_op("cpu", torch.ops.fastneg.sample_negatives_cpu.default)
+    register_sample_op("cpu", torch.ops.fastneg.sample_negatives_cpu.default,
+                       lambda query: torch.float64 if query.dtype == torch.float64 else torch.float32)
     return module

@@ -349,10 +349,11 @@ def _backward(
 def _sample(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
     key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
-    scalars: list[float], flags: int, num_negatives: int, seed: int,
-) -> torch.Tensor:
+    scalars: list[float], flags: int, num_negatives: int, seed: int, first_key: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler on chunks of rows: the dense sampler's values, noise and order per chunk (the
-    noise is keyed by the global row), so the draw is the one of every other sampler."""
+    noise is keyed by the global row and key), so the draw is the one of every other sampler.
+    Returns the indices and their values (the accumulation dtype)."""
     with _exact(query.device):
         plan = Plan.decode(scalars, flags, sampler=True)
         strategy = Strategy(kind(flags))
@@ -366,10 +367,11 @@ def _sample(
             parts.append(sample_negatives_reference(
                 query[r].to(acc), k, positives[r], num_negatives, strategy, plan, seed,
                 ql[r] if ql is not None else None, kl, guide_query[r].to(acc) if guide_query is not None else None, gk,
-                first_row=start))
+                first_row=start, first_key=first_key, return_values=True))
         if not parts:
-            return torch.empty(0, num_negatives, dtype=torch.int64, device=query.device)
-        return torch.cat(parts)
+            return (torch.empty(0, num_negatives, dtype=torch.int64, device=query.device),
+                    torch.empty(0, num_negatives, dtype=acc, device=query.device))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 # Defined with the fused schema and implemented once for every device (CompositeExplicitAutograd).
@@ -384,7 +386,7 @@ _LIB.define("info_nce_bwd_portable(Tensor grad_loss, Tensor query, Tensor keys, 
             "Tensor row_state, float[] scalars, int flags) -> (Tensor, Tensor, Tensor)")
 _LIB.define("sample_negatives_portable(Tensor query, Tensor keys, Tensor positives, Tensor? query_labels, "
             "Tensor? key_labels, Tensor? guide_query, Tensor? guide_keys, float[] scalars, int flags, "
-            "int num_negatives, int seed) -> Tensor")
+            "int num_negatives, int seed, int first_key=0) -> (Tensor, Tensor)")
 _LIB.impl("info_nce_fwd_portable", _forward, "CompositeExplicitAutograd")
 _LIB.impl("info_nce_bwd_portable", _backward, "CompositeExplicitAutograd")
 _LIB.impl("sample_negatives_portable", _sample, "CompositeExplicitAutograd")
@@ -393,4 +395,4 @@ info_nce_bwd_portable = torch.ops.fastneg.info_nce_bwd_portable.default
 sample_negatives_portable = torch.ops.fastneg.sample_negatives_portable.default
 register_fused_op("portable", info_nce_fwd_portable, info_nce_bwd_portable,
                   rowsum_dtype=lambda query: _accumulation(query.dtype))
-register_sample_op("portable", sample_negatives_portable)
+register_sample_op("portable", sample_negatives_portable, lambda query: _accumulation(query.dtype))

@@ -7,7 +7,7 @@ the inputs and the seed.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -42,10 +42,12 @@ def gumbel_noise(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Ten
 def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, k: int,
                                strategy: Strategy, plan: Plan, seed: int, query_labels: Optional[torch.Tensor] = None,
                                key_labels: Optional[torch.Tensor] = None, guide_query: Optional[torch.Tensor] = None,
-                               guide_keys: Optional[torch.Tensor] = None, first_row: int = 0) -> torch.Tensor:
+                               guide_keys: Optional[torch.Tensor] = None, first_row: int = 0,
+                               first_key: int = 0, return_values: bool = False) -> Any:
     """The sampler written densely: masked [B, N] values, a stable descending sort (ties: the
-    smaller key index first), the first k, -1 where the values ran out. ``first_row``: the
-    global index of ``query``'s first row (the noise depends on it)."""
+    smaller key index first), the first k, -1 where the values ran out. ``first_row``,
+    ``first_key``: the global indices of ``query``'s first row and ``keys``' first key (the noise
+    depends on them). ``return_values``: also return the drawn values ``[B, k]`` (-inf at -1)."""
     B, N = query.shape[0], keys.shape[0]
     cols = positives.view(B, 1)
     scores = query @ keys.T
@@ -62,7 +64,7 @@ def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positive
         values = scores
     else:
         noise = gumbel_noise(seed, torch.arange(first_row, first_row + B, device=query.device)[:, None],
-                             torch.arange(N, device=query.device)[None, :])
+                             torch.arange(first_key, first_key + N, device=query.device)[None, :])
         if strategy == Strategy.UNIFORM:
             values = noise.to(scores.dtype)
         else:
@@ -70,7 +72,9 @@ def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positive
     values = values.masked_fill(masked, float("-inf"))
     order = torch.sort(values, dim=1, descending=True, stable=True)
     idx = order.indices[:, :k]
-    idx = torch.where(order.values[:, :k] > float("-inf"), idx, torch.full_like(idx, -1))
+    vals = order.values[:, :k]
+    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1))
     if idx.shape[1] < k:
         idx = torch.cat([idx, idx.new_full((B, k - idx.shape[1]), -1)], dim=1)
-    return idx
+        vals = torch.cat([vals, vals.new_full((B, k - vals.shape[1]), float("-inf"))], dim=1)
+    return (idx, vals) if return_values else idx

@@ -18,6 +18,8 @@ interpreter. The naive loss does 3 to 4; the floor is 3.
 
 from __future__ import annotations
 
+import torch
+
 from ..autograd import register_fused_op, register_sample_op
 from .backward import info_nce_bwd_triton
 from .config import INTERPRET, BlockConfig, block_config, cuda_block_config, cuda_tiles, panel_rows
@@ -28,4 +30,4 @@ __all__ = ["INTERPRET", "BlockConfig", "block_config", "cuda_block_config", "cud
            "info_nce_fwd_triton", "info_nce_bwd_triton", "sample_negatives_triton"]
 
 register_fused_op("triton", info_nce_fwd_triton, info_nce_bwd_triton)
-register_sample_op("triton", sample_negatives_triton)
+register_sample_op("triton", sample_negatives_triton, lambda query: torch.float32)

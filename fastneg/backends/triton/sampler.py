@@ -3,7 +3,8 @@
 The loss's tiles, rules and classification; each row keeps a running top-k over its unmasked
 negatives, scored by the score (top), SimANS's log-weight plus Gumbel noise (a draw without
 replacement, P(j) ~ w_ij), or Gumbel noise alone (uniform). The noise is a pure function of
-(seed, i, j), the same bits as the C++ sampler's.
+(seed, i, first_key + j), the same bits as the C++ sampler's; the op returns the drawn indices
+and their float32 values (the merge of shards drawn apart compares them).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def tl_pack(value, cols):
 
 @triton.jit
 def _sample_negatives_kernel(
-    q_ptr, k_ptr, pos_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, out_ptr,
+    q_ptr, k_ptr, pos_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, out_ptr, value_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, seed_hash, num_negatives,
+    margin, relative_margin, max_score, guide_margin, weight_a, weight_b, seed_hash, first_key, num_negatives,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
 ):
@@ -91,17 +92,21 @@ def _sample_negatives_kernel(
         if STRATEGY == STRATEGY_TOP:
             value = s
         elif STRATEGY == STRATEGY_SIMANS:
-            value = simans_log_weight(s, s_pos, weight_a, weight_b) + tl_gumbel(seed_hash, rows, cols)
+            value = simans_log_weight(s, s_pos, weight_a, weight_b) + tl_gumbel(seed_hash, rows, first_key + cols)
         else:
-            value = tl_gumbel(seed_hash, rows, cols) + 0.0 * s
+            value = tl_gumbel(seed_hash, rows, first_key + cols) + 0.0 * s
         value = tl.where(negative & (s == s), value, float("-inf"))  # NaN scores are never drawn
         tile_best = tl.topk(tl_pack(value, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), tl.int64)), K_PAD)
         best = tl.topk(tl.reshape(tl.join(best, tile_best), (BLOCK_M, 2 * K_PAD)), K_PAD)
     valid = (best >> 32) > NEG_INF_KEY
     index = tl.where(valid, 0xFFFFFFFF - (best & 0xFFFFFFFF), -1)
     slots = tl.arange(0, K_PAD)
-    tl.store(out_ptr + rows[:, None] * num_negatives + slots[None, :], index,
-             mask=row_valid[:, None] & (slots[None, :] < num_negatives))
+    high = (best >> 32).to(tl.int32)  # tl_pack's high word back to the float's bits
+    drawn = tl.where(valid, tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True),
+                     float("-inf"))
+    out_mask = row_valid[:, None] & (slots[None, :] < num_negatives)
+    tl.store(out_ptr + rows[:, None] * num_negatives + slots[None, :], index, mask=out_mask)
+    tl.store(value_ptr + rows[:, None] * num_negatives + slots[None, :], drawn, mask=out_mask)
 
 
 def _mix32(x: int) -> int:
@@ -125,8 +130,8 @@ def _sampler_tiles(k_pad: int, dtype: torch.dtype) -> tuple[int, int]:
 def sample_negatives_triton(
     query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, query_labels: Optional[torch.Tensor],
     key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
-    scalars: list[float], flags: int, num_negatives: int, seed: int,
-) -> torch.Tensor:
+    scalars: list[float], flags: int, num_negatives: int, seed: int, first_key: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     plan = Plan.decode(scalars, flags, sampler=True)
     p = Problem.of(query, keys, guide_query, guide_keys)
     q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
@@ -137,12 +142,13 @@ def sample_negatives_triton(
     block_m, warps = _sampler_tiles(k_pad, q.dtype) if gpu_tiles(q.device) else (cfg.block_m, 4)
     block_n = max(cfg.block_n, k_pad)
     out = torch.empty(B, num_negatives, dtype=torch.int64, device=q.device)
+    values = torch.empty(B, num_negatives, dtype=torch.float32, device=q.device)
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
     wrap_triton(_sample_negatives_kernel)[(triton.cdiv(B, block_m),)](
-        q, k, positives, qlab, klab, gq, gk, out, B, N, D, DG, *p.strides,
+        q, k, positives, qlab, klab, gq, gk, out, values, B, N, D, DG, *p.strides,
         plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin, plan.weight_a,
-        plan.weight_b, _mix32(seed), num_negatives, NUM_LABELS=levels, HAS_GUIDE=guide_query is not None,
+        plan.weight_b, _mix32(seed), first_key, num_negatives, NUM_LABELS=levels, HAS_GUIDE=guide_query is not None,
         FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad, num_warps=warps,
     )
-    return out
+    return out, values
