@@ -155,8 +155,8 @@ def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional
 
     error: Optional[BaseException] = None
     try:  # local checks first; every rank learns whether one failed (no rank left in a collective)
-        validate_inputs(query, keys, None, 1.0, query_labels, key_labels,
-                        guide_query, guide_keys)
+        validate_inputs(query, keys, None, 1.0, query_labels, key_labels, guide_query, guide_keys,
+                        allow_empty=True, local_positives=False)
         check_num_negatives(num_negatives)
         code, simans = parse_strategy(strategy)
         plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)

@@ -107,9 +107,11 @@ def validate_inputs(
     guide_query: Optional[torch.Tensor],
     guide_keys: Optional[torch.Tensor],
     allow_empty: bool = False,
+    local_positives: bool = True,
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the offending argument (SPEC section 7).
-    ``allow_empty``: a rank of a process group may hold no rows (checked across the group)."""
+    ``allow_empty``: a rank of a process group may hold no rows (checked across the group).
+    ``local_positives=False``: ``positives`` index every rank's keys (checked by the caller)."""
     _check_matrix("query", query)
     _check_matrix("keys", keys)
     B, D = query.shape
@@ -129,7 +131,9 @@ def validate_inputs(
     if query.dtype == torch.float64 and query.device.type != "cpu":
         raise TypeError("query: float64 is supported on CPU only; use float32, float16 or bfloat16 on GPU")
 
-    if positives is None:
+    if not local_positives:
+        pass
+    elif positives is None:
         if N < B:
             raise ValueError(
                 f"positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; got N={N} < B={B}")

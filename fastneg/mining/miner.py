@@ -21,6 +21,23 @@ transformers' window). Strategies: ``"top"``, ``"simans"`` / ``SimANS(a, b)``, `
 
 Randomness: the Gumbel noise of a draw is a function of (seed, query batch, row, corpus id); the
 same seed and ``batch_size`` give the same negatives.
+
+Several processes (``process_group``, any ``torch.distributed`` backend): each rank passes its share
+of the queries (any number, none included) and its shard of the corpus; row and corpus ids are
+global, in the rank-ordered concatenation of the shares and shards. Each rank searches only its
+shard (the fused sampler, or a FAISS index it builds over its shard) for every query of a batch;
+the shards' candidates are merged exactly (:mod:`fastneg.parallel.sharded`): ``top`` gives the global
+top-k and ``simans`` / ``uniform`` the one-process draw, because the noise is keyed by the global
+corpus id; every rule is decided from the positive's score wherever the positive lives (its
+embedding is sent to every rank). With shards that start at multiples of 256 rows
+(:func:`fastneg.parallel.shard_bounds`) and the exact path or a flat index, the output is
+bit-identical to one process over the whole corpus with the same ``batch_size`` and seed. Scores
+are ``pair_scores``: float64 products summed per pair, rounded to float32 once, so that they do
+not depend on which process computed them.
+
+Memory per rank: its shard with room for one batch of positives (``(N / ranks + batch_size) x
+D``), the batch's queries (``batch_size x D``, gathered) and the candidates (``ranks x batch_size x
+pool``); no query x corpus matrix.
 """
 
 from __future__ import annotations
@@ -32,9 +49,13 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..backends import resolve_backend
+from ..backends.operands import normalized_operands
+from ..parallel.gather import gather_sizes, raise_if_any_rank_failed, rank, world_size
+from ..parallel.sharded import KEY_ALIGN, gather_candidates, gather_owned, gather_rows, merge_top, pair_scores, shard_draw
 from ..plan import Plan, Strategy
 from ..reference import gumbel_noise, label_match, score_threshold, simans_log_weight
-from ..sampling import StrategyOption, draw_seed, parse_strategy, sample_negatives
+from ..sampling import StrategyOption, draw, draw_seed, parse_strategy
 from ..validation import check_num_negatives
 
 __all__ = ["MinedNegatives", "mine_hard_negatives", "build_index", "INDEX_KINDS"]
@@ -54,7 +75,7 @@ class MinedNegatives:
     positive_scores: torch.Tensor
 
 
-def _as_tensor(name: str, x: object) -> torch.Tensor:
+def _as_tensor(name: str, x: object, allow_empty: bool = False) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if not isinstance(x, torch.Tensor):
@@ -63,19 +84,19 @@ def _as_tensor(name: str, x: object) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty")
     return x
 
 
-def _positives_matrix(positives: object, Q: int, N: int, device: torch.device) -> torch.Tensor:
+def _positives_matrix(positives: object, Q: int, N: int, device: torch.device) -> torch.Tensor:  # noqa: C901
     """[Q, P] int64 corpus ids, -1 padded, from [Q], [Q, P] or a list of id lists."""
     if isinstance(positives, (list, tuple)):
         rows = [list(p) if isinstance(p, (list, tuple)) else [p] for p in positives]
         width = max((len(r) for r in rows), default=0)
         if any(len(r) == 0 for r in rows):
             raise ValueError("positives: every query needs at least one positive")
-        positives = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+        positives = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
     if isinstance(positives, np.ndarray):
         positives = torch.from_numpy(positives)
     if not isinstance(positives, torch.Tensor) or positives.is_floating_point() or positives.dtype == torch.bool:
@@ -85,7 +106,7 @@ def _positives_matrix(positives: object, Q: int, N: int, device: torch.device) -
         positives = positives[:, None]
     if positives.dim() != 2 or positives.shape[0] != Q:
         raise ValueError(f"positives must have Q = {Q} rows, got shape {tuple(positives.shape)}")
-    if bool((positives[:, 0] < 0).any()):
+    if positives.shape[0] and bool((positives[:, 0] < 0).any()):
         raise ValueError("positives: every query needs at least one positive (first entry >= 0)")
     if bool(((positives < -1) | (positives >= N)).any()):
         raise ValueError(f"positives must be corpus ids in [0, {N}) or -1 for padding")
@@ -147,6 +168,7 @@ def mine_hard_negatives(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     show_progress_bar: bool = False,
+    process_group: Any = None,
 ) -> MinedNegatives:
     """Mine ``num_negatives`` negatives per query from the corpus (module docstring).
 
@@ -163,130 +185,311 @@ def mine_hard_negatives(
         range_min, range_max: draw from ranks ``[range_min, range_max)`` among the candidates left.
         batch_size: queries per step (progress and, for FAISS, the search batch).
         index: ``"exact"``, ``"flat"``, ``"ivf"``, ``"hnsw"`` (built here with :func:`build_index`), or
-            a ``faiss.Index`` holding ``corpus_embeddings`` in order.
+            a ``faiss.Index`` holding ``corpus_embeddings`` in order (with ``process_group``: this
+            rank's shard).
         pool: FAISS candidates retrieved per query (default ``range_max + P`` with a window, else
             ``range_min + 10 k + P`` with rules and ``k + P`` without, as sentence-transformers).
-        seed, generator: randomness of ``"simans"`` / ``"uniform"``.
-        show_progress_bar: a tqdm bar over query batches.
+        seed, generator: randomness of ``"simans"`` / ``"uniform"`` (with ``process_group``, rank 0's).
+        show_progress_bar: a tqdm bar over query batches (rank 0's, with ``process_group``).
+        process_group: a ``torch.distributed`` group: this rank's queries and corpus shard, global
+            ids (module docstring). Collective: every rank calls it with the same options.
+
+    Returns:
+        :class:`MinedNegatives` for this rank's queries (all of them in one process), global ids.
     """
-    q = _as_tensor("query_embeddings", query_embeddings)
-    corpus = _as_tensor("corpus_embeddings", corpus_embeddings)
-    if corpus.shape[1] != q.shape[1]:
-        raise ValueError(f"corpus_embeddings must have dim {q.shape[1]} like query_embeddings, got {corpus.shape[1]}")
-    corpus = corpus.to(q.device, q.dtype)
-    check_num_negatives(num_negatives)
-    if strategy == "random":
-        strategy = "uniform"
-    code, simans = parse_strategy(strategy)
-    a, b = (simans.a, simans.b) if simans is not None else (0.0, 0.0)
-    Q, N = q.shape[0], corpus.shape[0]
-    pos = _positives_matrix(positives, Q, N, q.device)
-    if (query_labels is None) != (corpus_labels is None):
-        raise ValueError("query_labels and corpus_labels must be given together")
-    if query_labels is not None:
-        query_labels, corpus_labels = torch.as_tensor(query_labels).long(), torch.as_tensor(corpus_labels).long()
-        if query_labels.shape != (Q,) or corpus_labels.shape != (N,):
-            raise ValueError(f"query_labels must be [Q] = [{Q}] and corpus_labels [N] = [{N}], got "
-                             f"{tuple(query_labels.shape)} and {tuple(corpus_labels.shape)}")
-        query_labels, corpus_labels = query_labels.to(q.device), corpus_labels.to(q.device)
-    for name, value in (("range_min", range_min), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if range_min < 0:
-        raise ValueError(f"range_min must be >= 0, got {range_min}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if range_max is not None:
-        if isinstance(range_max, bool) or not isinstance(range_max, int):
-            raise TypeError(f"range_max must be an int, got {type(range_max).__name__}")
-        if range_max - range_min < num_negatives:
-            raise ValueError(f"range_max - range_min must leave num_negatives = {num_negatives} ranks, got "
-                             f"range_min={range_min}, range_max={range_max}")
-    use_faiss = not (isinstance(index, str) and index == "exact")
-    if isinstance(index, str) and index not in INDEX_KINDS:
-        raise ValueError(f"index must be one of {INDEX_KINDS} or a faiss.Index, got {index!r}")
-    base_seed = 0 if code == Strategy.TOP else draw_seed(seed, generator)
-    windowed = range_min > 0 or range_max is not None or min_score is not None
-    P = pos.shape[1]
-    filters = margin is not None or relative_margin is not None or max_score is not None or min_score is not None
-    window_end = range_max if range_max is not None else range_min + (10 if filters else 1) * num_negatives
-
-    faiss_index = None
-    if use_faiss:
-        faiss_index = build_index(index, corpus) if isinstance(index, str) else index
-        if faiss_index.ntotal != N:
-            raise ValueError(f"index holds {faiss_index.ntotal} vectors, corpus_embeddings has {N}")
-        if pool is None:
-            pool = window_end + P
-        pool = min(pool, N)
-
-    out_idx = torch.full((Q, num_negatives), -1, dtype=torch.long, device=q.device)
-    out_scores = torch.full((Q, num_negatives), float("-inf"), dtype=torch.float32, device=q.device)
-    ref_scores = torch.empty(Q, dtype=torch.float32, device=q.device)
-    starts = range(0, Q, batch_size)
-    if show_progress_bar:
+    run = Mining(query_embeddings, corpus_embeddings, positives, num_negatives, strategy=strategy,
+                 query_labels=query_labels, corpus_labels=corpus_labels, margin=margin,
+                 relative_margin=relative_margin, max_score=max_score, min_score=min_score, range_min=range_min,
+                 range_max=range_max, batch_size=batch_size, index=index, pool=pool, seed=seed, generator=generator,
+                 process_group=process_group)
+    lo, hi = run.first_row, run.first_row + run.q.shape[0]
+    out_idx = torch.full((hi - lo, num_negatives), -1, dtype=torch.long, device=run.q.device)
+    out_scores = torch.full((hi - lo, num_negatives), float("-inf"), dtype=torch.float32, device=run.q.device)
+    ref_scores = torch.empty(hi - lo, dtype=torch.float32, device=run.q.device)
+    steps = list(run.steps())
+    if show_progress_bar and run.rank == 0:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="Mining hard negatives", unit="batch")
-    for step, start in enumerate(starts):
-        rows = slice(start, min(Q, start + batch_size))
-        qb, pb = q[rows], pos[rows]
-        # the reference positive: the one with the minimum score; every positive is excluded
-        pscore = torch.einsum("bd,bpd->bp", qb, corpus[pb.clamp(min=0)]).float()
-        pscore = pscore.masked_fill(pb < 0, float("inf"))
-        ref_col = pscore.argmin(1)
-        ref = pb.gather(1, ref_col[:, None])[:, 0]
-        ref_scores[rows] = pscore.gather(1, ref_col[:, None])[:, 0]
-        batch_seed = (base_seed + 0x9E3779B9 * (step + 1)) & 0xFFFFFFFF
-        labels = {} if query_labels is None else {"query_labels": query_labels[rows], "key_labels": corpus_labels}
-        rules = dict(margin=margin, relative_margin=relative_margin, max_score=max_score)
-        if not use_faiss and not windowed:
-            exclude = pb.masked_fill(pb == ref[:, None], -1)
-            idx = sample_negatives(qb, corpus, ref, num_negatives, strategy=strategy, exclude=exclude,
-                                   seed=batch_seed, **labels, **rules)
-            out_idx[rows] = idx
-            out_scores[rows] = _scores_of(qb, corpus, idx)
-            continue
-        if use_faiss:
-            cand = _faiss_candidates(faiss_index, qb, pool)
-        else:  # the window's candidates: the top window_end + P keys, then the rules below
-            cand = sample_negatives(qb, corpus, ref, min(N, window_end + P), strategy="top", **labels, **rules)
-        idx, sc = _select(qb, corpus, cand, pb, ref_scores[rows], num_negatives, code, a, b, batch_seed,
-                          query_labels[rows] if query_labels is not None else None, corpus_labels, margin,
-                          relative_margin, max_score, min_score, range_min, window_end, start)
-        out_idx[rows], out_scores[rows] = idx, sc
+        steps = tqdm(steps, desc="Mining hard negatives", unit="batch")
+    for step, start in steps:
+        idx, sc, ref = run.mine(step, start)
+        a, b = max(lo, start), min(hi, start + idx.shape[0])
+        if a < b:
+            out_idx[a - lo:b - lo], out_scores[a - lo:b - lo] = idx[a - start:b - start], sc[a - start:b - start]
+            ref_scores[a - lo:b - lo] = ref[a - start:b - start]
     return MinedNegatives(out_idx, out_scores, ref_scores)
 
 
-def _scores_of(qb: torch.Tensor, corpus: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """q_i . corpus[idx[i, c]], gathering at most ~2^24 embedding values at a time."""
-    rows = max(1, 2**24 // max(1, idx.shape[1] * corpus.shape[1]))
-    parts = [torch.einsum("bd,bkd->bk", qb[r:r + rows], corpus[idx[r:r + rows].clamp(min=0)]).float()
-             for r in range(0, max(1, idx.shape[0]), rows)]
-    s = torch.cat(parts) if parts else idx.new_zeros(idx.shape, dtype=torch.float32)
-    return s.masked_fill(idx < 0, float("-inf"))
+class Mining:
+    """One mining run, batch by batch (:func:`mine_hard_negatives` and ``fastneg mine`` drive it):
+    validated inputs, this rank's share of the queries and shard of the corpus, and :meth:`mine`,
+    which returns every row of one batch (the same on every rank). ``corpus_room``: a tensor whose
+    first ``N`` rows already hold this rank's shard, with room for a batch of positives after
+    them (``fastneg mine`` loads the shard into it, so the shard is held once)."""
+
+    def __init__(self, query_embeddings: Any, corpus_embeddings: Any, positives: Any, num_negatives: int, *,
+                 strategy: StrategyOption = "top", query_labels: Optional[torch.Tensor] = None,
+                 corpus_labels: Optional[torch.Tensor] = None, margin: Optional[float] = None,
+                 relative_margin: Optional[float] = None, max_score: Optional[float] = None,
+                 min_score: Optional[float] = None, range_min: int = 0, range_max: Optional[int] = None,
+                 batch_size: int = 16384, index: Any = "exact", pool: Optional[int] = None, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, process_group: Any = None,
+                 corpus_room: Optional[torch.Tensor] = None) -> None:
+        group = process_group
+        self.group, self.world, self.rank = group, world_size(group) if group is not None else 1, \
+            rank(group) if group is not None else 0
+        error: Optional[BaseException] = None
+        try:
+            self._validate(query_embeddings, corpus_embeddings, positives, num_negatives, strategy, query_labels,
+                           corpus_labels, margin, relative_margin, max_score, min_score, range_min, range_max,
+                           batch_size, index, seed, generator)
+        except (TypeError, ValueError) as exc:
+            if group is None:
+                raise
+            error = exc
+        if group is not None:
+            raise_if_any_rank_failed(error, group)
+            self._agree(positives)
+        else:
+            self.counts_q, self.counts_n = [self.q.shape[0]], [self.corpus.shape[0]]
+            self.pos = _positives_matrix(positives, self.q.shape[0], self.corpus.shape[0], self.q.device)
+        self.first_row, self.first_key = sum(self.counts_q[:self.rank]), sum(self.counts_n[:self.rank])
+        self.Q, self.N = sum(self.counts_q), sum(self.counts_n)
+        if group is not None:
+            error = None
+            try:
+                self.pos = _positives_matrix(positives, self.q.shape[0], self.N, self.q.device)
+                if self.pos.shape[1] < self.P:
+                    self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], self.P - self.pos.shape[1]),
+                                                                      -1)], 1)
+            except (TypeError, ValueError) as exc:
+                error = exc
+            raise_if_any_rank_failed(error, group)
+        self.P = self.pos.shape[1]
+        if self.range_max is not None and self.range_max - self.range_min < num_negatives:
+            raise ValueError(f"range_max - range_min must leave num_negatives = {num_negatives} ranks, got "
+                             f"range_min={self.range_min}, range_max={self.range_max}")
+        self.window_end = (self.range_max if self.range_max is not None
+                           else self.range_min + (10 if self.filters else 1) * num_negatives)
+        self.backend = resolve_backend("auto", self.q.device)
+        self.faiss_index = None
+        if self.use_faiss:
+            n = self.corpus.shape[0]
+            if isinstance(self.index_arg, str):
+                self.faiss_index = build_index(self.index_arg, self.corpus) if n else None
+            else:
+                self.faiss_index = self.index_arg
+                if self.faiss_index.ntotal != n:
+                    raise ValueError(f"index holds {self.faiss_index.ntotal} vectors, corpus_embeddings has {n}")
+            self.pool = min(pool if pool is not None else self.window_end + self.P, self.N)
+        # the room after the shard for one batch of positives (the sharded draw appends them)
+        self.room = None
+        if self.world > 1 and not self.use_faiss:
+            need = max(self.corpus.shape[0] + self.batch_size, KEY_ALIGN)
+            if corpus_room is not None and corpus_room.shape[0] >= need and corpus_room.dtype == self.q.dtype:
+                self.room = corpus_room
+            else:
+                self.room = self.corpus.new_zeros((need, self.corpus.shape[1]))
+                self.room[:self.corpus.shape[0]] = self.corpus
+            self.corpus = self.room[:self.corpus.shape[0]]
+
+    def _validate(self, query_embeddings: Any, corpus_embeddings: Any, positives: Any, num_negatives: int,
+                  strategy: StrategyOption, query_labels: Any, corpus_labels: Any, margin: Optional[float],
+                  relative_margin: Optional[float], max_score: Optional[float], min_score: Optional[float],
+                  range_min: int, range_max: Optional[int], batch_size: int, index: Any, seed: Optional[int],
+                  generator: Optional[torch.Generator]) -> None:
+        sharded = self.world > 1
+        q = _as_tensor("query_embeddings", query_embeddings, allow_empty=sharded)
+        corpus = _as_tensor("corpus_embeddings", corpus_embeddings, allow_empty=sharded)
+        if corpus.shape[1] != q.shape[1]:
+            raise ValueError(f"corpus_embeddings must have dim {q.shape[1]} like query_embeddings, got {corpus.shape[1]}")
+        self.q, self.corpus = q, corpus.to(q.device, q.dtype)
+        check_num_negatives(num_negatives)
+        self.k = num_negatives
+        if strategy == "random":
+            strategy = "uniform"
+        self.code, simans = parse_strategy(strategy)
+        self.a, self.b = (simans.a, simans.b) if simans is not None else (0.0, 0.0)
+        if (query_labels is None) != (corpus_labels is None):
+            raise ValueError("query_labels and corpus_labels must be given together")
+        if query_labels is not None:
+            query_labels, corpus_labels = torch.as_tensor(query_labels).long(), torch.as_tensor(corpus_labels).long()
+            if query_labels.shape != (q.shape[0],) or corpus_labels.shape != (corpus.shape[0],):
+                raise ValueError(f"query_labels must be [Q] = [{q.shape[0]}] and corpus_labels [N] = "
+                                 f"[{corpus.shape[0]}], got {tuple(query_labels.shape)} and {tuple(corpus_labels.shape)}")
+            query_labels, corpus_labels = query_labels.to(q.device), corpus_labels.to(q.device)
+        self.query_labels, self.corpus_labels = query_labels, corpus_labels
+        for name, value in (("range_min", range_min), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if range_min < 0:
+            raise ValueError(f"range_min must be >= 0, got {range_min}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if range_max is not None and (isinstance(range_max, bool) or not isinstance(range_max, int)):
+            raise TypeError(f"range_max must be an int, got {type(range_max).__name__}")
+        self.range_min, self.range_max, self.batch_size = range_min, range_max, batch_size
+        self.use_faiss = not (isinstance(index, str) and index == "exact")
+        if isinstance(index, str) and index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS} or a faiss.Index, got {index!r}")
+        self.index_arg = index
+        self.base_seed = 0 if self.code == Strategy.TOP else draw_seed(seed, generator)
+        self.windowed = range_min > 0 or range_max is not None or min_score is not None
+        self.filters = margin is not None or relative_margin is not None or max_score is not None or min_score is not None
+        self.margin, self.relative_margin, self.max_score, self.min_score = margin, relative_margin, max_score, min_score
+        self.rules = Plan.build(margin, relative_margin, max_score)
+        self.plan = Plan.build(margin, relative_margin, max_score, weighting=simans)
+
+    def _agree(self, positives: Any) -> None:
+        """Every rank's share sizes, the positives' width and rank 0's seed; ranks whose dim,
+        dtype or labels disagree all raise."""
+        group = self.group
+        self.counts_q = gather_sizes(self.q.shape[0], group)
+        self.counts_n = gather_sizes(self.corpus.shape[0], group)
+        width = 1
+        if isinstance(positives, (list, tuple)):
+            width = max((len(p) if isinstance(p, (list, tuple)) else 1 for p in positives), default=1)
+        elif hasattr(positives, "shape") and len(positives.shape) == 2:
+            width = int(positives.shape[1])
+        described = [self.q.shape[1], _DTYPES.index(self.q.dtype) if self.q.dtype in _DTYPES else -1,
+                     int(self.query_labels is not None), int(self.use_faiss), self.k, self.base_seed, width]
+        import torch.distributed as dist
+        table = [None] * self.world
+        dist.all_gather_object(table, described, group=group)
+        error: Optional[BaseException] = None
+        for field, name in ((0, "embedding dim"), (1, "dtype"), (2, "labels"), (3, "index"), (4, "num_negatives")):
+            values = [row[field] for row in table]
+            if len(set(values)) > 1:
+                error = ValueError(f"process_group: ranks disagree on the {name}: {values}")
+        raise_if_any_rank_failed(error, group)
+        self.base_seed = int(table[0][5])  # rank 0's (a default-generator seed differs per rank)
+        self.P = max(row[6] for row in table)
+
+    def steps(self) -> Any:
+        """``(step, first row)`` of every batch."""
+        return enumerate(range(0, self.Q, self.batch_size))
+
+    def _rows(self, t: Optional[torch.Tensor], lo: int, hi: int) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        if self.group is None:
+            return t[lo:hi]
+        return gather_rows(t, self.counts_q, lo, hi, self.group)
+
+    def mine(self, step: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``step`` (rows ``start ..``): ``(indices [b, k], scores [b, k], reference positive
+        scores [b])`` of every row, global ids, on every rank."""
+        end = min(self.Q, start + self.batch_size)
+        qb, pb = self._rows(self.q, start, end), self._rows(self.pos, start, end)
+        qlb = self._rows(self.query_labels, start, end)
+        b = qb.shape[0]
+        # the reference positive: the one with the minimum score; every positive is excluded
+        pemb = gather_owned(pb, self.first_key, self.corpus, self.group)
+        pscore = pair_scores(qb, pemb).masked_fill(pb < 0, float("inf"))
+        ref_col = pscore.argmin(1)
+        ref = pb.gather(1, ref_col[:, None])[:, 0]
+        ref_scores = pscore.gather(1, ref_col[:, None])[:, 0]
+        ref_emb = pemb[torch.arange(b, device=qb.device), ref_col]
+        batch_seed = (self.base_seed + 0x9E3779B9 * (step + 1)) & 0xFFFFFFFF
+        if not self.use_faiss and not self.windowed:
+            others = pb.masked_fill(pb == ref[:, None], -1)
+            ids, values = self._draw(qb, qlb, ref, ref_emb, self.k, self.code, self.plan, batch_seed, others)
+            scores = self._local_scores(qb, ids)
+            values, idx, scores = self._merge(values, ids, self.k, scores)
+            return idx, scores, ref_scores
+        if self.use_faiss:
+            ids, values = self._faiss(qb)
+            size = self.pool
+        else:  # the window's candidates: the top window_end + P keys, then the rules below
+            size = min(self.N, self.window_end + self.P)
+            ids, values = self._draw(qb, qlb, ref, ref_emb, size, Strategy.TOP, self.rules, 0, None)
+        extras = [self._local_scores(qb, ids)]
+        if self.corpus_labels is not None:
+            extras.append(self._local_labels(ids))
+        merged = self._merge(values, ids, size, *extras)
+        cand, scores = merged[1], merged[2]
+        cand_labels = merged[3] if self.corpus_labels is not None else None
+        idx, sc = _select(cand, scores, cand_labels, qlb, pb, ref_scores, self.k, self.code, self.a, self.b,
+                          batch_seed, self.min_score, self.rules, self.range_min, self.window_end, start)
+        return idx, sc, ref_scores
+
+    def _draw(self, qb: torch.Tensor, qlb: Optional[torch.Tensor], ref: torch.Tensor, ref_emb: torch.Tensor, k: int,
+              code: Strategy, plan: Plan, seed: int, exclude: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's candidates: global ids and values ``[b, k]``."""
+        if self.world == 1:
+            positives, ql, kl, _, _ = normalized_operands(qb, ref, qlb, self.corpus_labels, None, None)
+            return draw(self.backend, qb, self.corpus, positives, k, code, plan, seed, ql, kl, None, None, exclude)
+        n, b = self.corpus.shape[0], qb.shape[0]
+        if n == 0 or b == 0:
+            return (torch.full((b, k), -1, dtype=torch.long, device=qb.device),
+                    torch.full((b, k), float("-inf"), dtype=torch.float32, device=qb.device))
+        total = max(n + b, KEY_ALIGN)
+        keys = self.room[:total]
+        keys[n:n + b] = ref_emb
+        return shard_draw(self.backend, qb, keys[:n], self.first_key, ref, ref_emb, k, code, plan, seed, qlb,
+                          self.corpus_labels, exclude=exclude, keys_room=keys)
+
+    def _faiss(self, qb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = qb.shape[0], self.corpus.shape[0]
+        if self.faiss_index is None or n == 0 or b == 0:
+            return (torch.full((b, 1), -1, dtype=torch.long, device=qb.device),
+                    torch.full((b, 1), float("-inf"), dtype=torch.float32, device=qb.device))
+        found, ids = _faiss_candidates(self.faiss_index, qb, min(self.pool, n))
+        values = found.masked_fill(ids < 0, float("-inf"))
+        return torch.where(ids >= 0, ids + self.first_key, -1), values
+
+    def _local_scores(self, qb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scores of this rank's candidates (-inf at -1): :func:`pair_scores`."""
+        n = self.corpus.shape[0]
+        if n == 0:
+            return torch.full(ids.shape, float("-inf"), dtype=torch.float32, device=ids.device)
+        local = (ids - self.first_key).clamp(0, n - 1)
+        return pair_scores(qb, self.corpus[local]).masked_fill(ids < 0, float("-inf"))
+
+    def _local_labels(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.corpus.shape[0]
+        if n == 0:
+            return torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        return self.corpus_labels[(ids - self.first_key).clamp(0, n - 1)]
+
+    def _merge(self, values: torch.Tensor, ids: torch.Tensor, k: int, *extras: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The top-k over every rank's candidates by (value, smaller id): ``(values, ids, *extras)``."""
+        width = max(1, ids.shape[1])
+        if self.group is not None:  # equal widths on every rank for the all-gather
+            width = max(gather_sizes(ids.shape[1], self.group))
+        if ids.shape[1] < width:
+            pad = width - ids.shape[1]
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+            values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+            extras = tuple(torch.cat([e, e.new_zeros((e.shape[0], pad))], 1) for e in extras)
+        stacked = gather_candidates(self.group, values.float(), ids, *extras)
+        return merge_top(stacked[0], stacked[1], k, *stacked[2:])
 
 
-def _faiss_candidates(index: Any, qb: torch.Tensor, pool: int) -> torch.Tensor:
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _faiss_candidates(index: Any, qb: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
     gpu = hasattr(index, "getDevice") or "Gpu" in type(index).__name__
     if gpu and pool > FAISS_GPU_MAX_K:
         raise ValueError(f"pool: FAISS on GPU retrieves at most {FAISS_GPU_MAX_K} candidates per query, asked for "
                          f"{pool}; lower range_max / pool or use index='exact'")
-    _, ids = index.search(np.ascontiguousarray(qb.detach().float().cpu().numpy()), pool)
-    return torch.from_numpy(ids).long().to(qb.device)
+    found, ids = index.search(np.ascontiguousarray(qb.detach().float().cpu().numpy()), pool)
+    return torch.from_numpy(found).float().to(qb.device), torch.from_numpy(ids).long().to(qb.device)
 
 
-def _select(qb: torch.Tensor, corpus: torch.Tensor, cand: torch.Tensor, pb: torch.Tensor, ref_score: torch.Tensor,
-            k: int, code: Strategy, a: float, b: float, seed: int, query_labels: Optional[torch.Tensor],
-            corpus_labels: Optional[torch.Tensor], margin: Optional[float], relative_margin: Optional[float],
-            max_score: Optional[float], min_score: Optional[float], range_min: int, window_end: int,
+def _select(cand: torch.Tensor, scores: torch.Tensor, cand_labels: Optional[torch.Tensor],
+            query_labels: Optional[torch.Tensor], pb: torch.Tensor, ref_score: torch.Tensor, k: int, code: Strategy,
+            a: float, b: float, seed: int, min_score: Optional[float], rules: Plan, range_min: int, window_end: int,
             first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rules, window and strategy on a candidate pool [b, C] (-1 = none), with exact scores."""
-    scores = _scores_of(qb, corpus, cand)
+    """Rules, window and strategy on a candidate pool [b, C] (-1 = none) with its exact scores
+    (and labels), in the order of corpus ids, so that ties go to the smaller id."""
+    by_id = torch.sort(torch.where(cand >= 0, cand, torch.iinfo(torch.long).max), dim=1, stable=True).indices
+    cand, scores = cand.gather(1, by_id), scores.gather(1, by_id)
     drop = (cand < 0) | (cand[:, :, None] == pb[:, None, :]).any(-1) | torch.isnan(scores)
-    if query_labels is not None and corpus_labels is not None:
-        drop |= label_match(query_labels, corpus_labels[cand.clamp(min=0)])
+    if query_labels is not None and cand_labels is not None:
+        drop |= label_match(query_labels, cand_labels.gather(1, by_id))
     ref = ref_score[:, None]
-    drop |= scores > score_threshold(ref, Plan(margin=margin, relative_margin=relative_margin, max_score=max_score))
+    drop |= scores > score_threshold(ref, rules)
     if min_score is not None:
         drop |= scores < min_score
     # rank what is left by score (ties: smaller corpus id), keep ranks [range_min, window_end)
@@ -296,7 +499,7 @@ def _select(qb: torch.Tensor, corpus: torch.Tensor, cand: torch.Tensor, pb: torc
     if code == Strategy.TOP:
         values = scores
     else:
-        rows = torch.arange(first_row, first_row + qb.shape[0], device=qb.device)
+        rows = torch.arange(first_row, first_row + cand.shape[0], device=cand.device)
         noise = gumbel_noise(seed, rows[:, None], cand.clamp(min=0))
         values = noise if code != Strategy.SIMANS else simans_log_weight(scores, ref, a, b) + noise
     values = values.masked_fill(drop, float("-inf"))

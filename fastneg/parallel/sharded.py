@@ -66,8 +66,9 @@ def pair_scores(query: Tensor, rows: Tensor) -> Tensor:
 def gather_rows(local: Tensor, counts: list[int], lo: int, hi: int, group: Any) -> Tensor:
     """Rows ``[lo, hi)`` of the rank-ordered concatenation of every rank's ``local`` rows
     (``counts``: every rank's row count), on every rank."""
-    start = sum(counts[:rank(group)])
-    mine = local[max(lo, start) - start: max(lo, min(hi, start + local.shape[0])) - start]
+    start, count = sum(counts[:rank(group)]), local.shape[0]
+    begin = min(max(lo - start, 0), count)
+    mine = local[begin:max(begin, min(hi - start, count))]
     if world_size(group) == 1:
         return local[lo:hi]
     sizes = []
@@ -106,16 +107,20 @@ def _appended(shard: Tensor, extra: Tensor, total: int) -> Tensor:
     return out
 
 
-def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, positive_rows: Tensor, k: int,
+def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, positive_ids: Tensor,
+               positive_rows: Tensor, k: int,
                code: Strategy, plan: Plan, seed: int, query_labels: Optional[Tensor] = None,
                shard_labels: Optional[Tensor] = None, guide_query: Optional[Tensor] = None,
                guide_shard: Optional[Tensor] = None, guide_positive_rows: Optional[Tensor] = None,
-               exclude: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+               exclude: Optional[Tensor] = None, keys_room: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One shard's draw for every row of ``query``: ``[b, k]`` *global* key indices (-1: none) and
     their values (-inf at -1), best first. ``shard``: keys ``[first_key, first_key + n)``;
-    ``positive_rows`` ``[b, D]``: each row's positive key (wherever it lives); ``query_labels``
+    ``positive_ids`` ``[b]``: each row's positive (global; never drawn, as in one process) and
+    ``positive_rows`` ``[b, D]`` its embedding (wherever it lives); ``query_labels``
     ``[b]`` or ``[b, L]`` (the query's labels, already defaulted from its positive's),
-    ``shard_labels`` the shard's; ``exclude`` ``[b, E]`` global indices never drawn."""
+    ``shard_labels`` the shard's; ``exclude`` ``[b, E]`` global indices never drawn. ``keys_room``:
+    ``[max(n + b, KEY_ALIGN), D]`` keys whose first ``n`` rows are the shard and the next ``b`` the
+    positive rows (the miner keeps one, so that the shard is not copied per batch)."""
     from ..sampling import draw
 
     b, n = query.shape[0], shard.shape[0]
@@ -124,7 +129,7 @@ def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, posit
                 torch.full((b, k), float("-inf"), dtype=torch.float32, device=query.device))
     # at least one full key tile: the kernel then tiles the shard's keys as one process does
     total = max(n + b, KEY_ALIGN)
-    keys = _appended(shard, positive_rows.to(shard.dtype), total)
+    keys = keys_room[:total] if keys_room is not None else _appended(shard, positive_rows.to(shard.dtype), total)
     guide_keys = None
     if guide_shard is not None and guide_positive_rows is not None:
         guide_keys = _appended(guide_shard, guide_positive_rows.to(guide_shard.dtype), total)
@@ -140,10 +145,10 @@ def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, posit
         ql, kl = torch.cat([ql, sentinel_q], 1), torch.cat([kl, sentinel_k], 1)
     else:
         ql, kl = sentinel_q[:, 0], sentinel_k[:, 0]
-    local_exclude = None
-    if exclude is not None:
-        inside = (exclude >= first_key) & (exclude < first_key + n)
-        local_exclude = torch.where(inside, exclude - first_key, -1)
+    # the positive's own key, where this shard holds it, is excluded like the one-process positive
+    never = positive_ids.long()[:, None] if exclude is None else torch.cat([positive_ids.long()[:, None], exclude], 1)
+    inside = (never >= first_key) & (never < first_key + n)
+    local_exclude = torch.where(inside, never - first_key, -1)
     idx, values = draw(backend, query, keys, positives, k, code, plan, seed, ql, kl, guide_query, guide_keys,
                        local_exclude, first_key)
     return torch.where(idx >= 0, idx + first_key, -1), values.float()
@@ -214,7 +219,7 @@ def sample_negatives_sharded(backend: str, query: Tensor, keys: Tensor, positive
     gq_all = gather_rows(guide_query, counts_b, *everything, group) if guide_query is not None else None
     gpos = gather_owned(p_all, first_key, guide_keys, group) if guide_keys is not None else None
     ex_all = gather_rows(exclude.long(), counts_b, *everything, group) if exclude is not None else None
-    ids, values = shard_draw(backend, q_all, keys, first_key, positive_rows, k, code, plan, seed, ql_all, key_labels,
+    ids, values = shard_draw(backend, q_all, keys, first_key, p_all, positive_rows, k, code, plan, seed, ql_all, key_labels,
                              gq_all, guide_keys, gpos, ex_all)
     all_values, all_ids = gather_candidates(group, values, ids)
     _, merged = merge_top(all_values, all_ids, k)
