@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--positive-column", help="positive column (default: the second)")
     st.add_argument("--output-format", default="triplet", choices=["triplet", "n-tuple", "labeled-pair", "labeled-list"])
     st.add_argument("--output-scores", action="store_true", help="add the similarity scores")
-    st.add_argument("--device", default=None, help="device for the model (default: cuda when available)")
+    st.add_argument("--device", default=None, help="device for the model (default: cuda when available) and, with "
+                                                   "embeddings input, for the search (default: cpu)")
     rules = p.add_argument_group("mining")
     rules.add_argument("--out", required=True, help="output file, .parquet or .jsonl")
     rules.add_argument("--num-negatives", type=int, default=3)
@@ -67,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rules.add_argument("--batch-size", type=int, default=4096, help="queries per step")
     rules.add_argument("--seed", type=int, default=0)
     rules.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rules.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run (embeddings input) from the batches it kept in .OUT.parts/")
 
 
 def require(module: str, what: str, extra: str) -> None:
@@ -85,7 +88,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _load_npy(path: Optional[str], name: str, kind: str) -> np.ndarray:
+def _load_npy(path: Optional[str], name: str, kind: str, mmap: bool = False) -> np.ndarray:
     if not path:
         raise InputError(f"--{name} is required with embeddings input")
     if not os.path.isfile(path):
@@ -93,7 +96,7 @@ def _load_npy(path: Optional[str], name: str, kind: str) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise InputError(f"--{name}: empty file: {path}")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"--{name}: cannot read {path} as a .npy array ({_one_line(exc)})") from exc
     if not isinstance(arr, np.ndarray):
@@ -183,65 +186,243 @@ def _strategy(args: argparse.Namespace) -> Any:
     return args.strategy
 
 
-def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:
+def _process_group(device: str) -> tuple[Any, int, int]:
+    """``(group, rank, world)``: torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1;
+    NCCL on CUDA, gloo on CPU), else one process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+
+
+def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     import torch
 
-    from .miner import mine_hard_negatives
+    from ..parallel.gather import raise_if_any_rank_failed
+    from ..parallel.sharded import KEY_ALIGN, shard_bounds
+    from .miner import Mining
 
-    queries = _load_npy(args.queries, "queries", "float")
-    corpus = _load_npy(args.corpus, "corpus", "float")
-    positives = _load_npy(args.positives, "positives", "int")
-    if corpus.shape[1] != queries.shape[1]:
-        raise InputError(f"--corpus has dim {corpus.shape[1]}, --queries has dim {queries.shape[1]}")
-    if positives.shape[0] != queries.shape[0]:
-        raise InputError(f"--positives has {positives.shape[0]} rows, --queries has {queries.shape[0]}")
-    if positives.size and (positives.max() >= corpus.shape[0] or positives.min() < -1):
-        bad = int(positives.max()) if positives.max() >= corpus.shape[0] else int(positives.min())
-        raise InputError(f"--positives: id {bad} is not a corpus row (the corpus has {corpus.shape[0]} rows)")
-    if (positives.reshape(positives.shape[0], -1)[:, 0] < 0).any():
-        raise InputError("--positives: every query needs a positive in its first column")
-    for flag, arr in (("--queries", queries), ("--corpus", corpus)):
-        bad = ~np.isfinite(arr).all(axis=1)
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            raise InputError(f"{flag}: {len(rows)} row(s) hold NaN or infinity (first: row {int(rows[0])}); "
-                             "no negatives can be mined for them")
-    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    c_all = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
-    p_all = torch.from_numpy(positives.astype(np.int64))
+    device = args.device or "cpu"
+    group, rank, world = _process_group(device)
+    if device.startswith("cuda") and world > 1 and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    error: Optional[BaseException] = None
+    try:
+        queries = _load_npy(args.queries, "queries", "float", mmap=True)
+        corpus = _load_npy(args.corpus, "corpus", "float", mmap=True)
+        positives = _load_npy(args.positives, "positives", "int")
+        if corpus.shape[1] != queries.shape[1]:
+            raise InputError(f"--corpus has dim {corpus.shape[1]}, --queries has dim {queries.shape[1]}")
+        if positives.shape[0] != queries.shape[0]:
+            raise InputError(f"--positives has {positives.shape[0]} rows, --queries has {queries.shape[0]}")
+        if positives.size and (positives.max() >= corpus.shape[0] or positives.min() < -1):
+            bad = int(positives.max()) if positives.max() >= corpus.shape[0] else int(positives.min())
+            raise InputError(f"--positives: id {bad} is not a corpus row (the corpus has {corpus.shape[0]} rows)")
+        if (positives.reshape(positives.shape[0], -1)[:, 0] < 0).any():
+            raise InputError("--positives: every query needs a positive in its first column")
+    except InputError as exc:
+        error = exc
+    if group is not None:
+        raise_if_any_rank_failed(error, group)
+    elif error is not None:
+        raise error
+    Q, N, D = queries.shape[0], corpus.shape[0], corpus.shape[1]
+    # this rank's shard of the corpus (starting at a multiple of the kernels' key tile) and share of the queries
+    lo, hi = shard_bounds(N, world)[rank]
+    q_lo, q_hi = Q * rank // world, Q * (rank + 1) // world
+    error = None
+    try:
+        for flag, arr, a, b in (("--queries", queries, q_lo, q_hi), ("--corpus", corpus, lo, hi)):
+            for r in range(a, b, 65536):  # in slices: the file is memory-mapped
+                bad = ~np.isfinite(arr[r:min(b, r + 65536)]).all(axis=1)
+                if bad.any():
+                    rows = np.flatnonzero(bad) + r
+                    raise InputError(f"{flag}: row {int(rows[0])} holds NaN or infinity; no negatives can be mined "
+                                     "for it")
+    except InputError as exc:
+        error = exc
+    if group is not None:
+        raise_if_any_rank_failed(error, group)
+    elif error is not None:
+        raise error
+    # the shard goes straight into a buffer with room for one batch of positives (the sharded draw's)
+    room = torch.zeros((max(hi - lo + args.batch_size, KEY_ALIGN) if world > 1 else hi - lo, D), dtype=torch.float32)
+    for r in range(lo, hi, 65536):
+        room[r - lo:min(hi, r + 65536) - lo] = torch.from_numpy(np.array(corpus[r:min(hi, r + 65536)], dtype=np.float32))
+    room = room.to(device)
+    q_share = torch.from_numpy(np.array(queries[q_lo:q_hi], dtype=np.float32)).to(device)
+    p_share = torch.from_numpy(positives[q_lo:q_hi].astype(np.int64)).to(device)
+    run = Mining(q_share, room[:hi - lo], p_share, args.num_negatives, strategy=_strategy(args), margin=args.margin,
+                 relative_margin=args.relative_margin, max_score=args.max_score, min_score=args.min_score,
+                 range_min=args.range_min, range_max=args.range_max, index=args.index, batch_size=args.batch_size,
+                 seed=args.seed, process_group=group, corpus_room=room)
+    if world > 1:
+        print(f"fastneg mine: rank {rank} of {world}: corpus rows {lo}-{hi - 1}, queries {q_lo}-{q_hi - 1}",
+              file=sys.stderr, flush=True)
+    steps = list(run.steps())
+    parts, error = None, None
+    if rank == 0:
+        try:
+            parts = _Parts(args, fmt, Q, len(steps))
+        except InputError as exc:
+            error = exc
+    if group is not None:
+        raise_if_any_rank_failed(error, group)
+    elif error is not None:
+        raise error
+    done: list[Any] = [parts.done() if parts is not None else None]
+    if group is not None:
+        import torch.distributed as dist
+        dist.broadcast_object_list(done, src=0, group=group)
+    todo = [(step, start) for step, start in steps if step not in done[0]]
+    short = 0
     from ..tools.cli import progress_bar
 
-    starts = range(0, q_all.shape[0], args.batch_size)
-    advance, close = progress_bar(len(starts), unit="batch") if not args.no_progress else (None, lambda: None)
-    short = 0
-    with atomic_output(args.out) as tmp:
-        writer = _RowWriter(tmp, fmt)
-        try:
-            for step, start in enumerate(starts):
-                rows = slice(start, start + args.batch_size)
-                mined = mine_hard_negatives(
-                    q_all[rows], c_all, p_all[rows], args.num_negatives, strategy=_strategy(args), margin=args.margin,
-                    relative_margin=args.relative_margin, max_score=args.max_score, min_score=args.min_score,
-                    range_min=args.range_min, range_max=args.range_max, index=args.index,
-                    batch_size=args.batch_size, seed=args.seed + step)
-                found = mined.indices >= 0
-                short += int((found.sum(1) < args.num_negatives).sum())
-                pos_rows = p_all[rows].reshape(mined.indices.shape[0], -1)
-                writer.write({
-                    "query": list(range(start, start + mined.indices.shape[0])),
-                    "positives": [[int(p) for p in row if p >= 0] for row in pos_rows.tolist()],
-                    "negatives": [row[ok].tolist() for row, ok in zip(mined.indices, found)],
-                    "scores": [row[ok].tolist() for row, ok in zip(mined.scores, found)],
-                })
-                if advance is not None:
-                    advance(f"fastneg mine: rows {start}-{start + mined.indices.shape[0] - 1}")
-        finally:
-            close()
-            writer.close()
-    note = (f"; {short} got fewer than {args.num_negatives} (the rules or the index's candidate pool left fewer"
-            f"{': try --index exact' if args.index != 'exact' else ''})") if short else ""
-    print(f"fastneg mine: wrote {q_all.shape[0]} rows to {args.out}{note}", file=sys.stderr)
+    advance, close = (progress_bar(len(steps), unit="batch") if rank == 0 and not args.no_progress
+                      else (None, lambda: None))
+    if advance is not None:
+        for _ in range(len(steps) - len(todo)):
+            advance("fastneg mine: resumed")
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        for step, start in todo:
+            idx, scores, _ = run.mine(step, start)
+            if parts is None:
+                continue
+            found = idx >= 0
+            short += int((found.sum(1) < args.num_negatives).sum())
+            pos_rows = torch.from_numpy(positives[start:start + idx.shape[0]].astype(np.int64)).reshape(idx.shape[0], -1)
+            parts.write(step, {
+                "query": list(range(start, start + idx.shape[0])),
+                "positives": [[int(p) for p in row if p >= 0] for row in pos_rows.tolist()],
+                "negatives": [row[ok].tolist() for row, ok in zip(idx.cpu(), found.cpu())],
+                "scores": [row[ok].tolist() for row, ok in zip(scores.cpu(), found.cpu())],
+            })
+            if advance is not None:
+                advance(f"fastneg mine: rows {start}-{start + idx.shape[0] - 1}")
+    except KeyboardInterrupt:
+        if parts is not None:
+            print(f"fastneg mine: interrupted; {len(parts.done())} of {len(steps)} batches kept in {parts.directory}: "
+                  "run the same command with --resume to continue", file=sys.stderr)
+        raise _Interrupted from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        close()
+    if parts is not None:
+        parts.assemble()
+    if group is not None:
+        import torch.distributed as dist
+        dist.barrier(group)
+    if rank == 0:
+        note = (f"; {short} got fewer than {args.num_negatives} (the rules or the index's candidate pool left fewer"
+                f"{': try --index exact' if args.index != 'exact' else ''})") if short else ""
+        print(f"fastneg mine: wrote {Q} rows to {args.out}{note}", file=sys.stderr)
     return 0
+
+
+def _on_term(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM after the parts written so far were kept."""
+
+
+class _Parts:
+    """The output in batches: ``.<out>.parts/`` next to ``--out`` holds a manifest (the options and
+    the inputs' sizes and modification times) and one file per finished batch, each renamed into
+    place when complete, so a batch file exists only whole, whatever signal ends the run. When
+    every batch is there, they are joined into ``--out`` (atomically) and the folder is removed.
+    ``--resume`` continues from the batches present; without it an existing folder is an error."""
+
+    FIELDS = ("num_negatives", "strategy", "simans_a", "simans_b", "margin", "relative_margin", "max_score",
+              "min_score", "range_min", "range_max", "index", "batch_size", "seed")
+
+    def __init__(self, args: argparse.Namespace, fmt: str, rows: int, steps: int) -> None:
+        out = os.path.abspath(args.out)
+        if not os.path.isdir(os.path.dirname(out)):
+            raise InputError(f"--out: no such directory: {os.path.dirname(out)}")
+        self.out, self.fmt, self.steps = out, fmt, steps
+        self.directory = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.parts")
+        inputs = {}
+        for flag in ("queries", "corpus", "positives"):
+            st = os.stat(getattr(args, flag))
+            inputs[flag] = {"path": os.path.realpath(getattr(args, flag)), "bytes": st.st_size,
+                            "mtime_ns": st.st_mtime_ns}
+        self.manifest = {"format": 1, "rows": rows, "batches": steps, "output": fmt, "inputs": inputs,
+                         "options": {f: getattr(args, f) for f in self.FIELDS}}
+        path = os.path.join(self.directory, "manifest.json")
+        if os.path.isdir(self.directory):
+            if not args.resume:
+                raise InputError(f"--out: an interrupted run's batches are in {self.directory}: add --resume to continue "
+                                 "it, or remove that folder to start over")
+            try:
+                with open(path) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"--resume: cannot read {path} ({_one_line(exc)}); remove {self.directory}") from exc
+            if previous != self.manifest:
+                changed = sorted(k for k in set(previous) | set(self.manifest) if previous.get(k) != self.manifest.get(k))
+                raise InputError(f"--resume: the run in {self.directory} had other {', '.join(changed)}; "
+                                 "use the same options and inputs, or remove that folder to start over")
+        else:
+            os.makedirs(self.directory)
+            self._atomic_write(path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+
+    def _name(self, step: int) -> str:
+        return os.path.join(self.directory, f"batch-{step:08d}.{self.fmt}")
+
+    def done(self) -> set[int]:
+        return {s for s in range(self.steps) if os.path.exists(self._name(s))}
+
+    @staticmethod
+    def _atomic_write(path: str, data: bytes) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def write(self, step: int, columns: dict[str, list]) -> None:
+        tmp = self._name(step) + ".tmp"
+        writer = _RowWriter(tmp, self.fmt)
+        try:
+            writer.write(columns)
+        finally:
+            writer.close()
+        os.replace(tmp, self._name(step))
+
+    def assemble(self) -> None:
+        missing = sorted(set(range(self.steps)) - self.done())
+        if missing:
+            raise InputError(f"{len(missing)} batches missing from {self.directory} (first: {missing[0]})")
+        with atomic_output(self.out) as tmp:
+            if self.fmt == "jsonl":
+                with open(tmp, "wb") as dst:
+                    for s in range(self.steps):
+                        with open(self._name(s), "rb") as src:
+                            dst.write(src.read())
+            else:
+                import pyarrow.parquet as pq
+                writer = None
+                try:
+                    for s in range(self.steps):
+                        table = pq.read_table(self._name(s))
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, table.schema)
+                        writer.write_table(table)
+                finally:
+                    if writer is not None:
+                        writer.close()
+        for name in os.listdir(self.directory):
+            os.remove(os.path.join(self.directory, name))
+        os.rmdir(self.directory)
 
 
 def _read_table(path: str, flag: str) -> dict[str, list]:
@@ -345,6 +526,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # the library's own argument checks
         print(f"fastneg mine: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except _Interrupted:
+        return 130
     except KeyboardInterrupt:
         print("fastneg mine: interrupted; no output written", file=sys.stderr)
         return 130

@@ -77,34 +77,83 @@ def test_round_trip_model_and_pairs(tmp_path: Path) -> None:
     assert list(got) == ["q", "a", "negative"] and got == want
 
 
-def test_killed_run_leaves_no_output(tmp_path: Path) -> None:
-    q, c, p = _files(tmp_path, Q=60_000, N=20_000, D=64)
-    out = tmp_path / "mined.jsonl"
+def _popen(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for sig in (signal.SIGKILL, signal.SIGTERM):
-        proc = subprocess.Popen([sys.executable, "-m", "fastneg.tools.cli", "mine", "--no-progress", "--queries", q,
-                                 "--corpus", c, "--positives", p, "--out", str(out), "--num-negatives", "10",
-                                 "--batch-size", "256"], env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "fastneg.tools.cli", "mine", "--no-progress", *args], env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_runs_resume_to_the_uninterrupted_file(tmp_path: Path) -> None:
+    """SIGKILL at random points (before any batch, between and during batch writes), SIGTERM once,
+    then ``--resume`` until done: the file is byte for byte the uninterrupted run's, and no output
+    file exists before the run completes."""
+    q, c, p = _files(tmp_path, Q=40_000, N=20_000, D=64)
+    mining = ["--queries", q, "--corpus", c, "--positives", p, "--num-negatives", "10", "--batch-size", "256",
+              "--strategy", "simans", "--seed", "3", "--relative-margin", "0.02"]
+    whole = tmp_path / "whole.jsonl"
+    res = _cli(*mining, "--out", str(whole))
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "resumed.jsonl"
+    parts = tmp_path / ".resumed.jsonl.parts"
+    rng = np.random.default_rng(0)
+    seen: list[int] = []
+    for attempt in range(6):
+        sig = signal.SIGTERM if attempt == 3 else signal.SIGKILL
+        proc = _popen(*mining, "--out", str(out), *(["--resume"] if attempt else []))
+        # wait for a random number of new batches (0: kill while starting up)
+        # (SIGTERM: at least one, so that the run's handler is in place)
+        target = (seen[-1] if seen else 0) + int(rng.integers(1 if sig == signal.SIGTERM else 0, 25))
         deadline = time.time() + 120
-        partial: list[str] = []
-        while time.time() < deadline and proc.poll() is None:  # wait until rows are being written
-            partial = [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
-            if partial and os.path.getsize(tmp_path / partial[0]) > 0:
+        while time.time() < deadline and proc.poll() is None:
+            done = [f for f in os.listdir(parts) if f.startswith("batch-")] if parts.is_dir() else []
+            if len([f for f in done if not f.endswith(".tmp")]) >= target:
                 break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert partial, "no partial output seen"
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+        time.sleep(float(rng.uniform(0, 0.2)))  # anywhere inside a batch
         proc.send_signal(sig)
         proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130 and "--resume" in stderr, stderr
         assert not out.exists()
-        if sig == signal.SIGTERM:  # handled: the partial file is removed too
-            assert proc.returncode == 130 and "interrupted" in proc.stderr.read()
-            assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
-        else:
-            proc.stderr.read()
-            for f in os.listdir(tmp_path):
-                if f.endswith(".partial"):
-                    os.remove(tmp_path / f)
+        seen.append(len([f for f in os.listdir(parts) if f.endswith(".jsonl")]) if parts.is_dir() else 0)
+    assert seen[-1] > 0 and seen == sorted(seen), seen  # progress was kept across kills
+    res = _cli(*mining, "--out", str(out), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == whole.read_bytes()
+    assert not parts.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+    # a leftover run is never silently overwritten or resumed with other options
+    proc = _popen(*mining, "--out", str(out))
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if parts.is_dir():
+        res = _cli(*mining, "--out", str(out))
+        assert res.returncode == 2 and "--resume" in res.stderr
+        res = _cli(*mining[:-1], "0.5", "--out", str(out), "--resume")
+        assert res.returncode == 2 and "options" in res.stderr, res.stderr
+
+
+def test_torchrun_output_equals_one_process(tmp_path: Path) -> None:
+    """``fastneg mine`` under torchrun (2 and 3 gloo processes): the file one process writes."""
+    q, c, p = _files(tmp_path, Q=300, N=2000, D=16)
+    mining = ["--queries", q, "--corpus", c, "--positives", p, "--num-negatives", "7", "--batch-size", "64",
+              "--strategy", "uniform", "--seed", "5", "--margin", "0.01"]
+    one = tmp_path / "one.jsonl"
+    res = _cli(*mining, "--out", str(one))
+    assert res.returncode == 0, res.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    for world in (2, 3):
+        out = tmp_path / f"ranks{world}.jsonl"
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                              "-m", "fastneg.tools.cli", "mine", "--no-progress", *mining, "--out", str(out)],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert out.read_bytes() == one.read_bytes(), world
+        assert f"rank {world - 1} of {world}" in res.stderr
 
 
 def _bad(tmp: Path) -> list[tuple[str, list[str], str]]:
