@@ -186,6 +186,24 @@ def _strategy(args: argparse.Namespace) -> Any:
     return args.strategy
 
 
+def _read_rows(arr: np.ndarray, path: str, lo: int, hi: int, out: np.ndarray) -> None:
+    """Rows ``[lo, hi)`` of the memory-mapped ``.npy`` array ``arr`` (from ``path``) into ``out``
+    (float32), by plain reads where the file is C-ordered: the pages then stay in the page cache
+    rather than in this process's resident memory."""
+    if arr.flags.c_contiguous and isinstance(arr, np.memmap) and hi > lo:
+        row_bytes = arr.shape[1] * arr.dtype.itemsize
+        step = max(1, (64 << 20) // row_bytes)
+        with open(path, "rb") as f:
+            for r in range(lo, hi, step):
+                n = min(hi, r + step) - r
+                f.seek(arr.offset + r * row_bytes)
+                chunk = np.frombuffer(f.read(n * row_bytes), dtype=arr.dtype).reshape(n, arr.shape[1])
+                out[r - lo:r - lo + n] = chunk
+        return
+    for r in range(lo, hi, 65536):
+        out[r - lo:min(hi, r + 65536) - lo] = arr[r:min(hi, r + 65536)]
+
+
 def _process_group(device: str) -> tuple[Any, int, int]:
     """``(group, rank, world)``: torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1;
     NCCL on CUDA, gloo on CPU), else one process."""
@@ -234,28 +252,27 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     # this rank's shard of the corpus (starting at a multiple of the kernels' key tile) and share of the queries
     lo, hi = shard_bounds(N, world)[rank]
     q_lo, q_hi = Q * rank // world, Q * (rank + 1) // world
+    # the shard goes straight into a buffer with room for one batch of positives (the sharded draw's)
+    room = torch.zeros((max(hi - lo + args.batch_size, KEY_ALIGN) if world > 1 else hi - lo, D), dtype=torch.float32)
+    q_share = torch.zeros((q_hi - q_lo, D), dtype=torch.float32)
     error = None
     try:
-        for flag, arr, a, b in (("--queries", queries, q_lo, q_hi), ("--corpus", corpus, lo, hi)):
-            for r in range(a, b, 65536):  # in slices: the file is memory-mapped
-                bad = ~np.isfinite(arr[r:min(b, r + 65536)]).all(axis=1)
-                if bad.any():
-                    rows = np.flatnonzero(bad) + r
-                    raise InputError(f"{flag}: row {int(rows[0])} holds NaN or infinity; no negatives can be mined "
-                                     "for it")
+        for flag, arr, path, a, b, dst in (("--queries", queries, args.queries, q_lo, q_hi, q_share),
+                                           ("--corpus", corpus, args.corpus, lo, hi, room)):
+            _read_rows(arr, path, a, b, dst[:b - a].numpy())
+            bad = ~torch.isfinite(dst[:b - a]).all(1)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0]) + a
+                raise InputError(f"{flag}: row {row} holds NaN or infinity; no negatives can be mined for it")
     except InputError as exc:
         error = exc
     if group is not None:
         raise_if_any_rank_failed(error, group)
     elif error is not None:
         raise error
-    # the shard goes straight into a buffer with room for one batch of positives (the sharded draw's)
-    room = torch.zeros((max(hi - lo + args.batch_size, KEY_ALIGN) if world > 1 else hi - lo, D), dtype=torch.float32)
-    for r in range(lo, hi, 65536):
-        room[r - lo:min(hi, r + 65536) - lo] = torch.from_numpy(np.array(corpus[r:min(hi, r + 65536)], dtype=np.float32))
-    room = room.to(device)
-    q_share = torch.from_numpy(np.array(queries[q_lo:q_hi], dtype=np.float32)).to(device)
+    room, q_share = room.to(device), q_share.to(device)
     p_share = torch.from_numpy(positives[q_lo:q_hi].astype(np.int64)).to(device)
+    del queries, corpus  # unmap the files: what stays resident is the shard, the share and the positives
     run = Mining(q_share, room[:hi - lo], p_share, args.num_negatives, strategy=_strategy(args), margin=args.margin,
                  relative_margin=args.relative_margin, max_score=args.max_score, min_score=args.min_score,
                  range_min=args.range_min, range_max=args.range_max, index=args.index, batch_size=args.batch_size,
