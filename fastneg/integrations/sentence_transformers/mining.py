@@ -19,6 +19,10 @@ Differences, on purpose:
   positive texts are never negatives (the corpus is de-duplicated, as in sentence-transformers).
 - ``cache_folder`` uses sentence-transformers' file names and hashes, so either library reads
   the embeddings the other saved.
+- ``process_group`` (fastneg's own): under ``torchrun``, every rank passes the same dataset and
+  model; each encodes only its shard of the corpus and its share of the queries, mines its shard
+  (:func:`fastneg.mine_hard_negatives` with ``process_group``) and every rank returns the same
+  dataset, the one process's (bit-identical on CPU with the exact search or a flat index).
 - Not supported: ``cross_encoder`` rescoring, ``use_multi_process``.
 """
 
@@ -85,13 +89,16 @@ def mine_hard_negatives(
     *,
     index: Any = None,
     seed: Optional[int] = None,
+    process_group: Any = None,
 ) -> Any:
     """Add mined negatives to a dataset of (anchor, positive) pairs (module docstring).
 
     Arguments as in ``sentence_transformers.util.mine_hard_negatives``; ``faiss_batch_size`` is the
     number of queries per mining step on every path. fastneg's own: ``index`` (``"exact"``,
     ``"flat"``, ``"ivf"``, ``"hnsw"`` or a ``faiss.Index``; default ``"flat"`` with ``use_faiss``,
-    else ``"exact"``) and ``seed`` (for ``"random"`` / ``"simans"``).
+    else ``"exact"``), ``seed`` (for ``"random"`` / ``"simans"``) and ``process_group`` (a
+    ``torch.distributed`` group: each rank encodes and searches its shard of the corpus; module
+    docstring).
     """
     from datasets import Dataset
 
@@ -132,26 +139,56 @@ def mine_hard_negatives(
     if range_max is not None and num_negatives > range_max - range_min:
         raise ValueError(f"cannot mine {num_negatives} negatives from ranks [{range_min}, {range_max})")
 
-    corpus_emb = _encode(model, corpus, "document", corpus_prompt_name, corpus_prompt, batch_size, verbose,
-                         cache_folder)
-    query_emb = _encode(model, queries, "query", query_prompt_name, query_prompt, batch_size, verbose, cache_folder)
     strategy = "uniform" if sampling_strategy == "random" else sampling_strategy
     if index is None:
         index = "flat" if use_faiss else "exact"
-    mined = _mine(query_emb, corpus_emb, positive_indices, num_negatives, strategy=strategy,
-                  margin=absolute_margin, relative_margin=relative_margin, max_score=max_score, min_score=min_score,
-                  range_min=range_min, range_max=range_max, batch_size=faiss_batch_size, index=index,
-                  pool=None if range_max is None else range_max + max_positives, seed=seed,
-                  show_progress_bar=verbose)
+    options = dict(strategy=strategy, margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
+                   min_score=min_score, range_min=range_min, range_max=range_max, batch_size=faiss_batch_size,
+                   index=index, pool=None if range_max is None else range_max + max_positives, seed=seed,
+                   show_progress_bar=verbose)
+    # per (query, positive) pair, in the order of the de-duplicated queries
+    pair_query = [q for q in range(len(queries)) for _ in range(n_positives[q])]
+    pair_doc = [d for q in range(len(queries)) for d in positive_indices[q]]
+    if process_group is None:
+        corpus_emb = _encode(model, corpus, "document", corpus_prompt_name, corpus_prompt, batch_size, verbose,
+                             cache_folder)
+        query_emb = _encode(model, queries, "query", query_prompt_name, query_prompt, batch_size, verbose,
+                            cache_folder)
+        mined = _mine(query_emb, corpus_emb, positive_indices, num_negatives, **options)
+        positive_scores = (query_emb[pair_query] * corpus_emb[pair_doc]).sum(-1).cpu()
+    else:
+        from ...parallel.gather import all_gather, rank, world_size
+        from ...parallel.sharded import gather_owned, gather_rows, shard_bounds
+
+        world, me = world_size(process_group), rank(process_group)
+        lo, hi = shard_bounds(len(corpus), world)[me]
+        q_lo, q_hi = len(queries) * me // world, len(queries) * (me + 1) // world
+        dim = model.get_sentence_embedding_dimension()
+        device = torch.device(getattr(model, "device", "cpu"))
+        # an empty shard or share (more ranks than rows) encodes nothing
+        corpus_emb = _encode(model, corpus[lo:hi], "document", corpus_prompt_name, corpus_prompt, batch_size,
+                             verbose and me == 0, cache_folder) if hi > lo else torch.empty(0, dim, device=device)
+        query_emb = _encode(model, queries[q_lo:q_hi], "query", query_prompt_name, query_prompt, batch_size,
+                            verbose and me == 0, cache_folder) if q_hi > q_lo else torch.empty(0, dim, device=device)
+        corpus_emb, query_emb = corpus_emb.to(device), query_emb.to(device)
+        options["show_progress_bar"] = verbose and me == 0
+        mined = _mine(query_emb, corpus_emb, positive_indices[q_lo:q_hi], num_negatives, process_group=process_group,
+                      **options)
+        counts = [len(queries) * (r + 1) // world - len(queries) * r // world for r in range(world)]
+        gathered = [all_gather(t, process_group, counts) for t in (mined.indices, mined.scores)]
+        query_all = gather_rows(query_emb, counts, 0, len(queries), process_group)
+        docs = gather_owned(torch.tensor(pair_doc, device=device), lo, corpus_emb, process_group)
+        positive_scores = (query_all[pair_query] * docs).sum(-1).cpu()
+
+        class _Mined:
+            indices, scores = gathered
+
+        mined = _Mined()
     indices, negative_scores = mined.indices.cpu(), mined.scores.cpu()
     if isinstance(strategy, str) and strategy != "top":
         # sentence-transformers re-sorts sampled negatives by score, best first
         order = torch.sort(negative_scores, dim=1, descending=True, stable=True).indices
         indices, negative_scores = indices.gather(1, order), negative_scores.gather(1, order)
-    # per (query, positive) pair, in the order of the de-duplicated queries
-    pair_query = [q for q in range(len(queries)) for _ in range(n_positives[q])]
-    pair_doc = [d for q in range(len(queries)) for d in positive_indices[q]]
-    positive_scores = (query_emb[pair_query] * corpus_emb[pair_doc]).sum(-1).cpu()
     found = indices >= 0
 
     data: dict[str, list] = {}
