@@ -162,3 +162,77 @@ def test_merge_top_orders_by_value_then_smaller_id() -> None:
     assert i.tolist() == [[4, 7, 9, 1, 2]] and v.tolist() == [[3.0, 3.0, 2.0, 1.0, 1.0]]
     v, i = merge_top(values[:1], ids[:1], 4)
     assert i.tolist() == [[7, 2, -1, -1]]
+
+
+# --- the merge in one process: shards drawn apart and merged against one draw, every backend ----
+
+SAMPLER_RULES = ["plain", "labels", "label_levels", "margin", "relative_margin", "max_score", "guide_absolute",
+                 "guide_relative"]
+
+
+def _one_and_sharded(backend: str, rule: str, strategy: str, cuts: list[int], dtype: torch.dtype, B: int, N: int,
+                     exclude: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_negatives`` over all keys, and the same draw assembled from ``shard_draw`` on the
+    key shards between ``cuts`` and :func:`merge_top` (what every rank does with a process group)."""
+    import sys as _sys
+    _sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from helpers import TRITON_DEVICE, build
+
+    from fastneg.backends.operands import normalized_operands
+    from fastneg.parallel.sharded import shard_draw
+    from fastneg.sampling import parse_strategy
+
+    problem, options = build(rule, B, N, 16, seed=seed, peaked=True, duplicates=3)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, keys = problem.query.to(device, dtype), problem.keys.to(device, dtype)
+    pos = problem.positives.to(device)
+    extra = {n: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for n, v in problem.extra.items()}
+    g = torch.Generator().manual_seed(seed)
+    ex = torch.randint(-1, N, (B, 2), generator=g).to(device) if exclude else None
+    one = fastneg.sample_negatives(q, keys, pos, K, strategy=strategy, seed=seed, backend=backend, exclude=ex,
+                                   **extra, **options)
+    code, simans = parse_strategy(strategy)
+    plan = fastneg.plan.Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
+                                   options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"), simans)
+    pos, ql, kl, gq, gk = normalized_operands(q, pos, extra.get("query_labels"), extra.get("key_labels"),
+                                              extra.get("guide_query"), extra.get("guide_keys"))
+    values, ids = [], []
+    for a, b in zip([0, *cuts], [*cuts, N]):
+        i, v = shard_draw(backend, q, keys[a:b], a, pos, keys[pos], K, code, plan, seed & 0xFFFFFFFF, ql,
+                          None if kl is None else kl[a:b], gq, None if gk is None else gk[a:b],
+                          None if gk is None else gk[pos], ex)
+        ids.append(i)
+        values.append(v)
+    _, merged = merge_top(torch.stack(values), torch.stack(ids), K)
+    return one.cpu(), merged.cpu()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "portable", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shards_merged_are_one_draw(backend: str, dtype: torch.dtype) -> None:
+    """Every rule, strategy and shard layout (shards at multiples of the key tile, empty ones
+    included), duplicates of positives, excluded keys: the merged draw is the one draw, bit for bit."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+    @hypothesis.given(rule=st.sampled_from(SAMPLER_RULES), strategy=st.sampled_from(["top", "simans", "uniform"]),
+                      blocks=st.integers(1, 4), raw_cuts=st.lists(st.integers(0, 4), max_size=3),
+                      exclude=st.booleans(), seed=st.integers(0, 2**40))
+    def check(rule: str, strategy: str, blocks: int, raw_cuts: list[int], exclude: bool, seed: int) -> None:
+        N = blocks * KEY_ALIGN - 37  # a ragged last tile
+        cuts = sorted(min(c, blocks) * KEY_ALIGN for c in raw_cuts)
+        cuts = [min(c, N) for c in cuts]
+        one, merged = _one_and_sharded(backend, rule, strategy, cuts, dtype, 20, N, exclude, seed)
+        assert torch.equal(one, merged), (rule, strategy, cuts)
+
+    check()
+
+
+def test_shards_merged_are_one_draw_triton() -> None:
+    """The Triton sampler (interpreter on CPU): the noise keyed by first_key + j, the values returned."""
+    pytest.importorskip("triton")
+    for rule, strategy, cuts in (("labels", "simans", [256]), ("max_score", "uniform", [256, 256]),
+                                 ("guide_absolute", "top", [512])):
+        one, merged = _one_and_sharded("triton", rule, strategy, cuts, torch.float32, 8, 600, True, 5)
+        assert torch.equal(one, merged), (rule, strategy)
