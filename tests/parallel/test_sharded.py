@@ -176,11 +176,10 @@ def _one_and_sharded(backend: str, rule: str, strategy: str, cuts: list[int], dt
     key shards between ``cuts`` and :func:`merge_top` (what every rank does with a process group)."""
     import sys as _sys
     _sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from helpers import TRITON_DEVICE, build
-
     from fastneg.backends.operands import normalized_operands
     from fastneg.parallel.sharded import shard_draw
     from fastneg.sampling import parse_strategy
+    from helpers import TRITON_DEVICE, build
 
     problem, options = build(rule, B, N, 16, seed=seed, peaked=True, duplicates=3)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
