@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import resource, sys, os
 from fastneg.tools.cli import main
 code = main(sys.argv[1:])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"PEAK_RSS rank={os.environ.get('RANK', '0')} mib={peak:.0f}", file=sys.stderr)
+print(f"\\nPEAK_RSS rank={os.environ.get('RANK', '0')} mib={peak:.0f}", file=sys.stderr, flush=True)
 sys.exit(code)
 """
 
@@ -69,9 +70,12 @@ def _mine(files: tuple[str, str, str], out: str, ranks: int, threads: int, extra
     seconds = time.perf_counter() - start
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
-    peaks = sorted((int(line.split("rank=")[1].split()[0]), int(line.split("mib=")[1]))
-                   for line in res.stderr.splitlines() if line.startswith("PEAK_RSS"))
-    return {"seconds": seconds, "peaks": [m for _, m in peaks]}
+    # (the ranks' stderr lines may interleave)
+    peaks = sorted((int(r), int(m)) for r, m in re.findall(r"PEAK_RSS rank=(\d+) mib=(\d+)", res.stderr))
+    # each rank's own search time ("rank r of W: n batches in s"), printed with several processes
+    search = sorted((int(r), float(t)) for r, t in re.findall(r"rank (\d+) of \d+: \d+ batches in ([\d.]+) s",
+                                                               res.stderr))
+    return {"seconds": seconds, "peaks": [m for _, m in peaks], "search": [t for _, t in search]}
 
 
 def _header(args: argparse.Namespace) -> str:
@@ -85,8 +89,8 @@ def time_memory(args: argparse.Namespace, folder: str) -> None:
     cores = os.cpu_count() or 1
     lines = [f"# fastneg mine: {args.ranks} processes against 1 ({args.queries} x {args.corpus} x {args.dim}, "
              f"float32, k = 10, batch 4096)\n\n", _header(args),
-             "| strategy | processes x threads | wall s | peak RSS per process (MiB) | file identical to 1 process |\n",
-             "|---|---|---|---|---|\n"]
+             "| strategy | processes x threads | wall s | each rank's search s | peak RSS per process (MiB) | "
+             "file identical to 1 process |\n", "|---|---|---|---|---|---|\n"]
     for strategy in ("top", "simans"):
         extra = ["--num-negatives", "10", "--batch-size", "4096", "--strategy", strategy, "--seed", "1",
                  "--relative-margin", "0.05"]
@@ -95,9 +99,12 @@ def time_memory(args: argparse.Namespace, folder: str) -> None:
         many = os.path.join(folder, f"many-{strategy}.jsonl")
         sharded = _mine(files, many, args.ranks, max(1, cores // args.ranks), extra)
         same = open(one, "rb").read() == open(many, "rb").read()
-        lines.append(f"| {strategy} | 1 x {cores} | {base['seconds']:.1f} | {base['peaks']} | |\n")
+        single = _mine(files, os.path.join(folder, f"single-{strategy}.jsonl"), 1, 1, extra)
+        os.remove(os.path.join(folder, f"single-{strategy}.jsonl"))
+        lines.append(f"| {strategy} | 1 x {cores} | {base['seconds']:.1f} | | {base['peaks']} | |\n")
+        lines.append(f"| {strategy} | 1 x 1 | {single['seconds']:.1f} | | {single['peaks']} | |\n")
         lines.append(f"| {strategy} | {args.ranks} x {max(1, cores // args.ranks)} | {sharded['seconds']:.1f} | "
-                     f"{sharded['peaks']} | {same} |\n")
+                     f"{sharded['search']} | {sharded['peaks']} | {same} |\n")
         for f in (one, many):
             os.remove(f)
         with open(os.path.join(args.out, "time_memory.md"), "w") as f:
@@ -156,6 +163,17 @@ def recall(args: argparse.Namespace, folder: str) -> None:
     lines = [f"# Per-shard FAISS indexes: recall@10 of the mined negatives against the exact top-10 "
              f"({args.recall_queries} x {args.recall_corpus} x 64)\n\n", _header(args),
              "| index | ranks | recall@10 | identical to 1 process |\n", "|---|---|---|---|\n"]
+    # the index's own variance: one process over the same corpus in other row orders (other IVF
+    # training samples and lists, other HNSW graphs)
+    for index in ("ivf", "hnsw"):
+        for order in (1, 2, 3):
+            perm = torch.from_numpy(np.random.default_rng(order).permutation(c.shape[0]))
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.shape[0])
+            got = fastneg.mine_hard_negatives(q, c[perm], inverse[p], 10, index=index, batch_size=1024).indices
+            got = torch.where(got >= 0, perm[got.clamp(min=0)], -1)
+            hits = sum(len(set(a.tolist()) & set(b.tolist()) - {-1}) for a, b in zip(got, exact))
+            lines.append(f"| {index}, corpus order {order} | 1 | {hits / exact.numel():.4f} | |\n")
     for index in ("flat", "ivf", "hnsw"):
         outputs = {}
         for world in (1, 2, 3):

@@ -114,11 +114,13 @@ def _positives_matrix(positives: object, Q: int, N: int, device: torch.device) -
 
 
 def build_index(kind: str, corpus: torch.Tensor, *, nlist: Optional[int] = None, nprobe: Optional[int] = None,
-                hnsw_m: int = 32, ef_search: int = 128, use_gpu: Optional[bool] = None) -> Any:
+                hnsw_m: int = 32, ef_search: int = 128, use_gpu: Optional[bool] = None,
+                gpu_device: Optional[int] = None) -> Any:
     """A FAISS inner-product index over ``corpus`` (float32): ``"flat"``, ``"ivf"`` (``nlist``
     default ``4 sqrt(N)``, trained on up to ``64 nlist`` vectors; ``nprobe`` default ``nlist / 8``)
     or ``"hnsw"`` (``M = hnsw_m``, ``efSearch = ef_search``). ``use_gpu``: move flat/IVF indexes
-    to every GPU (default: when faiss has GPUs and the corpus is on CUDA)."""
+    to every GPU (default: when faiss has GPUs and the corpus is on CUDA), or to ``gpu_device``
+    alone (each rank of a process group uses its own GPU)."""
     try:
         import faiss
     except ImportError as exc:
@@ -133,17 +135,63 @@ def build_index(kind: str, corpus: torch.Tensor, *, nlist: Optional[int] = None,
         index = faiss.IndexHNSWFlat(D, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = ef_search
     else:
-        nlist = nlist or max(1, min(int(4 * math.sqrt(N)), N // 39 or 1))
+        nlist, nprobe, sample = ivf_layout(N, nlist, nprobe)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        train = x if N <= 64 * nlist else x[rng.choice(N, 64 * nlist, replace=False)]
-        index.train(train)
-        index.nprobe = nprobe or max(1, nlist // 8)
+        index.train(x if sample is None else x[sample])
+        index.nprobe = nprobe
     if use_gpu is None:
         use_gpu = corpus.device.type == "cuda" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     if use_gpu and kind != "hnsw":
-        index = faiss.index_cpu_to_all_gpus(index)
+        if gpu_device is not None:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu_device, index)
+        else:
+            index = faiss.index_cpu_to_all_gpus(index)
     index.add(x)
+    return index
+
+
+def ivf_layout(N: int, nlist: Optional[int] = None, nprobe: Optional[int] = None) -> tuple[int, int, Optional[np.ndarray]]:
+    """``(nlist, nprobe, training rows)`` of :func:`build_index`'s IVF index over ``N`` vectors
+    (``None``: every row, in order)."""
+    nlist = nlist or max(1, min(int(4 * math.sqrt(N)), N // 39 or 1))
+    sample = None if N <= 64 * nlist else np.random.default_rng(0).choice(N, 64 * nlist, replace=False)
+    return nlist, nprobe or max(1, nlist // 8), sample
+
+
+def build_sharded_ivf(shard: torch.Tensor, first_key: int, N: int, group: Any, gpu_device: Optional[int] = None) -> Any:
+    """This rank's IVF index over its shard, with the coarse quantizer one process would train over
+    the whole corpus (the same training rows, gathered from their owners; rank 0 trains it and every
+    rank receives the centroids) and the same ``nprobe``: every shard probes the lists one process
+    probes, so the shards' candidates together are one process's. Collective."""
+    import faiss
+    import torch.distributed as dist
+
+    from ..parallel.gather import _group
+
+    nlist, nprobe, sample = ivf_layout(N)
+    D = shard.shape[1]
+    ids = torch.arange(N) if sample is None else torch.from_numpy(sample)
+    me = rank(group)
+    parts = []
+    for r in range(0, ids.shape[0], 16384):  # the training rows from their owners, a slice at a time
+        rows = gather_owned(ids[r:r + 16384].to(shard.device), first_key, shard.float(), group)
+        if me == 0:
+            parts.append(rows.cpu())
+    centroids = torch.empty(nlist, D, dtype=torch.float32)
+    if me == 0:
+        trainer = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
+        trainer.train(np.ascontiguousarray(torch.cat(parts).numpy()))
+        centroids = torch.from_numpy(trainer.quantizer.reconstruct_n(0, nlist))
+    collective = centroids.to(shard.device) if dist.get_backend(_group(group)) == "nccl" else centroids
+    dist.broadcast(collective, src=dist.get_global_rank(_group(group), 0), group=_group(group))
+    quantizer = faiss.IndexFlatIP(D)
+    quantizer.add(np.ascontiguousarray(collective.cpu().numpy()))
+    index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = nprobe
+    if gpu_device is not None:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu_device, index)
+    if shard.shape[0]:
+        index.add(np.ascontiguousarray(shard.detach().float().cpu().numpy()))
     return index
 
 
@@ -275,7 +323,11 @@ class Mining:
         if self.use_faiss:
             n = self.corpus.shape[0]
             if isinstance(self.index_arg, str):
-                self.faiss_index = build_index(self.index_arg, self.corpus) if n else None
+                own_gpu = self.corpus.device.index if self.world > 1 and self.corpus.device.type == "cuda" else None
+                if self.index_arg == "ivf" and self.world > 1:  # the one-process quantizer, shared
+                    self.faiss_index = build_sharded_ivf(self.corpus, self.first_key, self.N, self.group, own_gpu)
+                else:
+                    self.faiss_index = build_index(self.index_arg, self.corpus, gpu_device=own_gpu) if n else None
             else:
                 self.faiss_index = self.index_arg
                 if self.faiss_index.ntotal != n:

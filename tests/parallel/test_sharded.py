@@ -1,7 +1,8 @@
 """Sampling and mining over keys spread across ranks, on real gloo process groups (1, 2 and 3
 CPU processes, uneven shards, a rank with an empty shard and no queries): the output of every
 strategy, with rules, labels, several positives, windows and a FAISS flat index, is the
-one-process output over the whole corpus, bit for bit."""
+one-process output over the whole corpus, bit for bit (an IVF index: at least 95 % of the rows,
+its k-means rounding by thread count)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ MINING: dict[str, dict[str, Any]] = {
     "window-simans": dict(strategy="simans", range_min=2, range_max=40, min_score=-0.2, seed=3, labels=True),
     "flat-top": dict(strategy="top", index="flat", margin=0.0),
     "flat-simans-labels": dict(strategy="simans", index="flat", seed=5, labels=True, relative_margin=0.05),
+    # per-shard IVF lists under the quantizer one process trains: the same probed lists
+    "ivf-top": dict(strategy="top", index="ivf"),
 }
 SAMPLING: dict[str, dict[str, Any]] = {
     "top-guide": dict(strategy="top", guide=True, margin=0.1),
@@ -138,6 +141,9 @@ def test_sharded_output_is_the_one_process_output(world: int, one_process: dict[
             assert torch.equal(torch.cat(got), want), name
             continue
         for part, (a, b) in enumerate(zip((torch.cat([g[i] for g in got]) for i in range(3)), want)):
+            if name.startswith("ivf"):  # k-means may round by thread count: (nearly) every row the same
+                assert (a == b).reshape(a.shape[0], -1).all(1).float().mean() >= 0.95, name
+                continue
             assert torch.equal(a, b), (name, ("indices", "scores", "positive_scores")[part])
     # the draws are not trivial: most rows found all k, and the strategies differ
     assert (one_process["top-labels-margin"][0] >= 0).float().mean() > 0.9
