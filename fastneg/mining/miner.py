@@ -25,13 +25,16 @@ same seed and ``batch_size`` give the same negatives.
 Several processes (``process_group``, any ``torch.distributed`` backend): each rank passes its share
 of the queries (any number, none included) and its shard of the corpus; row and corpus ids are
 global, in the rank-ordered concatenation of the shares and shards. Each rank searches only its
-shard (the fused sampler, or a FAISS index it builds over its shard) for every query of a batch;
+shard (the fused sampler, or a FAISS index it builds over its shard: ``"ivf"`` with the coarse
+quantizer one process would train, shared, so every shard probes one process's lists; ``"hnsw"``
+one graph per shard) for every query of a batch;
 the shards' candidates are merged exactly (:mod:`fastneg.parallel.sharded`): ``top`` gives the global
 top-k and ``simans`` / ``uniform`` the one-process draw, because the noise is keyed by the global
 corpus id; every rule is decided from the positive's score wherever the positive lives (its
 embedding is sent to every rank). With shards that start at multiples of 256 rows
 (:func:`fastneg.parallel.shard_bounds`) and the exact path or a flat index, the output is
-bit-identical to one process over the whole corpus with the same ``batch_size`` and seed. Scores
+bit-identical to one process over the whole corpus with the same ``batch_size`` and seed (IVF:
+the same, up to k-means' rounding with another thread count). Scores
 are ``pair_scores``: float64 products summed per pair, rounded to float32 once, so that they do
 not depend on which process computed them.
 

@@ -84,22 +84,19 @@ def gather_rows(local: Tensor, counts: list[int], lo: int, hi: int, group: Any) 
 
 def gather_owned(ids: Tensor, first: int, shard: Tensor, group: Any) -> Tensor:
     """``shard``-rows of the global row ids ``ids`` (any shape; ``-1``: zeros), each from the rank
-    whose shard ``[first, first + len(shard))`` holds it: ``ids.shape + shard.shape[1:]``."""
+    whose shard ``[first, first + len(shard))`` holds it: ``ids.shape + shard.shape[1:]``. Each rank
+    sends only the rows it owns (with their positions): ``numel(ids)`` rows in all."""
     n = shard.shape[0]
-    own = (ids >= first) & (ids < first + n)
-    if n:
-        rows = shard[torch.where(own, ids - first, 0)]
-    else:
-        rows = shard.new_zeros((*ids.shape, *shard.shape[1:]))
-    rows = rows.masked_fill(~own.view(*own.shape, *([1] * (shard.dim() - 1))), 0)
+    own = ((ids >= first) & (ids < first + n)).reshape(-1)
+    out = shard.new_zeros((ids.numel(), *shard.shape[1:]))
+    positions = own.nonzero()[:, 0]
+    rows = shard[ids.reshape(-1)[positions] - first] if n else out[:0]
     if world_size(group) == 1:
-        return rows
-    gathered = all_gather(rows.reshape(1, -1).contiguous(), group)  # [world, ...], every rank the same size
-    owners = all_gather(own.reshape(1, -1).to(torch.uint8).contiguous(), group)  # [world, numel(ids)]
-    owner = owners.argmax(0)  # the owning rank of each id (0 for -1: zeros there)
-    per_id = gathered.view(gathered.shape[0], ids.numel(), -1)
-    picked = per_id.gather(0, owner.view(1, -1, 1).expand(1, -1, per_id.shape[2]))[0]
-    return picked.view(*ids.shape, *shard.shape[1:])
+        out[positions] = rows
+        return out.view(*ids.shape, *shard.shape[1:])
+    sizes = gather_sizes(positions.shape[0], group, positions.device)
+    out[all_gather(positions, group, sizes)] = all_gather(rows.contiguous(), group, sizes)
+    return out.view(*ids.shape, *shard.shape[1:])
 
 
 def _appended(shard: Tensor, extra: Tensor, total: int) -> Tensor:

@@ -241,3 +241,48 @@ def test_shards_merged_are_one_draw_triton() -> None:
                                  ("guide_absolute", "top", [512])):
         one, merged = _one_and_sharded("triton", rule, strategy, cuts, torch.float32, 8, 600, True, 5)
         assert torch.equal(one, merged), (rule, strategy)
+
+
+def _bad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    data = _data()
+    rows, keys = slice(*QUERY_SHARES[world][rank]), slice(*KEY_SHARDS[world][rank])
+    q, corpus = data["q"][rows], data["corpus"][keys]
+    positives = data["positives"][rows]
+    errors = []
+    cases = {
+        "dim": lambda: fastneg.mine_hard_negatives(q[:, :8] if rank == 1 else q, corpus[:, :8] if rank == 1 else corpus,
+                                                   positives, K, process_group=dist.group.WORLD),
+        "positive id": lambda: fastneg.mine_hard_negatives(q, corpus, [[N + 5]] * len(positives) if rank == 0
+                                                           else positives, K, process_group=dist.group.WORLD),
+        "sampler positive": lambda: fastneg.sample_negatives(
+            q, corpus, torch.full((q.shape[0],), N if rank == 1 else 0), K, strategy="top",
+            process_group=dist.group.WORLD),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            errors.append(f"{name}: no error")
+        except ValueError as exc:
+            errors.append(f"{name}: {exc}")
+    with open(os.path.join(out_dir, f"bad{rank}.txt"), "w") as f:
+        f.write("\n".join(errors))
+    dist.destroy_process_group()
+
+
+def test_a_rank_with_bad_input_fails_every_rank() -> None:
+    """A rank whose inputs are wrong raises its own error and the others a ValueError naming it,
+    instead of waiting in a collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_bad_worker, args=(2, port, out_dir), nprocs=2)
+        lines = [open(os.path.join(out_dir, f"bad{r}.txt")).read().splitlines() for r in range(2)]
+    for rank_lines in lines:
+        assert len(rank_lines) == 3 and not any("no error" in line for line in rank_lines), rank_lines
+    assert "disagree on the embedding dim" in lines[0][0] and "disagree on the embedding dim" in lines[1][0]
+    assert "corpus ids in [0, 1100)" in lines[0][1] and "rank(s) [0]" in lines[1][1]
+    assert "global key indices in [0, 1100)" in lines[1][2] and "rank(s) [1]" in lines[0][2]
