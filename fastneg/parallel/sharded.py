@@ -192,6 +192,14 @@ def sample_negatives_sharded(backend: str, query: Tensor, keys: Tensor, positive
                              guide_keys: Optional[Tensor], exclude: Optional[Tensor], group: Any) -> Tensor:
     """:func:`fastneg.sample_negatives` with ``process_group``: each rank's queries against every
     rank's keys (global index: the rank-ordered concatenation), merged exactly (module docstring)."""
+    described = (query.shape[1], str(query.dtype), None if key_labels is None else tuple(key_labels.shape[1:]),
+                 query_labels is not None, None if guide_query is None else guide_query.shape[1],
+                 None if exclude is None else exclude.shape[1], k)
+    table: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(table, described, group=_group(group))
+    if len(set(table)) > 1:  # every rank sees the same table and raises the same error
+        raise ValueError("process_group: ranks disagree on (embedding dim, dtype, label levels, query_labels given, "
+                         f"guide dim, exclude width, num_negatives): {table}")
     counts_b = gather_sizes(query.shape[0], group)
     counts_n = gather_sizes(keys.shape[0], group)
     me = rank(group)

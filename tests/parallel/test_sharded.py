@@ -260,6 +260,9 @@ def _bad_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         "sampler positive": lambda: fastneg.sample_negatives(
             q, corpus, torch.full((q.shape[0],), N if rank == 1 else 0), K, strategy="top",
             process_group=dist.group.WORLD),
+        "sampler labels": lambda: fastneg.sample_negatives(
+            q, corpus, torch.zeros(q.shape[0], dtype=torch.long), K, strategy="top",
+            key_labels=data["corpus_labels"][keys] if rank == 0 else None, process_group=dist.group.WORLD),
     }
     for name, call in cases.items():
         try:
@@ -282,7 +285,8 @@ def test_a_rank_with_bad_input_fails_every_rank() -> None:
         mp.spawn(_bad_worker, args=(2, port, out_dir), nprocs=2)
         lines = [open(os.path.join(out_dir, f"bad{r}.txt")).read().splitlines() for r in range(2)]
     for rank_lines in lines:
-        assert len(rank_lines) == 3 and not any("no error" in line for line in rank_lines), rank_lines
+        assert len(rank_lines) == 4 and not any("no error" in line for line in rank_lines), rank_lines
+        assert "ranks disagree on (embedding dim" in rank_lines[3]
     assert "disagree on the embedding dim" in lines[0][0] and "disagree on the embedding dim" in lines[1][0]
     assert "corpus ids in [0, 1100)" in lines[0][1] and "rank(s) [0]" in lines[1][1]
     assert "global key indices in [0, 1100)" in lines[1][2] and "rank(s) [1]" in lines[0][2]
