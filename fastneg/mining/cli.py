@@ -450,7 +450,8 @@ class _Parts:
                 finally:
                     if writer is not None:
                         writer.close()
-        for name in os.listdir(self.directory):
+        # the batches first and the manifest last: a run killed in between still resumes
+        for name in sorted(os.listdir(self.directory), key=lambda n: n == "manifest.json"):
             os.remove(os.path.join(self.directory, name))
         os.rmdir(self.directory)
 
