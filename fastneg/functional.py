@@ -171,6 +171,10 @@ def info_nce(
         check_symmetric_inputs(positives, negatives, query.shape[0])
     device = query.device
     chosen = resolve_backend(backend, device)
+    if chosen == "triton" and query.dtype == torch.float64:
+        # the Triton kernels compute in float32 at most: a float64 loss from them would be float32's
+        raise TypeError("query: backend='triton' computes float16, bfloat16 or float32, got float64; "
+                        "use backend='cpu' (or 'auto') for float64")
 
     B = query.shape[0]
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(

@@ -22,19 +22,16 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed
 
-from .backends import resolve_backend, sample_op
-from .backends.operands import kernel_operands, normalized_operands
+from .backends import MAX_FUSED_NEGATIVES, resolve_backend
+from .backends.operands import normalized_operands
+from .backends.sampler import draw
 from .options import SimANS
 from .plan import Plan, Strategy
-from .reference import sample_negatives_reference
 from .validation import check_backend, check_exclude, check_num_negatives, validate_inputs
 
-__all__ = ["sample_negatives", "STRATEGIES"]
+__all__ = ["sample_negatives", "STRATEGIES", "MAX_FUSED_NEGATIVES"]
 
 STRATEGIES = ("top", "simans", "uniform")
-# the fused Triton sampler keeps a [rows, K_PAD] running top-k in registers; beyond this many
-# negatives the portable sampler draws them (the dense sampler on chunks of rows: the same values and noise)
-MAX_FUSED_NEGATIVES = 512
 StrategyOption = Union[str, SimANS]
 
 
@@ -182,50 +179,3 @@ def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional
     with torch.no_grad():
         return sample_negatives_sharded(chosen, query, keys, positives, num_negatives, code, plan, int(shared[0]),
                                         query_labels, key_labels, guide_query, guide_keys, exclude, group)
-
-
-def draw(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, num_negatives: int,
-         code: Strategy, plan: Plan, seed: int, query_labels: Optional[torch.Tensor],
-         key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
-         exclude: Optional[torch.Tensor] = None, first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler on validated, normalized operands: ``[B, k]`` indices into ``keys`` and their
-    values (the score, or the perturbed log-weight; -inf at -1), best first. ``first_key``: the
-    global index of ``keys[0]`` when ``keys`` is one shard of a larger set (the noise is keyed by
-    the global index, so shards drawn apart and merged by value give the one-process draw)."""
-    k = num_negatives + (0 if exclude is None else exclude.shape[1])
-    with torch.no_grad():
-        if backend == "reference":
-            drawn, values = sample_negatives_reference(query, keys, positives, k, code, plan, seed, query_labels,
-                                                       key_labels, guide_query, guide_keys, first_key=first_key,
-                                                       return_values=True)
-        else:
-            drawn, values = _fused_sample(backend, query, keys, positives, k, code, plan, seed, query_labels,
-                                          key_labels, guide_query, guide_keys, first_key)
-    if exclude is not None:
-        drawn, values = _drop_excluded(drawn, values, exclude, num_negatives)
-    return drawn, values
-
-
-def _drop_excluded(drawn: torch.Tensor, values: torch.Tensor, exclude: torch.Tensor,
-                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove each row's excluded keys from its ranked list and keep the first k (order kept)."""
-    hit = ((drawn[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1) | (drawn < 0)
-    # stable sort on the drop flag moves kept entries to the front in their original order
-    order = torch.sort(hit.to(torch.int8), dim=1, stable=True).indices[:, :k]
-    dropped = hit.gather(1, order)
-    kept = torch.where(dropped, -1, drawn.gather(1, order))
-    return kept, values.gather(1, order).masked_fill(dropped, float("-inf"))
-
-
-def _fused_sample(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, k: int,
-                  code: Strategy, plan: Plan, seed: int, query_labels: Optional[torch.Tensor],
-                  key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
-                  guide_keys: Optional[torch.Tensor], first_key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton" and k > MAX_FUSED_NEGATIVES:
-        # beyond the fused Triton sampler's k: the portable sampler (the dense sampler on chunks of rows,
-        # memory O(chunk x N)); the same values and noise, so the same draw
-        backend = "portable"
-    query, keys, query_labels, key_labels, guide_query, guide_keys = kernel_operands(
-        backend, query, keys, query_labels, key_labels, guide_query, guide_keys)
-    return sample_op(backend)(query, keys, positives, query_labels, key_labels, guide_query, guide_keys,
-                              plan.scalars(), plan.flags(kind=code), k, seed, first_key)

@@ -29,7 +29,11 @@ from ..validation import BACKENDS, check_backend
 from . import portable  # noqa: F401  (registers the portable ops)
 from .autograd import FORWARD_OPS, SAMPLE_OPS
 
-__all__ = ["resolve_backend", "forward_op", "sample_op", "triton_available", "cpu_available"]
+__all__ = ["resolve_backend", "forward_op", "sample_op", "triton_available", "cpu_available", "MAX_FUSED_NEGATIVES"]
+
+# the fused Triton sampler keeps a [rows, K_PAD] running top-k in registers; beyond this many
+# negatives the portable sampler draws them (the dense sampler on chunks of rows: the same values and noise)
+MAX_FUSED_NEGATIVES = 512
 
 logger = logging.getLogger("fastneg")
 _logged: set[tuple[str, str]] = set()

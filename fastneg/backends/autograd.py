@@ -41,8 +41,7 @@ def _fake_forward(query: torch.Tensor, keys: torch.Tensor, *args: Any) -> tuple[
 
 
 def _device_rowsum_dtype(query: torch.Tensor) -> torch.dtype:
-    """The C++ op's per-row sums (float64, on CPU) and the Triton op's on a GPU (float32). Under the
-    interpreter the Triton op returns float32 on CPU tensors, which this does not describe."""
+    """The C++ op's per-row sums (float64, on CPU); the Triton and portable ops pass their own."""
     return torch.float64 if query.device.type == "cpu" else torch.float32
 
 

@@ -307,7 +307,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     todo = [(step, start) for step, start in steps if step not in done[0]]
     short = 0
     started = time.perf_counter()
-    from ..tools.cli import progress_bar
+    from ..tools.progress import progress_bar
 
     advance, close = (progress_bar(len(steps), unit="batch") if rank == 0 and not args.no_progress
                       else (None, lambda: None))

@@ -54,11 +54,12 @@ import torch
 
 from ..backends import resolve_backend
 from ..backends.operands import normalized_operands
+from ..backends.sampler import draw
 from ..parallel.gather import gather_sizes, raise_if_any_rank_failed, rank, world_size
 from ..parallel.sharded import KEY_ALIGN, gather_candidates, gather_owned, gather_rows, merge_top, pair_scores, shard_draw
 from ..plan import Plan, Strategy
 from ..reference import gumbel_noise, label_match, score_threshold, simans_log_weight
-from ..sampling import StrategyOption, draw, draw_seed, parse_strategy
+from ..sampling import StrategyOption, draw_seed, parse_strategy
 from ..validation import check_num_negatives
 
 __all__ = ["MinedNegatives", "mine_hard_negatives", "build_index", "INDEX_KINDS"]

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.sampler import draw
 from ..plan import Plan, Strategy
 from .gather import _group, all_gather, gather_sizes, rank, world_size
 
@@ -121,8 +122,6 @@ def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, posit
     ``shard_labels`` the shard's; ``exclude`` ``[b, E]`` global indices never drawn. ``keys_room``:
     ``[max(n + b, KEY_ALIGN), D]`` keys whose first ``n`` rows are the shard and the next ``b`` the
     positive rows (the miner keeps one, so that the shard is not copied per batch)."""
-    from ..sampling import draw
-
     b, n = query.shape[0], shard.shape[0]
     if n == 0 or b == 0:
         return (torch.full((b, k), -1, dtype=torch.long, device=query.device),

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Optional
 
+from .progress import progress_bar
+
 # quick: at least 3 timed rounds, more until 0.5 s of them per measurement (small cases are noisy)
 QUICK = dict(sizes=[512, 1024, 2048], dims=[64], dtypes=["float32"], rules=["plain", "masked"], rounds=3, min_time_s=0.5)
 FULL = dict(sizes=[2048, 8192, 32768], dims=[128], dtypes=["float32"], rules=["plain", "masked"], rounds=3,
@@ -32,28 +34,6 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=1024, help="rows per chunk of the chunked PyTorch loss")
     p.add_argument("--out", default="bench_results", help="output folder (default ./bench_results)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-
-
-def progress_bar(total: int, unit: str = "run"):  # noqa: ANN201
-    """``(step(label), close())`` for a progress bar of ``total`` steps: tqdm when it is installed,
-    else one ``[n/total] label`` line per step on stderr."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total, unit=unit, dynamic_ncols=True)
-
-        def step(label: str) -> None:
-            bar.set_description(label)
-            bar.update(1)
-        return step, bar.close
-    count = [0]
-
-    def step_plain(label: str) -> None:
-        count[0] += 1
-        print(f"[{count[0]}/{total}] {label}", file=sys.stderr, flush=True)
-    return step_plain, lambda: None
 
 
 class UsageError(Exception):

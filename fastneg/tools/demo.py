@@ -194,7 +194,7 @@ class DemoError(Exception):
 
 
 def _run_method(ctx, method: str, cfg: TaskConfig, device: str) -> dict:  # noqa: ANN001
-    from fastneg.tools.cli import progress_bar
+    from fastneg.tools.progress import progress_bar
 
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(method, cfg, device, queue))

@@ -85,6 +85,24 @@ def test_opcheck_portable_forward(dtype, mode) -> None:
     torch.library.opcheck(info_nce_fwd_portable, fwd_args(dtype=dtype, mode=mode))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter on CPU tensors")
+def test_triton_fake_backward_under_the_interpreter() -> None:
+    """The Triton backward's fake kernel gives its per-row sums the dtype the op returns on CPU
+    tensors under the interpreter (float32; it said float64 from the device)."""
+    pytest.importorskip("triton")
+    import fastneg.backends.triton  # noqa: F401
+
+    forward, backward = torch.ops.fastneg.info_nce_fwd_triton.default, torch.ops.fastneg.info_nce_bwd_triton.default
+    args = fwd_args(guide=False)
+    with torch.no_grad():
+        out = forward(*args)
+    q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
+    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1], scalars,
+                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)
+    assert backward(*bwd_args)[2].dtype == torch.float32
+    torch.library.opcheck(backward, bwd_args, test_utils=("test_faketensor",))
+
+
 @pytest.mark.gpu
 def test_opcheck_triton() -> None:
     import fastneg.backends.triton  # noqa: F401

@@ -98,6 +98,16 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error() -> None:
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET" in out.stdout, out.stdout + out.stderr
 
 
+def test_triton_backend_refuses_float64() -> None:
+    """The Triton kernels compute in float32 at most: float64 is refused (as the sampler refuses
+    it), not computed in float32 and returned as if it were float64's."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
+    with pytest.raises(TypeError, match="query: backend='triton'.*float64"):
+        fastneg.info_nce(q.double(), k.double(), backend="triton")
+
+
 def test_cpu_backend_rejects_cuda_tensors_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="backend='cpu'"):
         fastneg.info_nce(q.to("meta"), k.to("meta"), backend="cpu")

@@ -29,5 +29,6 @@ from .sampler import sample_negatives_triton
 __all__ = ["INTERPRET", "BlockConfig", "block_config", "cuda_block_config", "cuda_tiles", "panel_rows",
            "info_nce_fwd_triton", "info_nce_bwd_triton", "sample_negatives_triton"]
 
-register_fused_op("triton", info_nce_fwd_triton, info_nce_bwd_triton)
+# the Triton backward returns float32 per-row sums on every device (the interpreter's CPU tensors too)
+register_fused_op("triton", info_nce_fwd_triton, info_nce_bwd_triton, rowsum_dtype=lambda query: torch.float32)
 register_sample_op("triton", sample_negatives_triton, lambda query: torch.float32)

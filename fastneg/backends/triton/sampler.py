@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ...plan import Plan
-from ...sampling import MAX_FUSED_NEGATIVES
+from .. import MAX_FUSED_NEGATIVES
 from .config import Problem, gpu_tiles, kernel_flags, label_operands, precision
 from .rules import KIND, STRATEGY_SIMANS, STRATEGY_TOP, classify, row_thresholds, simans_log_weight
 from .tiles import tl_tile_scores
