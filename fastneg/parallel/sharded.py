@@ -38,6 +38,12 @@ __all__ = ["KEY_ALIGN", "shard_bounds", "gather_rows", "gather_owned", "shard_dr
 KEY_ALIGN = 256  # the C++ kernels' key tile (csrc/common.h kMaxKeyTile)
 
 
+def _alone(group: Any) -> bool:
+    """No exchange: ``group`` is ``None`` (one process, even inside an initialised
+    torch.distributed program, where ``None`` would otherwise mean the world) or of one rank."""
+    return group is None or world_size(group) == 1
+
+
 def shard_bounds(n: int, world: int, align: int = KEY_ALIGN) -> list[tuple[int, int]]:
     """``world`` contiguous ``[start, end)`` shards of ``n`` rows, as even as blocks of ``align``
     rows allow, every start a multiple of ``align`` (trailing shards may be empty)."""
@@ -70,11 +76,11 @@ def pair_scores(query: Tensor, rows: Tensor, ids: Optional[Tensor] = None) -> Te
 def gather_rows(local: Tensor, counts: list[int], lo: int, hi: int, group: Any) -> Tensor:
     """Rows ``[lo, hi)`` of the rank-ordered concatenation of every rank's ``local`` rows
     (``counts``: every rank's row count), on every rank."""
+    if _alone(group):
+        return local[lo:hi]
     start, count = sum(counts[:rank(group)]), local.shape[0]
     begin = min(max(lo - start, 0), count)
     mine = local[begin:max(begin, min(hi - start, count))]
-    if world_size(group) == 1:
-        return local[lo:hi]
     sizes = []
     offset = 0
     for c in counts:
@@ -92,7 +98,7 @@ def gather_owned(ids: Tensor, first: int, shard: Tensor, group: Any) -> Tensor:
     out = shard.new_zeros((ids.numel(), *shard.shape[1:]))
     positions = own.nonzero()[:, 0]
     rows = shard[ids.reshape(-1)[positions] - first] if n else out[:0]
-    if world_size(group) == 1:
+    if _alone(group):
         out[positions] = rows
         return out.view(*ids.shape, *shard.shape[1:])
     sizes = gather_sizes(positions.shape[0], group, positions.device)
@@ -175,14 +181,9 @@ def merge_top(values: Tensor, ids: Tensor, k: int, *extras: Tensor) -> tuple[Ten
 
 def gather_candidates(group: Any, *tensors: Tensor) -> list[Tensor]:
     """Every rank's ``[b, m]`` candidate tensors stacked ``[ranks, b, m]`` (equal shapes on every rank)."""
-    if world_size(group) == 1:
+    if _alone(group):
         return [t[None] for t in tensors]
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(world_size(group))]
-        dist.all_gather(parts, t.contiguous(), group=_group(group))
-        out.append(torch.stack(parts))
-    return out
+    return [all_gather(t[None].contiguous(), group) for t in tensors]
 
 
 def sample_negatives_sharded(backend: str, query: Tensor, keys: Tensor, positives: Optional[Tensor], k: int,

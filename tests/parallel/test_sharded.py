@@ -81,6 +81,13 @@ def _sample(data: dict[str, Any], rows: slice, keys: slice, options: dict[str, A
     return fastneg.sample_negatives(data["q"][rows], data["corpus"][keys], positives, K, process_group=group, **options)
 
 
+def _alone(data: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    mined = fastneg.mine_hard_negatives(data["q"][:20], data["corpus"][:300], torch.arange(20), K, strategy="simans",
+                                        seed=2, relative_margin=0.05, batch_size=8)
+    drawn = fastneg.sample_negatives(data["q"][:20], data["corpus"][:300], None, K, strategy="uniform", seed=2)
+    return mined.indices, mined.scores, drawn
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -95,6 +102,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             result[name] = (m.indices, m.scores, m.positive_scores)
         for name, options in SAMPLING.items():
             result["sample-" + name] = _sample(data, rows, keys, options, dist.group.WORLD)
+        if rank == 0:  # without process_group inside a distributed program: one process, no collective
+            result["alone"] = _alone(data)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
@@ -135,6 +144,8 @@ def one_process() -> dict[str, Any]:
 def test_sharded_output_is_the_one_process_output(world: int, one_process: dict[str, Any]) -> None:
     pytest.importorskip("faiss")
     ranks = _run(world)
+    for a, b in zip(ranks[0]["alone"], _alone(_data())):
+        assert torch.equal(a, b)
     for name, want in one_process.items():
         got = [r[name] for r in ranks]
         if name.startswith("sample-"):
