@@ -14,6 +14,7 @@ from .reference import info_nce_gathered, info_nce_reference
 from .validation import (
     check_attract_inputs,
     check_backend,
+    check_backend_dtype,
     check_loss_exclude,
     check_negatives,
     check_reduction,
@@ -171,10 +172,7 @@ def info_nce(
         check_symmetric_inputs(positives, negatives, query.shape[0])
     device = query.device
     chosen = resolve_backend(backend, device)
-    if chosen == "triton" and query.dtype == torch.float64:
-        # the Triton kernels compute in float32 at most: a float64 loss from them would be float32's
-        raise TypeError("query: backend='triton' computes float16, bfloat16 or float32, got float64; "
-                        "use backend='cpu' (or 'auto') for float64")
+    check_backend_dtype(chosen, query.dtype, "computes")
 
     B = query.shape[0]
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(

@@ -27,7 +27,7 @@ from .backends.operands import normalized_operands
 from .backends.sampler import draw
 from .options import SimANS
 from .plan import Plan, Strategy
-from .validation import check_backend, check_exclude, check_num_negatives, validate_inputs
+from .validation import check_backend, check_backend_dtype, check_exclude, check_num_negatives, validate_inputs
 
 __all__ = ["sample_negatives", "STRATEGIES", "MAX_FUSED_NEGATIVES"]
 
@@ -125,19 +125,22 @@ def sample_negatives(
     plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)
     if exclude is not None:
         check_exclude(exclude, query.shape[0], keys.shape[0], query.device)
-    check_backend(backend)
-    chosen = resolve_backend(backend, query.device)
-    if chosen == "triton" and query.dtype == torch.float64:
-        # the Triton sampler packs float32 scores into int64 sort keys: no float64 path
-        raise TypeError("query: backend='triton' samples float16, bfloat16 or float32, got float64; "
-                        "use backend='cpu' (or 'auto') for float64")
-    noise_seed = 0 if code == Strategy.TOP else draw_seed(seed, generator)
+    chosen, noise_seed = _backend_and_seed(backend, query, code, seed, generator)
 
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
         query, positives, query_labels, key_labels, guide_query, guide_keys)
     drawn, _ = draw(chosen, query, keys, positives, num_negatives, code, plan, noise_seed, query_labels, key_labels,
                     guide_query, guide_keys, None if exclude is None else exclude.long())
     return drawn
+
+
+def _backend_and_seed(backend: str, query: torch.Tensor, code: Strategy, seed: Optional[int],
+                      generator: Optional[torch.Generator]) -> tuple[str, int]:
+    """The checked backend and the draw's seed (0 for ``"top"``, which draws no noise)."""
+    check_backend(backend)
+    chosen = resolve_backend(backend, query.device)
+    check_backend_dtype(chosen, query.dtype, "samples")
+    return chosen, 0 if code == Strategy.TOP else draw_seed(seed, generator)
 
 
 def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], num_negatives: int,
@@ -147,35 +150,25 @@ def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional
                     guide_margin: Optional[float], guide_strategy: str, exclude: Optional[torch.Tensor],
                     generator: Optional[torch.Generator], seed: Optional[int], backend: str,
                     group: Any) -> torch.Tensor:
-    from .parallel.gather import raise_if_any_rank_failed
+    from .parallel.gather import fail_together
     from .parallel.sharded import sample_negatives_sharded
 
-    error: Optional[BaseException] = None
-    try:  # local checks first; every rank learns whether one failed (no rank left in a collective)
+    with fail_together(group):  # local checks first; every rank learns whether one failed
         validate_inputs(query, keys, None, 1.0, query_labels, key_labels, guide_query, guide_keys,
                         allow_empty=True, local_positives=False)
         check_num_negatives(num_negatives)
         code, simans = parse_strategy(strategy)
         plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)
-        check_backend(backend)
-        chosen = resolve_backend(backend, query.device)
-        if chosen == "triton" and query.dtype == torch.float64:
-            raise TypeError("query: backend='triton' samples float16, bfloat16 or float32, got float64; "
-                            "use backend='cpu' (or 'auto') for float64")
         if positives is not None and (not isinstance(positives, torch.Tensor) or positives.dim() != 1
                                       or positives.shape[0] != query.shape[0] or positives.is_floating_point()):
             raise ValueError(f"positives must be an integer tensor [B] = [{query.shape[0]}] of global key indices")
         if exclude is not None and (not isinstance(exclude, torch.Tensor) or exclude.dim() != 2
                                     or exclude.shape[0] != query.shape[0] or exclude.is_floating_point()):
             raise ValueError(f"exclude must be an integer tensor [B, E] = [{query.shape[0]}, E] of global key indices")
-        noise_seed = 0 if code == Strategy.TOP else draw_seed(seed, generator)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    raise_if_any_rank_failed(error, group)
+        chosen, noise_seed = _backend_and_seed(backend, query, code, seed, generator)
     # every rank draws with rank 0's seed (a default-generator seed differs per rank)
     shared = [noise_seed]
-    torch.distributed.broadcast_object_list(shared, src=torch.distributed.get_global_rank(group, 0)
-                                            if group is not None else 0, group=group)
+    torch.distributed.broadcast_object_list(shared, src=torch.distributed.get_global_rank(group, 0), group=group)
     with torch.no_grad():
         return sample_negatives_sharded(chosen, query, keys, positives, num_negatives, code, plan, int(shared[0]),
                                         query_labels, key_labels, guide_query, guide_keys, exclude, group)

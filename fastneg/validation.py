@@ -93,6 +93,14 @@ def check_exclude(exclude: object, B: int, N: int, device: torch.device) -> None
     _check_key_lists("exclude", exclude, "E", B, N, device)
 
 
+def check_backend_dtype(chosen: str, dtype: torch.dtype, verb: str) -> None:
+    """The Triton kernels compute in float32 at most (the sampler packs float32 scores into int64
+    sort keys): ``backend='triton'`` refuses float64 rather than return float32's result."""
+    if chosen == "triton" and dtype == torch.float64:
+        raise TypeError(f"query: backend='triton' {verb} float16, bfloat16 or float32, got float64; "
+                        "use backend='cpu' (or 'auto') for float64")
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -228,7 +228,7 @@ def _process_group(device: str) -> tuple[Any, int, int]:
 def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     import torch
 
-    from ..parallel.gather import raise_if_any_rank_failed
+    from ..parallel.gather import fail_together
     from ..parallel.sharded import KEY_ALIGN, shard_bounds
     from .miner import Mining
 
@@ -236,8 +236,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     group, rank, world = _process_group(device)
     if device.startswith("cuda") and world > 1 and ":" not in device:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    error: Optional[BaseException] = None
-    try:
+    with fail_together(group, (InputError,)):
         queries = _load_npy(args.queries, "queries", "float", mmap=True)
         corpus = _load_npy(args.corpus, "corpus", "float", mmap=True)
         positives = _load_npy(args.positives, "positives", "int")
@@ -250,12 +249,6 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
             raise InputError(f"--positives: id {bad} is not a corpus row (the corpus has {corpus.shape[0]} rows)")
         if (positives.reshape(positives.shape[0], -1)[:, 0] < 0).any():
             raise InputError("--positives: every query needs a positive in its first column")
-    except InputError as exc:
-        error = exc
-    if group is not None:
-        raise_if_any_rank_failed(error, group)
-    elif error is not None:
-        raise error
     Q, N, D = queries.shape[0], corpus.shape[0], corpus.shape[1]
     # this rank's shard of the corpus (starting at a multiple of the kernels' key tile) and share of the queries
     lo, hi = shard_bounds(N, world)[rank]
@@ -263,8 +256,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     # the shard goes straight into a buffer with room for one batch of positives (the sharded draw's)
     room = torch.zeros((max(hi - lo + args.batch_size, KEY_ALIGN) if world > 1 else hi - lo, D), dtype=torch.float32)
     q_share = torch.zeros((q_hi - q_lo, D), dtype=torch.float32)
-    error = None
-    try:
+    with fail_together(group, (InputError,)):
         for flag, arr, path, a, b, dst in (("--queries", queries, args.queries, q_lo, q_hi, q_share),
                                            ("--corpus", corpus, args.corpus, lo, hi, room)):
             _read_rows(arr, path, a, b, dst[:b - a].numpy())
@@ -273,12 +265,6 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
                 if bool(bad.any()):
                     row = int(bad.nonzero()[0, 0]) + a + r
                     raise InputError(f"{flag}: row {row} holds NaN or infinity; no negatives can be mined for it")
-    except InputError as exc:
-        error = exc
-    if group is not None:
-        raise_if_any_rank_failed(error, group)
-    elif error is not None:
-        raise error
     room, q_share = room.to(device), q_share.to(device)
     p_share = torch.from_numpy(positives[q_lo:q_hi].astype(np.int64)).to(device)
     del queries, corpus  # unmap the files: what stays resident is the shard, the share and the positives
@@ -290,16 +276,10 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
         print(f"fastneg mine: rank {rank} of {world}: corpus rows {lo}-{hi - 1}, queries {q_lo}-{q_hi - 1}",
               file=sys.stderr, flush=True)
     steps = list(run.steps())
-    parts, error = None, None
-    if rank == 0:
-        try:
+    parts = None
+    with fail_together(group, (InputError,)):
+        if rank == 0:
             parts = _Parts(args, fmt, Q, len(steps))
-        except InputError as exc:
-            error = exc
-    if group is not None:
-        raise_if_any_rank_failed(error, group)
-    elif error is not None:
-        raise error
     done: list[Any] = [parts.done() if parts is not None else None]
     if group is not None:
         import torch.distributed as dist

@@ -55,8 +55,8 @@ import torch
 from ..backends import resolve_backend
 from ..backends.operands import normalized_operands
 from ..backends.sampler import draw
-from ..parallel.gather import gather_sizes, raise_if_any_rank_failed, rank, world_size
-from ..parallel.sharded import KEY_ALIGN, gather_candidates, gather_owned, gather_rows, merge_top, pair_scores, shard_draw
+from ..parallel.gather import fail_together, gather_sizes, rank, world_size
+from ..parallel.sharded import KEY_ALIGN, agree, gather_candidates, gather_owned, gather_rows, merge_top, pair_scores, shard_draw
 from ..plan import Plan, Strategy
 from ..reference import gumbel_noise, label_match, score_threshold, simans_log_weight
 from ..sampling import StrategyOption, draw_seed, parse_strategy
@@ -289,33 +289,21 @@ class Mining:
         group = process_group
         self.group, self.world, self.rank = group, world_size(group) if group is not None else 1, \
             rank(group) if group is not None else 0
-        error: Optional[BaseException] = None
-        try:
+        with fail_together(group):
             self._validate(query_embeddings, corpus_embeddings, positives, num_negatives, strategy, query_labels,
                            corpus_labels, margin, relative_margin, max_score, min_score, range_min, range_max,
                            batch_size, index, seed, generator)
-        except (TypeError, ValueError) as exc:
-            if group is None:
-                raise
-            error = exc
+        width = None
         if group is not None:
-            raise_if_any_rank_failed(error, group)
-            self._agree(positives)
+            width = self._agree(positives)
         else:
             self.counts_q, self.counts_n = [self.q.shape[0]], [self.corpus.shape[0]]
-            self.pos = _positives_matrix(positives, self.q.shape[0], self.corpus.shape[0], self.q.device)
         self.first_row, self.first_key = sum(self.counts_q[:self.rank]), sum(self.counts_n[:self.rank])
         self.Q, self.N = sum(self.counts_q), sum(self.counts_n)
-        if group is not None:
-            error = None
-            try:
-                self.pos = _positives_matrix(positives, self.q.shape[0], self.N, self.q.device)
-                if self.pos.shape[1] < self.P:
-                    self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], self.P - self.pos.shape[1]),
-                                                                      -1)], 1)
-            except (TypeError, ValueError) as exc:
-                error = exc
-            raise_if_any_rank_failed(error, group)
+        with fail_together(group):
+            self.pos = _positives_matrix(positives, self.q.shape[0], self.N, self.q.device)
+        if width is not None and self.pos.shape[1] < width:  # every rank as wide as the widest
+            self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], width - self.pos.shape[1]), -1)], 1)
         self.P = self.pos.shape[1]
         if self.range_max is not None and self.range_max - self.range_min < num_negatives:
             raise ValueError(f"range_max - range_min must leave num_negatives = {num_negatives} ranks, got "
@@ -395,9 +383,9 @@ class Mining:
         self.rules = Plan.build(margin, relative_margin, max_score)
         self.plan = Plan.build(margin, relative_margin, max_score, weighting=simans)
 
-    def _agree(self, positives: Any) -> None:
-        """Every rank's share sizes, the positives' width and rank 0's seed; ranks whose dim,
-        dtype or labels disagree all raise."""
+    def _agree(self, positives: Any) -> int:
+        """Every rank's share sizes and rank 0's seed; ranks whose dim, dtype, labels, index or
+        ``num_negatives`` disagree all raise. Returns the widest rank's positives width."""
         group = self.group
         self.counts_q = gather_sizes(self.q.shape[0], group)
         self.counts_n = gather_sizes(self.corpus.shape[0], group)
@@ -406,19 +394,12 @@ class Mining:
             width = max((len(p) if isinstance(p, (list, tuple)) else 1 for p in positives), default=1)
         elif hasattr(positives, "shape") and len(positives.shape) == 2:
             width = int(positives.shape[1])
-        described = [self.q.shape[1], _DTYPES.index(self.q.dtype) if self.q.dtype in _DTYPES else -1,
-                     int(self.query_labels is not None), int(self.use_faiss), self.k, self.base_seed, width]
-        import torch.distributed as dist
-        table = [None] * self.world
-        dist.all_gather_object(table, described, group=group)
-        error: Optional[BaseException] = None
-        for field, name in ((0, "embedding dim"), (1, "dtype"), (2, "labels"), (3, "index"), (4, "num_negatives")):
-            values = [row[field] for row in table]
-            if len(set(values)) > 1:
-                error = ValueError(f"process_group: ranks disagree on the {name}: {values}")
-        raise_if_any_rank_failed(error, group)
-        self.base_seed = int(table[0][5])  # rank 0's (a default-generator seed differs per rank)
-        self.P = max(row[6] for row in table)
+        described = {"embedding dim": self.q.shape[1], "dtype": str(self.q.dtype),
+                     "labels": self.query_labels is not None, "index": self.use_faiss, "num_negatives": self.k,
+                     "seed": self.base_seed, "width": width}
+        table = agree(described, group, ("embedding dim", "dtype", "labels", "index", "num_negatives"))
+        self.base_seed = int(table[0]["seed"])  # rank 0's (a default-generator seed differs per rank)
+        return max(row["width"] for row in table)
 
     def steps(self) -> Any:
         """``(step, first row)`` of every batch."""
@@ -474,15 +455,10 @@ class Mining:
         if self.world == 1:
             positives, ql, kl, _, _ = normalized_operands(qb, ref, qlb, self.corpus_labels, None, None)
             return draw(self.backend, qb, self.corpus, positives, k, code, plan, seed, ql, kl, None, None, exclude)
-        n, b = self.corpus.shape[0], qb.shape[0]
-        if n == 0 or b == 0:
-            return (torch.full((b, k), -1, dtype=torch.long, device=qb.device),
-                    torch.full((b, k), float("-inf"), dtype=torch.float32, device=qb.device))
-        total = max(n + b, KEY_ALIGN)
-        keys = self.room[:total]
-        keys[n:n + b] = ref_emb
-        return shard_draw(self.backend, qb, keys[:n], self.first_key, ref, ref_emb, k, code, plan, seed, qlb,
-                          self.corpus_labels, exclude=exclude, keys_room=keys)
+        n = self.corpus.shape[0]
+        self.room[n:n + qb.shape[0]] = ref_emb  # the positives after the shard, where shard_draw reads them
+        return shard_draw(self.backend, qb, self.corpus, self.first_key, ref, ref_emb, k, code, plan, seed, qlb,
+                          self.corpus_labels, exclude=exclude, keys_room=self.room)
 
     def _faiss(self, qb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n = qb.shape[0], self.corpus.shape[0]
@@ -519,9 +495,6 @@ class Mining:
             extras = tuple(torch.cat([e, e.new_zeros((e.shape[0], pad))], 1) for e in extras)
         stacked = gather_candidates(self.group, values.float(), ids, *extras)
         return merge_top(stacked[0], stacked[1], k, *stacked[2:])
-
-
-_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 def _faiss_candidates(index: Any, qb: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:

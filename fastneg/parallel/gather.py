@@ -35,7 +35,8 @@ forward, one reduce-scatter of the same size backward.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["all_gather", "all_gather_with_grad", "gather_sizes", "world_size", "rank", "raise_if_any_rank_failed",
-           "distributed_info_nce"]
+           "fail_together", "distributed_info_nce"]
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -107,6 +108,21 @@ def raise_if_any_rank_failed(error: Optional[BaseException], group: Any = None) 
         raise error
     if failed:
         raise ValueError(f"process_group: rank(s) {failed} rejected their inputs (their error says why)")
+
+
+@contextmanager
+def fail_together(group: Any, kinds: tuple[type[BaseException], ...] = (TypeError, ValueError)) -> Iterator[None]:
+    """Run the block's checks on every rank of ``group`` and fail on all if one failed
+    (:func:`raise_if_any_rank_failed`); ``group=None``: one process, an error raises at once."""
+    error: Optional[BaseException] = None
+    try:
+        yield
+    except kinds as exc:
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        raise_if_any_rank_failed(error, group)
 
 
 def all_gather(t: Tensor, group: Any = None, sizes: Optional[Sequence[int]] = None) -> Tensor:

@@ -31,9 +31,9 @@ from torch import Tensor
 
 from ..backends.sampler import draw
 from ..plan import Plan, Strategy
-from .gather import _group, all_gather, gather_sizes, rank, world_size
+from .gather import _group, all_gather, fail_together, gather_sizes, rank, world_size
 
-__all__ = ["KEY_ALIGN", "shard_bounds", "gather_rows", "gather_owned", "shard_draw", "merge_top", "pair_scores"]
+__all__ = ["KEY_ALIGN", "shard_bounds", "gather_rows", "gather_owned", "shard_draw", "merge_top", "pair_scores", "agree"]
 
 KEY_ALIGN = 256  # the C++ kernels' key tile (csrc/common.h kMaxKeyTile)
 
@@ -126,7 +126,7 @@ def shard_draw(backend: str, query: Tensor, shard: Tensor, first_key: int, posit
     ``positive_rows`` ``[b, D]`` its embedding (wherever it lives); ``query_labels``
     ``[b]`` or ``[b, L]`` (the query's labels, already defaulted from its positive's),
     ``shard_labels`` the shard's; ``exclude`` ``[b, E]`` global indices never drawn. ``keys_room``:
-    ``[max(n + b, KEY_ALIGN), D]`` keys whose first ``n`` rows are the shard and the next ``b`` the
+    at least ``max(n + b, KEY_ALIGN)`` keys whose first ``n`` rows are the shard and the next ``b`` the
     positive rows (the miner keeps one, so that the shard is not copied per batch)."""
     b, n = query.shape[0], shard.shape[0]
     if n == 0 or b == 0:
@@ -186,20 +186,30 @@ def gather_candidates(group: Any, *tensors: Tensor) -> list[Tensor]:
     return [all_gather(t[None].contiguous(), group) for t in tensors]
 
 
+def agree(described: dict[str, Any], group: Any, checked: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every rank's ``described`` (collective). Ranks whose ``checked`` fields differ all raise the
+    same ``ValueError`` naming them, instead of failing or hanging in a later collective."""
+    table: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(table, described, group=_group(group))
+    differ = [name for name in checked if len({repr(row[name]) for row in table}) > 1]
+    if differ:  # every rank sees the same table and raises the same error
+        raise ValueError("process_group: ranks disagree on the "
+                         + "; the ".join(f"{name}: {[row[name] for row in table]}" for name in differ))
+    return table
+
+
 def sample_negatives_sharded(backend: str, query: Tensor, keys: Tensor, positives: Optional[Tensor], k: int,
                              code: Strategy, plan: Plan, seed: int, query_labels: Optional[Tensor],
                              key_labels: Optional[Tensor], guide_query: Optional[Tensor],
                              guide_keys: Optional[Tensor], exclude: Optional[Tensor], group: Any) -> Tensor:
     """:func:`fastneg.sample_negatives` with ``process_group``: each rank's queries against every
     rank's keys (global index: the rank-ordered concatenation), merged exactly (module docstring)."""
-    described = (query.shape[1], str(query.dtype), None if key_labels is None else tuple(key_labels.shape[1:]),
-                 query_labels is not None, None if guide_query is None else guide_query.shape[1],
-                 None if exclude is None else exclude.shape[1], k)
-    table: list[Any] = [None] * world_size(group)
-    dist.all_gather_object(table, described, group=_group(group))
-    if len(set(table)) > 1:  # every rank sees the same table and raises the same error
-        raise ValueError("process_group: ranks disagree on (embedding dim, dtype, label levels, query_labels given, "
-                         f"guide dim, exclude width, num_negatives): {table}")
+    described = {"embedding dim": query.shape[1], "dtype": str(query.dtype),
+                 "label levels": None if key_labels is None else tuple(key_labels.shape[1:]),
+                 "query_labels given": query_labels is not None,
+                 "guide dim": None if guide_query is None else guide_query.shape[1],
+                 "exclude width": None if exclude is None else exclude.shape[1], "num_negatives": k}
+    agree(described, group, tuple(described))
     counts_b = gather_sizes(query.shape[0], group)
     counts_n = gather_sizes(keys.shape[0], group)
     me = rank(group)
@@ -207,13 +217,11 @@ def sample_negatives_sharded(backend: str, query: Tensor, keys: Tensor, positive
     b_total = sum(counts_b)
     if positives is None:
         positives = torch.arange(row0, row0 + query.shape[0], device=query.device)
-    error: Optional[BaseException] = None
-    bad = (positives < 0) | (positives >= n_total)
-    if bool(bad.any()):
-        error = ValueError(f"positives must be global key indices in [0, {n_total}) (the keys of every rank, "
-                           f"in rank order), got {int(positives[bad][0])}")
-    from .gather import raise_if_any_rank_failed
-    raise_if_any_rank_failed(error, group)
+    with fail_together(group):
+        bad = (positives < 0) | (positives >= n_total)
+        if bool(bad.any()):
+            raise ValueError(f"positives must be global key indices in [0, {n_total}) (the keys of every rank, "
+                             f"in rank order), got {int(positives[bad][0])}")
     everything = (0, b_total)
     q_all = gather_rows(query, counts_b, *everything, group)
     p_all = gather_rows(positives.long(), counts_b, *everything, group)

@@ -66,16 +66,20 @@ def fused_ops(backend: str) -> tuple:
     return info_nce_fwd_portable, info_nce_bwd_portable
 
 
+def backward_args(forward, args) -> tuple:
+    """The backward op's arguments after ``forward(*args)``: every gradient asked for."""
+    with torch.no_grad():
+        out = forward(*args)
+    q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
+    return (torch.rand(q.shape[0]), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1],
+            scalars, flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "portable"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_opcheck_backward(mode, backend) -> None:
     forward, backward = fused_ops(backend)
-    args = fwd_args(mode=mode)
-    with torch.no_grad():
-        out = forward(*args)
-    q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
-    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1], scalars,
-                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)
+    bwd_args = backward_args(forward, fwd_args(mode=mode))
     torch.library.opcheck(backward, bwd_args)
 
 
@@ -93,12 +97,7 @@ def test_triton_fake_backward_under_the_interpreter() -> None:
     import fastneg.backends.triton  # noqa: F401
 
     forward, backward = torch.ops.fastneg.info_nce_fwd_triton.default, torch.ops.fastneg.info_nce_bwd_triton.default
-    args = fwd_args(guide=False)
-    with torch.no_grad():
-        out = forward(*args)
-    q, k, pos, temp, qlab, klab, gq, gk, excl, scalars, flags = args
-    bwd_args = (torch.rand(12), q.detach(), k.detach(), pos, temp.detach(), qlab, klab, gq, gk, excl, out[1], scalars,
-                flags | Flag.QUERY_GRAD | Flag.KEYS_GRAD | Flag.TEMPERATURE_GRAD)
+    bwd_args = backward_args(forward, fwd_args(guide=False))
     assert backward(*bwd_args)[2].dtype == torch.float32
     torch.library.opcheck(backward, bwd_args, test_utils=("test_faketensor",))
 

@@ -26,6 +26,15 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=env)
 
 
+def _torchrun(world: int, *args: str) -> subprocess.CompletedProcess:
+    """``fastneg mine`` under torchrun: ``world`` gloo processes of one thread each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                           "-m", "fastneg.tools.cli", "mine", "--no-progress", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
 def _files(tmp: Path, Q: int = 120, N: int = 1500, D: int = 16, seed: int = 0) -> tuple[str, str, str]:
     rng = np.random.default_rng(seed)
     corpus = rng.standard_normal((N, D)).astype(np.float32)
@@ -97,12 +106,8 @@ def test_torchrun_model_and_pairs_equals_one_process(tmp_path: Path) -> None:
     one = tmp_path / "one.jsonl"
     res = _cli(*mining, "--out", str(one))
     assert res.returncode == 0, res.stderr
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "two.jsonl"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "fastneg.tools.cli", "mine", "--no-progress", *mining, "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = _torchrun(2, *mining, "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 1 of 2" in res.stderr
     assert out.read_text().splitlines() == one.read_text().splitlines()
@@ -169,13 +174,9 @@ def test_torchrun_output_equals_one_process(tmp_path: Path) -> None:
     one = tmp_path / "one.jsonl"
     res = _cli(*mining, "--out", str(one))
     assert res.returncode == 0, res.stderr
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
     for world in (2, 3):
         out = tmp_path / f"ranks{world}.jsonl"
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                              "-m", "fastneg.tools.cli", "mine", "--no-progress", *mining, "--out", str(out)],
-                             capture_output=True, text=True, timeout=600, env=env)
+        res = _torchrun(world, *mining, "--out", str(out))
         assert res.returncode == 0, res.stderr[-3000:]
         assert out.read_bytes() == one.read_bytes(), world
         assert f"rank {world - 1} of {world}" in res.stderr

@@ -297,7 +297,7 @@ def test_a_rank_with_bad_input_fails_every_rank() -> None:
         lines = [open(os.path.join(out_dir, f"bad{r}.txt")).read().splitlines() for r in range(2)]
     for rank_lines in lines:
         assert len(rank_lines) == 4 and not any("no error" in line for line in rank_lines), rank_lines
-        assert "ranks disagree on (embedding dim" in rank_lines[3]
+        assert "ranks disagree on the label levels" in rank_lines[3]
     assert "disagree on the embedding dim" in lines[0][0] and "disagree on the embedding dim" in lines[1][0]
     assert "corpus ids in [0, 1100)" in lines[0][1] and "rank(s) [0]" in lines[1][1]
     assert "global key indices in [0, 1100)" in lines[1][2] and "rank(s) [1]" in lines[0][2]

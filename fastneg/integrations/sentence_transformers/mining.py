@@ -155,36 +155,33 @@ def mine_hard_negatives(
         query_emb = _encode(model, queries, "query", query_prompt_name, query_prompt, batch_size, verbose,
                             cache_folder)
         mined = _mine(query_emb, corpus_emb, positive_indices, num_negatives, **options)
+        indices, negative_scores = mined.indices.cpu(), mined.scores.cpu()
         positive_scores = (query_emb[pair_query] * corpus_emb[pair_doc]).sum(-1).cpu()
     else:
         from ...parallel.gather import all_gather, rank, world_size
-        from ...parallel.sharded import gather_owned, gather_rows, shard_bounds
+        from ...parallel.sharded import gather_owned, shard_bounds
 
         world, me = world_size(process_group), rank(process_group)
         lo, hi = shard_bounds(len(corpus), world)[me]
         q_lo, q_hi = len(queries) * me // world, len(queries) * (me + 1) // world
-        dim = model.get_sentence_embedding_dimension()
         device = torch.device(getattr(model, "device", "cpu"))
-        # an empty shard or share (more ranks than rows) encodes nothing
-        corpus_emb = _encode(model, corpus[lo:hi], "document", corpus_prompt_name, corpus_prompt, batch_size,
-                             verbose and me == 0, cache_folder) if hi > lo else torch.empty(0, dim, device=device)
-        query_emb = _encode(model, queries[q_lo:q_hi], "query", query_prompt_name, query_prompt, batch_size,
-                            verbose and me == 0, cache_folder) if q_hi > q_lo else torch.empty(0, dim, device=device)
-        corpus_emb, query_emb = corpus_emb.to(device), query_emb.to(device)
+
+        def encode_share(texts: list[str], kind: str, prompt_name: Optional[str], prompt: Optional[str]) -> torch.Tensor:
+            if not texts:  # an empty shard or share (more ranks than rows) encodes nothing
+                return torch.empty(0, model.get_sentence_embedding_dimension(), device=device)
+            return _encode(model, texts, kind, prompt_name, prompt, batch_size, verbose and me == 0,
+                           cache_folder).to(device)
+
+        corpus_emb = encode_share(corpus[lo:hi], "document", corpus_prompt_name, corpus_prompt)
+        query_emb = encode_share(queries[q_lo:q_hi], "query", query_prompt_name, query_prompt)
         options["show_progress_bar"] = verbose and me == 0
         mined = _mine(query_emb, corpus_emb, positive_indices[q_lo:q_hi], num_negatives, process_group=process_group,
                       **options)
         counts = [len(queries) * (r + 1) // world - len(queries) * r // world for r in range(world)]
-        gathered = [all_gather(t, process_group, counts) for t in (mined.indices, mined.scores)]
-        query_all = gather_rows(query_emb, counts, 0, len(queries), process_group)
+        indices, negative_scores = (all_gather(t, process_group, counts).cpu() for t in (mined.indices, mined.scores))
+        query_all = all_gather(query_emb, process_group, counts)
         docs = gather_owned(torch.tensor(pair_doc, device=device), lo, corpus_emb, process_group)
         positive_scores = (query_all[pair_query] * docs).sum(-1).cpu()
-
-        class _Mined:
-            indices, scores = gathered
-
-        mined = _Mined()
-    indices, negative_scores = mined.indices.cpu(), mined.scores.cpu()
     if isinstance(strategy, str) and strategy != "top":
         # sentence-transformers re-sorts sampled negatives by score, best first
         order = torch.sort(negative_scores, dim=1, descending=True, stable=True).indices
