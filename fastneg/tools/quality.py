@@ -290,10 +290,18 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastneg quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=QualityConfig.num_groups)
-    p.add_argument("--batch-size", type=int, default=QualityConfig.batch_size)
+    from . import retrieval
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(
+        prog="fastneg quality", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Training quality per false-negative method. On real pairs (--pairs FILE or --corpus "
+                    "python-docstrings): fine-tunes a sentence-transformers model once per method and seed and "
+                    "reports nDCG@10, recall@10 and MRR@10 (fastneg.tools.retrieval). Without them: the synthetic "
+                    "task with planted false negatives (below).\n\n" + __doc__)
+    p.add_argument("--groups", type=int, default=QualityConfig.num_groups, help="synthetic: topic groups")
+    p.add_argument("--batch-size", type=int, help=f"default {QualityConfig.batch_size} synthetic, "
+                                                  f"{retrieval.RunConfig.batch_size} on real pairs")
     p.add_argument("--steps", type=int, default=QualityConfig.steps)
     p.add_argument("--seeds", type=int, nargs="+", default=list(QualityConfig.seeds))
     p.add_argument("--rates", type=float, nargs="+", default=list(RATES))
@@ -302,8 +310,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "relevant to one other query")
     p.add_argument("--held-out", type=int, default=QualityConfig.held_out_queries)
     p.add_argument("--methods", nargs="+", help="a subset of the methods (names as in the table)")
-    p.add_argument("--out", help="folder for quality.md, quality.json and quality.png")
+    p.add_argument("--out", help="folder for quality.md, quality.json and quality.png (real pairs: and runs/, "
+                                 "which a rerun resumes from)")
+    retrieval.add_arguments(p)
     args = p.parse_args(argv)
+    if args.pairs or args.corpus or args.list_methods:
+        if args.batch_size is None:
+            args.batch_size = retrieval.RunConfig.batch_size
+        return retrieval.main(args, argv)
+    if args.batch_size is None:
+        args.batch_size = QualityConfig.batch_size
     for name in args.methods or []:
         if name not in methods(0.05):
             print(f"fastneg quality: error: --methods: unknown method {name!r}; known: {list(methods(0.05))}",
@@ -313,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         rates=tuple(args.rates), held_out_queries=args.held_out, planting=args.planting)
     results = run(cfg, args.methods)
     text = markdown(results, cfg)
-    text += "\nReproduce: `fastneg quality " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n"
+    text += "\nReproduce: `fastneg quality " + " ".join(argv) + "`\n"
     print(text)
     if args.out:
         import os

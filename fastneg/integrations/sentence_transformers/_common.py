@@ -36,21 +36,44 @@ _DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.ht
 
 # --- helpers --------------------------------------------------------------------------------------
 
+def _powers(length: int, device: torch.device) -> Tensor:
+    """base^t mod 2^64 for t < length, as signed int64 (the products wrap around)."""
+    powers, p = [], 1
+    for _ in range(length):
+        powers.append(p - (1 << 64) if p >= (1 << 63) else p)
+        p = (p * _HASH_BASE) % (1 << 64)
+    return torch.tensor(powers, dtype=torch.long, device=device)
+
+
 def text_hashes(features: dict[str, Tensor]) -> Tensor:
     """[B] int64 hash (>= 0) of each row's token ids, attention-masked and position-compacted,
-    so left and right padding and different padded widths give the same value for the same text."""
-    if "input_ids" not in features or not isinstance(features["input_ids"], Tensor) or features["input_ids"].dim() != 2:
-        raise ValueError("mask_duplicates needs padded token features with a 2-D 'input_ids' tensor")
-    ids = features["input_ids"].long()
+    so left and right padding and different padded widths give the same value for the same text.
+
+    Padded features (2-D ``input_ids`` with an optional ``attention_mask``) and the flat
+    EmbeddingBag layout of ``StaticEmbedding`` (1-D ``input_ids`` with per-text ``offsets``)
+    are both read; the same token sequence hashes to the same value in either."""
+    ids = features.get("input_ids")
+    offsets = features.get("offsets")
+    if isinstance(ids, Tensor) and ids.dim() == 1 and isinstance(offsets, Tensor) and offsets.dim() == 1:
+        ids, offsets = ids.long(), offsets.long()
+        B, n = offsets.shape[0], ids.shape[0]
+        ends = torch.cat([offsets[1:], offsets.new_tensor([n])])
+        lengths = (ends - offsets).clamp(min=0)
+        if int(lengths.sum()) != n:
+            raise ValueError("mask_duplicates: 'offsets' must start at 0 and increase through 'input_ids'")
+        row = torch.repeat_interleave(torch.arange(B, device=ids.device), lengths)
+        position = torch.arange(n, device=ids.device) - offsets[row]
+        terms = (ids + 1) * _powers(int(lengths.max()) if B else 0, ids.device)[position]
+        h = torch.zeros(B, dtype=torch.long, device=ids.device).index_add_(0, row, terms) + lengths * _HASH_LENGTH
+        return h & _HASH_MASK
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError("mask_duplicates needs token features: a 2-D 'input_ids' tensor (padded), or a 1-D "
+                         "'input_ids' with 'offsets' (StaticEmbedding)")
+    ids = ids.long()
     mask = features.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.long()
     position = (mask.cumsum(1) - 1).clamp(min=0)
-    T = ids.shape[1]
-    powers, p = [], 1
-    for _ in range(T):  # base^t mod 2^64, as signed int64 (the products wrap around)
-        powers.append(p - (1 << 64) if p >= (1 << 63) else p)
-        p = (p * _HASH_BASE) % (1 << 64)
-    power = torch.tensor(powers, dtype=torch.long, device=ids.device)[position]
+    power = _powers(ids.shape[1], ids.device)[position]
     h = ((ids + 1) * mask * power).sum(1) + mask.sum(1) * _HASH_LENGTH
     return h & _HASH_MASK
 
@@ -121,14 +144,16 @@ class _FastnegRules:
     attributes set by hand, as some tests of the originals do) computes the original loss."""
 
     mask_duplicates: bool = False
+    mask_labels: bool = False  # the ranking losses' (the dataset's label column as relevance groups)
     rules: BlockRules = BlockRules()
     backend: str = "auto"
     _pending_hashes: Optional[list[Tensor]] = None
     _margin_key = "margin"
 
     def _init_fastneg(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
-                      max_score: Optional[float], weighting: object, backend: str) -> None:
-        rules = BlockRules(margin, relative_margin, max_score, weighting)
+                      max_score: Optional[float], weighting: object, backend: str,
+                      false_negatives: str = "mask") -> None:
+        rules = BlockRules(margin, relative_margin, max_score, weighting, false_negatives)
         rules.plan()  # validates the values now
         check_backend(backend)
         # plain attributes: nn.Module's __setattr__ would take a BlockRules for a non-module value anyway
@@ -138,7 +163,8 @@ class _FastnegRules:
 
     def _has_rules(self) -> bool:
         r = self.rules
-        return self.mask_duplicates or any(v is not None for v in (r.margin, r.relative_margin, r.max_score, r.weighting))
+        return (self.mask_duplicates or self.mask_labels or r.false_negatives != "mask"
+                or any(v is not None for v in (r.margin, r.relative_margin, r.max_score, r.weighting)))
 
     def _hashes(self, sentence_features: Sequence[dict[str, Tensor]]) -> Optional[list[Tensor]]:
         return [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
@@ -150,9 +176,10 @@ class _FastnegRules:
 
     def _fastneg_config(self) -> dict[str, Any]:
         r = self.rules
-        extra = {"mask_duplicates": self.mask_duplicates, self._margin_key: r.margin,
-                 "relative_margin": r.relative_margin, "max_score": r.max_score, "weighting": _weighting_repr(r.weighting)}
-        defaults = {"mask_duplicates": False}
+        extra = {"mask_duplicates": self.mask_duplicates, "mask_labels": self.mask_labels, self._margin_key: r.margin,
+                 "relative_margin": r.relative_margin, "max_score": r.max_score, "weighting": _weighting_repr(r.weighting),
+                 "false_negatives": r.false_negatives}
+        defaults = {"mask_duplicates": False, "mask_labels": False, "false_negatives": "mask"}
         return {k: v for k, v in extra.items() if v != defaults.get(k)}
 
     def _fastneg_citation(self, original: type) -> str:

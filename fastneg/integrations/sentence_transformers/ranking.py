@@ -38,30 +38,53 @@ class _RankingMixin(_FastnegRules):
     hardness_strength: float
 
     def _init_ranking_rules(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
-                            max_score: Optional[float], weighting: object, backend: str) -> None:
-        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+                            max_score: Optional[float], weighting: object, backend: str, mask_labels: bool = False,
+                            false_negatives: str = "mask") -> None:
+        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend, false_negatives)
         if self.hardness_mode is not None and self.hardness_strength > 0 and weighting is not None:
             raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
+        if not isinstance(mask_labels, bool):
+            raise TypeError(f"mask_labels must be True or False, got {mask_labels!r}")
+        object.__setattr__(self, "mask_labels", mask_labels)
+
+    def _row_labels(self, labels: Optional[Tensor], rows: int) -> Optional[Tensor]:
+        """The dataset's label column as the rows' relevance groups (``mask_labels``), else None."""
+        if not self.mask_labels:
+            return None
+        if labels is None:
+            raise ValueError(f"{type(self).__name__}: mask_labels=True needs the labels: a 'label' column in the "
+                             "dataset (one integer group per row), or labels= in compute_loss_from_embeddings")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != rows:
+            raise ValueError(f"labels: mask_labels needs one integer per row ([{rows}]), got "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError(f"labels: mask_labels needs integer group ids, got {labels.dtype}")
+        if rows and int(labels.min()) < 0:
+            raise ValueError("labels: mask_labels needs group ids >= 0")
+        return labels.long()
 
     def _fused_ranking_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]], kind: str,
-                            module: ModuleType) -> Tensor:
+                            module: ModuleType, labels: Optional[Tensor] = None) -> Tensor:
         """The original's loss (a mean over the local rows) through the fused op."""
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         queries, docs = _prepare(embeddings[0], kind), [_prepare(e, kind) for e in embeddings[1:]]
         local = queries.shape[0]
+        labels = self._row_labels(labels, local)
         offset = 0
         if self.gather_across_devices:
             queries = module.all_gather_with_grad(queries)
             docs = [module.all_gather_with_grad(d) for d in docs]
             hashes = _gather_hashes(hashes)
+            if labels is not None:
+                labels = _gather_hashes([labels])[0]  # type: ignore[index]
             offset = module.get_rank() * local
         loss = ranking_loss(
             queries, docs, offset=offset, local=local, temperature=1.0 / self.scale, directions=self.directions,
             partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
             hardness_strength=self.hardness_strength, rules=self.rules,
             query_hashes=hashes[0] if hashes is not None else None,
-            doc_hashes=hashes[1:] if hashes is not None else None, backend=self.backend)
+            doc_hashes=hashes[1:] if hashes is not None else None, labels=labels, backend=self.backend)
         return loss.mean().to(embeddings[0].dtype)
 
     def _fused_kind(self) -> Optional[str]:
@@ -76,25 +99,36 @@ class _RankingMixin(_FastnegRules):
         return kind
 
     def _dense_rules_loss(self, embeddings: Sequence[Tensor], hashes: Optional[list[Tensor]],
-                          module: ModuleType) -> Tensor:
+                          module: ModuleType, labels: Optional[Tensor] = None) -> Tensor:
         """fastneg's rules on the original's dense scores (``similarity_fct`` not fused; query -> documents
         only): the dense reference's masks and weights over ``similarity_fct(queries, documents)``."""
         from ...reference import rows_from_scores
+        from .scores import NO_LABEL
 
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         queries, docs = embeddings[0], list(embeddings[1:])
         local = queries.shape[0]
+        labels = self._row_labels(labels, local)
         offset = 0
         if self.gather_across_devices:
             docs = [module.all_gather_with_grad(d) for d in docs]
             hashes = _gather_hashes(hashes)
+            if labels is not None:
+                labels = _gather_hashes([labels])[0]  # type: ignore[index]
             offset = module.get_rank() * local
         scores = self.similarity_fct(queries, torch.cat(docs))  # [B, B_world x columns]
         rows = torch.arange(offset, offset + local, device=queries.device)
-        query_labels = key_labels = None
+        q_levels, k_levels = [], []
         if hashes is not None:  # keys whose text is the row's positive's
-            query_labels, key_labels = hashes[1][rows], torch.cat(hashes[1:])[None, :]
+            q_levels.append(hashes[1][rows])
+            k_levels.append(torch.cat(hashes[1:]))
+        if labels is not None:  # the positives of rows with the row's label
+            q_levels.append(labels[rows])
+            k_levels.append(torch.cat([labels] + [torch.full_like(labels, NO_LABEL)] * (len(docs) - 1)))
+        query_labels = key_labels = None
+        if q_levels:
+            query_labels, key_labels = torch.stack(q_levels, 1), torch.stack(k_levels, 1)[None]
         loss = rows_from_scores(scores, rows[:, None], 1.0 / self.scale, self.rules.plan(), query_labels, key_labels,
                                 None)[0]
         return loss.mean().to(embeddings[0].dtype)
@@ -129,10 +163,13 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
         max_score: Optional[float] = None,
         weighting: object = None,
         backend: str = "auto",
+        mask_labels: bool = False,
+        false_negatives: str = "mask",
     ) -> None:
         super().__init__(model, scale, _similarity_argument(similarity_fct), gather_across_devices, tuple(directions),
                          partition_mode, hardness_mode, hardness_strength)
-        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend, mask_labels,
+                                 false_negatives)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -147,9 +184,9 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
         kind = self._fused_kind()
         if kind is None:
             if self._has_rules():
-                return self._dense_rules_loss(embeddings, hashes, _module_of(_MNRL))
+                return self._dense_rules_loss(embeddings, hashes, _module_of(_MNRL), labels)
             return super().compute_loss_from_embeddings(embeddings, labels)
-        return self._fused_ranking_loss(embeddings, hashes, kind, _module_of(_MNRL))
+        return self._fused_ranking_loss(embeddings, hashes, kind, _module_of(_MNRL), labels)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), **self._fastneg_config()}
@@ -200,13 +237,16 @@ class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
         max_score: Optional[float] = None,
         weighting: object = None,
         backend: str = "auto",
+        mask_labels: bool = False,
+        false_negatives: str = "mask",
     ) -> None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         super().__init__(model, scale, _similarity_argument(similarity_fct), mini_batch_size, mini_batch_num_tokens,
                          gather_across_devices, tuple(directions), partition_mode, show_progress_bar, hardness_mode,
                          hardness_strength)
-        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend)
+        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend, mask_labels,
+                                 false_negatives)
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -217,9 +257,9 @@ class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
             return super().calculate_loss(reps, labels, with_backward=with_backward)
         embeddings = [torch.cat(column) for column in reps]
         if kind is None:
-            loss = self._dense_rules_loss(embeddings, self._pending_hashes, _module_of(_CMNRL))
+            loss = self._dense_rules_loss(embeddings, self._pending_hashes, _module_of(_CMNRL), labels)
         else:
-            loss = self._fused_ranking_loss(embeddings, self._pending_hashes, kind, _module_of(_CMNRL))
+            loss = self._fused_ranking_loss(embeddings, self._pending_hashes, kind, _module_of(_CMNRL), labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()

@@ -43,15 +43,17 @@ class BlockRules:
     relative_margin: Optional[float] = None
     max_score: Optional[float] = None
     weighting: object = None  # None, "simans", SimANS or Hardness
+    false_negatives: str = "mask"  # what the flagged keys become: "mask" or "attract" (info_nce's)
 
     def plan(self) -> Plan:
         """The rules as the plan the dense helpers take (validates the values)."""
-        return Plan.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting)  # type: ignore[arg-type]
+        return Plan.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting,  # type: ignore[arg-type]
+                          false_negatives=self.false_negatives)
 
     def options(self, **overrides: object) -> dict[str, object]:
         """Keyword arguments of :func:`fastneg.info_nce`."""
         return {"margin": self.margin, "relative_margin": self.relative_margin, "max_score": self.max_score,
-                "weighting": self.weighting, **overrides}
+                "weighting": self.weighting, "false_negatives": self.false_negatives, **overrides}
 
 
 def _call(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float,
@@ -115,6 +117,7 @@ def ranking_loss(
     rules: BlockRules = BlockRules(),
     query_hashes: Optional[torch.Tensor] = None,
     doc_hashes: Optional[Sequence[torch.Tensor]] = None,
+    labels: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss, per local row ([local]).
@@ -123,6 +126,11 @@ def ranking_loss(
     the (possibly gathered) batch; this process's rows are ``offset .. offset + local``.
     ``query_hashes`` [Bw] / ``doc_hashes`` (one [Bw] per column) mask duplicate texts: a key
     whose text equals the row's positive (document blocks) or the row's query (query blocks).
+    ``labels`` [Bw] (int64 >= 0): rows with equal labels are relevant to each other, so a row's
+    query and positive are false negatives of every other row with its label (hard-negative
+    columns stay negatives). With ``rules.false_negatives == "attract"`` every flagged key becomes
+    a positive; structural exclusions (``query_to_query``, ``doc_to_doc``, a hardness mode that
+    splits the row's own negatives off) cannot be told apart from flags, so they refuse it.
     """
     Bw, D = queries.shape
     n_cols = len(docs)
@@ -149,6 +157,13 @@ def ranking_loss(
     base = rules.plan()
     if strength > 0.0 and rules.weighting is not None:
         raise ValueError("hardness_mode and fastneg's weighting are both negative weightings: use one of them")
+    structural_layout = split_own or (partition_mode != "per_direction"
+                                      and ("query_to_query" in directions or "doc_to_doc" in directions))
+    if rules.false_negatives == "attract" and structural_layout:
+        raise ValueError("false_negatives='attract' needs a layout without structural exclusions: directions "
+                         "query_to_doc / doc_to_query, and no hardness_mode that splits the row's own hard negatives")
+    row_label = labels[rows] if labels is not None else None
+    no_label_hard = torch.full((Bw * (n_cols - 1),), NO_LABEL, dtype=torch.long, device=device)
 
     def own_part(s_pos: torch.Tensor) -> torch.Tensor:
         own = torch.stack([d[offset:offset + local] for d in docs[1:]], 1)  # [local, C, D]
@@ -165,6 +180,9 @@ def ranking_loss(
         if hashes:
             ql.append(pos_hash)
             kl.append(doc_hash_all)
+        if labels is not None:
+            ql.append(row_label)
+            kl.append(torch.cat([labels, no_label_hard]))
         return ql, kl
 
     if partition_mode == "per_direction":
@@ -177,6 +195,9 @@ def ranking_loss(
             losses[0] = torch.logaddexp(losses[0], own_part(s_pos).to(losses[0].dtype))
         if "doc_to_query" in directions:
             ql2, kl2 = ([q_hash], [query_hashes]) if hashes else ([], [])
+            if labels is not None:
+                ql2.append(row_label)
+                kl2.append(labels)
             losses.append(_call(backend, d_loc, queries, positives, temperature, rules.options(),
                                 *_stack_levels(ql2, kl2)))
         return torch.stack(losses).mean(0)
@@ -191,28 +212,37 @@ def ranking_loss(
     kl_struct: list[torch.Tensor] = []
     kl_doc: list[torch.Tensor] = []
     kl_query: list[torch.Tensor] = []
+    kl_label: list[torch.Tensor] = []  # the rows' labels: a row's query and positive carry it
     kl_struct.append(torch.cat([no_label_queries] + [group] * (n_cols - 1)) if split_own else no_label_docs)
     if hashes:
         kl_doc.append(doc_hash_all)
         kl_query.append(no_label_docs)
+    if labels is not None:
+        kl_label.append(torch.cat([labels, no_label_hard]))
     if "query_to_query" in directions:  # other queries; the row's own query is excluded
         blocks.append((queries, 0))
         kl_struct.append(group)
         if hashes:
             kl_doc.append(no_label_queries)
             kl_query.append(query_hashes)
+        if labels is not None:
+            kl_label.append(labels)
     if "doc_to_query" in directions:  # d_i against every query (its own included, as in sentence-transformers)
         blocks.append((queries, 1))
         kl_struct.append(no_label_queries)
         if hashes:
             kl_doc.append(no_label_queries)
             kl_query.append(query_hashes)
+        if labels is not None:
+            kl_label.append(labels)
     if "doc_to_doc" in directions:  # d_i against every document but its own query's
         blocks.append((docs_all, 1))
         kl_struct.append(group.repeat(n_cols))
         if hashes:
             kl_doc.append(doc_hash_all)
             kl_query.append(no_label_docs)
+        if labels is not None:
+            kl_label.append(torch.cat([labels, no_label_hard]))
     keys = _pad(blocks, halves)
     ql_levels: list[torch.Tensor] = []
     kl_levels: list[torch.Tensor] = []
@@ -224,6 +254,10 @@ def ranking_loss(
         assert ql_doc is not None and ql_query is not None
         ql_levels += [ql_doc, ql_query]
         kl_levels += [torch.cat(kl_doc), torch.cat(kl_query)]
+    if labels is not None:
+        assert row_label is not None
+        ql_levels.append(row_label)
+        kl_levels.append(torch.cat(kl_label))
     query_labels, key_labels = _stack_levels(ql_levels, kl_levels)
 
     guide_query = guide_keys = None
