@@ -1,5 +1,8 @@
-"""``python -m fastneg.tools.demo``: train a small dual encoder on a synthetic retrieval task with
-planted false negatives, with plain InfoNCE and with fastneg's masking + SimANS weighting.
+"""``python -m fastneg.tools.demo --synthetic``: train a small dual encoder on a synthetic retrieval
+task with planted false negatives, with plain InfoNCE and with fastneg's masking + SimANS weighting.
+(``python -m fastneg.tools.demo`` without ``--synthetic``, what ``make demo`` runs, is the demo on
+real text with a real model: :mod:`fastneg.tools.real_demo`.) The task and its towers also serve
+``fastneg quality``'s synthetic benchmark.
 
 The task. Each document is a latent topic vector seen through a fixed random "document view";
 each query sees the same latent through a different "query view", plus noise. The corpus
@@ -228,8 +231,9 @@ def _run_method(ctx, method: str, cfg: TaskConfig, device: str) -> dict:  # noqa
             proc.terminate()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def synthetic_main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m fastneg.tools.demo --synthetic",
+                                     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--steps", type=int, default=TaskConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TaskConfig.batch_size)
     parser.add_argument("--groups", type=int, default=TaskConfig.num_groups)
@@ -268,5 +272,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastneg.tools.demo``: the real-data demo (``--synthetic``: the synthetic one). Large
+    buffers come straight from mmap and go back on free, so the loss stage's peak-memory readings
+    see every buffer a call allocates."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, "-m", "fastneg.tools.demo", *argv], env)
+    from .real_demo import main as real_main
+
+    return real_main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,8 @@ Training: sentence-transformers' ``SentenceTransformerTrainer`` once per method 
 data, steps, learning rate (``--lr``; default 0.2 for a StaticEmbedding, 5e-5 for a transformer,
 10 % warm-up then linear decay), temperature 0.05 (scale 20, the library's default) and batch;
 the seed drives the data order and, for a transformer, dropout. A transformer trains with the
-cached (gradient-cache) losses, ``--mini-batch`` rows per forward, so any batch fits in memory.
+cached (gradient-cache) losses, ``--mini-batch`` rows per forward, so any batch fits in memory
+(``--mini-batch 0``: the plain losses, one forward of the whole batch).
 Methods (:data:`METHODS`; ``fastneg quality --list-methods``):
 
 - ``MNRL (sentence-transformers)``: the original ``MultipleNegativesRankingLoss`` (the baseline of
@@ -379,7 +380,7 @@ def train_one(name: str, seed: int, cfg: RunConfig, split: Split, negatives: Opt
     model = load_model(cfg.model, cfg.max_seq_length)
     # a widget example set now, so that the trainer does not draw its model-card examples (a tqdm pass)
     model.model_card_data.widget = [{"text": split.train[0].query}]
-    cached = not is_static(cfg.model)
+    cached = not is_static(cfg.model) and cfg.mini_batch > 0
     loss = method.loss(model, teacher, cached, cfg.mini_batch)
     n_batches = len(split.train) // cfg.batch_size
     if n_batches < 1:
@@ -536,7 +537,9 @@ def summarize(study: dict[str, Any], baseline: str = BASELINE) -> list[dict[str,
 
 def verdict(deltas: list[float]) -> str:
     """*helps* / *hurts* when every paired difference has the same sign and the mean exceeds twice
-    its standard error; else *within noise*."""
+    its standard error; *identical* when every difference is zero; else *within noise*."""
+    if all(d == 0 for d in deltas):
+        return "identical"
     if len(deltas) < 2:
         return "one seed"
     mean = statistics.mean(deltas)
@@ -624,7 +627,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="learning rate (default 0.2 static, 5e-5 transformer)")
     g.add_argument("--max-seq-length", type=int, default=RunConfig.max_seq_length)
     g.add_argument("--mini-batch", type=int, default=RunConfig.mini_batch,
-                   help="rows per forward of the cached losses (transformers)")
+                   help="rows per forward of the cached (gradient-cache) losses a transformer trains with; 0: the "
+                        "plain losses, one forward of the whole batch (faster where it fits in memory)")
     g.add_argument("--test-share", type=float, default=RunConfig.test_share)
     g.add_argument("--eval-queries", type=int, default=RunConfig.eval_queries)
     g.add_argument("--eval-corpus", type=int, help="documents to search (default: every distinct positive)")
@@ -636,8 +640,10 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.list_methods:
         print("\n".join(METHODS))
         return 0
+    if args.mini_batch < 0:
+        return _error(f"--mini-batch must be >= 0, got {args.mini_batch}")
     for flag, value in (("--batch-size", args.batch_size), ("--max-seq-length", args.max_seq_length),
-                        ("--mini-batch", args.mini_batch), ("--eval-queries", args.eval_queries),
+                        ("--eval-queries", args.eval_queries),
                         ("--eval-corpus", args.eval_corpus), ("--train-pairs", args.train_pairs)):
         if value is not None and value < 1:
             return _error(f"{flag} must be >= 1, got {value}")

@@ -6,7 +6,8 @@ import sys
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastneg.tools.demo", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "fastneg.tools.demo", "--synthetic", *args], capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_tiny_demo_reports_every_method():
@@ -26,3 +27,20 @@ def test_a_failing_worker_ends_the_demo_with_one_line():
 def test_bad_sizes_are_refused():
     proc = _demo("--steps", "0")
     assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
+
+
+def test_real_demo_at_a_tiny_size():
+    """`make demo` itself (real corpus, StaticEmbedding, the real trainer) on a few hundred pairs."""
+    proc = subprocess.run([sys.executable, "-m", "fastneg.tools.demo", "--batch-size", "64", "--train-pairs", "256",
+                           "--eval-queries", "50", "--eval-corpus", "400", "--seeds", "0", "1", "--methods",
+                           "MNRL (sentence-transformers)", "fastneg plain", "mask_labels"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "Traceback" not in proc.stderr
+    for line in ("sentence-transformers MNRL (dense B x B)", "fastneg MNRL (fused)", "mask_labels", "demo finished"):
+        assert line in out
+    dense, fused = (float(line.rsplit("loss", 1)[1]) for line in out.splitlines()
+                   if line.lstrip().startswith(("sentence-transformers MNRL", "fastneg MNRL")))
+    assert dense == fused  # the same loss value, to the 6 printed decimals
+    assert "fastneg plain" in out and "identical" in out  # the drop-in trains the same model as the original
