@@ -30,11 +30,20 @@ fastneg's own keyword arguments, on every class:
 - ``weighting``: ``None``, ``"simans"``, :class:`fastneg.SimANS` or :class:`fastneg.Hardness`
   over every block (not together with ``hardness_mode``, which is itself a weighting).
 - ``backend``: as in :func:`fastneg.info_nce`.
+- the ranking classes only: ``mask_labels`` (the dataset's ``label`` column, one integer group
+  per row, as the trainer passes it: a row's query and positive are false negatives of every
+  other row with its label; hard-negative columns stay negatives) and ``false_negatives``
+  (``"mask"``, or ``"attract"``: the flagged keys become positives; not with the structural
+  exclusions of ``query_to_query`` / ``doc_to_doc`` or a hardness mode that splits the row's own
+  hard negatives off).
 
-``get_config_dict()`` returns the original's keys, plus those of these five that differ from
+``mask_duplicates`` reads padded features (2-D ``input_ids``) and a ``StaticEmbedding``'s flat
+ones (1-D ``input_ids`` with ``offsets``).
+
+``get_config_dict()`` returns the original's keys, plus those of fastneg's that differ from
 their defaults (``mask_duplicates``, ``margin`` / ``score_margin``, ``relative_margin``,
-``max_score``, ``weighting``), so a model card records them; with fastneg's defaults it is the
-original's dict. ``citation`` is the original's BibTeX plus an entry naming fastneg's class and the
+``max_score``, ``weighting``, ``mask_labels``, ``false_negatives``), so a model card records
+them; with fastneg's defaults it is the original's dict. ``citation`` is the original's BibTeX plus an entry naming fastneg's class and the
 original loss it replaces, with the original's documentation link.
 
 When the fused op is used, and when not: the fused op computes dot products, so
