@@ -6,7 +6,9 @@ are split once (a hash of the group's name, ``--test-share``), so no held-out qu
 its relevant documents, is trained on. Evaluation: each distinct held-out query (at most
 ``--eval-queries``, drawn by the same hash) against a corpus of every distinct positive text of
 the held-out groups plus distractors from the training positives (all of them, or
-``--eval-corpus``); a query's relevant documents are every positive of its group. Metrics:
+``--eval-corpus``); a query's relevant documents are every positive of its group.
+``--train-pairs`` keeps whole training groups (drawn by hash), so a sample has the corpus's
+share of pairs that share a query. Metrics:
 nDCG@10 (binary relevance, ideal DCG over ``min(10, |relevant|)``), recall@10 (relevant found in
 the top 10 over ``min(10, |relevant|)``, so large groups can score 1) and MRR@10.
 
@@ -30,8 +32,9 @@ Methods (:data:`METHODS`; ``fastneg quality --list-methods``):
   included) out of a batch;
 - fastneg's drop-in: ``fastneg plain`` (the same loss), ``mask_duplicates`` (keys whose text is
   the row's positive's), ``mask_labels`` (the dataset's groups as labels: a row's query and
-  positive are false negatives of every row of its group), ``relative_margin 0.05`` (keys
-  scoring above 95 % of the positive, NV-Retriever's TopK-PercPos applied in-batch), ``SimANS
+  positive are false negatives of every row of its group), ``relative_margin`` 0.02 / 0.05 / 0.1
+  (keys scoring above 98 / 95 / 90 % of the positive, NV-Retriever's TopK-PercPos applied
+  in-batch), ``in-batch combined`` (labels, duplicates and relative margin 0.05), ``SimANS
   weighting`` (a = 0.5, b = 0 on cosine scores), ``attract (labels + duplicates)`` (the flagged
   keys become positives, ``false_negatives="attract"``) and ``GIST (teacher guide)`` (keys the
   teacher scores above the positive are masked);
@@ -39,15 +42,15 @@ Methods (:data:`METHODS`; ``fastneg quality --list-methods``):
   the teacher's embeddings (one negative per pair, the pair's own positive excluded): ``mined
   top-1``; ``mined positive-aware`` (top-1 below 95 % of the positive's score); ``mined SimANS``
   (sampled by SimANS probability, seed 0); ``mined group oracle`` (top-1 outside the query's
-  group, which only labels know) and ``mined positive-aware + mask_labels`` (the mined column and
-  in-batch masking together). With ``--pairs`` rows that carry ``negatives``, ``given
+  group, which only labels know), and the mined column with in-batch rules: ``mined
+  positive-aware + mask_labels`` and ``mined positive-aware + relative_margin 0.05``. With ``--pairs`` rows that carry ``negatives``, ``given
   negatives`` trains with the first of them.
 
 Output (``--out DIR``): one JSON per run under ``DIR/runs`` (a rerun with the same options
 skips finished runs, so an interrupted study resumes), ``quality.md`` (the table: mean and
 standard deviation over seeds, the paired difference to the baseline on the same seed, and a
-verdict: *helps* / *hurts* when the paired differences share a sign on every seed and their mean
-exceeds twice its standard error, else *within noise*), ``quality.json`` and ``quality.png``.
+verdict: *helps* / *hurts* when a paired t-test over the seeds rejects no difference at 95 %,
+two-sided, else *within noise*; :func:`verdict`), ``quality.json`` and ``quality.png``.
 """
 
 from __future__ import annotations
@@ -102,7 +105,12 @@ def split_pairs(pairs: list[Pair], test_share: float = 0.1, eval_queries: Option
     group_id = {g: i for i, g in enumerate(groups)}
     train = [p for p in pairs if p.group not in held_out]
     if train_pairs is not None and train_pairs < len(train):
-        train = sorted(train, key=lambda p: _unit_hash(p.query + "\0" + p.positive, "train"))[:train_pairs]
+        # whole groups, drawn by hash until the budget is met: the sample keeps the corpus's share of
+        # pairs that share a query (its in-batch false negatives); the last group may be cut short
+        order = sorted({p.group for p in train}, key=lambda g: _unit_hash(g, "train"))
+        rank = {g: i for i, g in enumerate(order)}
+        train = sorted(train, key=lambda p: (rank[p.group], _unit_hash(p.query + "\0" + p.positive, "train")))
+        train = train[:train_pairs]
     test = [p for p in pairs if p.group in held_out]
     # held-out queries: distinct texts, at most eval_queries of them (by hash)
     group_of_query: dict[str, str] = {}
@@ -223,7 +231,11 @@ METHODS: dict[str, Method] = {
     "fastneg plain": Method(_fastneg()),
     "mask_duplicates": Method(_fastneg(mask_duplicates=True)),
     "mask_labels": Method(_fastneg(mask_labels=True), labels=True),
+    "relative_margin 0.02": Method(_fastneg(relative_margin=0.02)),
     "relative_margin 0.05": Method(_fastneg(relative_margin=0.05)),
+    "relative_margin 0.1": Method(_fastneg(relative_margin=0.1)),
+    "in-batch combined (labels + duplicates + relative_margin 0.05)": Method(
+        _fastneg(mask_duplicates=True, mask_labels=True, relative_margin=0.05), labels=True),
     "SimANS weighting": Method(_fastneg(weighting="simans")),
     "attract (labels + duplicates)": Method(_fastneg(mask_duplicates=True, mask_labels=True, false_negatives="attract"),
                                             labels=True),
@@ -233,6 +245,7 @@ METHODS: dict[str, Method] = {
     "mined SimANS": Method(_fastneg(), mined="simans"),
     "mined group oracle": Method(_fastneg(), mined="oracle"),
     "mined positive-aware + mask_labels": Method(_fastneg(mask_labels=True), mined="positive-aware", labels=True),
+    "mined positive-aware + relative_margin 0.05": Method(_fastneg(relative_margin=0.05), mined="positive-aware"),
     "given negatives": Method(_fastneg(), mined="given"),
 }
 MINING = {  # rule -> keyword arguments of fastneg.mine_hard_negatives (labels added for the oracle)
@@ -535,17 +548,25 @@ def summarize(study: dict[str, Any], baseline: str = BASELINE) -> list[dict[str,
     return rows
 
 
+# two-sided 95 % critical values of Student's t by degrees of freedom (df > 30: 2.0)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
+
+
 def verdict(deltas: list[float]) -> str:
-    """*helps* / *hurts* when every paired difference has the same sign and the mean exceeds twice
-    its standard error; *identical* when every difference is zero; else *within noise*."""
+    """A paired t-test over seeds, two-sided at 95 %: *helps* / *hurts* when the mean paired
+    difference is more than t(0.975, n - 1) standard errors from zero (4.30 with 3 seeds);
+    *identical* when every difference is zero; else *within noise*."""
     if all(d == 0 for d in deltas):
         return "identical"
     if len(deltas) < 2:
         return "one seed"
     mean = statistics.mean(deltas)
     se = statistics.stdev(deltas) / math.sqrt(len(deltas))
-    same_sign = all(d > 0 for d in deltas) or all(d < 0 for d in deltas)
-    if same_sign and abs(mean) > 2 * se:
+    critical = _T95.get(len(deltas) - 1, 2.0)
+    if abs(mean) > critical * se:
         return "helps" if mean > 0 else "hurts"
     return "within noise"
 
@@ -562,8 +583,8 @@ def markdown(study: dict[str, Any], command: str) -> str:
              f"{RunConfig(**{**cfg, 'seeds': tuple(cfg['seeds'])}).learning_rate}, temperature {TEMPERATURE}. Mean "
              "+- standard deviation over seeds; delta: the method minus "
              f"`{BASELINE}` on the same seed (mean +- standard deviation of the paired differences); verdict "
-             "(`fastneg.tools.retrieval.verdict`): helps / hurts when the paired differences share a sign on every "
-             "seed and their mean exceeds twice its standard error.", "",
+             "(`fastneg.tools.retrieval.verdict`): helps / hurts when a paired t-test over the seeds rejects "
+             "no difference at 95 % (two-sided; with 3 seeds the mean must exceed 4.30 standard errors).", "",
              f"Before training (the pretrained model): nDCG@10 {pre['ndcg@10']:.4f}, recall@10 "
              f"{pre['recall@10']:.4f}, MRR@10 {pre['mrr@10']:.4f}.", "",
              "| method | nDCG@10 | recall@10 | MRR@10 | delta nDCG@10 | verdict | delta recall@10 | verdict | "

@@ -142,6 +142,13 @@ def test_split_keeps_groups_apart_and_relevance_complete() -> None:
     assert sorted(again.queries) == sorted(split.queries)  # the split does not depend on the order
     small = retrieval.split_pairs(pairs, test_share=0.3, eval_queries=3, eval_corpus=5, train_pairs=10)
     assert len(small.queries) == 3 and len(small.train) == 10
+    full = {}
+    for p in split.train:
+        full[p.group] = full.get(p.group, 0) + 1
+    kept = {}
+    for p in small.train:
+        kept[p.group] = kept.get(p.group, 0) + 1
+    assert sum(kept[g] < full[g] for g in kept) <= 1  # whole groups, but for the last one drawn
     assert len(small.corpus) >= 5 and all(i < len(small.corpus) for r in small.relevant for i in r)
     with pytest.raises(ValueError, match="test-share"):
         retrieval.split_pairs(pairs, test_share=1.5)
@@ -186,12 +193,14 @@ def test_metric_extremes() -> None:
 
 
 def test_verdict() -> None:
-    assert retrieval.verdict([0.01, 0.012, 0.011]) == "helps"
+    assert retrieval.verdict([0.01, 0.012, 0.011]) == "helps"  # t = 19
     assert retrieval.verdict([-0.02, -0.021, -0.019]) == "hurts"
     assert retrieval.verdict([0.01, -0.01, 0.02]) == "within noise"
-    assert retrieval.verdict([0.001, 0.03, 0.0001]) == "within noise"  # same sign, mean under 2 standard errors
+    assert retrieval.verdict([0.001, 0.002, 0.0025]) == "within noise"  # t = 4.2 < 4.30 with 2 degrees of freedom
+    assert retrieval.verdict([0.001, 0.002, 0.0021]) == "helps"  # t = 4.8
     assert retrieval.verdict([0.5]) == "one seed"
     assert retrieval.verdict([0.0, 0.0, 0.0]) == "identical"
+    assert retrieval.verdict([0.01] * 40 + [0.02]) == "helps"  # beyond the table: 2.0
 
 
 # --- the command, end to end ----------------------------------------------------------------------
