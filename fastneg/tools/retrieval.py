@@ -43,8 +43,9 @@ Methods (:data:`METHODS`; ``fastneg quality --list-methods``):
   top-1``; ``mined positive-aware`` (top-1 below 95 % of the positive's score); ``mined SimANS``
   (sampled by SimANS probability, seed 0); ``mined group oracle`` (top-1 outside the query's
   group, which only labels know), and the mined column with in-batch rules: ``mined
-  positive-aware + mask_labels`` and ``mined positive-aware + relative_margin 0.05``. With ``--pairs`` rows that carry ``negatives``, ``given
-  negatives`` trains with the first of them.
+  positive-aware + mask_labels`` and ``mined positive-aware + relative_margin 0.05``. With
+  ``--pairs`` rows that carry ``negatives``, ``given negatives`` trains with the first of them (a
+  row without one takes another pair's positive, drawn by hash).
 
 Output (``--out DIR``): one JSON per run under ``DIR/runs`` (a rerun with the same options
 skips finished runs, so an interrupted study resumes), ``quality.md`` (the table: mean and
@@ -357,10 +358,20 @@ def mine(teacher: Any, split: Split, rule: str, batch_size: int) -> list[str]:
     mined = fastneg.mine_hard_negatives(q_emb[rows], d_emb, torch.tensor([index[p.positive] for p in split.train]),
                                         1, **options)
     ids = mined.indices[:, 0].tolist()
-    # a pair whose rules left no candidate (-1) takes a random training positive (by hash): the
-    # loss needs a text in every row
-    fallback = [docs[int(_unit_hash(p.query + p.positive, "fallback") * len(docs))] for p in split.train]
-    return [docs[i] if i >= 0 else fallback[r] for r, i in enumerate(ids)]
+    # a pair whose rules left no candidate (-1) takes a random training positive: the loss needs a
+    # text in every row
+    return [docs[i] if i >= 0 else _random_positive(split, p) for p, i in zip(split.train, ids)]
+
+
+def _random_positive(split: Split, pair: Pair) -> str:
+    """Another training pair's positive, drawn by hash (never the pair's own text)."""
+    n = len(split.train)
+    start = int(_unit_hash(pair.query + "\0" + pair.positive, "fallback") * n)
+    for offset in range(n):
+        candidate = split.train[(start + offset) % n].positive
+        if candidate != pair.positive:
+            return candidate
+    raise ValueError("every training pair has the same positive: no negative can be drawn")
 
 
 # --- one training run -----------------------------------------------------------------------------
@@ -488,8 +499,8 @@ def run_study(cfg: RunConfig, pairs: list[Pair], data_name: str, out: Optional[s
             for name, seed in todo:
                 rule = METHODS[name].mined
                 negatives = None
-                if rule == "given":
-                    negatives = [p.negatives[0] if p.negatives else p.positive for p in split.train]
+                if rule == "given":  # the file's first negative; a row without one: a random training positive
+                    negatives = [p.negatives[0] if p.negatives else _random_positive(split, p) for p in split.train]
                 elif rule is not None:
                     if rule not in mined_cache:
                         start = time.perf_counter()
@@ -682,7 +693,10 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         return _error("--pairs and --corpus: give one of them")
     try:
         if args.pairs:
-            pairs, data_name = load_pairs(args.pairs), os.path.basename(args.pairs)
+            pairs = load_pairs(args.pairs)
+            digest = hashlib.sha256(json.dumps([[p.query, p.positive, p.group, p.negatives] for p in pairs])
+                                    .encode()).hexdigest()[:12]
+            data_name = f"{os.path.basename(args.pairs)} (sha256 {digest})"  # a changed file does not resume
         else:
             pairs, info = python_docstrings(progress=True)
             data_name = "python-docstrings (" + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ")"

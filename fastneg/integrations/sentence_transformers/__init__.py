@@ -43,8 +43,9 @@ ones (1-D ``input_ids`` with ``offsets``).
 ``get_config_dict()`` returns the original's keys, plus those of fastneg's that differ from
 their defaults (``mask_duplicates``, ``margin`` / ``score_margin``, ``relative_margin``,
 ``max_score``, ``weighting``, ``mask_labels``, ``false_negatives``), so a model card records
-them; with fastneg's defaults it is the original's dict. ``citation`` is the original's BibTeX plus an entry naming fastneg's class and the
-original loss it replaces, with the original's documentation link.
+them; with fastneg's defaults it is the original's dict. ``citation`` is the original's BibTeX
+plus an entry naming fastneg's class and the original loss it replaces, with the original's
+documentation link.
 
 When the fused op is used, and when not: the fused op computes dot products, so
 ``similarity_fct`` ``util.cos_sim`` / ``pytorch_cos_sim`` (on normalised embeddings) and
