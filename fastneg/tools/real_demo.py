@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any, Optional
 
-DEMO_METHODS = ("MNRL (sentence-transformers)", "fastneg plain", "mask_labels", "mined positive-aware + mask_labels")
+DEMO_METHODS = ("MNRL (sentence-transformers)", "fastneg plain", "mask_labels", "relative_margin 0.02")
 
 
 def loss_stage(model: Any, texts: tuple[list[str], list[str]], repeats: int = 3) -> list[dict[str, Any]]:
