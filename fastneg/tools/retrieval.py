@@ -627,20 +627,22 @@ def plot(study: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.42 * len(names) + 1.6), sharey=True)
     axes[0].errorbar([r["ndcg@10"][0] for r in rows], y, xerr=[r["ndcg@10"][1] for r in rows], fmt="o", capsize=3)
     axes[0].axvline(study["pretrained"]["ndcg@10"], color="grey", linestyle="--", label="pretrained, no training")
-    axes[0].set_xlabel("nDCG@10 (mean +- sd over seeds)")
+    axes[0].set_xlabel("nDCG@10 (mean +- sd over seeds)", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower left")
     deltas = [r.get("delta ndcg@10", (0.0, 0.0)) for r in rows]
     colors = ["tab:green" if r.get("verdict ndcg@10") == "helps" else "tab:red" if r.get("verdict ndcg@10") == "hurts"
               else "tab:gray" for r in rows]
     axes[1].barh(y, [dd[0] for dd in deltas], xerr=[dd[1] for dd in deltas], color=colors, capsize=3)
     axes[1].axvline(0.0, color="black", linewidth=0.8)
-    axes[1].set_xlabel(f"nDCG@10 minus {BASELINE}, same seed (green helps, red hurts, grey within noise)")
+    axes[1].set_xlabel("nDCG@10 minus the original MNRL, same seed\n(green helps, red hurts, grey within noise)",
+                       fontsize=9)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(names, fontsize=8)
     for ax in axes:
         ax.grid(True, axis="x", alpha=0.3)
     cfg = study["config"]
-    fig.suptitle(f"{study['data']}: {cfg['model']}, batch {cfg['batch_size']}, seeds {cfg['seeds']}", fontsize=10)
+    fig.suptitle(f"{study['data'].split(' (')[0]}: {cfg['model']}, batch {cfg['batch_size']}, "
+                 f"seeds {list(cfg['seeds'])}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
