@@ -62,6 +62,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -713,7 +714,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         study = run_study(cfg, pairs, data_name, args.out, args.methods)
     except ValueError as exc:
         return _error(str(exc))
-    text = markdown(study, "fastneg quality " + " ".join(argv))
+    text = markdown(study, "fastneg quality " + shlex.join(argv))
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
