@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--synthetic" in argv:
+        synthetic_main([a for a in argv if a != "--synthetic"])
+        return 0
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
         os.execve(sys.executable, [sys.executable, "-m", "fastneg.tools.demo", *argv], env)

@@ -79,13 +79,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", default="static:all-MiniLM-L6-v2")
     p.add_argument("--synthetic", action="store_true", help="the synthetic two-tower demo instead; the "
                    "arguments after it are its own (python -m fastneg.tools.demo --synthetic --help)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--synthetic" in argv:
-        from .demo import synthetic_main
-
-        synthetic_main([a for a in argv if a != "--synthetic"])
-        return 0
     args = p.parse_args(argv)
+    if args.synthetic:  # python -m fastneg.tools.demo runs the synthetic demo itself when asked
+        p.error("--synthetic: run python -m fastneg.tools.demo --synthetic")
     for flag, value in (("--batch-size", args.batch_size), ("--eval-queries", args.eval_queries),
                         ("--eval-corpus", args.eval_corpus), ("--train-pairs", args.train_pairs)):
         if value is not None and value < 1:
