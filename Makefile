@@ -23,7 +23,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csr
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@echo "running the demo (python -m fastneg.tools.demo): a real model fine-tuned on real code-search pairs, 4 methods x 3 seeds, one progress bar"
+	@echo "running the demo (python -m fastneg.tools.demo): a real model fine-tuned on real code-search pairs, 3 methods x 3 seeds, one progress bar"
 	$(PY) -m fastneg.tools.demo
 
 test: $(STAMP)

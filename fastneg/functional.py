@@ -148,7 +148,9 @@ def info_nce(
         the dense naive loss, computes and returns the input dtype), and the stats when
         ``return_stats`` (detached: they carry no gradient). A tensor temperature is used in the
         computation's dtype, whatever its own. A row whose negatives are all masked has loss 0 and
-        zero gradient.
+        zero gradient. A row whose softmax meets a ``+inf`` or NaN logit has loss NaN on every
+        backend, as the dense cross-entropy (a ``-inf`` score weighs nothing; a masked key is out
+        of the softmax whatever its score); non-finite inputs are not refused.
 
     float16/bfloat16 on the ``cpu`` backend are computed in float32.
     """

@@ -12,7 +12,9 @@ negatives (never the positive, never a masked key), scored by
 ``G_ij`` is standard Gumbel noise computed from a hash of ``(seed, i, j)``: the draw is a pure
 function of the inputs and the seed, independent of tiling and thread count, and the C++ and
 Triton kernels and the dense reference compute the same noise. Rows with fewer candidates than
-``num_negatives`` are padded with ``-1``. Keys whose score is NaN are never drawn.
+``num_negatives`` are padded with ``-1``. Keys whose score is NaN or ``-inf`` are never drawn (nor,
+under SimANS, keys of weight zero: an infinite score or positive score); ``+inf`` is the highest
+score. Every backend draws the same keys (docs/reference.md, non-finite embeddings).
 """
 
 from __future__ import annotations

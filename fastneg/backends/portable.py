@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 
 from ..plan import Flag, Plan, RowState, Strategy, Weighting, kind
-from ..reference.loss import row_terms, rows_from_scores
+from ..reference.loss import nan_if_infinite, row_terms, rows_from_scores
 from ..reference.rules import false_negative_mask, simans_log_weight
 from ..reference.sampling import sample_negatives_reference
 from .autograd import register_fused_op, register_sample_op
@@ -187,7 +187,7 @@ class _Direction:
             pos_score[r] = s.gather(1, cols).squeeze(1)
             if self.lean:
                 x, n_masked[r], n_neg[r] = self.lean_logits(s, cols, labels, guide, candidates)
-                lse[r] = torch.logsumexp(x, dim=1)
+                lse[r] = nan_if_infinite(torch.logsumexp(x, dim=1))
                 row_loss = lse[r] - pos_score[r] / self.temperature
                 loss[r] = torch.where(n_neg[r] > 0, row_loss, 0.0)  # a row without negatives: exactly 0 (SPEC)
                 continue

@@ -73,7 +73,7 @@ def rows_from_scores(
         # the flagged keys are positives: L_i = logsumexp over P_i U N_i - mean over P_i of l_ip (beta = 0 on P_i)
         attracted = masked | is_positive
         x = torch.where(masked, logits, x)
-        lse = torch.logsumexp(x, dim=1)
+        lse = nan_if_infinite(torch.logsumexp(x, dim=1))
         zero = torch.zeros_like(logits)
         loss = lse - torch.where(attracted, logits, zero).sum(1) / attracted.sum(1).to(scores.dtype)
         return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
@@ -81,7 +81,7 @@ def rows_from_scores(
         lse = _debiased_lse(torch.where(negative, logits + bias, neg_inf), positive_logit, negative.sum(1),
                             plan.debias, temperature)
     else:
-        lse = torch.logsumexp(x, dim=1)
+        lse = nan_if_infinite(torch.logsumexp(x, dim=1))
     loss = lse - positive_logit
     if plan.soft_temperature is not None:
         assert guide_scores is not None, "soft labels need the teacher's scores"
@@ -90,6 +90,12 @@ def rows_from_scores(
     # a row without negatives: loss exactly 0 and gradient exactly 0 (SPEC), not autograd's rounding residue
     loss = torch.where(negative.any(1), loss, torch.zeros_like(loss))
     return loss, lse.detach(), positive_logit.detach(), masked.sum(1), negative.sum(1)
+
+
+def nan_if_infinite(lse: torch.Tensor) -> torch.Tensor:
+    """A row's logsumexp, NaN where it is ``+inf``: a ``+inf`` logit in a row's softmax makes the row's
+    loss NaN on every backend, as in PyTorch's dense cross-entropy (SPEC section 7, non-finite inputs)."""
+    return torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
 
 
 class RowTerms(NamedTuple):

@@ -59,7 +59,7 @@ def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positive
         labels = key_labels[None, :] if key_labels.dim() == 1 else key_labels[None, :, :]
     masked = false_negative_mask(scores, cols, plan, query_labels, labels, guide_scores)
     masked.scatter_(1, cols, True)
-    masked |= torch.isnan(scores)
+    masked |= ~(scores > float("-inf"))  # NaN and -inf scores are never drawn (every sampler)
     if strategy == Strategy.TOP:
         values = scores
     else:
@@ -69,7 +69,7 @@ def sample_negatives_reference(query: torch.Tensor, keys: torch.Tensor, positive
             values = noise.to(scores.dtype)
         else:
             values = simans_log_weight(scores, scores.gather(1, cols), plan.weight_a, plan.weight_b) + noise.to(scores.dtype)
-    values = values.masked_fill(masked, float("-inf"))
+    values = values.masked_fill(masked | torch.isnan(values), float("-inf"))  # SimANS: NaN where s_i+ is infinite
     order = torch.sort(values, dim=1, descending=True, stable=True)
     idx = order.indices[:, :k]
     vals = order.values[:, :k]

@@ -94,8 +94,10 @@ def _sample_negatives_kernel(
         elif STRATEGY == STRATEGY_SIMANS:
             value = simans_log_weight(s, s_pos, weight_a, weight_b) + tl_gumbel(seed_hash, rows, first_key + cols)
         else:
-            value = tl_gumbel(seed_hash, rows, first_key + cols) + 0.0 * s
-        value = tl.where(negative & (s == s), value, float("-inf"))  # NaN scores are never drawn
+            value = tl_gumbel(seed_hash, rows, first_key + cols)
+        # NaN and -inf scores are never drawn, nor a NaN value (SimANS where s_i+ is infinite): a NaN
+        # would pack as the highest key
+        value = tl.where(negative & (s > float("-inf")) & (value > float("-inf")), value, float("-inf"))
         tile_best = tl.topk(tl_pack(value, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), tl.int64)), K_PAD)
         best = tl.topk(tl.reshape(tl.join(best, tile_best), (BLOCK_M, 2 * K_PAD)), K_PAD)
     valid = (best >> 32) > NEG_INF_KEY
