@@ -1,6 +1,7 @@
-"""Host side of the Triton backend shared by its ops: the tile shape (which decides the bits of
-every score, so forward, backward and sampler use one), autotuning of warps and stages, the
-backward's workspace, and the contiguous operands of one call."""
+"""Host side of the Triton backend shared by its ops: the tile shape (the loss's forward and
+backward use one; its D chunking decides the bits of every score, so the sampler, which picks its
+own rows and columns per program, keeps it), autotuning of pipeline stages and register caps (the
+warps are fixed at 8), the backward's workspace, and the contiguous operands of one call."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, ANN202
            float32_stages: tuple[int, ...] = (2, 3, 4), guide_stages: tuple[int, ...] = (2, 3, 4),
            maxnreg: Optional[int] = None):
-    """Autotune warps and pipeline stages per (D, DG, dtype) on a GPU. The tile shape is not
+    """Autotune pipeline stages (and the register cap) per (D, DG, flags) on a GPU; the warps are
+    fixed at 8 (below). The tile shape is not
     tuned here: it decides the bits of every score and must be identical in forward and both
     backward kernels, so the host picks it (``block_config``). The kernels only write their
     outputs, except the forward's column partials (symmetric loss), which the autotuner
@@ -55,7 +57,8 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
 @dataclass(frozen=True)
 class BlockConfig:
     """Tile shape shared by forward and both backward kernels (it decides the bits of every
-    score, so it must not differ between passes). Warps and stages are autotuned per kernel."""
+    score, so it must not differ between passes). The sampler keeps ``block_d`` (the D chunking)
+    and picks its own rows and columns per program. Warps are 8; stages are autotuned per kernel."""
 
     block_m: int
     block_n: int

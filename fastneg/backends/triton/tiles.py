@@ -1,10 +1,14 @@
 """Device helpers every Triton kernel shares: score tiles, positive scores and online logsumexps.
 
-One tile shape and one D chunking per call (:mod:`.config`), so a score is computed with the
-same bits in the forward, the backward and the sampler. Accumulation is in float32. The loss
-kernels keep their logits in log2 units (``x2 = x log2(e)``, with log2(e) / temperature folded
-into one per-call scale) so that each exponential is one ``exp2`` of one fused multiply-add;
-``tl_online_lse2`` and ``tl_merge_lse2`` work in those units. A row of all ``-inf`` never makes NaN.
+One D chunking per call (:mod:`.config`), so a score is computed with the same bits in the
+forward, the backward and the sampler (the loss's kernels also share one tile shape; the
+sampler picks its own rows and columns per program). Accumulation is in float32. The loss
+kernels keep their logits in log2 units (``x2 = x log2(e)``) so that each exponential is one
+``exp2``. Most paths take ``s * scale`` with ``scale = log2(e) / temperature`` computed once per
+program (SimANS, Hardness and the guide's Hardness fold their constants likewise), but GCSE's
+decayed logits and the backward's per-row offsets and logsumexps are multiplied by ``log2(e)``
+element by element (one more multiply each); ``tl_online_lse2`` and ``tl_merge_lse2`` work in
+those units. A row of all ``-inf`` never makes NaN.
 """
 
 from __future__ import annotations
