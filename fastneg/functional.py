@@ -11,6 +11,7 @@ from .backends.operands import kernel_operands, normalized_operands
 from .options import SoftLabels, WeightingOption
 from .plan import Plan, RowState
 from .reference import info_nce_gathered, info_nce_reference
+from .rules import RULE_FIELDS, Rules, resolve_rules
 from .validation import (
     check_attract_inputs,
     check_backend,
@@ -43,6 +44,7 @@ def info_nce(
     positives: Optional[torch.Tensor] = None,
     *,
     temperature: Union[float, torch.Tensor] = 0.05,
+    rules: Optional[Rules] = None,
     query_labels: Optional[torch.Tensor] = None,
     key_labels: Optional[torch.Tensor] = None,
     margin: Optional[float] = None,
@@ -77,6 +79,9 @@ def info_nce(
         keys: ``[N, D]``, same dtype and device: in-batch positives, hard negatives, gathered keys.
         positives: ``[B]`` int64 column of each query's positive; default ``arange(B)``.
         temperature: float or scalar tensor (receives a gradient if it requires one).
+        rules: a :class:`fastneg.Rules` holding the rules, weighting and estimator below
+            (``margin`` ... ``false_negatives``); or pass those as keyword arguments, which build
+            one (not both).
         query_labels, key_labels: mask keys whose label equals the query's; ``query_labels``
             defaults to ``key_labels[positives]``. ``[B]``/``[N]``, or ``[B, L]``/``[N, L]`` for
             ``L <= 8`` independent label sets (e.g. text hashes and cluster ids): a key is masked
@@ -154,17 +159,18 @@ def info_nce(
 
     float16/bfloat16 on the ``cpu`` backend are computed in float32.
     """
+    rules = resolve_rules("info_nce", rules, margin=margin, relative_margin=relative_margin, max_score=max_score,
+                          guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting,
+                          debias=debias, soft_labels=soft_labels, false_negatives=false_negatives)
     if process_group is not None:
-        return _gathered_info_nce(query, keys, positives, process_group, key_blocks, dict(
-            symmetric=symmetric, temperature=temperature, query_labels=query_labels, key_labels=key_labels, margin=margin,
-            relative_margin=relative_margin, max_score=max_score, guide_query=guide_query, guide_keys=guide_keys,
-            guide_margin=guide_margin, guide_strategy=guide_strategy, weighting=weighting, negatives=negatives,
-            reduction=reduction, return_stats=return_stats, backend=backend, debias=debias,
-            soft_labels=soft_labels, false_negatives=false_negatives, exclude=exclude))
+        return _gathered_info_nce(query, keys, positives, process_group, key_blocks, rules, dict(
+            symmetric=symmetric, temperature=temperature, query_labels=query_labels, key_labels=key_labels,
+            guide_query=guide_query, guide_keys=guide_keys, negatives=negatives, reduction=reduction,
+            return_stats=return_stats, backend=backend, exclude=exclude))
+    # validated and planned once, then dispatched
     validate_inputs(query, keys, positives, temperature, query_labels, key_labels, guide_query, guide_keys)
     check_reduction(reduction)
-    plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, weighting, debias,
-                      soft_labels, temperature, false_negatives)
+    plan = rules.plan(temperature)
     plan.check(symmetric, guide_query is not None, temperature)
     check_attract_inputs(plan, negatives)
     check_loss_exclude(exclude, symmetric, negatives, positives, query.shape[0], keys.shape[0], query.device)
@@ -172,10 +178,19 @@ def info_nce(
         check_negatives(negatives, query.shape[0], keys.shape[0], query.device)
     if symmetric:
         check_symmetric_inputs(positives, negatives, query.shape[0])
-    device = query.device
-    chosen = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, query.device)
     check_backend_dtype(chosen, query.dtype, "computes")
+    return _dispatch(chosen, plan, query, keys, positives, temperature, query_labels, key_labels, guide_query,
+                     guide_keys, negatives, exclude, symmetric, reduction, return_stats)
 
+
+def _dispatch(chosen: str, plan: Plan, query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor],
+              temperature: Union[float, torch.Tensor], query_labels: Optional[torch.Tensor],
+              key_labels: Optional[torch.Tensor], guide_query: Optional[torch.Tensor],
+              guide_keys: Optional[torch.Tensor], negatives: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
+              symmetric: bool, reduction: str, return_stats: bool) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
+    """The loss of validated inputs under ``plan`` on backend ``chosen`` (no checks here)."""
+    device = query.device
     B = query.shape[0]
     positives, query_labels, key_labels, guide_query, guide_keys = normalized_operands(
         query, positives, query_labels, key_labels, guide_query, guide_keys)
@@ -214,18 +229,18 @@ def info_nce(
 
 
 def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], group: object,
-                       key_blocks: int, kw: dict) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
-    """info_nce over keys gathered from every rank of ``group`` (:mod:`fastneg.parallel.gather`)."""
+                       key_blocks: int, rules: Rules, kw: dict) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
+    """info_nce over keys gathered from every rank of ``group`` (:mod:`fastneg.parallel.gather`):
+    validated and planned once here; each local computation is dispatched under that plan."""
     from .parallel import gather as distributed
 
     error: Optional[BaseException] = None
+    plan, chosen = None, ""
     try:  # a rank that rejects its inputs must not leave the others waiting in a collective
         validate_inputs(query, keys, positives, kw["temperature"], kw["query_labels"], kw["key_labels"],
                         kw["guide_query"], kw["guide_keys"], allow_empty=True)
         check_reduction(kw["reduction"])
-        plan = Plan.build(kw["margin"], kw["relative_margin"], kw["max_score"], kw["guide_margin"],
-                          kw["guide_strategy"], kw["weighting"], kw["debias"], kw["soft_labels"], kw["temperature"],
-                          kw["false_negatives"])
+        plan = rules.plan(kw["temperature"])
         plan.check(kw["symmetric"], kw["guide_query"] is not None, kw["temperature"])
         check_attract_inputs(plan, kw["negatives"])
         if kw["exclude"] is not None:
@@ -241,21 +256,19 @@ def _gathered_info_nce(query: torch.Tensor, keys: torch.Tensor, positives: Optio
         if positives is None and keys.shape[0] < query.shape[0]:
             raise ValueError("positives defaults to arange(B), which requires keys.shape[0] >= query.shape[0]; "
                              f"got N={keys.shape[0]} < B={query.shape[0]}")
+        chosen = resolve_backend(kw["backend"], query.device)
+        check_backend_dtype(chosen, query.dtype, "computes")
     except (TypeError, ValueError) as exc:
         error = exc
     distributed.raise_if_any_rank_failed(error, group)
+    assert plan is not None
     temperature = kw["temperature"]
     tau = float(temperature.detach().reshape(())) if isinstance(temperature, torch.Tensor) else float(temperature)
     options = repr((plan, tau, kw["reduction"], kw["backend"], kw["query_labels"] is not None,
                     kw["guide_query"] is not None, kw["symmetric"]))
 
     def compute(q, k, pos, kl, ql, gq, gk, neg):  # noqa: ANN001, ANN202
-        return info_nce(q, k, pos, temperature=temperature, query_labels=ql, key_labels=kl, margin=kw["margin"],
-                        relative_margin=kw["relative_margin"], max_score=kw["max_score"], guide_query=gq,
-                        guide_keys=gk, guide_margin=kw["guide_margin"], guide_strategy=kw["guide_strategy"],
-                        weighting=kw["weighting"], negatives=neg, reduction="none", return_stats=True,
-                        backend=kw["backend"], debias=kw["debias"], soft_labels=kw["soft_labels"],
-                        false_negatives=kw["false_negatives"])
+        return _dispatch(chosen, plan, q, k, pos, temperature, ql, kl, gq, gk, neg, None, False, "none", True)
 
     out, stats = distributed.distributed_info_nce(
         query, keys, positives, group=group, key_blocks=key_blocks, key_labels=kw["key_labels"],
@@ -314,23 +327,27 @@ class InfoNCE(torch.nn.Module):
         super().__init__()
         self.temperature = options.pop("temperature", 0.05)
         self.gather = bool(options.pop("gather", False))
+        # the rules, validated once: a bad argument fails at construction time
+        self.rules = resolve_rules("InfoNCE", options.pop("rules", None),  # type: ignore[arg-type]
+                                   **{k: options.pop(k) for k in RULE_FIELDS if k in options})
+        self.rules.plan(self.temperature)  # type: ignore[arg-type]
         self.options = options
-        # validate the scalar options once, so a bad argument fails at construction time
-        Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
-                   options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"),
-                   options.get("weighting"), options.get("debias"), options.get("soft_labels"),  # type: ignore[arg-type]
-                   self.temperature, options.get("false_negatives", "mask"))  # type: ignore[arg-type]
         check_reduction(options.get("reduction", "mean"))
         check_backend(options.get("backend", "auto"))
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor] = None,
                 **per_call: object) -> Union[torch.Tensor, tuple[torch.Tensor, InfoNCEStats]]:
         kwargs = {**self.options, **per_call}
+        rules = kwargs.pop("rules", None) or self.rules
+        changes = {k: kwargs.pop(k) for k in RULE_FIELDS if k in kwargs}
+        if changes:  # per-call overrides of single rules
+            rules = rules.replace(**changes)  # type: ignore[union-attr]
         if self.gather and "process_group" not in kwargs and torch.distributed.is_available() \
                 and torch.distributed.is_initialized():
             kwargs["process_group"] = torch.distributed.group.WORLD
-        return info_nce(query, keys, positives, temperature=self.temperature, **kwargs)  # type: ignore[arg-type]
+        return info_nce(query, keys, positives, temperature=self.temperature, rules=rules,  # type: ignore[arg-type]
+                        **kwargs)
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in {**self.rules.changed(), **self.options}.items())
         return f"temperature={self.temperature!r}" + (f", {opts}" if opts else "")

@@ -153,6 +153,7 @@ class Plan:
 
     @staticmethod
     def build(
+        *,
         margin: object = None,
         relative_margin: object = None,
         max_score: object = None,
@@ -164,7 +165,8 @@ class Plan:
         temperature: Union[float, torch.Tensor, None] = None,
         false_negatives: object = "mask",
     ) -> Plan:
-        """Validate the public options (each error names its argument) and encode them."""
+        """Validate the public options (each error names its argument) and encode them. Called by
+        :class:`fastneg.Rules` (``Rules.plan``), the one public way in."""
         if false_negatives not in FALSE_NEGATIVES:
             raise ValueError(f"false_negatives must be one of {FALSE_NEGATIVES}, got {false_negatives!r}")
         if guide_strategy not in _GUIDE_STRATEGIES:

@@ -28,7 +28,8 @@ from .backends import MAX_FUSED_NEGATIVES, resolve_backend
 from .backends.operands import normalized_operands
 from .backends.sampler import draw
 from .options import SimANS
-from .plan import Plan, Strategy
+from .plan import Strategy
+from .rules import Rules, resolve_rules
 from .validation import check_backend, check_backend_dtype, check_exclude, check_num_negatives, validate_inputs
 
 __all__ = ["sample_negatives", "STRATEGIES", "MAX_FUSED_NEGATIVES"]
@@ -70,6 +71,7 @@ def sample_negatives(
     num_negatives: int,
     *,
     strategy: StrategyOption,
+    rules: Optional[Rules] = None,
     query_labels: Optional[torch.Tensor] = None,
     key_labels: Optional[torch.Tensor] = None,
     margin: Optional[float] = None,
@@ -93,6 +95,9 @@ def sample_negatives(
             loss's, with thresholds from the positive's score.
         num_negatives: ``k >= 1``, negatives per row.
         strategy: ``"top"``, ``"simans"`` (``SimANS()``), ``fastneg.SimANS(a, b)`` or ``"uniform"``.
+        rules: a :class:`fastneg.Rules` (its masking rules: margins, ``max_score``, the guide's; the
+            loss's weighting, estimator and ``false_negatives`` do not apply to a draw), or the
+            keyword arguments ``margin`` ... ``guide_strategy``, which build one (not both).
         exclude: ``[B, E]`` key indices (-1 = none) never drawn for that row, e.g. the query's other
             positives (the sampler draws ``k + E`` and drops them, which keeps top-k exact and
             Gumbel-top-k an exact draw from the remaining keys).
@@ -117,14 +122,15 @@ def sample_negatives(
         int64 ``[B, num_negatives]`` key indices, best first (highest score, or highest perturbed
         log-weight: the order of sequential draws), ``-1`` where a row ran out of candidates.
     """
+    rules = resolve_rules("sample_negatives", rules, margin=margin, relative_margin=relative_margin,
+                          max_score=max_score, guide_margin=guide_margin, guide_strategy=guide_strategy)
     if process_group is not None:
-        return _sample_sharded(query, keys, positives, num_negatives, strategy, query_labels, key_labels, margin,
-                               relative_margin, max_score, guide_query, guide_keys, guide_margin, guide_strategy,
-                               exclude, generator, seed, backend, process_group)
+        return _sample_sharded(query, keys, positives, num_negatives, strategy, query_labels, key_labels, rules,
+                               guide_query, guide_keys, exclude, generator, seed, backend, process_group)
     validate_inputs(query, keys, positives, 1.0, query_labels, key_labels, guide_query, guide_keys)
     check_num_negatives(num_negatives)
     code, simans = parse_strategy(strategy)
-    plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)
+    plan = rules.masking_plan(simans)
     if exclude is not None:
         check_exclude(exclude, query.shape[0], keys.shape[0], query.device)
     chosen, noise_seed = _backend_and_seed(backend, query, code, seed, generator)
@@ -147,9 +153,8 @@ def _backend_and_seed(backend: str, query: torch.Tensor, code: Strategy, seed: O
 
 def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], num_negatives: int,
                     strategy: StrategyOption, query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
-                    margin: Optional[float], relative_margin: Optional[float], max_score: Optional[float],
-                    guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
-                    guide_margin: Optional[float], guide_strategy: str, exclude: Optional[torch.Tensor],
+                    rules: Rules, guide_query: Optional[torch.Tensor], guide_keys: Optional[torch.Tensor],
+                    exclude: Optional[torch.Tensor],
                     generator: Optional[torch.Generator], seed: Optional[int], backend: str,
                     group: Any) -> torch.Tensor:
     from .parallel.gather import fail_together
@@ -160,7 +165,7 @@ def _sample_sharded(query: torch.Tensor, keys: torch.Tensor, positives: Optional
                         allow_empty=True, local_positives=False)
         check_num_negatives(num_negatives)
         code, simans = parse_strategy(strategy)
-        plan = Plan.build(margin, relative_margin, max_score, guide_margin, guide_strategy, simans)
+        plan = rules.masking_plan(simans)
         if positives is not None and (not isinstance(positives, torch.Tensor) or positives.dim() != 1
                                       or positives.shape[0] != query.shape[0] or positives.is_floating_point()):
             raise ValueError(f"positives must be an integer tensor [B] = [{query.shape[0]}] of global key indices")

@@ -52,8 +52,8 @@ def test_scalars_and_flags_roundtrip_by_name() -> None:
 
 
 def test_every_public_option_reaches_the_plan() -> None:
-    plan = Plan.build(0.1, 0.2, 0.3, None, "relative", fastneg.SimANS(0.4, 0.5), 0.25,
-                      fastneg.SoftLabels(0.5, 0.75), 0.05, "attract")
+    plan = fastneg.Rules(0.1, 0.2, 0.3, None, "relative", fastneg.SimANS(0.4, 0.5), 0.25,
+                         fastneg.SoftLabels(0.5, 0.75), "attract").plan(0.05)
     assert dataclasses.astuple(plan) == (0.1, 0.2, 0.3, float("-inf"), True, Weighting.SIMANS, 0.4, 0.5, 0.25, 0.5,
                                          0.75, True)
 

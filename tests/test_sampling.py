@@ -8,7 +8,6 @@ import scipy.stats
 import torch
 
 import fastneg
-from fastneg.plan import Plan
 from fastneg.reference import false_negative_mask
 from helpers import RULES, TRITON_DEVICE, build, make_problem
 
@@ -26,8 +25,7 @@ def _mask_options(options: dict) -> dict:
 def _candidates(problem, options: dict) -> torch.Tensor:
     """[B, N] bool: the keys a row may draw (unmasked, not the positive), by brute force in float64."""
     q, k = problem.query, problem.keys
-    rules = Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
-                        options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"), None)
+    rules = fastneg.Rules(**options).masking_plan()
     kl = problem.extra.get("key_labels")
     ql = problem.extra.get("query_labels")
     if kl is not None and ql is None:

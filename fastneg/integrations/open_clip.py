@@ -24,8 +24,9 @@ This module does not import open_clip.
 
 fastneg's rules as keyword arguments: ``labels=`` per call (e.g. ids of duplicate captions or of
 the same image: a pair with equal labels is masked in both directions, the positive never), and at
-construction ``margin``, ``relative_margin``, ``max_score``, ``weighting`` (SPEC sections 2-3) and
-``backend``, applied in both directions.
+construction ``margin``, ``relative_margin``, ``max_score``, ``weighting`` (SPEC sections 2-3), or
+a :class:`fastneg.Rules` setting those (``rules=``; any other field is refused), and ``backend``,
+applied in both directions.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from ..functional import info_nce
 from ..parallel import all_gather
-from ..plan import Plan
+from ..rules import Rules, check_carried, resolve_rules
 from ..validation import check_backend
 
 __all__ = ["ClipLoss", "gather_features"]
@@ -81,6 +82,7 @@ class ClipLoss(nn.Module):
         max_score: Optional[float] = None,
         weighting: object = None,
         backend: str = "auto",
+        rules: Optional[Rules] = None,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -91,9 +93,10 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
-        Plan.build(margin, relative_margin, max_score, 0.0, "absolute", weighting)  # validates now
+        self.rules = resolve_rules("ClipLoss", rules, margin=margin, relative_margin=relative_margin,
+                                   max_score=max_score, weighting=weighting)  # validated now
+        check_carried("ClipLoss", self.rules, ("margin", "relative_margin", "max_score", "weighting"))
         check_backend(backend)
-        self.rules = dict(margin=margin, relative_margin=relative_margin, max_score=max_score, weighting=weighting)
         self.backend = backend
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
@@ -101,7 +104,7 @@ class ClipLoss(nn.Module):
                 labels: Optional[Tensor] = None) -> Union[Tensor, dict[str, Tensor]]:
         scale = logit_scale if isinstance(logit_scale, Tensor) else torch.tensor(float(logit_scale))
         temperature = 1.0 / scale.reshape(()).to(image_features.device)
-        opts: dict[str, Any] = dict(temperature=temperature, backend=self.backend, **self.rules)
+        opts: dict[str, Any] = dict(temperature=temperature, backend=self.backend, rules=self.rules)
         B = image_features.shape[0]
         if self.world_size > 1:
             images, texts = gather_features(image_features, text_features, self.local_loss, self.gather_with_grad,

@@ -31,6 +31,10 @@ warning that its memory is quadratic. The distance object is not called on the f
 recorded statistics (``initial_avg_query_norm`` and the like) are not updated there. The original
 adds ``finfo.tiny`` inside a log (NT-Xent) and to a divisor (SupCon); the fused values omit it
 (a relative difference below 1e-37).
+
+fastneg's rules on top: ``rules=fastneg.Rules(...)`` at construction (``margin``,
+``relative_margin``, ``max_score``, ``weighting``; any other field is refused), applied to every
+row's keys beside the label mask. With rules, the unfused cases raise instead of falling back.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..functional import info_nce
+from ..rules import PLAIN, Rules, check_carried, resolve_rules
 from ._fallback import _warned, warn_dense_once  # noqa: F401  (_warned: cleared by tests)
 
 try:
@@ -51,6 +56,9 @@ except ImportError as exc:  # pragma: no cover - explained to the user
                       "pip install pytorch-metric-learning") from exc
 
 __all__ = ["NTXentLoss", "SupConLoss", "same_label_pairs"]
+
+# the Rules fields the two losses carry (their labels decide the positives and what is masked)
+_CARRIED = ("margin", "relative_margin", "max_score", "weighting")
 
 
 
@@ -80,10 +88,17 @@ def same_label_pairs(labels: Tensor, ref_labels: Tensor, exclude_self: bool) -> 
 
 
 class _Fused:
-    """What the two losses share: when the fused op applies, and its inputs."""
+    """What the two losses share: fastneg's rules, when the fused op applies, and its inputs."""
 
     temperature: float
     distance: Any
+    rules: Rules = PLAIN  # a class default: an instance built without __init__ computes the original
+
+    def __init__(self, *args: Any, rules: Optional[Rules] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        rules = resolve_rules(type(self).__name__, rules)
+        check_carried(type(self).__name__, rules, _CARRIED)
+        self.rules = rules
 
     def _fusible(self, labels: Optional[Tensor], indices_tuple: Any) -> bool:
         d = self.distance
@@ -96,6 +111,9 @@ class _Fused:
             reasons.append("labels are not given")
         if not reasons:
             return True
+        if not self.rules.is_plain:
+            raise ValueError(f"{type(self).__name__}: fastneg's rules need the fused op, which does not apply: "
+                             + "; ".join(reasons))
         _warn_dense(self, "; ".join(reasons))
         return False
 
@@ -118,7 +136,7 @@ class NTXentLoss(_Fused, _pml_losses.NTXentLoss):
             return self.zero_losses()
         q, k = self._prepared(embeddings), self._prepared(ref_emb)
         losses = info_nce(q[a1], k, p, temperature=float(self.temperature), key_labels=ref_labels,
-                          query_labels=labels[a1], reduction="none")
+                          query_labels=labels[a1], reduction="none", rules=self.rules)
         return {"loss": {"losses": losses.to(embeddings.dtype), "indices": (a1, p), "reduction_type": "pos_pair"}}
 
 
@@ -144,7 +162,8 @@ class SupConLoss(_Fused, _pml_losses.SupConLoss):
         q, k = self._prepared(embeddings), self._prepared(ref_emb)
         exclude = rows if exclude_self else None
         per_row = info_nce(q[rows], k, first, temperature=float(self.temperature), key_labels=ref_labels,
-                           query_labels=labels[rows], false_negatives="attract", exclude=exclude, reduction="none")
+                           query_labels=labels[rows], exclude=exclude, reduction="none",
+                           rules=self.rules.replace(false_negatives="attract"))
         losses = torch.zeros(B, dtype=per_row.dtype, device=per_row.device).index_put((rows,), per_row)
         return {"loss": {"losses": losses.to(embeddings.dtype), "indices": torch.arange(B, device=labels.device),
                          "reduction_type": "element"}}

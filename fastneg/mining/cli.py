@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rules.add_argument("--margin", type=float, help="mask s > s+ - margin (s+: the minimum positive score)")
     rules.add_argument("--relative-margin", type=float, help="mask s > s+ - |s+| * r")
     rules.add_argument("--max-score", type=float)
+    rules.add_argument("--rules", metavar="JSON",
+                       help="the rules as the fields of a fastneg.Rules, e.g. '{\"relative_margin\": 0.05}' (the "
+                            "miner reads margin, relative_margin and max_score); instead of the three flags above")
     rules.add_argument("--min-score", type=float)
     rules.add_argument("--range-min", type=int, default=0)
     rules.add_argument("--range-max", type=int)
@@ -180,6 +183,36 @@ def _output_format(path: str) -> str:
     raise InputError(f"--out must end in .parquet or .jsonl, got {path}")
 
 
+def _rules(args: argparse.Namespace) -> Any:
+    """The run's :class:`fastneg.Rules`: ``--rules JSON`` or the three rule flags, not both."""
+    from ..rules import RULE_FIELDS, Rules, check_carried, resolve_rules
+    given = None
+    if args.rules is not None:
+        try:
+            fields = json.loads(args.rules)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--rules: not JSON ({exc.msg}); pass an object such as '{{\"relative_margin\": 0.05}}'") from exc
+        if not isinstance(fields, dict):
+            raise InputError("--rules: pass a JSON object such as '{\"relative_margin\": 0.05}'")
+        unknown = sorted(set(fields) - set(RULE_FIELDS))
+        if unknown:
+            raise InputError(f"--rules: unknown field {unknown[0]!r} (fastneg.Rules has {', '.join(RULE_FIELDS)})")
+        try:
+            given = Rules(**fields)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"--rules: {exc}") from exc
+    try:
+        rules = resolve_rules("fastneg mine", given, margin=args.margin, relative_margin=args.relative_margin,
+                              max_score=args.max_score)
+    except TypeError as exc:
+        raise InputError("--rules cannot be combined with --margin, --relative-margin or --max-score") from exc
+    try:
+        check_carried("--rules", rules, ("margin", "relative_margin", "max_score"))
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return rules
+
+
 def _strategy(args: argparse.Namespace) -> Any:
     from ..options import SimANS
     if args.strategy == "simans":
@@ -268,8 +301,8 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     room, q_share = room.to(device), q_share.to(device)
     p_share = torch.from_numpy(positives[q_lo:q_hi].astype(np.int64)).to(device)
     del queries, corpus  # unmap the files: what stays resident is the shard, the share and the positives
-    run = Mining(q_share, room[:hi - lo], p_share, args.num_negatives, strategy=_strategy(args), margin=args.margin,
-                 relative_margin=args.relative_margin, max_score=args.max_score, min_score=args.min_score,
+    run = Mining(q_share, room[:hi - lo], p_share, args.num_negatives, strategy=_strategy(args), rules=args.rule_set,
+                 min_score=args.min_score,
                  range_min=args.range_min, range_max=args.range_max, index=args.index, batch_size=args.batch_size,
                  seed=args.seed, process_group=group, corpus_room=room)
     if world > 1:
@@ -516,8 +549,8 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
               flush=True)
     out = mine_hard_negatives(
         data, model, anchor_column_name=anchor, positive_column_name=positive, corpus=corpus,
-        range_min=args.range_min, range_max=args.range_max, max_score=args.max_score, min_score=args.min_score,
-        absolute_margin=args.margin, relative_margin=args.relative_margin, num_negatives=args.num_negatives,
+        range_min=args.range_min, range_max=args.range_max, rules=args.rule_set, min_score=args.min_score,
+        num_negatives=args.num_negatives,
         sampling_strategy=_strategy(args), output_format=args.output_format, output_scores=args.output_scores,
         faiss_batch_size=args.batch_size, index=args.index, seed=args.seed, verbose=not args.no_progress,
         process_group=group)
@@ -542,6 +575,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.index != "exact":
             require("faiss", f"--index {args.index}", "mining")
+        args.rule_set = _rules(args)
+        args.margin, args.relative_margin, args.max_score = (args.rule_set.margin, args.rule_set.relative_margin,
+                                                             args.rule_set.max_score)
         if args.model:
             return _mine_model(args, fmt)
         return _mine_embeddings(args, fmt)

@@ -59,6 +59,7 @@ from ..parallel.gather import fail_together, gather_sizes, rank, world_size
 from ..parallel.sharded import KEY_ALIGN, agree, gather_candidates, gather_owned, gather_rows, merge_top, pair_scores, shard_draw
 from ..plan import Plan, Strategy
 from ..reference import gumbel_noise, label_match, score_threshold, simans_log_weight
+from ..rules import Rules, resolve_rules
 from ..sampling import StrategyOption, draw_seed, parse_strategy
 from ..validation import check_num_negatives
 
@@ -206,6 +207,7 @@ def mine_hard_negatives(
     num_negatives: int,
     *,
     strategy: StrategyOption = "top",
+    rules: Optional[Rules] = None,
     query_labels: Optional[torch.Tensor] = None,
     corpus_labels: Optional[torch.Tensor] = None,
     margin: Optional[float] = None,
@@ -232,6 +234,9 @@ def mine_hard_negatives(
         strategy: ``"top"``, ``"simans"``, ``fastneg.SimANS(a, b)``, ``"uniform"`` or ``"random"``.
         query_labels ``[Q]``, corpus_labels ``[N]``: a corpus entry with the query's label is masked
             (e.g. duplicate ids); both or neither.
+        rules: a :class:`fastneg.Rules` (its ``margin``, ``relative_margin`` and ``max_score``; the
+            miner takes no guide embeddings, and the loss's own fields do not apply to a draw), or
+            those three as keyword arguments (not both).
         margin, relative_margin, max_score: the loss's rules, against the minimum positive score.
         min_score: drop candidates scoring below it.
         range_min, range_max: draw from ranks ``[range_min, range_max)`` among the candidates left.
@@ -249,7 +254,7 @@ def mine_hard_negatives(
     Returns:
         :class:`MinedNegatives` for this rank's queries (all of them in one process), global ids.
     """
-    run = Mining(query_embeddings, corpus_embeddings, positives, num_negatives, strategy=strategy,
+    run = Mining(query_embeddings, corpus_embeddings, positives, num_negatives, strategy=strategy, rules=rules,
                  query_labels=query_labels, corpus_labels=corpus_labels, margin=margin,
                  relative_margin=relative_margin, max_score=max_score, min_score=min_score, range_min=range_min,
                  range_max=range_max, batch_size=batch_size, index=index, pool=pool, seed=seed, generator=generator,
@@ -279,7 +284,8 @@ class Mining:
     them (``fastneg mine`` loads the shard into it, so the shard is held once)."""
 
     def __init__(self, query_embeddings: Any, corpus_embeddings: Any, positives: Any, num_negatives: int, *,
-                 strategy: StrategyOption = "top", query_labels: Optional[torch.Tensor] = None,
+                 strategy: StrategyOption = "top", rules: Optional[Rules] = None,
+                 query_labels: Optional[torch.Tensor] = None,
                  corpus_labels: Optional[torch.Tensor] = None, margin: Optional[float] = None,
                  relative_margin: Optional[float] = None, max_score: Optional[float] = None,
                  min_score: Optional[float] = None, range_min: int = 0, range_max: Optional[int] = None,
@@ -290,6 +296,10 @@ class Mining:
         self.group, self.world, self.rank = group, world_size(group) if group is not None else 1, \
             rank(group) if group is not None else 0
         with fail_together(group):
+            resolved = resolve_rules("mine_hard_negatives", rules, margin=margin, relative_margin=relative_margin,
+                                     max_score=max_score)
+            margin, relative_margin, max_score = resolved.margin, resolved.relative_margin, resolved.max_score
+            self.rule_set = resolved
             self._validate(query_embeddings, corpus_embeddings, positives, num_negatives, strategy, query_labels,
                            corpus_labels, margin, relative_margin, max_score, min_score, range_min, range_max,
                            batch_size, index, seed, generator)
@@ -380,8 +390,8 @@ class Mining:
         self.windowed = range_min > 0 or range_max is not None or min_score is not None
         self.filters = margin is not None or relative_margin is not None or max_score is not None or min_score is not None
         self.margin, self.relative_margin, self.max_score, self.min_score = margin, relative_margin, max_score, min_score
-        self.rules = Plan.build(margin, relative_margin, max_score)
-        self.plan = Plan.build(margin, relative_margin, max_score, weighting=simans)
+        self.rules = self.rule_set.masking_plan()
+        self.plan = self.rule_set.masking_plan(simans)
 
     def _agree(self, positives: Any) -> int:
         """Every rank's share sizes and rank 0's seed; ranks whose dim, dtype, labels, index or

@@ -52,6 +52,7 @@ from fastneg.tools.profiling import peak_memory
 
 from ..options import SimANS
 from ..plan import Plan
+from ..rules import Rules
 
 RULE_SETS = ("plain", "masked", "symmetric")
 OPS = ("forward", "backward", "forward+backward")
@@ -139,7 +140,7 @@ def _reference_rows(q: torch.Tensor, k: torch.Tensor, positives: torch.Tensor, q
 
 def make_chunked(chunk: int) -> LossFn:
     def chunked(q: torch.Tensor, k: torch.Tensor, opts: dict) -> torch.Tensor:
-        rules = Plan.build(opts.get("margin"), None, None, 0.0, "absolute", opts.get("weighting"))
+        rules = Rules(margin=opts.get("margin"), weighting=opts.get("weighting")).plan(TEMPERATURE)
         key_labels = opts.get("key_labels")
         B = q.shape[0]
         total = q.new_zeros((), dtype=torch.float32)

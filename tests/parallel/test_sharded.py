@@ -208,8 +208,7 @@ def _one_and_sharded(backend: str, rule: str, strategy: str, cuts: list[int], dt
     one = fastneg.sample_negatives(q, keys, pos, K, strategy=strategy, seed=seed, backend=backend, exclude=ex,
                                    **extra, **options)
     code, simans = parse_strategy(strategy)
-    plan = fastneg.plan.Plan.build(options.get("margin"), options.get("relative_margin"), options.get("max_score"),
-                                   options.get("guide_margin", 0.0), options.get("guide_strategy", "absolute"), simans)
+    plan = fastneg.Rules(**options).masking_plan(simans)
     pos, ql, kl, gq, gk = normalized_operands(q, pos, extra.get("query_labels"), extra.get("key_labels"),
                                               extra.get("guide_query"), extra.get("guide_keys"))
     values, ids = [], []

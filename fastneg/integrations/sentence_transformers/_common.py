@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ...options import Hardness, SimANS
+from ...rules import PLAIN, Rules, check_carried, resolve_rules
 from ...validation import check_backend
 from .._fallback import _warned, warn_dense_once  # noqa: F401  (_warned: cleared by tests)
-from .scores import BlockRules
 
 try:
     from sentence_transformers import util as _st_util
@@ -138,33 +138,34 @@ def _gather_hashes(hashes: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
 
 
 class _FastnegRules:
-    """fastneg's keyword arguments, validated once; the rules reach the fused op as a BlockRules.
+    """fastneg's keyword arguments, validated once; the rules reach the fused op as one
+    :class:`fastneg.Rules`.
 
     Defaults live on the class, so an instance built without ``__init__`` (``cls.__new__`` and
-    attributes set by hand, as some tests of the originals do) computes the original loss."""
+    attributes set by hand, as some tests of the originals do) computes the original loss.
+    ``_rule_fields``: the :class:`~fastneg.Rules` fields this loss carries; a rules object that
+    sets any other field is refused at construction (never silently dropped)."""
 
     mask_duplicates: bool = False
     mask_labels: bool = False  # the ranking losses' (the dataset's label column as relevance groups)
-    rules: BlockRules = BlockRules()
+    rules: Rules = PLAIN
     backend: str = "auto"
     _pending_hashes: Optional[list[Tensor]] = None
     _margin_key = "margin"
+    _rule_fields: tuple[str, ...] = ("margin", "relative_margin", "max_score", "weighting")
 
-    def _init_fastneg(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
-                      max_score: Optional[float], weighting: object, backend: str,
-                      false_negatives: str = "mask") -> None:
-        rules = BlockRules(margin, relative_margin, max_score, weighting, false_negatives)
-        rules.plan()  # validates the values now
+    def _init_fastneg(self, mask_duplicates: bool, rules: Optional[Rules], backend: str, **keywords: object) -> None:
+        name = type(self).__name__
+        rules = resolve_rules(name, rules, **keywords)
+        check_carried(name, rules, self._rule_fields)
         check_backend(backend)
-        # plain attributes: nn.Module's __setattr__ would take a BlockRules for a non-module value anyway
+        # plain attributes: nn.Module's __setattr__ would take a Rules for a non-module value anyway
         object.__setattr__(self, "rules", rules)
         object.__setattr__(self, "backend", backend)
         object.__setattr__(self, "mask_duplicates", bool(mask_duplicates))
 
     def _has_rules(self) -> bool:
-        r = self.rules
-        return (self.mask_duplicates or self.mask_labels or r.false_negatives != "mask"
-                or any(v is not None for v in (r.margin, r.relative_margin, r.max_score, r.weighting)))
+        return self.mask_duplicates or self.mask_labels or not self.rules.is_plain
 
     def _hashes(self, sentence_features: Sequence[dict[str, Tensor]]) -> Optional[list[Tensor]]:
         return [text_hashes(f) for f in sentence_features] if self.mask_duplicates else None
@@ -175,12 +176,10 @@ class _FastnegRules:
                              "need the fused op, which computes cos_sim or dot_score (similarity_fct)")
 
     def _fastneg_config(self) -> dict[str, Any]:
-        r = self.rules
-        extra = {"mask_duplicates": self.mask_duplicates, "mask_labels": self.mask_labels, self._margin_key: r.margin,
-                 "relative_margin": r.relative_margin, "max_score": r.max_score, "weighting": _weighting_repr(r.weighting),
-                 "false_negatives": r.false_negatives}
-        defaults = {"mask_duplicates": False, "mask_labels": False, "false_negatives": "mask"}
-        return {k: v for k, v in extra.items() if v != defaults.get(k)}
+        extra: dict[str, Any] = {"mask_duplicates": self.mask_duplicates, "mask_labels": self.mask_labels}
+        for k, v in self.rules.changed().items():
+            extra[self._margin_key if k == "margin" else k] = _weighting_repr(v) if k == "weighting" else v
+        return {k: v for k, v in extra.items() if v is not False}
 
     def _fastneg_citation(self, original: type) -> str:
         name = original.__name__

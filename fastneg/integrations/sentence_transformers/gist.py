@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...rules import Rules
 from ._common import (
     _embed_columns,
     _FastnegRules,
@@ -105,10 +106,12 @@ class GISTEmbedLoss(_GistMixin, _GIST):
         max_score: Optional[float] = None,
         weighting: object = None,
         backend: str = "auto",
+        rules: Optional[Rules] = None,
     ) -> None:
         super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
                          gather_across_devices)
-        self._init_fastneg(mask_duplicates, score_margin, relative_margin, max_score, weighting, backend)
+        self._init_fastneg(mask_duplicates, rules, backend, margin=score_margin, relative_margin=relative_margin,
+                           max_score=max_score, weighting=weighting)
 
     def _guide_features(self, sentence_features: list[dict[str, Tensor]]) -> list[dict[str, Any]]:
         """The guide's features, as the original builds them: the model's own (copied before the
@@ -174,12 +177,14 @@ class CachedGISTEmbedLoss(_GistMixin, _CGIST):
         max_score: Optional[float] = None,
         weighting: object = None,
         backend: str = "auto",
+        rules: Optional[Rules] = None,
     ) -> None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         super().__init__(model, guide, temperature, mini_batch_size, mini_batch_num_tokens, show_progress_bar,
                          margin_strategy, margin, contrast_anchors, contrast_positives, gather_across_devices)
-        self._init_fastneg(mask_duplicates, score_margin, relative_margin, max_score, weighting, backend)
+        self._init_fastneg(mask_duplicates, rules, backend, margin=score_margin, relative_margin=relative_margin,
+                           max_score=max_score, weighting=weighting)
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:

@@ -37,6 +37,7 @@ import torch
 
 from ...mining import mine_hard_negatives as _mine
 from ...options import SimANS
+from ...rules import Rules, check_carried, resolve_rules
 
 _FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
@@ -90,15 +91,17 @@ def mine_hard_negatives(
     index: Any = None,
     seed: Optional[int] = None,
     process_group: Any = None,
+    rules: Optional[Rules] = None,
 ) -> Any:
     """Add mined negatives to a dataset of (anchor, positive) pairs (module docstring).
 
     Arguments as in ``sentence_transformers.util.mine_hard_negatives``; ``faiss_batch_size`` is the
     number of queries per mining step on every path. fastneg's own: ``index`` (``"exact"``,
     ``"flat"``, ``"ivf"``, ``"hnsw"`` or a ``faiss.Index``; default ``"flat"`` with ``use_faiss``,
-    else ``"exact"``), ``seed`` (for ``"random"`` / ``"simans"``) and ``process_group`` (a
+    else ``"exact"``), ``seed`` (for ``"random"`` / ``"simans"``), ``process_group`` (a
     ``torch.distributed`` group: each rank encodes and searches its shard of the corpus; module
-    docstring).
+    docstring) and ``rules`` (a :class:`fastneg.Rules` in place of ``absolute_margin``,
+    ``relative_margin`` and ``max_score``: its ``margin`` is the absolute margin; not both).
     """
     from datasets import Dataset
 
@@ -132,7 +135,10 @@ def mine_hard_negatives(
             row.append(corpus_idx[positive])
     n_positives = [len(p) for p in positive_indices]
     max_positives = max(n_positives)
-    filters = any(v is not None for v in (absolute_margin, relative_margin, max_score, min_score))
+    rules = resolve_rules("mine_hard_negatives", rules, margin=absolute_margin, relative_margin=relative_margin,
+                          max_score=max_score)
+    check_carried("mine_hard_negatives", rules, ("margin", "relative_margin", "max_score"))
+    filters = not rules.is_plain or min_score is not None
     if range_max is None and (use_faiss or index not in (None, "exact")):
         # sentence-transformers' pool: the window it retrieves before filtering
         range_max = range_min + (10 if filters else 1) * num_negatives + max_positives
@@ -142,10 +148,9 @@ def mine_hard_negatives(
     strategy = "uniform" if sampling_strategy == "random" else sampling_strategy
     if index is None:
         index = "flat" if use_faiss else "exact"
-    options = dict(strategy=strategy, margin=absolute_margin, relative_margin=relative_margin, max_score=max_score,
-                   min_score=min_score, range_min=range_min, range_max=range_max, batch_size=faiss_batch_size,
-                   index=index, pool=None if range_max is None else range_max + max_positives, seed=seed,
-                   show_progress_bar=verbose)
+    options = dict(strategy=strategy, rules=rules, min_score=min_score, range_min=range_min, range_max=range_max,
+                   batch_size=faiss_batch_size, index=index, pool=None if range_max is None else range_max + max_positives,
+                   seed=seed, show_progress_bar=verbose)
     # per (query, positive) pair, in the order of the de-duplicated queries
     pair_query = [q for q in range(len(queries)) for _ in range(n_positives[q])]
     pair_doc = [d for q in range(len(queries)) for d in positive_indices[q]]

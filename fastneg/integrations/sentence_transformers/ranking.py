@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ...rules import Rules
 from ._common import (
     _embed_columns,
     _FastnegRules,
@@ -37,11 +38,12 @@ class _RankingMixin(_FastnegRules):
     hardness_mode: Optional[str]
     hardness_strength: float
 
-    def _init_ranking_rules(self, mask_duplicates: bool, margin: Optional[float], relative_margin: Optional[float],
-                            max_score: Optional[float], weighting: object, backend: str, mask_labels: bool = False,
-                            false_negatives: str = "mask") -> None:
-        self._init_fastneg(mask_duplicates, margin, relative_margin, max_score, weighting, backend, false_negatives)
-        if self.hardness_mode is not None and self.hardness_strength > 0 and weighting is not None:
+    _rule_fields = ("margin", "relative_margin", "max_score", "weighting", "false_negatives")
+
+    def _init_ranking_rules(self, mask_duplicates: bool, rules: Optional[Rules], backend: str, mask_labels: bool,
+                            **keywords: object) -> None:
+        self._init_fastneg(mask_duplicates, rules, backend, **keywords)
+        if self.hardness_mode is not None and self.hardness_strength > 0 and self.rules.weighting is not None:
             raise ValueError("hardness_mode and weighting are both negative weightings: use one of them")
         if not isinstance(mask_labels, bool):
             raise TypeError(f"mask_labels must be True or False, got {mask_labels!r}")
@@ -165,11 +167,13 @@ class MultipleNegativesRankingLoss(_RankingMixin, _MNRL):
         backend: str = "auto",
         mask_labels: bool = False,
         false_negatives: str = "mask",
+        rules: Optional[Rules] = None,
     ) -> None:
         super().__init__(model, scale, _similarity_argument(similarity_fct), gather_across_devices, tuple(directions),
                          partition_mode, hardness_mode, hardness_strength)
-        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend, mask_labels,
-                                 false_negatives)
+        self._init_ranking_rules(mask_duplicates, rules, backend, mask_labels, margin=margin,
+                                 relative_margin=relative_margin, max_score=max_score, weighting=weighting,
+                                 false_negatives=false_negatives)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -239,14 +243,16 @@ class CachedMultipleNegativesRankingLoss(_RankingMixin, _CMNRL):
         backend: str = "auto",
         mask_labels: bool = False,
         false_negatives: str = "mask",
+        rules: Optional[Rules] = None,
     ) -> None:
         if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
         super().__init__(model, scale, _similarity_argument(similarity_fct), mini_batch_size, mini_batch_num_tokens,
                          gather_across_devices, tuple(directions), partition_mode, show_progress_bar, hardness_mode,
                          hardness_strength)
-        self._init_ranking_rules(mask_duplicates, margin, relative_margin, max_score, weighting, backend, mask_labels,
-                                 false_negatives)
+        self._init_ranking_rules(mask_duplicates, rules, backend, mask_labels, margin=margin,
+                                 relative_margin=relative_margin, max_score=max_score, weighting=weighting,
+                                 false_negatives=false_negatives)
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Optional[Tensor] = None, *,
                        with_backward: bool = False) -> Tensor:

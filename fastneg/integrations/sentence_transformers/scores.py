@@ -20,7 +20,6 @@ negatives (``B x num_hard`` scores) are computed densely and merged with the fus
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,31 +28,17 @@ from ...functional import info_nce
 from ...options import Hardness
 from ...plan import Plan
 from ...reference import false_negative_mask
+from ...rules import PLAIN, Rules
 
-__all__ = ["BlockRules", "ranking_loss", "gist_loss", "NO_LABEL"]
+__all__ = ["ranking_loss", "gist_loss", "NO_LABEL"]
 
 NO_LABEL = -1  # a key label no query label ever equals (hashes and row ids are >= 0)
 
 
-@dataclass(frozen=True)
-class BlockRules:
-    """fastneg's own rules on top of a sentence-transformers loss (SPEC sections 2-3)."""
-
-    margin: Optional[float] = None
-    relative_margin: Optional[float] = None
-    max_score: Optional[float] = None
-    weighting: object = None  # None, "simans", SimANS or Hardness
-    false_negatives: str = "mask"  # what the flagged keys become: "mask" or "attract" (info_nce's)
-
-    def plan(self) -> Plan:
-        """The rules as the plan the dense helpers take (validates the values)."""
-        return Plan.build(self.margin, self.relative_margin, self.max_score, 0.0, "absolute", self.weighting,  # type: ignore[arg-type]
-                          false_negatives=self.false_negatives)
-
-    def options(self, **overrides: object) -> dict[str, object]:
-        """Keyword arguments of :func:`fastneg.info_nce`."""
-        return {"margin": self.margin, "relative_margin": self.relative_margin, "max_score": self.max_score,
-                "weighting": self.weighting, "false_negatives": self.false_negatives, **overrides}
+def _options(rules: Rules, **overrides: object) -> dict[str, object]:
+    """Keyword arguments of :func:`fastneg.info_nce`: ``rules`` with ``overrides`` (a block's own
+    weighting or guide)."""
+    return {"rules": rules.replace(**overrides) if overrides else rules}
 
 
 def _call(backend: str, query: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float,
@@ -114,7 +99,7 @@ def ranking_loss(
     partition_mode: str = "joint",
     hardness_mode: Optional[str] = None,
     hardness_strength: float = 0.0,
-    rules: BlockRules = BlockRules(),
+    rules: Rules = PLAIN,
     query_hashes: Optional[torch.Tensor] = None,
     doc_hashes: Optional[Sequence[torch.Tensor]] = None,
     labels: Optional[torch.Tensor] = None,
@@ -188,7 +173,7 @@ def ranking_loss(
     if partition_mode == "per_direction":
         # one softmax per direction, averaged: query -> docs and (optionally) doc -> query
         ql, kl = q2d_doc_labels()
-        opts = rules.options() if fused_bias == 0.0 else rules.options(weighting=Hardness(fused_bias))
+        opts = _options(rules) if fused_bias == 0.0 else _options(rules, weighting=Hardness(fused_bias))
         losses = [_call(backend, q_loc, docs_all, positives, temperature, opts, *_stack_levels(ql, kl))]
         if split_own:
             s_pos = (q_loc * d_loc).sum(1)
@@ -198,7 +183,7 @@ def ranking_loss(
             if labels is not None:
                 ql2.append(row_label)
                 kl2.append(labels)
-            losses.append(_call(backend, d_loc, queries, positives, temperature, rules.options(),
+            losses.append(_call(backend, d_loc, queries, positives, temperature, _options(rules),
                                 *_stack_levels(ql2, kl2)))
         return torch.stack(losses).mean(0)
 
@@ -261,14 +246,14 @@ def ranking_loss(
     query_labels, key_labels = _stack_levels(ql_levels, kl_levels)
 
     guide_query = guide_keys = None
-    opts = rules.options()
+    opts = _options(rules)
     if fused_bias != 0.0:
         if len(blocks) == 1:
-            opts = rules.options(weighting=Hardness(fused_bias))
+            opts = _options(rules, weighting=Hardness(fused_bias))
         else:  # the bias belongs to the query -> documents block only: a guide that is zero elsewhere
             guide_query = q_loc.detach()
             guide_keys = torch.cat([docs_all.detach()] + [b.new_zeros(b.shape) for b, _ in blocks[1:]])
-            opts = rules.options(weighting=Hardness(fused_bias, on="guide"), guide_margin=None)
+            opts = _options(rules, weighting=Hardness(fused_bias, on="guide"), guide_margin=None)
     loss = _call(backend, query_row, keys, positives, temperature, opts, query_labels, key_labels,
                  guide_query, guide_keys)
     if split_own:
@@ -289,7 +274,7 @@ def gist_loss(
     margin: float = 0.0,
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
-    rules: BlockRules = BlockRules(),
+    rules: Rules = PLAIN,
     anchor_hashes: Optional[torch.Tensor] = None,
     candidate_hashes: Optional[Sequence[torch.Tensor]] = None,
     backend: str = "auto",
@@ -341,6 +326,6 @@ def gist_loss(
     if hashes:
         query_labels, key_labels = _stack_levels([candidate_hashes[0][rows], anchor_hashes[rows - offset]],  # type: ignore[index]
                                                  [torch.cat(kl_doc), torch.cat(kl_query)])
-    opts = rules.options(guide_margin=float(margin), guide_strategy=margin_strategy)
+    opts = _options(rules, guide_margin=float(margin), guide_strategy=margin_strategy)
     return _call(backend, query_row, _pad(blocks, halves), rows, temperature, opts, query_labels, key_labels,
                  guide_row.detach().to(query_row.dtype), _pad(gblocks, halves).detach().to(query_row.dtype))
