@@ -139,7 +139,8 @@ def test_the_sampler_ignores_the_loss_fields(field: str) -> None:
     """One rules object serves a loss and its sampler: the loss's own fields do not change a draw."""
     p = _problem(torch.float32)
     guide = dict(guide_query=p["guide_query"], guide_keys=p["guide_keys"])
-    a = fastneg.sample_negatives(p["query"], p["keys"], None, 5, strategy="top", rules=fastneg.Rules(**{field: EXAMPLES[field]}), **guide)
+    rules = fastneg.Rules(**{field: EXAMPLES[field]})
+    a = fastneg.sample_negatives(p["query"], p["keys"], None, 5, strategy="top", rules=rules, **guide)
     assert torch.equal(a, fastneg.sample_negatives(p["query"], p["keys"], None, 5, strategy="top", **guide))
 
 

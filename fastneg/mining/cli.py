@@ -206,7 +206,9 @@ def _rules(args: argparse.Namespace) -> Any:
                               max_score=args.max_score)
     except TypeError as exc:
         raise InputError("--rules cannot be combined with --margin, --relative-margin or --max-score") from exc
-    try:
+    if rules.weighting is not None:
+        raise InputError("--rules: the miner draws with --strategy (e.g. --strategy simans), not a weighting")
+    try:  # the command line is the miner's alone: a field it would not read is an error, not ignored
         check_carried("--rules", rules, ("margin", "relative_margin", "max_score"))
     except ValueError as exc:
         raise InputError(str(exc)) from exc

@@ -47,12 +47,13 @@ def _files(tmp: Path, Q: int = 120, N: int = 1500, D: int = 16, seed: int = 0) -
     return paths[0], paths[1], paths[2]
 
 
-@pytest.mark.parametrize("ext", ["parquet", "jsonl"])
-def test_round_trip_embeddings(tmp_path: Path, ext: str) -> None:
+@pytest.mark.parametrize("ext, rules", [("parquet", False), ("jsonl", False), ("jsonl", True)])
+def test_round_trip_embeddings(tmp_path: Path, ext: str, rules: bool) -> None:
     q, c, p = _files(tmp_path)
     out = tmp_path / f"mined.{ext}"
+    flags = ["--rules", '{"relative_margin": 0.05}'] if rules else ["--relative-margin", "0.05"]
     res = _cli("--queries", q, "--corpus", c, "--positives", p, "--out", str(out), "--num-negatives", "5",
-               "--relative-margin", "0.05", "--batch-size", "50")
+               *flags, "--batch-size", "50")
     assert res.returncode == 0, res.stderr
     rows = pq.read_table(out).to_pylist() if ext == "parquet" else [json.loads(line) for line in out.open()]
     want = fastneg.mine_hard_negatives(np.load(q), np.load(c), np.load(p), 5, relative_margin=0.05)
@@ -217,6 +218,13 @@ def _bad(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("missing column", ["--model", "x", "--pairs", str(one_col)], "positive-column"),
         ("num negatives", [*emb, "--num-negatives", "0"], "num-negatives"),
         ("window", [*emb, "--range-min", "5", "--range-max", "6"], "range_max"),
+        ("rules not JSON", [*emb, "--rules", "{margin: 1}"], "--rules: not JSON"),
+        ("rules not an object", [*emb, "--rules", "[0.1]"], "JSON object"),
+        ("rules unknown field", [*emb, "--rules", '{"margn": 0.1}'], "unknown field 'margn'"),
+        ("rules bad value", [*emb, "--rules", '{"relative_margin": "x"}'], "relative_margin must be a float"),
+        ("rules and a flag", [*emb, "--rules", '{"margin": 0.1}', "--max-score", "0.5"], "cannot be combined"),
+        ("rules weighting", [*emb, "--rules", '{"weighting": "simans"}'], "--strategy"),
+        ("rules a loss field", [*emb, "--rules", '{"debias": 0.1}'], "rules.debias is not available"),
     ]
 
 

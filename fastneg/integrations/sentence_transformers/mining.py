@@ -37,7 +37,7 @@ import torch
 
 from ...mining import mine_hard_negatives as _mine
 from ...options import SimANS
-from ...rules import Rules, check_carried, resolve_rules
+from ...rules import Rules, resolve_rules
 
 _FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 
@@ -101,7 +101,8 @@ def mine_hard_negatives(
     else ``"exact"``), ``seed`` (for ``"random"`` / ``"simans"``), ``process_group`` (a
     ``torch.distributed`` group: each rank encodes and searches its shard of the corpus; module
     docstring) and ``rules`` (a :class:`fastneg.Rules` in place of ``absolute_margin``,
-    ``relative_margin`` and ``max_score``: its ``margin`` is the absolute margin; not both).
+    ``relative_margin`` and ``max_score``: its ``margin`` is the absolute margin; not both; the
+    loss's own fields are ignored, as by :func:`fastneg.mine_hard_negatives`).
     """
     from datasets import Dataset
 
@@ -137,8 +138,7 @@ def mine_hard_negatives(
     max_positives = max(n_positives)
     rules = resolve_rules("mine_hard_negatives", rules, margin=absolute_margin, relative_margin=relative_margin,
                           max_score=max_score)
-    check_carried("mine_hard_negatives", rules, ("margin", "relative_margin", "max_score"))
-    filters = not rules.is_plain or min_score is not None
+    filters = any(v is not None for v in (rules.margin, rules.relative_margin, rules.max_score, min_score))
     if range_max is None and (use_faiss or index not in (None, "exact")):
         # sentence-transformers' pool: the window it retrieves before filtering
         range_max = range_min + (10 if filters else 1) * num_negatives + max_positives
