@@ -94,8 +94,7 @@ class _Fused:
     distance: Any
     rules: Rules = PLAIN  # a class default: an instance built without __init__ computes the original
 
-    def __init__(self, *args: Any, rules: Optional[Rules] = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _init_rules(self, rules: Optional[Rules]) -> None:
         rules = resolve_rules(type(self).__name__, rules)
         check_carried(type(self).__name__, rules, _CARRIED)
         self.rules = rules
@@ -123,7 +122,12 @@ class _Fused:
 
 class NTXentLoss(_Fused, _pml_losses.NTXentLoss):
     """pytorch-metric-learning's ``NTXentLoss`` (NT-Xent, SimCLR's loss), computed by fastneg's fused
-    op: one row per positive pair, the anchor's same-label keys masked. Same arguments and numbers."""
+    op: one row per positive pair, the anchor's same-label keys masked. Same arguments and numbers;
+    ``rules``: fastneg's rules on top (module docstring)."""
+
+    def __init__(self, temperature: float = 0.07, *, rules: Optional[Rules] = None, **kwargs: Any) -> None:
+        super().__init__(temperature=temperature, **kwargs)
+        self._init_rules(rules)
 
     def compute_loss(self, embeddings: Tensor, labels: Optional[Tensor], indices_tuple: Any, ref_emb: Tensor,
                      ref_labels: Optional[Tensor]) -> dict:
@@ -142,7 +146,12 @@ class NTXentLoss(_Fused, _pml_losses.NTXentLoss):
 
 class SupConLoss(_Fused, _pml_losses.SupConLoss):
     """pytorch-metric-learning's ``SupConLoss`` (Khosla et al. 2020, the "outside" form), computed by
-    fastneg's fused op with attraction: every same-label key a positive. Same arguments and numbers."""
+    fastneg's fused op with attraction: every same-label key a positive. Same arguments and numbers; ``rules``:
+    fastneg's rules on top (module docstring)."""
+
+    def __init__(self, temperature: float = 0.1, *, rules: Optional[Rules] = None, **kwargs: Any) -> None:
+        super().__init__(temperature=temperature, **kwargs)
+        self._init_rules(rules)
 
     def compute_loss(self, embeddings: Tensor, labels: Optional[Tensor], indices_tuple: Any, ref_emb: Tensor,
                      ref_labels: Optional[Tensor]) -> dict:
