@@ -80,11 +80,8 @@ __all__ = ["info_nce_bwd_triton"]
 
 @triton.jit
 def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
-                  positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-                  hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p, owner_ptr,
-                  cstate_ptr,
-                  inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq,
-                  stride_gk, NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
+                  row, owner_ptr, cstate_ptr, coeffs, sizes, strides, NUM_LABELS: tl.constexpr,
+                  HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
                   MASK_N: tl.constexpr, PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
@@ -97,8 +94,17 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     ``grad_scale`` (their dS is 0 with no per-element test). ``POSITIVE_LATER``: the positive's
     column is left as its class made it and ``_panel_positive_kernel`` writes its dS afterwards
     (one element per row instead of a test per element); its tau term, dS (s_ij - s_i+) with
-    s_ij the positive's own score, is zero up to the rounding of the two products."""
+    s_ij the positive's own score, is zero up to the rounding of the two products.
+
+    Groups: ``row`` the block's row state (``_load_row_state``), ``coeffs`` the call's scalars
+    (1 / temperature, weight_a, weight_b, 1 / teacher temperature, soft weight), ``sizes``
+    (B, N, D, DG), ``strides`` (the row strides of query, keys, guide query, guide keys)."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
+    (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
+     hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p) = row
+    inv_temp, weight_a, weight_b, soft_inv, soft_weight = coeffs
+    B, N, D, DG = sizes
+    stride_q, stride_k, stride_gq, stride_gk = strides
     local = tl.arange(0, BLOCK_N)
     col_valid = local < N - n0
     scale = inv_temp * LOG2E
@@ -224,24 +230,18 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 
 @triton.jit
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
-             tau_sum,
-             positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-             hcl_ref, hcl_wref, log_share, neg_max, teacher,
-             exclude, inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight,
-             B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS: tl.constexpr,
+             tau_sum, row, owner_ptr, cstate_ptr, coeffs, sizes, strides, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
              PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr,
              PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
     """One key tile of a row block: dS written to the panel, the tile's tau added to the rows' sums."""
+    N = sizes[1]
+    stride_k, stride_gk = strides[1], strides[3]
     ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
-                            klab_ptr + n0, row_start, rows, n0, row_valid, positive, s_pos, threshold, guide_threshold, lse,
-                            offset, grad_scale, coef, hcl_mass, hcl_shift,
-                            hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p, owner_ptr,
-                            cstate_ptr, inv_temp, weight_a, weight_b, soft_inv, soft_weight, B, N,
-                            D, DG, stride_q, stride_k, stride_gq, stride_gk, NUM_LABELS, HAS_GUIDE, GUIDE_RULE,
-                            HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN,
-                            POSITIVE_LATER)
+                            klab_ptr + n0, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
+                            strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
+                            BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN, POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
         tau_sum += tl.sum(tau, axis=1)
     if STORE_DS:
@@ -280,9 +280,11 @@ def _info_nce_bwd_ds_kernel(
     row_valid = (local < R) & (rows < B)
     group = tl.program_id(1)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    (positive, s_pos, threshold, guide_threshold, lse, offset, grad_scale, coef,
-     hcl_mass, hcl_shift, hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude, inv_p) = _load_row_state(
-        rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE, HAS_EXCLUDE, FLAGS)
+    row = _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv_temp, B, HAS_GUIDE,
+                          HAS_EXCLUDE, FLAGS)
+    coeffs = (inv_temp, weight_a, weight_b, soft_inv, soft_weight)
+    sizes = (B, N, D, DG)
+    strides = (stride_q, stride_k, stride_gq, stride_gk)
     row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     q_row_ptr = q_ptr + row_start * stride_q
     gq_row_ptr = gq_ptr + row_start * stride_gq
@@ -290,24 +292,17 @@ def _info_nce_bwd_ds_kernel(
     full = N // BLOCK_N
     if RAGGED:
         tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
-                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                           guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-                           hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude,
-                           inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b, soft_inv,
-                           soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds, NUM_LABELS,
-                           HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D,
-                           EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
+                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, row, owner_ptr, cstate_ptr, coeffs,
+                           sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION,
+                           STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
     else:
         first = group * tiles_per_group
         for tile in range(first, tl.minimum(first + tiles_per_group, full)):
             tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
-                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, positive, s_pos, threshold,
-                               guide_threshold, lse, offset, grad_scale, coef, hcl_mass, hcl_shift,
-                               hcl_ref, hcl_wref, log_share, neg_max, teacher, exclude,
-                               inv_p, owner_ptr, cstate_ptr, inv_temp, weight_a, weight_b,
-                               soft_inv, soft_weight, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, stride_ds,
-                               NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, STORE_DS, BLOCK_M,
-                               BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, POSITIVE_LATER)
+                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, row, owner_ptr, cstate_ptr,
+                               coeffs, sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
+                               PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN,
+                               POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
         tl.store(part_ptr + (part_row0 + group).to(tl.int64) * R + local, tau_sum, mask=row_valid)
 
@@ -401,13 +396,15 @@ def info_nce_bwd_triton(
     symmetric = bool(flags & Flag.SYMMETRIC)
     query_grad, keys_grad = bool(flags & Flag.QUERY_GRAD), bool(flags & Flag.KEYS_GRAD)
     p = Problem.of(query, keys, guide_query, guide_keys, 2 if symmetric else int(plan.soft_temperature is not None))
-    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
+    q, k, gq, gk, B, N, D, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
     owner, cstate = column_state(positives, row_state, grad, N) if symmetric else (positives, row_state)
     soft = soft_scalars(plan.soft_temperature, plan.soft_weight)
-    common_in = (grad, q, k, positives, temperature, qlab, klab, gq, gk, row_state.float().contiguous(), owner, cstate,
-                 exclude_operand(exclude, positives))
+    state = row_state.float().contiguous()
+    operands = dict(grad_ptr=grad, q_ptr=q, k_ptr=k, pos_ptr=positives, temp_ptr=temperature, qlab_ptr=qlab,
+                    klab_ptr=klab, gq_ptr=gq, gk_ptr=gk, state_ptr=state, owner_ptr=owner, cstate_ptr=cstate,
+                    excl_ptr=exclude_operand(exclude, positives), **p.shape_args())
     tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=kernel_flags(flags),
                  PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
@@ -446,22 +443,26 @@ def info_nce_bwd_triton(
             for count, is_ragged in ((groups, False), (ragged, True)):
                 if count:
                     wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), count)](
-                        *common_in, panel, part, row0, r, B, N, D, DG, *p.strides, panel.stride(0), plan.weight_a,
-                        plan.weight_b, *soft, per_group, groups if is_ragged else 0, STORE_DS=store, RAGGED=is_ragged,
-                        POSITIVE_LATER=later, **tiles)
+                        **operands, ds_ptr=panel, part_ptr=part, row0=row0, R=r, stride_ds=panel.stride(0),
+                        weight_a=plan.weight_a, weight_b=plan.weight_b, soft_inv=soft[0], soft_weight=soft[1],
+                        tiles_per_group=per_group, part_row0=groups if is_ragged else 0, STORE_DS=store,
+                        RAGGED=is_ragged, POSITIVE_LATER=later, **tiles)
             if need_rowsum:
                 rows_of_part = groups + ragged
                 sums.append(part.view(-1)[:rows_of_part * r].view(rows_of_part, r).sum(0))  # written [groups, r]
             if later:
                 wrap_triton(_panel_positive_kernel)[(triton.cdiv(r, 256),)](
-                    grad, positives, temperature, common_in[9], panel, row0, r, B, panel.stride(0), BLOCK=256)
+                    grad_ptr=grad, pos_ptr=positives, temp_ptr=temperature, state_ptr=state, ds_ptr=panel, row0=row0,
+                    R=r, B=B, stride_ds=panel.stride(0), BLOCK=256)
         if query_grad and D > 0:
             wrap_triton(_dq_kernel)[(d_blocks, triton.cdiv(r, mm["BLOCK_M"]))](
-                panel, k, dq, row0, r, B, N, D, panel.stride(0), k.stride(0), dq.stride(0), **mm)
+                ds_ptr=panel, k_ptr=k, dq_ptr=dq, row0=row0, R=r, B=B, N=N, D=D, stride_ds=panel.stride(0),
+                stride_k=k.stride(0), stride_dq=dq.stride(0), **mm)
         if keys_grad and N > 0 and D > 0:
             out = dk if i == len(starts) - 1 else acc
             wrap_triton(_dk_kernel)[(d_blocks, triton.cdiv(N, mm["BLOCK_N"]))](
-                panel, q, acc, out, row0, r, B, N, D, panel.stride(0), q.stride(0), acc.stride(0), out.stride(0),
+                ds_ptr=panel, q_ptr=q, acc_ptr=acc, out_ptr=out, row0=row0, R=r, B=B, N=N, D=D,
+                stride_ds=panel.stride(0), stride_q=q.stride(0), stride_acc=acc.stride(0), stride_out=out.stride(0),
                 LOAD_ACC=i > 0, **mm)
     if keys_grad and not starts:
         dk.zero_()

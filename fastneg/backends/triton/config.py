@@ -234,6 +234,12 @@ class Problem:
         return (self.q.stride(0), self.k.stride(0), self.gq.stride(0) if self.gq.dim() == 2 else 0,
                 self.gk.stride(0) if self.gk.dim() == 2 else 0)
 
+    def shape_args(self) -> dict[str, int]:
+        """The kernels' size and row-stride arguments by name (every kernel that reads the inputs
+        takes them under these names)."""
+        sq, sk, sgq, sgk = self.strides
+        return dict(B=self.B, N=self.N, D=self.D, DG=self.DG, stride_q=sq, stride_k=sk, stride_gq=sgq, stride_gk=sgk)
+
 
 def column_owners(positives: torch.Tensor, N: int) -> torch.Tensor:
     """owner[j] = the row whose positive is key j, -1 for keys that are nobody's positive."""
@@ -267,6 +273,13 @@ def column_parts(row_blocks: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(row_blocks, 2)
     return min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def rule_scalars(plan: object) -> dict[str, float]:
+    """The score rules' scalars by the kernels' argument names (0 where a rule is off: ``FLAGS`` says
+    which are on; ``guide_margin`` -inf when the guide does not mask)."""
+    return dict(margin=plan.margin or 0.0, relative_margin=plan.relative_margin or 0.0,  # type: ignore[attr-defined]
+                max_score=plan.max_score or 0.0, guide_margin=plan.guide_margin)  # type: ignore[attr-defined]
 
 
 def soft_scalars(soft_temperature: Optional[float], soft_weight: float) -> tuple[float, float]:

@@ -48,6 +48,7 @@ from .config import (
     label_operands,
     plain_rows,
     precision,
+    rule_scalars,
     soft_scalars,
     tuned,
 )
@@ -530,14 +531,14 @@ def info_nce_fwd_triton(
     plan = Plan.decode(scalars, flags)
     symmetric = bool(flags & Flag.SYMMETRIC)
     p = Problem.of(query, keys, guide_query, guide_keys, 2 if symmetric else int(plan.soft_temperature is not None))
-    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
+    q, k, gq, gk, B, N, D, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.cfg
     f32 = dict(dtype=torch.float32, device=q.device)
     loss = torch.empty(B, **f32)
     state = torch.zeros(len(RowState), B, **f32)
     n_masked = torch.empty(B, dtype=torch.int64, device=q.device)
     n_neg = torch.empty(B, dtype=torch.int64, device=q.device)
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
-    rules = (plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin)
+    rules = rule_scalars(plan)
     tiles = dict(HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m,
                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     plain = plain_rows(flags, levels, guide_query is not None, exclude is not None)
@@ -547,8 +548,10 @@ def info_nce_fwd_triton(
     parts = row_blocks
     owner = cstate = cpart = cneg = positives  # not read unless symmetric
     if symmetric:
+        shape_args = p.shape_args()
+        del shape_args["N"]
         wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
-            q, k, positives, gq, gk, state, B, D, DG, *p.strides, *rules, **tiles)
+            q_ptr=q, k_ptr=k, pos_ptr=positives, gq_ptr=gq, gk_ptr=gk, state_ptr=state, **shape_args, **rules, **tiles)
         owner, cstate = column_state(positives, state, None, N)
         parts = column_parts(row_blocks, q.device)
         # per program: the running max and sum of each owned column's logits and log-weights
@@ -561,14 +564,17 @@ def info_nce_fwd_triton(
     fixed = plan.weighting == Weighting.SIMANS and not symmetric
     redo = torch.empty(B, dtype=torch.int32, device=q.device) if fixed else positives
     for again in ((False, True) if fixed else (False,)):
+        soft_inv, soft_weight = soft_scalars(plan.soft_temperature, plan.soft_weight)
         wrap_triton(_fwd_kernel)[(parts,)](
-            q, k, positives, temperature, qlab, klab, gq, gk, owner, cstate, exclude_operand(exclude, positives),
-            loss, state, n_masked, n_neg, cpart, cneg, redo, B, N, D, DG, *p.strides, *rules, plan.weight_a,
-            plan.weight_b, plan.debias or 0.0, *soft_scalars(plan.soft_temperature, plan.soft_weight), NUM_LABELS=levels,
+            q_ptr=q, k_ptr=k, pos_ptr=positives, temp_ptr=temperature, qlab_ptr=qlab, klab_ptr=klab, gq_ptr=gq,
+            gk_ptr=gk, owner_ptr=owner, cstate_ptr=cstate, excl_ptr=exclude_operand(exclude, positives),
+            loss_ptr=loss, state_ptr=state, nmask_ptr=n_masked, nneg_ptr=n_neg, cpart_ptr=cpart, cneg_ptr=cneg,
+            redo_ptr=redo, **p.shape_args(), **rules, weight_a=plan.weight_a, weight_b=plan.weight_b,
+            tau_plus=plan.debias or 0.0, soft_inv=soft_inv, soft_weight=soft_weight, NUM_LABELS=levels,
             HAS_EXCLUDE=exclude is not None, REDO=again, **tiles, **shape,
         )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
-            loss, state, temperature, positives, cpart, cneg, B, N, parts, WEIGHTING=int(plan.weighting),
-            PLAIN=plain, BLOCK=256)
+            loss_ptr=loss, state_ptr=state, temp_ptr=temperature, pos_ptr=positives, cpart_ptr=cpart, cneg_ptr=cneg,
+            B=B, N=N, PARTS=parts, WEIGHTING=int(plan.weighting), PLAIN=plain, BLOCK=256)
     return loss, state, n_masked, n_neg

@@ -18,7 +18,7 @@ from torch.library import triton_op, wrap_triton
 
 from ...plan import Plan
 from .. import MAX_FUSED_NEGATIVES
-from .config import Problem, gpu_tiles, kernel_flags, label_operands, precision
+from .config import Problem, gpu_tiles, kernel_flags, label_operands, precision, rule_scalars
 from .rules import KIND, STRATEGY_SIMANS, STRATEGY_TOP, classify, row_thresholds, simans_log_weight
 from .tiles import tl_tile_scores
 
@@ -136,7 +136,7 @@ def sample_negatives_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = Plan.decode(scalars, flags, sampler=True)
     p = Problem.of(query, keys, guide_query, guide_keys)
-    q, k, gq, gk, B, N, D, DG, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.DG, p.cfg
+    q, k, gq, gk, B, cfg = p.q, p.k, p.gq, p.gk, p.B, p.cfg
     k_pad = triton.next_power_of_2(num_negatives)
     if k_pad > MAX_FUSED_NEGATIVES:
         raise ValueError(f"num_negatives: the fused Triton sampler takes at most {MAX_FUSED_NEGATIVES}, got {num_negatives}")
@@ -147,10 +147,10 @@ def sample_negatives_triton(
     values = torch.empty(B, num_negatives, dtype=torch.float32, device=q.device)
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
     wrap_triton(_sample_negatives_kernel)[(triton.cdiv(B, block_m),)](
-        q, k, positives, qlab, klab, gq, gk, out, values, B, N, D, DG, *p.strides,
-        plan.margin or 0.0, plan.relative_margin or 0.0, plan.max_score or 0.0, plan.guide_margin, plan.weight_a,
-        plan.weight_b, _mix32(seed), first_key, num_negatives, NUM_LABELS=levels, HAS_GUIDE=guide_query is not None,
-        FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype),
+        q_ptr=q, k_ptr=k, pos_ptr=positives, qlab_ptr=qlab, klab_ptr=klab, gq_ptr=gq, gk_ptr=gk, out_ptr=out,
+        value_ptr=values, **p.shape_args(), **rule_scalars(plan), weight_a=plan.weight_a, weight_b=plan.weight_b,
+        seed_hash=_mix32(seed), first_key=first_key, num_negatives=num_negatives, NUM_LABELS=levels,
+        HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad, num_warps=warps,
     )
     return out, values
