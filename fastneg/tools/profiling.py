@@ -93,9 +93,9 @@ def _dot_site(frame: Any) -> tuple[str, str, int]:
     kernel, site, width = "?", "tiles", -1
     while frame is not None:
         name = frame.f_code.co_name
-        if name == "tl_positive_scores":
+        if name == "positive_scores":
             site = "positives"
-        if name in ("tl_tile_scores", "tl_tile_dot") and width < 0:
+        if name in ("tile_scores", "tile_dot") and width < 0:
             width = int(frame.f_locals.get("D", -1))
         if name.startswith(_KERNEL_PREFIXES):
             kernel = name

@@ -12,8 +12,8 @@ panel's rows of ``dq = dS @ k`` (complete: a panel holds every key) and ``_panel
 ``dS^T @ q_panel`` to the key gradient (float32 running sum, in panel order); both walk the D
 blocks of one row (key) block together, so the panel's repeats come from L2.
 
-``dS_ij = g_i / tau * (P_ij - [j == p_i])`` with ``P_ij = exp2(x2_ij + (offset_i - lse_i) log2 e)``
-in the forward's log2 units (plus the modes' extra terms, ``tl_score_grad``); the full key tiles
+``dS_ij = g_i / t * (P_ij - [j == p_i])`` with ``P_ij = exp2(x2_ij + (offset_i - lse_i) log2 e)``
+in the forward's log2 units (plus the modes' extra terms, ``score_grad``); the full key tiles
 run without bounds tests, the ragged last one is peeled. With the symmetric loss each recomputed
 tile gets the column direction's dS added before it is stored, read on the same row-major tile.
 No atomics; int64 offsets where they can exceed 2^31.
@@ -73,19 +73,19 @@ from .rules import (
     tile_classes,
     tile_label_match,
 )
-from .tiles import LOG2E, tl_tile_dot
+from .tiles import LOG2E, tile_dot
 
 __all__ = ["info_nce_bwd_triton"]
 
 
 @triton.jit
-def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
+def score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
                   row, owner_ptr, cstate_ptr, coeffs, sizes, strides, NUM_LABELS: tl.constexpr,
                   HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
                   HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
                   MASK_N: tl.constexpr, PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
-    """(dS, tau) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
+    """(dS, tgrad) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
     tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
     gradient (each direction's dS sums to 0 over its row or column, so this equals
     sum dS_ij s_ij without cancelling two large sums). Exponentials in log2 units: P_ij =
@@ -93,7 +93,7 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     ``exp2`` in the plain loss. ``MASK_N``: the ragged last key tile; rows past B have a zero
     ``grad_scale`` (their dS is 0 with no per-element test). ``POSITIVE_LATER``: the positive's
     column is left as its class made it and ``_panel_positive_kernel`` writes its dS afterwards
-    (one element per row instead of a test per element); its tau term, dS (s_ij - s_i+) with
+    (one element per row instead of a test per element); its tgrad term, dS (s_ij - s_i+) with
     s_ij the positive's own score, is zero up to the rounding of the two products.
 
     Groups: ``row`` the block's row state (``_load_row_state``), ``coeffs`` the call's scalars
@@ -108,7 +108,7 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     local = tl.arange(0, BLOCK_N)
     col_valid = local < N - n0
     scale = inv_temp * LOG2E
-    s = tl_tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
+    s = tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
                     PRECISION, not EVEN_M, MASK_N, EVEN_D)
     positive_local = (positive - n0).to(tl.int32)
     is_pos = local[None, :] == positive_local[:, None]
@@ -116,7 +116,7 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     p_pos = coef * tl.exp2(log_share * LOG2E) - 1.0  # coef = 1 but with DCL's debias; log_share = l+ - lse
     t = s
     if HAS_GUIDE:
-        t = tl_tile_dot(gq_row_ptr, gk_tile_ptr, row_valid, col_valid, DG, stride_gq, stride_gk, BLOCK_M, BLOCK_N,
+        t = tile_dot(gq_row_ptr, gk_tile_ptr, row_valid, col_valid, DG, stride_gq, stride_gk, BLOCK_M, BLOCK_N,
                         BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
     label_match = s > 0  # not read without labels
     if NUM_LABELS > 0:
@@ -136,7 +136,7 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
         x2, lw2 = biased_logits2(s, t, negative, beta[:, None], scale, alpha, inv_temp, weight_a, WEIGHTING)
         if WEIGHTING == WEIGHT_HCL:
             # (1 + beta) P_ij - beta R softmax_k(beta l_ik)_j, each exponent relative to a reference negative's
-            # score as the forward's sums (RowState.HCL_REFERENCE, tl_hcl_sums)
+            # score as the forward's sums (RowState.HCL_REFERENCE, hcl_sums)
             px = tl.exp2((s - hcl_ref[:, None]) * ((1.0 + weight_a) * scale) + (offset * LOG2E)[:, None])
             pw = tl.exp2((s - hcl_wref[:, None]) * (weight_a * scale) + (hcl_shift * LOG2E)[:, None])
             p = tl.where(negative, px * (1.0 + weight_a) - hcl_mass[:, None] * pw, 0.0)
@@ -155,11 +155,11 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
     ds = p * grad_scale[:, None]
     if MASK_N:
         ds = tl.where(col_valid[None, :], ds, 0.0)
-    tau = ds  # not read without the temperature's gradient
+    tgrad = ds  # not read without the temperature's gradient
     if TEMPERATURE_GRAD & FLAGS:
-        tau = ds * (s - s_pos[:, None])
+        tgrad = ds * (s - s_pos[:, None])
     if SYMMETRIC & FLAGS:
-        # column j (owner o): dS'_{i j} = g_o / (2 tau) (P'_{i j} - [i == o]), on the row-major tile
+        # column j (owner o): dS'_{i j} = g_o / (2 t) (P'_{i j} - [i == o]), on the row-major tile
         owner, has_owner, c_spos, c_thr, c_gthr, c_lse, c_off, c_grad = column_state_tile(
             owner_ptr, cstate_ptr, n0, local, col_valid, N, MASK_N)
         if PLAIN:  # every query is in the column's denominator
@@ -180,8 +180,8 @@ def tl_score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab
             c_ds = tl.where(row_valid[:, None], c_ds, 0.0)
         ds += c_ds
         if TEMPERATURE_GRAD & FLAGS:
-            tau += c_ds * (s - c_spos[None, :])
-    return ds, tau
+            tgrad += c_ds * (s - c_spos[None, :])
+    return ds, tgrad
 
 
 @triton.jit
@@ -230,20 +230,20 @@ def _load_row_state(rows, row_valid, pos_ptr, state_ptr, grad_ptr, excl_ptr, inv
 
 @triton.jit
 def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_ptr, row_start, rows, local, n0, row_valid,
-             tau_sum, row, owner_ptr, cstate_ptr, coeffs, sizes, strides, stride_ds, NUM_LABELS: tl.constexpr,
+             tgrad_sum, row, owner_ptr, cstate_ptr, coeffs, sizes, strides, stride_ds, NUM_LABELS: tl.constexpr,
              HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr,
              PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr,
              PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
-    """One key tile of a row block: dS written to the panel, the tile's tau added to the rows' sums."""
+    """One key tile of a row block: dS written to the panel, the tile's tgrad added to the rows' sums."""
     N = sizes[1]
     stride_k, stride_gk = strides[1], strides[3]
-    ds, tau = tl_score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
+    ds, tgrad = score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
                             klab_ptr + n0, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
                             strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
                             BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN, POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
-        tau_sum += tl.sum(tau, axis=1)
+        tgrad_sum += tl.sum(tgrad, axis=1)
     if STORE_DS:
         cols = tl.arange(0, BLOCK_N)
         ds_ptrs = ds_row_ptr + n0 + (local[:, None] * stride_ds + cols[None, :])
@@ -254,15 +254,15 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
             tl.store(ds_ptrs, ds_out)
         else:
             tl.store(ds_ptrs, ds_out, mask=row_valid[:, None])
-    return tau_sum
+    return tgrad_sum
 
 
 @triton.jit
 def _info_nce_bwd_ds_kernel(
     grad_ptr, q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, state_ptr, owner_ptr, cstate_ptr,
     excl_ptr,
-    ds_ptr, part_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-    stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, part_row0,
+    ds_ptr, tgrad_partials_ptr, row0, R, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
+    stride_ds, weight_a, weight_b, soft_inv, soft_weight, tiles_per_group, tgrad_partials_row0,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, STORE_DS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, RAGGED: tl.constexpr,
@@ -272,7 +272,7 @@ def _info_nce_bwd_ds_kernel(
     ``tiles_per_group`` full key tiles (no column bounds test), or, with ``RAGGED``, against the
     ragged last key tile alone (a launch of its own, so that neither variant carries the other's
     code): recomputes each score tile once (one product over D), writes dS (in the inputs' dtype)
-    to the panel, and the per-row sum of tau to ``part[part_row0 + group, row]``. ``PLAIN`` and
+    to the panel, and the per-row sum of tgrad to ``tgrad_partials[tgrad_partials_row0 + group, row]``. ``PLAIN`` and
     ``POSITIVE_LATER`` come from the host (``config.plain_rows``, ``config.positive_later``), which
     also decides from them what to launch around this kernel."""
     local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -288,23 +288,23 @@ def _info_nce_bwd_ds_kernel(
     row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     q_row_ptr = q_ptr + row_start * stride_q
     gq_row_ptr = gq_ptr + row_start * stride_gq
-    tau_sum = tl.zeros((BLOCK_M,), tl.float32)
+    tgrad_sum = tl.zeros((BLOCK_M,), tl.float32)
     full = N // BLOCK_N
     if RAGGED:
-        tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
-                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tau_sum, row, owner_ptr, cstate_ptr, coeffs,
+        tgrad_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
+                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr, coeffs,
                            sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION,
                            STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
     else:
         first = group * tiles_per_group
         for tile in range(first, tl.minimum(first + tiles_per_group, full)):
-            tau_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
-                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tau_sum, row, owner_ptr, cstate_ptr,
+            tgrad_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
+                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr,
                                coeffs, sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
                                PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN,
                                POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
-        tl.store(part_ptr + (part_row0 + group).to(tl.int64) * R + local, tau_sum, mask=row_valid)
+        tl.store(tgrad_partials_ptr + (tgrad_partials_row0 + group).to(tl.int64) * R + local, tgrad_sum, mask=row_valid)
 
 
 @triton.jit
@@ -423,7 +423,7 @@ def info_nce_bwd_triton(
     groups, per_group = key_groups(triton.cdiv(R, cfg.block_m), full_blocks, q.device)
     groups = groups if full_blocks else 0
     ragged = int(full_blocks < col_blocks)
-    part = torch.empty(groups + ragged, R, dtype=torch.float32, device=q.device) if need_rowsum else q.new_empty(
+    tgrad_partials = torch.empty(groups + ragged, R, dtype=torch.float32, device=q.device) if need_rowsum else q.new_empty(
         1, dtype=torch.float32)
     starts = list(range(0, B, R))
     acc = dk  # float32 inputs: dk itself holds the running sum over panels
@@ -443,13 +443,13 @@ def info_nce_bwd_triton(
             for count, is_ragged in ((groups, False), (ragged, True)):
                 if count:
                     wrap_triton(_bwd_ds_kernel)[(triton.cdiv(r, cfg.block_m), count)](
-                        **operands, ds_ptr=panel, part_ptr=part, row0=row0, R=r, stride_ds=panel.stride(0),
+                        **operands, ds_ptr=panel, tgrad_partials_ptr=tgrad_partials, row0=row0, R=r, stride_ds=panel.stride(0),
                         weight_a=plan.weight_a, weight_b=plan.weight_b, soft_inv=soft[0], soft_weight=soft[1],
-                        tiles_per_group=per_group, part_row0=groups if is_ragged else 0, STORE_DS=store,
+                        tiles_per_group=per_group, tgrad_partials_row0=groups if is_ragged else 0, STORE_DS=store,
                         RAGGED=is_ragged, POSITIVE_LATER=later, **tiles)
             if need_rowsum:
-                rows_of_part = groups + ragged
-                sums.append(part.view(-1)[:rows_of_part * r].view(rows_of_part, r).sum(0))  # written [groups, r]
+                rows_of_partials = groups + ragged  # written [groups, r]
+                sums.append(tgrad_partials.view(-1)[:rows_of_partials * r].view(rows_of_partials, r).sum(0))
             if later:
                 wrap_triton(_panel_positive_kernel)[(triton.cdiv(r, 256),)](
                     grad_ptr=grad, pos_ptr=positives, temp_ptr=temperature, state_ptr=state, ds_ptr=panel, row0=row0,

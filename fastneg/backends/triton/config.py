@@ -266,7 +266,7 @@ def column_state(positives: torch.Tensor, row_state: torch.Tensor, grad: Optiona
     return owner.int().contiguous(), torch.where(has, block, torch.zeros((), device=block.device)).contiguous()
 
 
-def column_parts(row_blocks: int, device: torch.device) -> int:
+def column_programs(row_blocks: int, device: torch.device) -> int:
     """Programs of the symmetric forward, each with its own [B] partial logsumexp per quantity:
     one per SM on a GPU (so 20 * SMs * N bytes of partials, indexed by key column), two in the interpreter (so that
     small tests merge partials of several programs, each over several row blocks)."""

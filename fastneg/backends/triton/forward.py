@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 from ...plan import Flag, Plan, RowState, Weighting
 from .config import (
     Problem,
-    column_parts,
+    column_programs,
     column_state,
     exclude_operand,
     kernel_flags,
@@ -80,22 +80,22 @@ from .rules import (
     biased_logits2,
     column_classes,
     column_rules_tile,
-    row_thresholds,
+    hcl_sums,
+    relative_row,
+    row_states,
     simans_constants,
     tile_classes,
     tile_label_match,
-    tl_hcl_sums,
-    tl_relative_row,
 )
 from .tiles import (
     LN2,
     LOG2E,
-    tl_logaddexp,
-    tl_merge_lse2,
-    tl_online_lse2,
-    tl_online_lse2_columns,
-    tl_online_lse2_scaled,
-    tl_tile_dot,
+    logaddexp,
+    lse_merge2,
+    online_lse_add2,
+    online_lse_add2_columns,
+    online_lse_add2_scaled,
+    tile_dot,
 )
 
 __all__ = ["info_nce_fwd_triton"]
@@ -112,7 +112,7 @@ def _info_nce_row_state_kernel(
     row_start = tl.program_id(0).to(tl.int64) * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
-    s_pos, threshold, g_threshold, _ = row_thresholds(
+    s_pos, threshold, g_threshold, _ = row_states(
         q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
         stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_D)
@@ -123,7 +123,7 @@ def _info_nce_row_state_kernel(
 
 @triton.jit
 def _fwd_tile(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr, n0, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr, n0, program,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -144,11 +144,11 @@ def _fwd_tile(
     local = tl.arange(0, BLOCK_N)
     col_valid = local < N - n0
     k_tile_ptr = k_ptr + n0 * stride_k
-    s = tl_tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
+    s = tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
                     PRECISION, not EVEN_M, MASK_N, EVEN_D)
     t = s  # stands in for the guide tile when there is no guide
     if HAS_GUIDE:
-        t = tl_tile_dot(gq_row_ptr, gk_ptr + n0 * stride_gk, row_valid, col_valid, DG, stride_gq, stride_gk,
+        t = tile_dot(gq_row_ptr, gk_ptr + n0 * stride_gk, row_valid, col_valid, DG, stride_gq, stride_gk,
                         BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
     label_match = s > 0  # not read without labels
     if NUM_LABELS > 0:
@@ -156,9 +156,9 @@ def _fwd_tile(
                                        MASK_N)
     if PLAIN:
         if MASK_N:
-            x_max, x_sum = tl_online_lse2(x_max, x_sum, tl.where(col_valid[None, :], s * scale, float("-inf")))
+            x_max, x_sum = online_lse_add2(x_max, x_sum, tl.where(col_valid[None, :], s * scale, float("-inf")))
         else:
-            x_max, x_sum = tl_online_lse2_scaled(x_max, x_sum, s, scale)
+            x_max, x_sum = online_lse_add2_scaled(x_max, x_sum, s, scale)
     else:
         positive_local = (positive - n0).to(tl.int32)
         is_pos, masked, negative = tile_classes(s, t, local, col_valid, positive_local, threshold, guide_threshold,
@@ -168,21 +168,21 @@ def _fwd_tile(
             masked = masked & kept
             negative = negative & kept
         if ATTRACT & FLAGS:
-            f_max, f_sum = tl_online_lse2(f_max, f_sum, tl.where(masked, s * scale, float("-inf")))
+            f_max, f_sum = online_lse_add2(f_max, f_sum, tl.where(masked, s * scale, float("-inf")))
             f_logits += tl.sum(tl.where(masked, s, 0.0), axis=1)  # scores; times 1/t once per row
         if RULES or HAS_EXCLUDE:  # without them every key but the positive is a negative (counted per row)
             n_neg += tl.sum(negative.to(tl.int32), axis=1)
         x2, lw2 = biased_logits2(s, t, negative, simans_beta[:, None], scale, simans_alpha, inv_temp, weight_a,
                                  WEIGHTING)
         if WEIGHTING == WEIGHT_HCL:  # x_max / w_max: the largest / smallest negative score; x_sum / w_sum: the sums
-            x_max, w_max, x_sum, w_sum = tl_hcl_sums(x_max, w_max, x_sum, w_sum, s, negative, scale, weight_a)
+            x_max, w_max, x_sum, w_sum = hcl_sums(x_max, w_max, x_sum, w_sum, s, negative, scale, weight_a)
         else:
-            x_max, x_sum = tl_online_lse2(x_max, x_sum, x2)
+            x_max, x_sum = online_lse_add2(x_max, x_sum, x2)
         w_prev = w_max
         if FIXED_W:
             w_sum += tl.sum(tl.exp2(lw2), axis=1)
         elif WEIGHTING == WEIGHT_SIMANS:
-            w_max, w_sum = tl_online_lse2(w_max, w_sum, lw2)
+            w_max, w_sum = online_lse_add2(w_max, w_sum, lw2)
         if SOFT & FLAGS:  # the teacher's logits t'_j = t_j / teacher temperature, in log2 units like x2
             tk = t * (soft_inv * LOG2E)  # finite everywhere: the products below never meet an infinity
             tx2 = tl.where(negative | is_pos, tk, float("-inf"))
@@ -210,11 +210,11 @@ def _fwd_tile(
             t_max = new_max
     if SYMMETRIC & FLAGS:
         # the column direction, read on the same row-major tile: this program's partial logsumexp
-        # (log2 units) of each owned column j, slot [part, owner]
-        per_part = tl.num_programs(0).to(tl.int64) * N
+        # (log2 units) of each owned column j, slot [program, owner]
+        per_program = tl.num_programs(0).to(tl.int64) * N
         owner, has_owner, c_spos, c_thr, c_gthr = column_rules_tile(owner_ptr, cstate_ptr, n0, local, col_valid, N,
                                                                     MASK_N)
-        slot = part.to(tl.int64) * N + n0 + local  # the partials are indexed by column
+        slot = program.to(tl.int64) * N + n0 + local  # the partials are indexed by column
         if PLAIN:  # every query is in the column's denominator, its owner included: no test per element
             c_x2 = s * scale
             if not EVEN_M:
@@ -226,18 +226,18 @@ def _fwd_tile(
             c_alpha, c_beta = simans_constants(c_spos, weight_a, weight_b)
             c_x2, c_lw2 = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a,
                                          WEIGHTING)
-        c_max, c_sum = tl_online_lse2_columns(tl.load(cpart_ptr + slot, mask=has_owner, other=float("-inf")),
-                                              tl.load(cpart_ptr + per_part + slot, mask=has_owner, other=0.0),
+        c_max, c_sum = online_lse_add2_columns(tl.load(col_partials_ptr + slot, mask=has_owner, other=float("-inf")),
+                                              tl.load(col_partials_ptr + per_program + slot, mask=has_owner, other=0.0),
                                               c_x2)
-        tl.store(cpart_ptr + slot, c_max, mask=has_owner)
-        tl.store(cpart_ptr + per_part + slot, c_sum, mask=has_owner)
+        tl.store(col_partials_ptr + slot, c_max, mask=has_owner)
+        tl.store(col_partials_ptr + per_program + slot, c_sum, mask=has_owner)
         if not PLAIN:
             if WEIGHTING == WEIGHT_SIMANS:
-                c_wmax, c_wsum = tl_online_lse2_columns(
-                    tl.load(cpart_ptr + 2 * per_part + slot, mask=has_owner, other=float("-inf")),
-                    tl.load(cpart_ptr + 3 * per_part + slot, mask=has_owner, other=0.0), c_lw2)
-                tl.store(cpart_ptr + 2 * per_part + slot, c_wmax, mask=has_owner)
-                tl.store(cpart_ptr + 3 * per_part + slot, c_wsum, mask=has_owner)
+                c_wmax, c_wsum = online_lse_add2_columns(
+                    tl.load(col_partials_ptr + 2 * per_program + slot, mask=has_owner, other=float("-inf")),
+                    tl.load(col_partials_ptr + 3 * per_program + slot, mask=has_owner, other=0.0), c_lw2)
+                tl.store(col_partials_ptr + 2 * per_program + slot, c_wmax, mask=has_owner)
+                tl.store(col_partials_ptr + 3 * per_program + slot, c_wsum, mask=has_owner)
             c_count = tl.load(cneg_ptr + slot, mask=has_owner, other=0) + tl.sum(c_neg.to(tl.int32), axis=0)
             tl.store(cneg_ptr + slot, c_count, mask=has_owner)
         tl.debug_barrier()  # the next row block of this program reads these slots back
@@ -246,7 +246,7 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_pass(
-    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr, part,
+    q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr, program,
     row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
     x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
@@ -259,8 +259,8 @@ def _fwd_pass(
     for n0 in range(0, n_full, BLOCK_N):
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
-            tl.cast(n0, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
+            tl.cast(n0, tl.int64), program, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
             simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap,
             t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
             inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
@@ -268,8 +268,8 @@ def _fwd_pass(
     if n_full < N:  # the ragged last tile
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
-            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
-            tl.cast(n_full, tl.int64), part, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
+            q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
+            tl.cast(n_full, tl.int64), program, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
             guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
             t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
             scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE,
@@ -280,7 +280,7 @@ def _fwd_pass(
 @triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, k_ptr, pos_ptr, temp_ptr, qlab_ptr, klab_ptr, gq_ptr, gk_ptr, owner_ptr, cstate_ptr, excl_ptr,
-    loss_ptr, state_ptr, nmask_ptr, nneg_ptr, cpart_ptr, cneg_ptr, redo_ptr,
+    loss_ptr, state_ptr, nmask_ptr, nneg_ptr, col_partials_ptr, cneg_ptr, redo_ptr,
     B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
     margin, relative_margin, max_score, guide_margin, weight_a, weight_b, tau_plus, soft_inv, soft_weight,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
@@ -305,7 +305,7 @@ def _info_nce_fwd_kernel(
     # all but underflow there (sum < 2^-40: every weight below about 2^-40 / n) is summed again
     # with a running maximum, in a second pass over its row block (the rare path)
     FIXED_W: tl.constexpr = (WEIGHTING == WEIGHT_SIMANS) and not ((SYMMETRIC & FLAGS) or REDO)
-    part = tl.program_id(0)
+    program = tl.program_id(0)
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
     scale = inv_temp * LOG2E
     # the symmetric loss's programs take every G-th row block; otherwise one row block each (a loop of
@@ -314,14 +314,14 @@ def _info_nce_fwd_kernel(
         rb_end = tl.cdiv(B, BLOCK_M)
         rb_step = tl.num_programs(0)
     elif REDO:  # only a row block with a flagged row
-        flagged = tl.load(redo_ptr + part * BLOCK_M + tl.arange(0, BLOCK_M),
-                          mask=part * BLOCK_M + tl.arange(0, BLOCK_M) < B, other=0)
-        rb_end = part + (tl.max(flagged, axis=0) > 0).to(tl.int32)
+        flagged = tl.load(redo_ptr + program * BLOCK_M + tl.arange(0, BLOCK_M),
+                          mask=program * BLOCK_M + tl.arange(0, BLOCK_M) < B, other=0)
+        rb_end = program + (tl.max(flagged, axis=0) > 0).to(tl.int32)
         rb_step = 1
     else:
-        rb_end = part + 1
+        rb_end = program + 1
         rb_step = 1
-    for rb in range(part, rb_end, rb_step):
+    for rb in range(program, rb_end, rb_step):
         row_start = tl.cast(rb, tl.int64) * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
         row_valid = rows < B
@@ -332,7 +332,7 @@ def _info_nce_fwd_kernel(
             guide_threshold = tl.load(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), mask=row_valid, other=0.0)
             guide_pos = tl.zeros((BLOCK_M,), tl.float32)  # not read: soft labels are not symmetric
         else:
-            s_pos, threshold, guide_threshold, guide_pos = row_thresholds(
+            s_pos, threshold, guide_threshold, guide_pos = row_states(
                 q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
                 stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
                 BLOCK_M, BLOCK_N, BLOCK_D)
@@ -342,7 +342,7 @@ def _info_nce_fwd_kernel(
         w_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         if FIXED_W:  # the fixed reference
             w_max = tl.zeros((BLOCK_M,), tl.float32)
-        if WEIGHTING == WEIGHT_HCL:  # the smallest negative score so far (tl_hcl_sums)
+        if WEIGHTING == WEIGHT_HCL:  # the smallest negative score so far (hcl_sums)
             w_max = tl.full((BLOCK_M,), float("inf"), tl.float32)
         w_sum = tl.zeros((BLOCK_M,), tl.float32)
         n_neg = tl.zeros((BLOCK_M,), tl.int32)
@@ -364,8 +364,8 @@ def _info_nce_fwd_kernel(
         gq_row_ptr = gq_ptr + row_start * stride_gq
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
-                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, cpart_ptr, cneg_ptr,
-                part, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
+                q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
+                program, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
                 simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
                 f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
                 weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
@@ -392,7 +392,7 @@ def _info_nce_fwd_kernel(
             neg_lse = tl.where(has_neg, (x_max + tl.log2(x_sum)) * LN2, float("-inf"))
             if WEIGHTING == WEIGHT_SIMANS:
                 offset = tl.where(has_neg, tl.log(n_neg.to(tl.float32)) - (w_max + tl.log2(w_sum)) * LN2, 0.0)
-            lse = tl_logaddexp(l_pos, neg_lse + offset)
+            lse = logaddexp(l_pos, neg_lse + offset)
         coef = tl.full((BLOCK_M,), 1.0, tl.float32)
         log_share = l_pos - lse  # l+ - lse, what the backward's positive reads
         if PLAIN:  # from the log2 terms, not through lse's round trip: 0 exactly where the positive alone counts
@@ -412,7 +412,7 @@ def _info_nce_fwd_kernel(
             small2 = weight_a * (rs - ws) * scale + (tl.log2(n_f) + log2_sx - log2_sw)
             d = ((s_pos - rs) * scale - small2) * LN2  # l+ - g, the scores' difference exact
             log_floor = tl.log(n_f) - inv_temp - (rs * scale + small2) * LN2
-            rel, h_loss, shift, h_coef = tl_relative_row(d, log_floor, n_f, tau_plus, DEBIAS & FLAGS)
+            rel, h_loss, shift, h_coef = relative_row(d, log_floor, n_f, tau_plus, DEBIAS & FLAGS)
             h_loss = tl.where(has_neg, h_loss, 0.0)
             lse = tl.where(has_neg, l_pos + h_loss, l_pos)
             coef = tl.where(has_neg, h_coef, 1.0)
@@ -426,13 +426,13 @@ def _info_nce_fwd_kernel(
             tl.store(state_ptr + (ROW_HCL_WEIGHT_REFERENCE * B + rows), ws, mask=row_valid)
         elif DEBIAS & FLAGS:
             # DCL: Ng = max((e^g - n tau+ e^{l+}) / (1 - tau+), n e^{-1/t}), g = neg_lse + offset the negatives'
-            # log-mass; the loss and the positive's share relative to g (tl_relative_row), as for HCL
+            # log-mass; the loss and the positive's share relative to g (relative_row), as for HCL
             n_f = tl.maximum(n_neg, 1).to(tl.float32)
             g_small = tl.log2(tl.where(has_neg, x_sum, 1.0)) * LN2 + offset
             x_top = tl.where(has_neg, x_max, 0.0)
             g = x_top * LN2 + g_small
             d = (s_pos * scale - x_top) * LN2 - g_small  # l+ - g from l+ - max, exact where the two are close
-            rel, d_loss, shift, d_coef = tl_relative_row(d, tl.log(n_f) - inv_temp - g, n_f, tau_plus, True)
+            rel, d_loss, shift, d_coef = relative_row(d, tl.log(n_f) - inv_temp - g, n_f, tau_plus, True)
             log_share = tl.where(has_neg, -d_loss, 0.0)
             lse = l_pos - log_share
             # P_ij = 2^{(x2_ij - x_max) + offset log2(e)}: the dominant negative's exponent exact (RowState.NEGATIVE_MAX)
@@ -444,7 +444,7 @@ def _info_nce_fwd_kernel(
             loss = -log_share
         if ATTRACT & FLAGS:  # P_i = {p_i} U flagged: logsumexp over P_i U N_i - mean over P_i of l_ip
             n_pos = 1.0 + n_masked.to(tl.float32)
-            lse = tl_logaddexp(lse, tl.where(n_masked > 0, (f_max + tl.log2(f_sum)) * LN2, float("-inf")))
+            lse = logaddexp(lse, tl.where(n_masked > 0, (f_max + tl.log2(f_sum)) * LN2, float("-inf")))
             loss = lse - (l_pos + f_logits * inv_temp) / n_pos
             log_share = l_pos - lse
             tl.store(state_ptr + (ROW_INV_NUM_POSITIVES * B + rows), 1.0 / n_pos, mask=row_valid)
@@ -474,32 +474,32 @@ def _info_nce_fwd_kernel(
 
 @triton.jit
 def _info_nce_columns_kernel(
-    loss_ptr, state_ptr, temp_ptr, pos_ptr, cpart_ptr, cneg_ptr, B, N, PARTS, WEIGHTING: tl.constexpr,
+    loss_ptr, state_ptr, temp_ptr, pos_ptr, col_partials_ptr, cneg_ptr, B, N, NUM_PROGRAMS, WEIGHTING: tl.constexpr,
     PLAIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Symmetric loss: merge the PARTS partial logsumexps (log2 units) of each positive column in program
+    """Symmetric loss: merge the NUM_PROGRAMS partial logsumexps (log2 units) of each positive column in program
     order (deterministic) and set loss_o = (row o + column p_o) / 2. ``PLAIN``: the partials summed
     every query, the owner included (no rule, no weighting): they are the column's whole logsumexp."""
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = o < B
     inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
-    per_part = tl.cast(PARTS, tl.int64) * N
+    per_program = tl.cast(NUM_PROGRAMS, tl.int64) * N
     column = tl.load(pos_ptr + o, mask=valid, other=0).to(tl.int64)  # row o's positive column: the partials' index
-    cmax_ptr = cpart_ptr
-    csum_ptr = cpart_ptr + per_part
-    cwmax_ptr = cpart_ptr + 2 * per_part
-    cwsum_ptr = cpart_ptr + 3 * per_part
+    cmax_ptr = col_partials_ptr
+    csum_ptr = col_partials_ptr + per_program
+    cwmax_ptr = col_partials_ptr + 2 * per_program
+    cwsum_ptr = col_partials_ptr + 3 * per_program
     x_max = tl.full((BLOCK,), float("-inf"), tl.float32)
     x_sum = tl.zeros((BLOCK,), tl.float32)
     w_max = tl.full((BLOCK,), float("-inf"), tl.float32)
     w_sum = tl.zeros((BLOCK,), tl.float32)
     n_neg = tl.zeros((BLOCK,), tl.int32)
-    for part in range(0, PARTS):
-        slot = part * N + column
-        x_max, x_sum = tl_merge_lse2(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
+    for program in range(0, NUM_PROGRAMS):
+        slot = program * N + column
+        x_max, x_sum = lse_merge2(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
                                      tl.load(csum_ptr + slot, mask=valid, other=0.0))
         if WEIGHTING == WEIGHT_SIMANS:
-            w_max, w_sum = tl_merge_lse2(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
+            w_max, w_sum = lse_merge2(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
                                          tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
         n_neg += tl.load(cneg_ptr + slot, mask=valid, other=0)
     has_neg = n_neg > 0
@@ -511,14 +511,14 @@ def _info_nce_columns_kernel(
     if PLAIN:
         lse = (x_max + tl.log2(x_sum)) * LN2
     else:
-        lse = tl_logaddexp(l_pos, neg_lse + offset)
+        lse = logaddexp(l_pos, neg_lse + offset)
     row_loss = tl.load(loss_ptr + o, mask=valid, other=0.0)
     tl.store(loss_ptr + o, (row_loss + (lse - l_pos)) * 0.5, mask=valid)
     tl.store(state_ptr + (ROW_COLUMN_LOGSUMEXP * B + o), lse, mask=valid)
     tl.store(state_ptr + (ROW_COLUMN_OFFSET * B + o), offset, mask=valid)
 
 
-_fwd_kernel = tuned(_info_nce_fwd_kernel, ["cpart_ptr", "cneg_ptr"], float32_stages=(2, 3), guide_stages=(2,),
+_fwd_kernel = tuned(_info_nce_fwd_kernel, ["col_partials_ptr", "cneg_ptr"], float32_stages=(2, 3), guide_stages=(2,),
                     maxnreg=255)
 
 
@@ -545,36 +545,36 @@ def info_nce_fwd_triton(
     shape = dict(GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,
                  EVEN_D=D % cfg.block_d == 0, PLAIN=plain)
     row_blocks = triton.cdiv(B, cfg.block_m)
-    parts = row_blocks
-    owner = cstate = cpart = cneg = positives  # not read unless symmetric
+    programs = row_blocks
+    owner = cstate = col_partials = cneg = positives  # not read unless symmetric
     if symmetric:
         shape_args = p.shape_args()
         del shape_args["N"]
         wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
             q_ptr=q, k_ptr=k, pos_ptr=positives, gq_ptr=gq, gk_ptr=gk, state_ptr=state, **shape_args, **rules, **tiles)
         owner, cstate = column_state(positives, state, None, N)
-        parts = column_parts(row_blocks, q.device)
+        programs = column_programs(row_blocks, q.device)
         # per program: the running max and sum of each owned column's logits and log-weights
-        cpart = torch.zeros(4, parts, N, **f32)
-        cpart[0].fill_(float("-inf"))
-        cpart[2].fill_(float("-inf"))
-        cneg = torch.zeros(parts, N, dtype=torch.int32, device=q.device)
+        col_partials = torch.zeros(4, programs, N, **f32)
+        col_partials[0].fill_(float("-inf"))
+        col_partials[2].fill_(float("-inf"))
+        cneg = torch.zeros(programs, N, dtype=torch.int32, device=q.device)
     # SimANS outside the symmetric loss: rows whose weights underflow against the fixed reference are
     # flagged by the first launch and recomputed exactly by a second (REDO; a no-op without a flag)
     fixed = plan.weighting == Weighting.SIMANS and not symmetric
     redo = torch.empty(B, dtype=torch.int32, device=q.device) if fixed else positives
     for again in ((False, True) if fixed else (False,)):
         soft_inv, soft_weight = soft_scalars(plan.soft_temperature, plan.soft_weight)
-        wrap_triton(_fwd_kernel)[(parts,)](
+        wrap_triton(_fwd_kernel)[(programs,)](
             q_ptr=q, k_ptr=k, pos_ptr=positives, temp_ptr=temperature, qlab_ptr=qlab, klab_ptr=klab, gq_ptr=gq,
             gk_ptr=gk, owner_ptr=owner, cstate_ptr=cstate, excl_ptr=exclude_operand(exclude, positives),
-            loss_ptr=loss, state_ptr=state, nmask_ptr=n_masked, nneg_ptr=n_neg, cpart_ptr=cpart, cneg_ptr=cneg,
+            loss_ptr=loss, state_ptr=state, nmask_ptr=n_masked, nneg_ptr=n_neg, col_partials_ptr=col_partials, cneg_ptr=cneg,
             redo_ptr=redo, **p.shape_args(), **rules, weight_a=plan.weight_a, weight_b=plan.weight_b,
             tau_plus=plan.debias or 0.0, soft_inv=soft_inv, soft_weight=soft_weight, NUM_LABELS=levels,
             HAS_EXCLUDE=exclude is not None, REDO=again, **tiles, **shape,
         )
     if symmetric:
         wrap_triton(_info_nce_columns_kernel)[(triton.cdiv(B, 256),)](
-            loss_ptr=loss, state_ptr=state, temp_ptr=temperature, pos_ptr=positives, cpart_ptr=cpart, cneg_ptr=cneg,
-            B=B, N=N, PARTS=parts, WEIGHTING=int(plan.weighting), PLAIN=plain, BLOCK=256)
+            loss_ptr=loss, state_ptr=state, temp_ptr=temperature, pos_ptr=positives, col_partials_ptr=col_partials, cneg_ptr=cneg,
+            B=B, N=N, NUM_PROGRAMS=programs, WEIGHTING=int(plan.weighting), PLAIN=plain, BLOCK=256)
     return loss, state, n_masked, n_neg

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ...plan import KIND_SHIFT, Flag, RowState, Strategy, Weighting
-from .tiles import LOG2E, tl_positive_scores
+from .tiles import LOG2E, positive_scores
 
 HAS_MARGIN: tl.constexpr = tl.constexpr(int(Flag.HAS_MARGIN))
 HAS_RELATIVE_MARGIN: tl.constexpr = tl.constexpr(int(Flag.HAS_RELATIVE_MARGIN))
@@ -81,18 +81,18 @@ def guide_threshold(t_pos, guide_margin, FLAGS: tl.constexpr):
 
 
 @triton.jit
-def row_thresholds(q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG,
+def row_states(q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG,
                    stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
                    HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """(s_i+, score threshold, guide threshold, the guide's positive score t_i+) of a block of rows."""
-    s_pos = tl_positive_scores(q_ptr, k_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_q, stride_k,
+    s_pos = positive_scores(q_ptr, k_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_q, stride_k,
                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     threshold = score_threshold(s_pos, margin, relative_margin, max_score, FLAGS)
     g_threshold = tl.zeros((BLOCK_M,), tl.float32)
     t_pos = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_GUIDE:
-        t_pos = tl_positive_scores(gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, DG, stride_gq,
+        t_pos = positive_scores(gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, DG, stride_gq,
                                    stride_gk, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         g_threshold = guide_threshold(t_pos, guide_margin, FLAGS)
     return s_pos, threshold, g_threshold, t_pos
@@ -210,7 +210,7 @@ def column_classes(s, t, row_local, row_valid, owner_local, has_owner, c_thresho
 def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, weight_a, WEIGHTING: tl.constexpr):
     """The biased logits in log2 units: x2_ij = (l_ij + u_ij) log2(e) over negatives (-inf
     elsewhere) and the log2-weights whose logsumexp normalises the row (SimANS; -inf elsewhere).
-    HCL: x2 = l log2(e) alone (``tl_hcl_sums`` and the backward take its weights from it).
+    HCL: x2 = l log2(e) alone (``hcl_sums`` and the backward take its weights from it).
     ``scale`` = log2(e) / temperature; SimANS's log2-weight is -(alpha s - beta_i)^2 with alpha =
     sqrt(a log2(e)) and beta_i = alpha (s_i+ + b), one fused multiply-add and one multiply per element.
     ``simans_beta`` is broadcast against the tile: [BLOCK_M, 1] for rows, [1, BLOCK_N] for the
@@ -220,7 +220,7 @@ def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, w
         d = s * simans_alpha - simans_beta
         lw2 = tl.where(negative, -(d * d), neg_inf)
         x2 = s * scale + lw2
-    elif WEIGHTING == WEIGHT_HCL:  # the log2-logits alone: tl_hcl_sums and the backward weight them
+    elif WEIGHTING == WEIGHT_HCL:  # the log2-logits alone: hcl_sums and the backward weight them
         x2 = tl.where(negative, s * scale, neg_inf)
         lw2 = x2
     elif WEIGHTING == WEIGHT_GCSE:
@@ -243,7 +243,7 @@ def biased_logits2(s, t, negative, simans_beta, scale, simans_alpha, inv_temp, w
 
 
 @triton.jit
-def tl_hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
+def hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
     """HCL's running sums of a tile (log2 units), per row: ``hi`` / ``lo`` the largest / smallest
     negative score so far, ``sx = sum_j 2^{(1 + beta)(s_j - r) scale}`` and ``sw = sum_j 2^{beta (s_j
     - w) scale}`` with the references ``r``, ``w`` the score ``hi`` (``lo`` where the factor is
@@ -270,7 +270,7 @@ def tl_hcl_sums(hi, lo, sx, sw, s, negative, scale, beta):
 
 
 @triton.jit
-def tl_relative_row(d, log_floor, n, tau_plus, DEBIAS: tl.constexpr):
+def relative_row(d, log_floor, n, tau_plus, DEBIAS: tl.constexpr):
     """A row's logsumexp relative to its negatives' log-mass g (``d = l+ - g``; DCL with
     ``log_floor = log n - 1/t - g``): (lse - g, loss, the negatives' offset shift, c+), each from
     the larger of the positive's and the negatives' terms (``relative_row`` in csrc/common.h)."""

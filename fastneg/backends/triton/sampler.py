@@ -19,17 +19,17 @@ from torch.library import triton_op, wrap_triton
 from ...plan import Plan
 from .. import MAX_FUSED_NEGATIVES
 from .config import Problem, gpu_tiles, kernel_flags, label_operands, precision, rule_scalars
-from .rules import KIND, STRATEGY_SIMANS, STRATEGY_TOP, classify, row_thresholds, simans_log_weight
-from .tiles import tl_tile_scores
+from .rules import KIND, STRATEGY_SIMANS, STRATEGY_TOP, classify, row_states, simans_log_weight
+from .tiles import tile_scores
 
 __all__ = ["sample_negatives_triton"]
 
 
-NEG_INF_KEY: tl.constexpr = tl.constexpr(-2139095041)  # tl_pack's high word for -inf (bits 0xFF800000)
+NEG_INF_KEY: tl.constexpr = tl.constexpr(-2139095041)  # pack_key's high word for -inf (bits 0xFF800000)
 
 
 @triton.jit
-def tl_mix32(x):
+def mix32(x):
     """lowbias32 on int64 values < 2^32 (products wrap; the low 32 bits are the uint32 result)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -39,16 +39,16 @@ def tl_mix32(x):
 
 
 @triton.jit
-def tl_gumbel(seed_hash, rows, cols):
+def gumbel_noise(seed_hash, rows, cols):
     """Standard Gumbel noise of entries (rows x cols): a hash of (seed, i, j), as in the C++ kernel."""
-    h = tl_mix32((rows.to(tl.int64) & 0xFFFFFFFF) ^ seed_hash)
-    h = tl_mix32(h[:, None] ^ (cols.to(tl.int64)[None, :] & 0xFFFFFFFF))
+    h = mix32((rows.to(tl.int64) & 0xFFFFFFFF) ^ seed_hash)
+    h = mix32(h[:, None] ^ (cols.to(tl.int64)[None, :] & 0xFFFFFFFF))
     u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
     return -tl.log(-tl.log(u))
 
 
 @triton.jit
-def tl_pack(value, cols):
+def pack_key(value, cols):
     """(value, key index) as one int64 that orders like (value, then smaller index first):
     the float's bits made order-preserving in the high word, the inverted index in the low word."""
     bits = value.to(tl.int32, bitcast=True)
@@ -72,38 +72,38 @@ def _sample_negatives_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
-    s_pos, threshold, guide_threshold, guide_pos = row_thresholds(
+    s_pos, threshold, guide_threshold, guide_pos = row_states(
         q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
         stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_D)
     no_value = tl.full((BLOCK_M, K_PAD), float("-inf"), tl.float32)
-    best = tl_pack(no_value, tl.zeros((BLOCK_M, K_PAD), tl.int64) + 0xFFFFFFFF)  # below every real entry
+    best = pack_key(no_value, tl.zeros((BLOCK_M, K_PAD), tl.int64) + 0xFFFFFFFF)  # below every real entry
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_valid = cols < N
-        s = tl_tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
+        s = tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         t = s
         if HAS_GUIDE:
-            t = tl_tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
+            t = tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
                                BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         _, _, negative = classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
                                   guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
         if STRATEGY == STRATEGY_TOP:
             value = s
         elif STRATEGY == STRATEGY_SIMANS:
-            value = simans_log_weight(s, s_pos, weight_a, weight_b) + tl_gumbel(seed_hash, rows, first_key + cols)
+            value = simans_log_weight(s, s_pos, weight_a, weight_b) + gumbel_noise(seed_hash, rows, first_key + cols)
         else:
-            value = tl_gumbel(seed_hash, rows, first_key + cols)
+            value = gumbel_noise(seed_hash, rows, first_key + cols)
         # NaN and -inf scores are never drawn, nor a NaN value (SimANS where s_i+ is infinite): a NaN
         # would pack as the highest key
         value = tl.where(negative & (s > float("-inf")) & (value > float("-inf")), value, float("-inf"))
-        tile_best = tl.topk(tl_pack(value, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), tl.int64)), K_PAD)
+        tile_best = tl.topk(pack_key(value, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), tl.int64)), K_PAD)
         best = tl.topk(tl.reshape(tl.join(best, tile_best), (BLOCK_M, 2 * K_PAD)), K_PAD)
     valid = (best >> 32) > NEG_INF_KEY
     index = tl.where(valid, 0xFFFFFFFF - (best & 0xFFFFFFFF), -1)
     slots = tl.arange(0, K_PAD)
-    high = (best >> 32).to(tl.int32)  # tl_pack's high word back to the float's bits
+    high = (best >> 32).to(tl.int32)  # pack_key's high word back to the float's bits
     drawn = tl.where(valid, tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True),
                      float("-inf"))
     out_mask = row_valid[:, None] & (slots[None, :] < num_negatives)
@@ -111,7 +111,7 @@ def _sample_negatives_kernel(
     tl.store(value_ptr + rows[:, None] * num_negatives + slots[None, :], drawn, mask=out_mask)
 
 
-def _mix32(x: int) -> int:
+def _host_mix32(x: int) -> int:
     x &= 0xFFFFFFFF
     x ^= x >> 16
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
@@ -149,7 +149,7 @@ def sample_negatives_triton(
     wrap_triton(_sample_negatives_kernel)[(triton.cdiv(B, block_m),)](
         q_ptr=q, k_ptr=k, pos_ptr=positives, qlab_ptr=qlab, klab_ptr=klab, gq_ptr=gq, gk_ptr=gk, out_ptr=out,
         value_ptr=values, **p.shape_args(), **rule_scalars(plan), weight_a=plan.weight_a, weight_b=plan.weight_b,
-        seed_hash=_mix32(seed), first_key=first_key, num_negatives=num_negatives, NUM_LABELS=levels,
+        seed_hash=_host_mix32(seed), first_key=first_key, num_negatives=num_negatives, NUM_LABELS=levels,
         HAS_GUIDE=guide_query is not None, FLAGS=kernel_flags(flags), PRECISION=precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d, K_PAD=k_pad, num_warps=warps,
     )

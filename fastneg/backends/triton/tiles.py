@@ -7,7 +7,7 @@ kernels keep their logits in log2 units (``x2 = x log2(e)``) so that each expone
 ``exp2``. Most paths take ``s * scale`` with ``scale = log2(e) / temperature`` computed once per
 program (SimANS, Hardness and the guide's Hardness fold their constants likewise), but GCSE's
 decayed logits and the backward's per-row offsets and logsumexps are multiplied by ``log2(e)``
-element by element (one more multiply each); ``tl_online_lse2`` and ``tl_merge_lse2`` work in
+element by element (one more multiply each); ``online_lse_add2`` and ``lse_merge2`` work in
 those units. A row of all ``-inf`` never makes NaN.
 """
 
@@ -21,13 +21,13 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: tl.constexpr,
+def tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MASK_A: tl.constexpr,
                 MASK_B: tl.constexpr, EVEN_D: tl.constexpr):
     """[BLOCK_A, BLOCK_B] fp32 tile of a @ b^T over contiguous rows: ``a_ptr`` and ``b_ptr`` point
     at the tile's first row (64-bit, advanced once per tile by the caller), the offsets inside the
     tile are 32-bit. The same products in the same order as
-    ``tl_tile_scores`` (so the same bits). ``MASK_A`` / ``MASK_B``: whether rows past the end are
+    ``tile_scores`` (so the same bits). ``MASK_A`` / ``MASK_B``: whether rows past the end are
     masked (``a_valid``/``b_valid``; off on full tiles); ``EVEN_D``: D is a multiple of BLOCK_D
     (no mask on the reduction axis). D >= 1 (the public checks refuse D = 0): told to the
     compiler, so that the loop needs no zero-trip guard (which zeroed the accumulator twice)."""
@@ -64,7 +64,7 @@ def tl_tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: 
 
 
 @triton.jit
-def tl_tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, stride_b,
+def tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, stride_b,
                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     """[BLOCK_A, BLOCK_B] fp32 tile of a[a_rows] @ b[b_rows]^T, summed over D in BLOCK_D chunks."""
@@ -79,7 +79,7 @@ def tl_tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, 
 
 
 @triton.jit
-def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_a, stride_b,
+def positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_a, stride_b,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        PRECISION: tl.constexpr):
     """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
@@ -93,14 +93,14 @@ def tl_positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, 
         g_rows = row_start + g_local
         g_valid = (g_local < BLOCK_M) & (g_rows < B)
         g_cols = tl.load(pos_ptr + g_rows, mask=g_valid, other=0).to(tl.int64)
-        s = tl_tile_scores(a_ptr, b_ptr, rows, g_cols, row_valid, g_valid, D, stride_a, stride_b,
+        s = tile_scores(a_ptr, b_ptr, rows, g_cols, row_valid, g_valid, D, stride_a, stride_b,
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         out += tl.sum(tl.where(local[:, None] == g_local[None, :], s, 0.0), axis=1)
     return out
 
 
 @triton.jit
-def tl_online_lse2(running_max, running_sum, x2):
+def online_lse_add2(running_max, running_sum, x2):
     """Merge a tile of log2-unit values into a per-row online logsumexp (log2 units: the result
     is ``running_max + log2(running_sum)``)."""
     new_max = tl.maximum(running_max, tl.max(x2, axis=1))
@@ -110,8 +110,8 @@ def tl_online_lse2(running_max, running_sum, x2):
 
 
 @triton.jit
-def tl_online_lse2_scaled(running_max, running_sum, s, scale):
-    """``tl_online_lse2`` of ``s * scale`` for a positive ``scale``: the tile's maximum is taken
+def online_lse_add2_scaled(running_max, running_sum, s, scale):
+    """``online_lse_add2`` of ``s * scale`` for a positive ``scale``: the tile's maximum is taken
     on ``s`` (one comparison per element) and each term is ``exp2(s * scale - max)``, one fused
     multiply-add and one ``exp2`` per element."""
     new_max = tl.maximum(running_max, tl.max(s, axis=1) * scale)
@@ -121,8 +121,8 @@ def tl_online_lse2_scaled(running_max, running_sum, s, scale):
 
 
 @triton.jit
-def tl_online_lse2_columns(running_max, running_sum, x2):
-    """``tl_online_lse2`` along the tile's first axis: per-column running sums (the symmetric
+def online_lse_add2_columns(running_max, running_sum, x2):
+    """``online_lse_add2`` along the tile's first axis: per-column running sums (the symmetric
     loss's column direction, read on the row-major tile)."""
     new_max = tl.maximum(running_max, tl.max(x2, axis=0))
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -131,7 +131,7 @@ def tl_online_lse2_columns(running_max, running_sum, x2):
 
 
 @triton.jit
-def tl_merge_lse2(max_a, sum_a, max_b, sum_b):
+def lse_merge2(max_a, sum_a, max_b, sum_b):
     """Merge two partial logsumexps in log2 units, each (max, sum of exp2(x2 - max))."""
     new_max = tl.maximum(max_a, max_b)
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -139,7 +139,7 @@ def tl_merge_lse2(max_a, sum_a, max_b, sum_b):
 
 
 @triton.jit
-def tl_logaddexp(a, b):
+def logaddexp(a, b):
     m = tl.maximum(a, b)
     safe = tl.where(m == float("-inf"), 0.0, m)
     return safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe))
