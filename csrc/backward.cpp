@@ -4,7 +4,9 @@
 // key-gradient partial dk = dS^T q, summed in group order (deterministic for a thread count). With
 // the symmetric loss the column direction's dS is added to the same tile before the two products.
 #include "ops.h"
-#include "tiles.h"
+#include "columns.h"
+#include "kernels.h"
+#include "row_states.h"
 
 namespace fastneg {
 namespace {

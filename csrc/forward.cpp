@@ -7,7 +7,9 @@
 // (thresholds from s_{o j}); each thread group keeps an online logsumexp per owned column
 // ([B] per group, not [B, N]), merged in group order after the pass.
 #include "ops.h"
-#include "tiles.h"
+#include "columns.h"
+#include "kernels.h"
+#include "row_states.h"
 
 namespace fastneg {
 namespace {

@@ -1,6 +1,6 @@
 // Input checks and the plan's combination checks of the CPU ops (the Python layer checks the
 // same with friendlier messages; these hold for direct calls of torch.ops.fastneg.*).
-#include "tiles.h"
+#include "inputs.h"
 
 namespace fastneg {
 

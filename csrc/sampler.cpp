@@ -1,7 +1,8 @@
 // Negative sampling on CPU (SPEC section 5): the loss's tiles, rules and classification, each row
 // keeping a running top-k of its unmasked negatives.
 #include "ops.h"
-#include "tiles.h"
+#include "kernels.h"
+#include "row_states.h"
 
 namespace fastneg {
 namespace {
