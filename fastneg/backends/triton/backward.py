@@ -238,8 +238,14 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     """One key tile of a row block: dS written to the panel, the tile's tgrad added to the rows' sums."""
     N = sizes[1]
     stride_k, stride_gk = strides[1], strides[3]
-    ds, tgrad = score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_ptr + n0 * stride_gk, qlab_ptr,
-                            klab_ptr + n0, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
+    gk_tile_ptr = gk_ptr  # None without a guide
+    if HAS_GUIDE:
+        gk_tile_ptr = gk_ptr + n0 * stride_gk
+    klab_tile_ptr = klab_ptr  # None without labels
+    if NUM_LABELS > 0:
+        klab_tile_ptr = klab_ptr + n0
+    ds, tgrad = score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_tile_ptr, qlab_ptr,
+                            klab_tile_ptr, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
                             strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
                             BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN, POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
@@ -287,7 +293,9 @@ def _info_nce_bwd_ds_kernel(
     strides = (stride_q, stride_k, stride_gq, stride_gk)
     row_start = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M
     q_row_ptr = q_ptr + row_start * stride_q
-    gq_row_ptr = gq_ptr + row_start * stride_gq
+    gq_row_ptr = gq_ptr  # None without a guide
+    if HAS_GUIDE:
+        gq_row_ptr = gq_ptr + row_start * stride_gq
     tgrad_sum = tl.zeros((BLOCK_M,), tl.float32)
     full = N // BLOCK_N
     if RAGGED:
@@ -399,12 +407,12 @@ def info_nce_bwd_triton(
     q, k, gq, gk, B, N, D, cfg = p.q, p.k, p.gq, p.gk, p.B, p.N, p.D, p.cfg
     grad = grad_loss.contiguous()
     qlab, klab, levels = label_operands(query_labels, key_labels, positives)
-    owner, cstate = column_state(positives, row_state, grad, N) if symmetric else (positives, row_state)
+    owner, cstate = column_state(positives, row_state, grad, N) if symmetric else (None, None)  # read if symmetric
     soft = soft_scalars(plan.soft_temperature, plan.soft_weight)
     state = row_state.float().contiguous()
     operands = dict(grad_ptr=grad, q_ptr=q, k_ptr=k, pos_ptr=positives, temp_ptr=temperature, qlab_ptr=qlab,
                     klab_ptr=klab, gq_ptr=gq, gk_ptr=gk, state_ptr=state, owner_ptr=owner, cstate_ptr=cstate,
-                    excl_ptr=exclude_operand(exclude, positives), **p.shape_args())
+                    excl_ptr=exclude_operand(exclude), **p.shape_args())
     tiles = dict(NUM_LABELS=levels, HAS_GUIDE=guide_query is not None, HAS_EXCLUDE=exclude is not None, FLAGS=kernel_flags(flags),
                  PRECISION=precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                  GUIDE_RULE=guide_query is not None and plan.guide_margin != float("-inf"), EVEN_M=B % cfg.block_m == 0,

@@ -175,13 +175,14 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def optional_operand(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    # the kernels never read a disabled input; a 1-element tensor stands in for the pointer
-    return t.contiguous() if t is not None else like.new_zeros(1)
+def optional_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An optional input as the kernels take it: contiguous, or ``None`` (Triton's absent argument;
+    the kernels read it only under the constexpr that says it is there)."""
+    return t.contiguous() if t is not None else None
 
 
 def label_operands(query_labels: Optional[torch.Tensor], key_labels: Optional[torch.Tensor],
-            like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   like: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
     """Labels as contiguous [levels, B] / [levels, N] int32 (the op takes [B]/[N] or 2-D, int64).
 
     Only equality between a query's and a key's label matters, so each level's labels are
@@ -189,7 +190,7 @@ def label_operands(query_labels: Optional[torch.Tensor], key_labels: Optional[to
     no host synchronisation): ranks are below B + N, so they fit 32 bits and the kernels compare
     them with one instruction instead of two."""
     if key_labels is None or query_labels is None:
-        return like.new_zeros(1, dtype=torch.int32), like.new_zeros(1, dtype=torch.int32), 0
+        return None, None, 0  # absent: read only when NUM_LABELS > 0
     ql = query_labels.long().reshape(-1, query_labels.shape[-1])
     kl = key_labels.long().reshape(-1, key_labels.shape[-1])
     B = ql.shape[1]
@@ -209,8 +210,8 @@ class Problem:
 
     q: torch.Tensor
     k: torch.Tensor
-    gq: torch.Tensor
-    gk: torch.Tensor
+    gq: Optional[torch.Tensor]  # None without a guide
+    gk: Optional[torch.Tensor]
     B: int
     N: int
     D: int
@@ -224,15 +225,15 @@ class Problem:
         take narrower tiles); the forward and the backward of one call must pass the same value
         (it decides the tile shape)."""
         q, k = query.contiguous(), keys.contiguous()
-        gq, gk = optional_operand(guide_query, q), optional_operand(guide_keys, q)
+        gq, gk = optional_operand(guide_query), optional_operand(guide_keys)
         DG = guide_query.shape[1] if guide_query is not None else 1
         cfg = block_config(q.shape[1], q.dtype, q.device, heavy, guide_query is not None)
         return Problem(q, k, gq, gk, q.shape[0], k.shape[0], q.shape[1], DG, cfg)
 
     @property
     def strides(self) -> tuple[int, int, int, int]:
-        return (self.q.stride(0), self.k.stride(0), self.gq.stride(0) if self.gq.dim() == 2 else 0,
-                self.gk.stride(0) if self.gk.dim() == 2 else 0)
+        return (self.q.stride(0), self.k.stride(0), self.gq.stride(0) if self.gq is not None else 0,
+                self.gk.stride(0) if self.gk is not None else 0)
 
     def shape_args(self) -> dict[str, int]:
         """The kernels' size and row-stride arguments by name (every kernel that reads the inputs
@@ -309,6 +310,7 @@ def positive_later(flags: int, store: bool) -> bool:
     return store and not (int(flags) & int(Flag.SOFT | Flag.ATTRACT | Flag.SYMMETRIC))
 
 
-def exclude_operand(exclude: Optional[torch.Tensor], positives: torch.Tensor) -> torch.Tensor:
-    """The kernels' [B] int64 ``exclude`` pointer; without exclusions any [B] tensor (never read)."""
-    return positives if exclude is None else exclude.reshape(-1).long().contiguous()
+def exclude_operand(exclude: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The kernels' [B] int64 ``exclude`` pointer; ``None`` without exclusions (Triton's absent
+    argument: the kernels read it only under ``HAS_EXCLUDE``)."""
+    return None if exclude is None else exclude.reshape(-1).long().contiguous()

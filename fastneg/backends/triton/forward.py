@@ -361,7 +361,9 @@ def _info_nce_fwd_kernel(
         if HAS_EXCLUDE:
             exclude = tl.load(excl_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
         q_row_ptr = q_ptr + row_start * stride_q
-        gq_row_ptr = gq_ptr + row_start * stride_gq
+        gq_row_ptr = gq_ptr  # None without a guide
+        if HAS_GUIDE:
+            gq_row_ptr = gq_ptr + row_start * stride_gq
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
                 q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
@@ -546,7 +548,9 @@ def info_nce_fwd_triton(
                  EVEN_D=D % cfg.block_d == 0, PLAIN=plain)
     row_blocks = triton.cdiv(B, cfg.block_m)
     programs = row_blocks
-    owner = cstate = col_partials = cneg = positives  # not read unless symmetric
+    owner = cstate = None  # read only by the symmetric loss (Triton's absent argument otherwise)
+    # the autotuner restores these two between its trials, so they stay tensors (never read unless symmetric)
+    col_partials = cneg = positives
     if symmetric:
         shape_args = p.shape_args()
         del shape_args["N"]
@@ -562,12 +566,12 @@ def info_nce_fwd_triton(
     # SimANS outside the symmetric loss: rows whose weights underflow against the fixed reference are
     # flagged by the first launch and recomputed exactly by a second (REDO; a no-op without a flag)
     fixed = plan.weighting == Weighting.SIMANS and not symmetric
-    redo = torch.empty(B, dtype=torch.int32, device=q.device) if fixed else positives
+    redo = torch.empty(B, dtype=torch.int32, device=q.device) if fixed else None
     for again in ((False, True) if fixed else (False,)):
         soft_inv, soft_weight = soft_scalars(plan.soft_temperature, plan.soft_weight)
         wrap_triton(_fwd_kernel)[(programs,)](
             q_ptr=q, k_ptr=k, pos_ptr=positives, temp_ptr=temperature, qlab_ptr=qlab, klab_ptr=klab, gq_ptr=gq,
-            gk_ptr=gk, owner_ptr=owner, cstate_ptr=cstate, excl_ptr=exclude_operand(exclude, positives),
+            gk_ptr=gk, owner_ptr=owner, cstate_ptr=cstate, excl_ptr=exclude_operand(exclude),
             loss_ptr=loss, state_ptr=state, nmask_ptr=n_masked, nneg_ptr=n_neg, col_partials_ptr=col_partials, cneg_ptr=cneg,
             redo_ptr=redo, **p.shape_args(), **rules, weight_a=plan.weight_a, weight_b=plan.weight_b,
             tau_plus=plan.debias or 0.0, soft_inv=soft_inv, soft_weight=soft_weight, NUM_LABELS=levels,
