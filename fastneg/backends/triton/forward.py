@@ -124,9 +124,7 @@ def _info_nce_row_state_kernel(
 @triton.jit
 def _fwd_tile(
     q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr, n0, program,
-    row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
-    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
+    row_start, rows, row_valid, row, acc, coeffs, sizes, strides,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr, PLAIN: tl.constexpr,
@@ -138,8 +136,16 @@ def _fwd_tile(
     the tile's work is the online logsumexp alone (the positive's column included: it is in the
     denominator anyway). ``FIXED_W``: SimANS's log2-weights are <= 0, so their sum is taken
     against the fixed reference 0 (no running maximum: one ``exp2`` and one add per element);
-    ``w_max`` stays 0."""
+    ``w_max`` stays 0.
+
+    Groups (``_fwd_pass``): ``row`` the block's row state, ``acc`` its 13 running sums (returned
+    updated), ``coeffs`` the call's scalars, ``sizes`` (B, N, D, DG) and ``strides``."""
     WEIGHTING: tl.constexpr = FLAGS // KIND
+    positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta = row
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits = acc
+    scale, inv_temp, weight_a, weight_b, soft_inv = coeffs
+    B, N, D, DG = sizes
+    stride_q, stride_k, stride_gq, stride_gk = strides
     RULES: tl.constexpr = (SCORE_RULES & FLAGS) or (NUM_LABELS > 0) or GUIDE_RULE
     local = tl.arange(0, BLOCK_N)
     col_valid = local < N - n0
@@ -247,33 +253,32 @@ def _fwd_tile(
 @triton.jit
 def _fwd_pass(
     q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr, program,
-    row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta,
-    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits,
-    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a, weight_b, soft_inv,
+    row_start, rows, row_valid, row, acc, coeffs, sizes, strides,
     NUM_LABELS: tl.constexpr, HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PLAIN: tl.constexpr, FIXED_W: tl.constexpr,
 ):
-    """Every key tile of a block of rows: the full tiles (no bounds tests), then the ragged last one."""
+    """Every key tile of a block of rows: the full tiles (no bounds tests), then the ragged last one.
+    Returns the running sums (``acc``) after the last tile."""
+    N = sizes[1]
     n_full = (N // BLOCK_N) * BLOCK_N
+    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits = acc
     for n0 in range(0, n_full, BLOCK_N):
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
-            tl.cast(n0, tl.int64), program, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold,
-            simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap,
-            t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale,
-            inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
-            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, FIXED_W)
+            tl.cast(n0, tl.int64), program, row_start, rows, row_valid, row,
+            (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits),
+            coeffs, sizes, strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, FIXED_W)
     if n_full < N:  # the ragged last tile
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
          f_logits) = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
-            tl.cast(n_full, tl.int64), program, row_start, rows, row_valid, positive, exclude, s_pos, threshold,
-            guide_threshold, simans_alpha, simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap,
-            t_wgap, t_nsum, f_max, f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk,
-            scale, inv_temp, weight_a, weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE,
-            FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, FIXED_W)
+            tl.cast(n_full, tl.int64), program, row_start, rows, row_valid, row,
+            (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits),
+            coeffs, sizes, strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N,
+            BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, FIXED_W)
     return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits
 
 
@@ -367,11 +372,12 @@ def _info_nce_fwd_kernel(
         (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
              f_logits) = _fwd_pass(
                 q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
-                program, row_start, rows, row_valid, positive, exclude, s_pos, threshold, guide_threshold, simans_alpha,
-                simans_beta, x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max,
-                f_sum, f_logits, B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, scale, inv_temp, weight_a,
-                weight_b, soft_inv, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
-                BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, PLAIN, FIXED_W)
+                program, row_start, rows, row_valid,
+                (positive, exclude, s_pos, threshold, guide_threshold, simans_alpha, simans_beta),
+                (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits),
+                (scale, inv_temp, weight_a, weight_b, soft_inv), (B, N, D, DG), (stride_q, stride_k, stride_gq, stride_gk),
+                NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D,
+                PLAIN, FIXED_W)
         # every column is the positive, an excluded key, masked or a negative: masked keys are counted
         # by subtraction (the tiles count negatives only, and only when a rule or an exclusion is on)
         others = N - 1
