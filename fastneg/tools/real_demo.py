@@ -144,11 +144,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {r['method']:<38} {r['ndcg@10'][0]:.4f} +- {r['ndcg@10'][1]:.4f} "
               f"{r['recall@10'][0]:.4f} +- {r['recall@10'][1]:.4f} {delta:>17}  {r.get('verdict ndcg@10', '-')}")
     dense, fused = stage
-    speed = dense["seconds"] / fused["seconds"]
-    memory = dense["peak_mib"] / max(fused["peak_mib"], 0.1)
+    speed = dense["seconds"] / max(fused["seconds"], 1e-9)
     print(f"\nThe loss stage: the fused loss gives the original's value ({dense['value']:.6f} vs {fused['value']:.6f}) "
-          f"in {memory if memory >= 1 else 1 / memory:.1f}x {'less' if memory >= 1 else 'more'} peak memory "
-          f"({dense['peak_mib']:.1f} -> "
+          f"in {_memory_ratio(dense['peak_mib'], fused['peak_mib'])} ({dense['peak_mib']:.1f} -> "
           f"{fused['peak_mib']:.1f} MiB), {speed if speed >= 1 else 1 / speed:.2f}x "
           f"{'faster' if speed >= 1 else 'slower'} than the dense one on this machine. Quality: helps / hurts is a "
           "paired t-test over the seeds at 95 %. One epoch is short: in the study of docs/quality.md (every method, "
@@ -157,5 +155,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def _memory_ratio(dense_mib: float, fused_mib: float) -> str:
+    """'N.Nx less (or more) peak memory', or what the measurement cannot tell: at a small batch
+    both peaks may be below the 0.1 MiB the resident-set growth resolves."""
+    if dense_mib < 0.1 and fused_mib < 0.1:
+        return "peak memory below the measurement's resolution for both"
+    ratio = max(dense_mib, 0.1) / max(fused_mib, 0.1)
+    return f"{ratio if ratio >= 1 else 1 / ratio:.1f}x {'less' if ratio >= 1 else 'more'} peak memory"
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -44,3 +44,14 @@ def test_real_demo_at_a_tiny_size():
                    if line.lstrip().startswith(("sentence-transformers MNRL", "fastneg MNRL")))
     assert dense == fused  # the same loss value, to the 6 printed decimals
     assert "fastneg plain" in out and "identical" in out  # the drop-in trains the same model as the original
+
+
+def test_the_loss_stage_summary_survives_peaks_below_resolution():
+    """At a small batch both loss stages may grow the resident set by nothing measurable: the
+    summary says so instead of dividing by zero (a tiny demo run once did)."""
+    from fastneg.tools.real_demo import _memory_ratio
+
+    assert _memory_ratio(0.0, 0.0) == "peak memory below the measurement's resolution for both"
+    assert _memory_ratio(255.9, 24.4) == "10.5x less peak memory"
+    assert _memory_ratio(0.0, 5.0) == "50.0x more peak memory"
+    assert _memory_ratio(3.0, 0.0) == "30.0x less peak memory"
