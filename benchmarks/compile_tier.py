@@ -148,7 +148,8 @@ def _install(arch: int) -> _Recorder:
 
     def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         kernel = compile_only(self, *args, grid=grid, warmup=True, **kwargs)
-        constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
+        names = {p.name for p in self.params if p.is_constexpr}  # launches pass every argument by keyword
+        constexprs = {k: v for k, v in kwargs.items() if k in names}
         recorder.kernels.setdefault(id(kernel), (self.fn.__name__, kernel, dict(case=recorder.case, **constexprs)))
         return kernel
 

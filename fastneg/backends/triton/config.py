@@ -46,7 +46,9 @@ def tuned(kernel, restore_value: Optional[list[str]] = None,  # noqa: ANN001, AN
         if kwargs.get("HAS_GUIDE"):
             configs = [c for c in configs if c.num_stages in guide_stages]
         whole = kwargs.get("BLOCK_M") == 64  # 64-row tiles (Ampere): ptxas may cap them at 128 registers too
-        if getattr(named_args.get(first), "dtype", None) != torch.float32:
+        # the launches pass every argument by keyword: the autotuner's named_args hold the positional ones only
+        operand = named_args.get(first, kwargs.get(first))
+        if getattr(operand, "dtype", None) != torch.float32:
             return [c for c in configs if c.maxnreg == (maxnreg if whole else None)]
         return [c for c in configs if c.num_stages in float32_stages and c.maxnreg == maxnreg]
 
