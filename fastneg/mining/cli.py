@@ -594,3 +594,20 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fastneg mine: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the torchrun process group this command opened, so that its communication threads are
+    joined before the interpreter exits (left to the exit, gloo's threads may abort the process after
+    the output is written)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the command's own result (or error) is what is reported
+            pass
