@@ -2,6 +2,7 @@
 (sm_80) on a machine without a GPU, and check the machine code.
 
     python benchmarks/compile_tier.py --out benchmarks/results/compile_tier_<date>
+    python benchmarks/compile_tier.py --diff BEFORE/kernels.csv AFTER/kernels.csv   # two trees' tiers, row by row
 
 How: a stand-in driver (a ``CudaDriver`` that loads no CUDA library and reports a
 ``GPUTarget("cuda", 90 or 80, 32)``) is made active; fastneg's host code then runs on CPU tensors
@@ -342,13 +343,55 @@ def summary(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+KEY = ("arch", "kernel", "mode", "dtype", "shape", "num_warps", "num_stages", "constexprs")
+MEASURES = ("registers", "local", "stack", "shared", "spill_instructions", "spill_bytes", "hgmma", "hmma", "ffma")
+
+
+def diff(before: list[dict[str, str]], after: list[dict[str, str]]) -> tuple[list[str], int]:
+    """Compare two ``kernels.csv`` (of two trees, one Triton): the variants (the compile inputs:
+    target, kernel, mode, dtype, shape, autotune config and constexprs) present in only one, and
+    every measure of the variants in both. Lines to print, and how many of them are differences."""
+
+    def index(rows: list[dict[str, str]]) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+        out: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+        for r in rows:
+            out.setdefault(tuple(r[c] for c in KEY), []).append(tuple(r[m] for m in MEASURES))
+        return {k: sorted(v) for k, v in out.items()}
+
+    a, b = index(before), index(after)
+    lines, differ = [], 0
+    for name, only in (("before", sorted(set(a) - set(b))), ("after", sorted(set(b) - set(a)))):
+        differ += len(only)
+        lines += [f"only {name}: {' '.join(k[:7])} [{k[7]}]" for k in only]
+    both = sorted(set(a) & set(b))
+    for k in both:
+        if a[k] != b[k]:
+            differ += 1
+            changed = [f"{m} {x}->{y}" for m, x, y in zip(MEASURES, a[k][0], b[k][0]) if x != y]
+            lines.append(f"differs: {' '.join(k[:7])} [{k[7]}]: {', '.join(changed) or 'repeats'}")
+    lines.append(f"{len(before)} rows before, {len(after)} after; {len(both)} variants in both "
+                 f"({sum(len(a[k]) for k in both)} rows), {len(set(a) ^ set(b))} in one only; "
+                 f"{differ} differ in {', '.join(MEASURES)}")
+    return lines, differ
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[90, 80])
     parser.add_argument("--out", default=None, help="folder for summary.md, kernels.csv and failures.txt")
+    parser.add_argument("--diff", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="compare two kernels.csv row by row (no compiling); exit 1 when any differs")
     parser.add_argument("--one-arch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.diff is not None:
+        tables = []
+        for path in args.diff:
+            with open(path, newline="") as f:
+                tables.append(list(csv.DictReader(f)))
+        lines, differ = diff(*tables)
+        print("\n".join(lines))
+        return 1 if differ else 0
     if args.one_arch is not None:
         one_arch(args.one_arch, args.json)
         return 0

@@ -18,6 +18,7 @@ key, and its ``strategy`` is its weighting), so one object serves a loss and its
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -61,11 +62,18 @@ class Rules:
     false_negatives: str = "mask"
 
     def __post_init__(self) -> None:
-        self.plan(1.0)  # validates every field now (each error names it)
+        plan = self._build(1.0)  # validates every field now (each error names it)
+        # the plan is the same at every temperature unless soft labels take the loss's: kept, so a call
+        # plans once (Plan is frozen)
+        takes_temperature = self.soft_labels is not None and self.soft_labels.temperature is None
+        object.__setattr__(self, "_plan", None if takes_temperature else plan)
 
     def plan(self, temperature: Union[float, torch.Tensor, None] = None) -> Plan:
         """The plan the backends read. ``temperature``: the loss's (soft labels without their own
         temperature take it)."""
+        return self._plan if self._plan is not None else self._build(temperature)
+
+    def _build(self, temperature: Union[float, torch.Tensor, None]) -> Plan:
         return Plan.build(margin=self.margin, relative_margin=self.relative_margin, max_score=self.max_score,
                           guide_margin=self.guide_margin, guide_strategy=self.guide_strategy, weighting=self.weighting,
                           debias=self.debias, soft_labels=self.soft_labels, temperature=temperature,
@@ -105,14 +113,25 @@ def resolve_rules(where: str, rules: Optional[Rules], **keywords: Any) -> Rules:
     """The call's rules: ``rules``, or the keyword arguments (each at its default when not given),
     never both. ``where`` names the function in the error."""
     given = {k: v for k, v in keywords.items() if not _is_default(k, v)}
-    if rules is None:
-        return Rules(**keywords)
+    if rules is None:  # plain InfoNCE's keywords (the common call): the validated constant, not a new object
+        if not given:
+            return PLAIN
+        try:
+            hash(tuple(keywords.values()))
+        except TypeError:  # a value Rules will refuse, naming it
+            return Rules(**keywords)
+        return _keyword_rules(**keywords)  # a loop calls with the same keywords: validated and planned once
     if not isinstance(rules, Rules):
         raise TypeError(f"{where}: rules must be a fastneg.Rules, got {type(rules).__name__}")
     if given:
         raise TypeError(f"{where}: pass the rules either as rules= or as keyword arguments, not both "
                         f"(got rules= and {', '.join(sorted(given))}=)")
     return rules
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: margin=1 and margin=True are different calls
+def _keyword_rules(**keywords: Any) -> Rules:
+    return Rules(**keywords)
 
 
 def _is_default(name: str, value: Any) -> bool:

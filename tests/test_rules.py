@@ -191,3 +191,36 @@ def test_rules_are_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         rules.margin = 0.2  # type: ignore[misc]
     assert hash(rules) == hash(fastneg.Rules(margin=0.1, weighting=fastneg.SimANS()))
+
+
+@pytest.mark.parametrize("field, bad, error", [
+    ("margin", True, TypeError), ("margin", [0.1], TypeError), ("relative_margin", float("nan"), ValueError),
+    ("weighting", "hcl", ValueError), ("debias", 1.0, ValueError),
+])
+def test_a_bad_keyword_fails_even_after_an_equal_good_one(field: str, bad: object, error: type) -> None:
+    """The keyword path keeps the rules of recent calls: a bad value equal to a good one (True == 1)
+    or unhashable still fails, naming its argument."""
+    p = _problem()
+    good = {"margin": 1, "relative_margin": 0.05, "weighting": "simans", "debias": 0.1}[field]
+    fastneg.info_nce(p["query"], p["keys"], **{field: good})
+    for _ in range(2):
+        with pytest.raises(error, match=field):
+            fastneg.info_nce(p["query"], p["keys"], **{field: bad})
+
+
+def test_a_call_plans_once_and_soft_labels_take_each_calls_temperature() -> None:
+    rules = fastneg.Rules(margin=0.1, weighting=fastneg.SimANS())
+    assert rules.plan(0.05) is rules.plan(0.2)  # validated and planned at construction
+    soft = fastneg.Rules(soft_labels=fastneg.SoftLabels(weight=0.5))
+    assert soft.plan(0.05).soft_temperature == 0.05 and soft.plan(0.2).soft_temperature == 0.2
+    fixed = fastneg.Rules(soft_labels=fastneg.SoftLabels(weight=0.5, temperature=0.1))
+    assert fixed.plan(0.05).soft_temperature == fixed.plan(0.2).soft_temperature == 0.1
+    # the same loss through the keyword path at two temperatures: the teacher's follows the loss's
+    p = _problem()
+    guide = dict(guide_query=p["guide_query"], guide_keys=p["guide_keys"])
+    for t in (0.05, 0.2):
+        got = fastneg.info_nce(p["query"], p["keys"], temperature=t, soft_labels=fastneg.SoftLabels(weight=0.5),
+                               backend="reference", **guide)
+        want = fastneg.info_nce(p["query"], p["keys"], temperature=t, backend="reference", **guide,
+                                soft_labels=fastneg.SoftLabels(weight=0.5, temperature=t))
+        assert torch.equal(got, want)

@@ -45,3 +45,29 @@ def test_every_kernel_variant_compiles_for_hopper_and_ampere(tmp_path):
         # every autotune config of the fused forward was compiled
         assert {r["num_stages"] for r in mine if r["kernel"] == "_info_nce_fwd_kernel"} == {"2", "3", "4"}
     assert failures == ""
+
+
+def _tier_row(**changes) -> dict[str, str]:
+    row = dict(arch="sm_90a", kernel="_info_nce_fwd_kernel", mode="plain", dtype="bfloat16", shape="D=768 B=N=256",
+               num_warps="8", num_stages="3", registers="114", local="0", stack="0", shared="73728",
+               spill_instructions="0", spill_bytes="0", hgmma="16", hmma="0", ffma="64", constexprs="BLOCK_M=128")
+    row.update(changes)
+    return row
+
+
+def test_diff_reports_every_changed_measure_and_every_variant_in_one_tree_only() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compile_tier import MEASURES, diff
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    base = [_tier_row(), _tier_row(num_stages="4", registers="159")]
+    lines, differ = diff(base, [dict(r) for r in base])
+    assert differ == 0 and lines[-1].endswith(f"0 differ in {', '.join(MEASURES)}")
+    for measure in MEASURES:  # one measure changed in one variant: reported by name
+        after = [_tier_row(**{measure: "7"}), base[1]]
+        lines, differ = diff(base, after)
+        assert differ == 1 and f"{measure} {base[0][measure]}->7" in lines[0]
+    # a constexpr that differs makes a different variant: one only before, one only after
+    lines, differ = diff(base, [_tier_row(constexprs="BLOCK_M=64"), base[1]])
+    assert differ == 2 and lines[0].startswith("only before") and lines[1].startswith("only after")
