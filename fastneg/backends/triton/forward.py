@@ -104,7 +104,7 @@ __all__ = ["info_nce_fwd_triton"]
 @triton.jit
 def _info_nce_row_state_kernel(
     q_ptr, k_ptr, pos_ptr, gq_ptr, gk_ptr, state_ptr,
-    B, D, DG, stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
+    B, N, D, DG, stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
     HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -113,9 +113,9 @@ def _info_nce_row_state_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     s_pos, threshold, g_threshold, _ = row_states(
-        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
-        stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_D)
+        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, (B, N, D, DG),
+        (stride_q, stride_k, stride_gq, stride_gk), (margin, relative_margin, max_score, guide_margin), HAS_GUIDE, FLAGS,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(state_ptr + (ROW_POSITIVE_SCORE * B + rows), s_pos, mask=row_valid)
     tl.store(state_ptr + (ROW_THRESHOLD * B + rows), threshold, mask=row_valid)
     tl.store(state_ptr + (ROW_GUIDE_THRESHOLD * B + rows), g_threshold, mask=row_valid)
@@ -338,9 +338,9 @@ def _info_nce_fwd_kernel(
             guide_pos = tl.zeros((BLOCK_M,), tl.float32)  # not read: soft labels are not symmetric
         else:
             s_pos, threshold, guide_threshold, guide_pos = row_states(
-                q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
-                stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
-                BLOCK_M, BLOCK_N, BLOCK_D)
+                q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, (B, N, D, DG),
+                (stride_q, stride_k, stride_gq, stride_gk), (margin, relative_margin, max_score, guide_margin),
+                HAS_GUIDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         simans_alpha, simans_beta = simans_constants(s_pos, weight_a, weight_b)
         x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         x_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -558,10 +558,9 @@ def info_nce_fwd_triton(
     # the autotuner restores these two between its trials, so they stay tensors (never read unless symmetric)
     col_partials = cneg = positives
     if symmetric:
-        shape_args = p.shape_args()
-        del shape_args["N"]
         wrap_triton(_info_nce_row_state_kernel)[(row_blocks,)](
-            q_ptr=q, k_ptr=k, pos_ptr=positives, gq_ptr=gq, gk_ptr=gk, state_ptr=state, **shape_args, **rules, **tiles)
+            q_ptr=q, k_ptr=k, pos_ptr=positives, gq_ptr=gq, gk_ptr=gk, state_ptr=state, **p.shape_args(), **rules,
+            **tiles)
         owner, cstate = column_state(positives, state, None, N)
         programs = column_programs(row_blocks, q.device)
         # per program: the running max and sum of each owned column's logits and log-weights

@@ -81,19 +81,23 @@ def guide_threshold(t_pos, guide_margin, FLAGS: tl.constexpr):
 
 
 @triton.jit
-def row_states(q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG,
-                   stride_q, stride_k, stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin,
-                   HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(s_i+, score threshold, guide threshold, the guide's positive score t_i+) of a block of rows."""
+def row_states(q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, sizes, strides, margins,
+               HAS_GUIDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(s_i+, score threshold, guide threshold, the guide's positive score t_i+) of a block of rows.
+    ``sizes`` (B, N, D, DG), ``strides`` (query, keys, guide query, guide keys rows) and ``margins``
+    (margin, relative_margin, max_score, guide_margin) as the kernels group them."""
+    B, N, D, DG = sizes
+    stride_q, stride_k, stride_gq, stride_gk = strides
+    margin, relative_margin, max_score, guide_margin = margins
     s_pos = positive_scores(q_ptr, k_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_q, stride_k,
-                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
     threshold = score_threshold(s_pos, margin, relative_margin, max_score, FLAGS)
     g_threshold = tl.zeros((BLOCK_M,), tl.float32)
     t_pos = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_GUIDE:
         t_pos = positive_scores(gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, DG, stride_gq,
-                                   stride_gk, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                                stride_gk, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         g_threshold = guide_threshold(t_pos, guide_margin, FLAGS)
     return s_pos, threshold, g_threshold, t_pos
 

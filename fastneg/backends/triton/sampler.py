@@ -73,9 +73,9 @@ def _sample_negatives_kernel(
     row_valid = rows < B
     positive = tl.load(pos_ptr + rows, mask=row_valid, other=-1).to(tl.int64)
     s_pos, threshold, guide_threshold, guide_pos = row_states(
-        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, B, D, DG, stride_q, stride_k,
-        stride_gq, stride_gk, margin, relative_margin, max_score, guide_margin, HAS_GUIDE, FLAGS, PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_D)
+        q_ptr, k_ptr, gq_ptr, gk_ptr, pos_ptr, row_start, rows, row_valid, (B, N, D, DG),
+        (stride_q, stride_k, stride_gq, stride_gk), (margin, relative_margin, max_score, guide_margin), HAS_GUIDE, FLAGS,
+        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     no_value = tl.full((BLOCK_M, K_PAD), float("-inf"), tl.float32)
     best = pack_key(no_value, tl.zeros((BLOCK_M, K_PAD), tl.int64) + 0xFFFFFFFF)  # below every real entry
     for n0 in range(0, N, BLOCK_N):
