@@ -2,9 +2,9 @@
 (argument checks, the rules, the plan, the dispatch) is most of it: to compare two trees' call
 overhead (run with ``PYTHONPATH`` pointing at each, alternately).
 
-    python benchmarks/call_overhead.py [--label NAME] [--trace]
+    python benchmarks/call_overhead.py [--label NAME] [--threads N] [--trace]
 
-One thread; B = 16 and 512, D = 64; plain InfoNCE and one rule given by keyword
+One thread (``--threads``); B = 16 and 512, D = 64; plain InfoNCE and one rule given by keyword
 (``relative_margin``); under ``no_grad``. Prints the best of 7 rounds of the mean time per call.
 ``--trace``: instead, the Python calls made into ``fastneg/validation.py``, ``fastneg/plan.py`` and
 ``fastneg/rules.py`` by one ``info_nce(relative_margin=0.05)`` call (after a first one) on each
@@ -61,12 +61,13 @@ def trace(label: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="this tree")
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (default 1)")
     parser.add_argument("--trace", action="store_true", help="count the calls per layer instead of timing")
     args = parser.parse_args()
     if args.trace:
         trace(args.label)
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     cells = []
     for B in (16, 512):
