@@ -247,9 +247,10 @@ def _read_rows(arr: np.ndarray, path: str, lo: int, hi: int, out: np.ndarray) ->
         out[r - lo:min(hi, r + 65536) - lo] = arr[r:min(hi, r + 65536)]
 
 
-def _process_group(device: str) -> tuple[Any, int, int]:
+def _process_group(args: argparse.Namespace, device: str) -> tuple[Any, int, int]:
     """``(group, rank, world)``: torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1;
-    NCCL on CUDA, gloo on CPU), else one process."""
+    NCCL on CUDA, gloo on CPU), else one process. A group this command opens is marked in ``args``
+    (``run`` destroys it on the way out); a group the caller had open is left to the caller."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -257,6 +258,7 @@ def _process_group(device: str) -> tuple[Any, int, int]:
         return None, 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        args.opened_process_group = True
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
 
 
@@ -268,7 +270,7 @@ def _mine_embeddings(args: argparse.Namespace, fmt: str) -> int:  # noqa: C901
     from .miner import Mining
 
     device = args.device or "cpu"
-    group, rank, world = _process_group(device)
+    group, rank, world = _process_group(args, device)
     if device.startswith("cuda") and world > 1 and ":" not in device:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     with fail_together(group, (InputError,)):
@@ -538,7 +540,7 @@ def _mine_model(args: argparse.Namespace, fmt: str) -> int:
     from ..integrations.sentence_transformers import mine_hard_negatives
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    group, rank, world = _process_group(device)
+    group, rank, world = _process_group(args, device)
     if device.startswith("cuda") and world > 1 and ":" not in device:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
@@ -595,19 +597,17 @@ def run(args: argparse.Namespace) -> int:
         print("fastneg mine: interrupted; no output written", file=sys.stderr)
         return 130
     finally:
-        _close_process_group()
+        if getattr(args, "opened_process_group", False):
+            _close_process_group()
 
 
 def _close_process_group() -> None:
-    """Destroy the torchrun process group this command opened, so that its communication threads are
-    joined before the interpreter exits (left to the exit, gloo's threads may abort the process after
-    the output is written)."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        return
+    """Destroy the torchrun process group this command opened (``_process_group``), so that its
+    communication threads are joined before the interpreter exits (left to the exit, gloo's threads
+    may abort the process after the output is written)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - the command's own result (or error) is what is reported
-            pass
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the command's own result (or error) is what is reported
+        pass

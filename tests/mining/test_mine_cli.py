@@ -183,6 +183,47 @@ def test_torchrun_output_equals_one_process(tmp_path: Path) -> None:
         assert f"rank {world - 1} of {world}" in res.stderr
 
 
+def _caller_worker(rank: int, world: int, port: int, mining: list[str], out_dir: str) -> None:
+    """A distributed program that opened its own group (torchrun's environment) and runs ``fastneg mine``
+    in-process: the command mines across the group and leaves the group open for the caller."""
+    import torch.distributed as dist
+
+    from fastneg.tools.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        code = main(["mine", "--no-progress", *mining, "--out", os.path.join(out_dir, "ranks.jsonl")])
+        still_open = dist.is_initialized()
+        dist.barrier()  # the group still works after the command
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"code": code, "open": still_open}, f)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_a_callers_process_group_is_left_open(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    q, c, p = _files(tmp_path, Q=60, N=400, D=8)
+    mining = ["--queries", q, "--corpus", c, "--positives", p, "--num-negatives", "4", "--batch-size", "16"]
+    one = tmp_path / "one.jsonl"
+    res = _cli(*mining, "--out", str(one))
+    assert res.returncode == 0, res.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_caller_worker, args=(2, port, mining, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"code": 0, "open": True}
+    assert (tmp_path / "ranks.jsonl").read_bytes() == one.read_bytes()
+
+
 def _bad(tmp: Path) -> list[tuple[str, list[str], str]]:
     q, c, p = _files(tmp, Q=10, N=50)
     empty = tmp / "empty.npy"
