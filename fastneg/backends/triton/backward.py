@@ -80,11 +80,11 @@ __all__ = ["info_nce_bwd_triton"]
 
 @triton.jit
 def score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_tile_ptr, row_start, rows, n0, row_valid,
-                  row, owner_ptr, cstate_ptr, coeffs, sizes, strides, NUM_LABELS: tl.constexpr,
-                  HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
-                  HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-                  MASK_N: tl.constexpr, PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
+               row, owner_ptr, cstate_ptr, coeffs, sizes, strides, NUM_LABELS: tl.constexpr,
+               HAS_GUIDE: tl.constexpr, GUIDE_RULE: tl.constexpr,
+               HAS_EXCLUDE: tl.constexpr, FLAGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+               MASK_N: tl.constexpr, PLAIN: tl.constexpr, POSITIVE_LATER: tl.constexpr):
     """(dS, tgrad) tiles: dS_ij = dL/ds_ij, with s recomputed exactly as forward saw it, and
     tau_ij = dS_ij (s_ij - positive score of the direction), whose sum gives the temperature
     gradient (each direction's dS sums to 0 over its row or column, so this equals
@@ -109,7 +109,7 @@ def score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_ti
     col_valid = local < N - n0
     scale = inv_temp * LOG2E
     s = tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
-                    PRECISION, not EVEN_M, MASK_N, EVEN_D)
+                 PRECISION, not EVEN_M, MASK_N, EVEN_D)
     positive_local = (positive - n0).to(tl.int32)
     is_pos = local[None, :] == positive_local[:, None]
     k_row = (offset - lse) * LOG2E
@@ -117,7 +117,7 @@ def score_grad(q_row_ptr, k_tile_ptr, gq_row_ptr, gk_tile_ptr, qlab_ptr, klab_ti
     t = s
     if HAS_GUIDE:
         t = tile_dot(gq_row_ptr, gk_tile_ptr, row_valid, col_valid, DG, stride_gq, stride_gk, BLOCK_M, BLOCK_N,
-                        BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
+                     BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
     label_match = s > 0  # not read without labels
     if NUM_LABELS > 0:
         label_match = tile_label_match(rows, row_valid, local, col_valid, qlab_ptr, klab_tile_ptr, B, N, NUM_LABELS,
@@ -245,9 +245,9 @@ def _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_row_pt
     if NUM_LABELS > 0:
         klab_tile_ptr = klab_ptr + n0
     ds, tgrad = score_grad(q_row_ptr, k_ptr + n0 * stride_k, gq_row_ptr, gk_tile_ptr, qlab_ptr,
-                            klab_tile_ptr, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
-                            strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
-                            BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN, POSITIVE_LATER)
+                           klab_tile_ptr, row_start, rows, n0, row_valid, row, owner_ptr, cstate_ptr, coeffs, sizes,
+                           strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M,
+                           BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, MASK_N, PLAIN, POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
         tgrad_sum += tl.sum(tgrad, axis=1)
     if STORE_DS:
@@ -300,17 +300,17 @@ def _info_nce_bwd_ds_kernel(
     full = N // BLOCK_N
     if RAGGED:
         tgrad_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows, local,
-                           tl.cast(full, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr, coeffs,
-                           sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION,
-                           STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
+                             tl.cast(full, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr, coeffs,
+                             sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION,
+                             STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, POSITIVE_LATER)
     else:
         first = group * tiles_per_group
         for tile in range(first, tl.minimum(first + tiles_per_group, full)):
             tgrad_sum = _ds_tile(q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, ds_ptr, row_start, rows,
-                               local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr,
-                               coeffs, sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
-                               PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN,
-                               POSITIVE_LATER)
+                                 local, tl.cast(tile, tl.int64) * BLOCK_N, row_valid, tgrad_sum, row, owner_ptr, cstate_ptr,
+                                 coeffs, sizes, strides, stride_ds, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS,
+                                 PRECISION, STORE_DS, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN,
+                                 POSITIVE_LATER)
     if TEMPERATURE_GRAD & FLAGS:
         tl.store(tgrad_partials_ptr + (tgrad_partials_row0 + group).to(tl.int64) * R + local, tgrad_sum, mask=row_valid)
 

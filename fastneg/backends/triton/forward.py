@@ -151,11 +151,11 @@ def _fwd_tile(
     col_valid = local < N - n0
     k_tile_ptr = k_ptr + n0 * stride_k
     s = tile_dot(q_row_ptr, k_tile_ptr, row_valid, col_valid, D, stride_q, stride_k, BLOCK_M, BLOCK_N, BLOCK_D,
-                    PRECISION, not EVEN_M, MASK_N, EVEN_D)
+                 PRECISION, not EVEN_M, MASK_N, EVEN_D)
     t = s  # stands in for the guide tile when there is no guide
     if HAS_GUIDE:
         t = tile_dot(gq_row_ptr, gk_ptr + n0 * stride_gk, row_valid, col_valid, DG, stride_gq, stride_gk,
-                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
+                     BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, not EVEN_M, MASK_N, False)
     label_match = s > 0  # not read without labels
     if NUM_LABELS > 0:
         label_match = tile_label_match(rows, row_valid, local, col_valid, qlab_ptr, klab_ptr + n0, B, N, NUM_LABELS,
@@ -233,8 +233,8 @@ def _fwd_tile(
             c_x2, c_lw2 = biased_logits2(s, t, c_neg, c_beta[None, :], scale, c_alpha, inv_temp, weight_a,
                                          WEIGHTING)
         c_max, c_sum = online_lse_add2_columns(tl.load(col_partials_ptr + slot, mask=has_owner, other=float("-inf")),
-                                              tl.load(col_partials_ptr + per_program + slot, mask=has_owner, other=0.0),
-                                              c_x2)
+                                               tl.load(col_partials_ptr + per_program + slot, mask=has_owner, other=0.0),
+                                               c_x2)
         tl.store(col_partials_ptr + slot, c_max, mask=has_owner)
         tl.store(col_partials_ptr + per_program + slot, c_sum, mask=has_owner)
         if not PLAIN:
@@ -505,10 +505,10 @@ def _info_nce_columns_kernel(
     for program in range(0, NUM_PROGRAMS):
         slot = program * N + column
         x_max, x_sum = lse_merge2(x_max, x_sum, tl.load(cmax_ptr + slot, mask=valid, other=float("-inf")),
-                                     tl.load(csum_ptr + slot, mask=valid, other=0.0))
+                                  tl.load(csum_ptr + slot, mask=valid, other=0.0))
         if WEIGHTING == WEIGHT_SIMANS:
             w_max, w_sum = lse_merge2(w_max, w_sum, tl.load(cwmax_ptr + slot, mask=valid, other=float("-inf")),
-                                         tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
+                                      tl.load(cwsum_ptr + slot, mask=valid, other=0.0))
         n_neg += tl.load(cneg_ptr + slot, mask=valid, other=0)
     has_neg = n_neg > 0
     neg_lse = tl.where(has_neg, (x_max + tl.log2(x_sum)) * LN2, float("-inf"))

@@ -82,11 +82,11 @@ def _sample_negatives_kernel(
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_valid = cols < N
         s = tile_scores(q_ptr, k_ptr, rows, cols, row_valid, col_valid, D, stride_q, stride_k,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         t = s
         if HAS_GUIDE:
             t = tile_scores(gq_ptr, gk_ptr, rows, cols, row_valid, col_valid, DG, stride_gq, stride_gk,
-                               BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         _, _, negative = classify(s, t, rows, row_valid, cols, col_valid, positive, threshold,
                                   guide_threshold, qlab_ptr, klab_ptr, B, N, NUM_LABELS, HAS_GUIDE)
         if STRATEGY == STRATEGY_TOP:

@@ -22,8 +22,8 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MASK_A: tl.constexpr,
-                MASK_B: tl.constexpr, EVEN_D: tl.constexpr):
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, MASK_A: tl.constexpr,
+             MASK_B: tl.constexpr, EVEN_D: tl.constexpr):
     """[BLOCK_A, BLOCK_B] fp32 tile of a @ b^T over contiguous rows: ``a_ptr`` and ``b_ptr`` point
     at the tile's first row (64-bit, advanced once per tile by the caller), the offsets inside the
     tile are 32-bit. The same products in the same order as
@@ -65,8 +65,8 @@ def tile_dot(a_ptr, b_ptr, a_valid, b_valid, D, stride_a, stride_b, BLOCK_A: tl.
 
 @triton.jit
 def tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, stride_b,
-                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
     """[BLOCK_A, BLOCK_B] fp32 tile of a[a_rows] @ b[b_rows]^T, summed over D in BLOCK_D chunks."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -80,8 +80,8 @@ def tile_scores(a_ptr, b_ptr, a_rows, b_rows, a_valid, b_valid, D, stride_a, str
 
 @triton.jit
 def positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, stride_a, stride_b,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """s_{i, p_i} for the block's rows, from tiles of exactly the main loop's shape: the
     positives' rows of ``b`` are gathered into key tiles and the diagonal is read off. (A product
     may still round an element by its position in the tile, so an exact duplicate of the positive
@@ -94,7 +94,7 @@ def positive_scores(a_ptr, b_ptr, pos_ptr, row_start, rows, row_valid, B, D, str
         g_valid = (g_local < BLOCK_M) & (g_rows < B)
         g_cols = tl.load(pos_ptr + g_rows, mask=g_valid, other=0).to(tl.int64)
         s = tile_scores(a_ptr, b_ptr, rows, g_cols, row_valid, g_valid, D, stride_a, stride_b,
-                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
+                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION)
         out += tl.sum(tl.where(local[:, None] == g_local[None, :], s, 0.0), axis=1)
     return out
 
