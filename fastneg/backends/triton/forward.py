@@ -262,24 +262,19 @@ def _fwd_pass(
     Returns the running sums (``acc``) after the last tile."""
     N = sizes[1]
     n_full = (N // BLOCK_N) * BLOCK_N
-    x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits = acc
     for n0 in range(0, n_full, BLOCK_N):
-        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
-         f_logits) = _fwd_tile(
+        acc = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
-            tl.cast(n0, tl.int64), program, row_start, rows, row_valid, row,
-            (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits),
-            coeffs, sizes, strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_M, EVEN_D, False, PLAIN, FIXED_W)
+            tl.cast(n0, tl.int64), program, row_start, rows, row_valid, row, acc, coeffs, sizes, strides, NUM_LABELS,
+            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, False, PLAIN,
+            FIXED_W)
     if n_full < N:  # the ragged last tile
-        (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum,
-         f_logits) = _fwd_tile(
+        acc = _fwd_tile(
             q_row_ptr, k_ptr, gq_row_ptr, gk_ptr, qlab_ptr, klab_ptr, owner_ptr, cstate_ptr, col_partials_ptr, cneg_ptr,
-            tl.cast(n_full, tl.int64), program, row_start, rows, row_valid, row,
-            (x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits),
-            coeffs, sizes, strides, NUM_LABELS, HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N,
-            BLOCK_D, EVEN_M, EVEN_D, True, PLAIN, FIXED_W)
-    return x_max, x_sum, w_max, w_sum, n_neg, t_max, t_sum, t_gap, t_wgap, t_nsum, f_max, f_sum, f_logits
+            tl.cast(n_full, tl.int64), program, row_start, rows, row_valid, row, acc, coeffs, sizes, strides, NUM_LABELS,
+            HAS_GUIDE, GUIDE_RULE, HAS_EXCLUDE, FLAGS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D, True, PLAIN,
+            FIXED_W)
+    return acc
 
 
 @triton.jit
